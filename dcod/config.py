@@ -1,0 +1,301 @@
+"""The configuration: TOML in, validated dataclasses out, and back to TOML.
+
+Every refusal names the file, the key and the reason, so an operator can fix it
+without reading code: ``/etc/dcod/dcod.toml: proxy[2].instances: must be >= 1, not 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+SYSTEM_CONFIG = Path("/etc/dcod/dcod.toml")
+BUILTIN = "<built-in default>"
+
+
+class ConfigError(Exception):
+    """An invalid configuration: the message says file, key and reason."""
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    listen: str = "127.0.0.1:1523"
+    advertise: str = "127.0.0.1:1523"
+    allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    max_pdu: int = 16 * 1024 * 1024
+    reply_timeout: float = 30.0
+    queue_memory: int = 64 * 1024 * 1024
+    spool_max: int = 1024 * 1024 * 1024
+    spool_fsync_interval: float = 0.2
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    runtime_dir: str = ""
+    state_dir: str = ""
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 3.0
+    drain_timeout: float = 30.0
+    stop_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class AlertConfig:
+    name: str = "Noradle-DCO-EXTHUB-QUIT"
+    backends: tuple[str, ...] = ("file",)
+    dir: str = ""
+    command: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    id: int
+    name: str = ""
+    handler: str = ""  # built-in name or "package.module:function"
+    address: str = ""  # an external worker proxy "host:port", not launched by dcod
+    command: tuple[str, ...] = ()  # a worker in any language, launched with its socket
+    instances: int = 1
+    ordered: bool = False  # one session's requests always go to one instance
+    concurrency: int = 64  # requests one instance handles at once
+
+    @property
+    def managed(self) -> bool:
+        """Launched by dcod (a handler or a command), as opposed to external."""
+        return not self.address
+
+
+@dataclass(frozen=True)
+class Config:
+    hub: HubConfig = field(default_factory=HubConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    alert: AlertConfig = field(default_factory=AlertConfig)
+    proxies: tuple[ProxyConfig, ...] = ()
+    source: str = BUILTIN
+
+    def proxy(self, proxy_id: int) -> ProxyConfig:
+        for p in self.proxies:
+            if p.id == proxy_id:
+                return p
+        raise KeyError(proxy_id)
+
+    @property
+    def runtime_dir(self) -> Path:
+        return Path(self.supervisor.runtime_dir or _default_dir("RUNTIME_DIRECTORY", "/run/dcod", _user_runtime()))
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.supervisor.state_dir or _default_dir("STATE_DIRECTORY", "/var/lib/dcod", _user_state()))
+
+    @property
+    def alert_dir(self) -> Path:
+        return Path(self.alert.dir) if self.alert.dir else self.runtime_dir / "alerts"
+
+    @property
+    def alert_file(self) -> Path:
+        return self.alert_dir / self.alert.name
+
+    @property
+    def control_socket(self) -> Path:
+        return self.runtime_dir / "control.sock"
+
+    def worker_socket(self, proxy_id: int, instance: int) -> Path:
+        return self.runtime_dir / f"worker-{proxy_id}-{instance}.sock"
+
+    def worker_addresses(self, proxy: ProxyConfig) -> list[str]:
+        """Where the hub connects for each instance of a proxy."""
+        if proxy.address:
+            return [proxy.address]
+        return [str(self.worker_socket(proxy.id, i)) for i in range(proxy.instances)]
+
+
+def _default_dir(systemd_var: str, system_dir: str, user_dir: str) -> str:
+    # systemd's RuntimeDirectory=/StateDirectory= may list several paths, colon-separated.
+    if os.environ.get(systemd_var):
+        return os.environ[systemd_var].split(":")[0]
+    return system_dir if os.geteuid() == 0 else user_dir
+
+
+def _user_runtime() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/dcod-{os.getuid()}"
+    return os.path.join(base, "dcod") if os.environ.get("XDG_RUNTIME_DIR") else base
+
+
+def _user_state() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "dcod")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def config_path(explicit: str | None = None) -> Path | None:
+    """--config FILE, else $DCOD_CONFIG, else /etc/dcod/dcod.toml when it exists, else None (built-in)."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("DCOD_CONFIG"):
+        return Path(os.environ["DCOD_CONFIG"])
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.exists() else None
+
+
+def default_text() -> str:
+    return resources.files("dcod").joinpath("default.toml").read_text()
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Load and validate a config file (None: the built-in default). Raises ConfigError."""
+    if path is None:
+        return parse(default_text(), BUILTIN)
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return parse(text, str(path))
+
+
+def parse(text: str, source: str) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    return _Validator(source).config(data)
+
+
+def dump(config: Config) -> str:
+    """The config as TOML (defaults made explicit): what `dcod config` prints."""
+    data: dict[str, Any] = {
+        "hub": dataclasses.asdict(config.hub),
+        "supervisor": {**dataclasses.asdict(config.supervisor),
+                       "runtime_dir": str(config.runtime_dir), "state_dir": str(config.state_dir)},
+        "alert": {**dataclasses.asdict(config.alert), "dir": str(config.alert_dir)},
+        "proxy": [{k: v for k, v in dataclasses.asdict(p).items() if v not in ("", ())} for p in config.proxies],
+    }
+    return tomli_w.dumps(data)
+
+
+class _Validator:
+    """Turns parsed TOML into a Config, naming file and key in every error."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: {reason}")
+
+    def config(self, data: dict[str, Any]) -> Config:
+        self.unknown(data, "", {"hub", "supervisor", "alert", "proxy"})
+        hub = self.section(data, "hub", HubConfig)
+        supervisor = self.section(data, "supervisor", SupervisorConfig)
+        alert = self.section(data, "alert", AlertConfig)
+        raw_proxies = data.get("proxy", [])
+        if not isinstance(raw_proxies, list):
+            raise self.fail("proxy", "must be an array of tables ([[proxy]])")
+        proxies = tuple(self.proxy(i, p) for i, p in enumerate(raw_proxies))
+        self.check(hub, supervisor, alert, proxies)
+        return Config(hub, supervisor, alert, proxies, self.source)
+
+    def unknown(self, table: dict[str, Any], prefix: str, known: set[str]) -> None:
+        for key in table:
+            if key not in known:
+                raise self.fail(prefix + key, f"unknown key (known: {', '.join(sorted(known))})")
+
+    def section(self, data: dict[str, Any], name: str, cls: type) -> Any:
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise self.fail(name, "must be a table")
+        return self.build(cls, table, name + ".")
+
+    def build(self, cls: type, table: dict[str, Any], prefix: str) -> Any:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        self.unknown(table, prefix, set(fields))
+        values = {name: self.typed(prefix + name, table[name], fields[name].type) for name in fields if name in table}
+        return cls(**values)
+
+    def typed(self, key: str, value: Any, annotation: str) -> Any:
+        """Check a value against the field's annotation (a string, with postponed annotations)."""
+        if annotation == "bool":
+            if not isinstance(value, bool):
+                raise self.fail(key, f"must be true or false, not {value!r}")
+            return value
+        if annotation == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.fail(key, f"must be an integer, not {value!r}")
+            return value
+        if annotation == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise self.fail(key, f"must be a number, not {value!r}")
+            return float(value)
+        if annotation == "str":
+            if not isinstance(value, str):
+                raise self.fail(key, f"must be a string, not {value!r}")
+            return value
+        if annotation == "tuple[str, ...]":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise self.fail(key, f"must be a list of strings, not {value!r}")
+            return tuple(value)
+        raise AssertionError(f"no validation for {annotation}")
+
+    def proxy(self, index: int, table: Any) -> ProxyConfig:
+        prefix = f"proxy[{index}]."
+        if not isinstance(table, dict):
+            raise self.fail(prefix[:-1], "must be a table")
+        if "id" not in table:
+            raise self.fail(prefix + "id", "missing")
+        proxy = self.build(ProxyConfig, table, prefix)
+        if proxy.id < 1:
+            raise self.fail(prefix + "id", f"must be >= 1, not {proxy.id}")
+        kinds = [k for k in ("handler", "address", "command") if getattr(proxy, k)]
+        if len(kinds) != 1:
+            raise self.fail(prefix[:-1], f"needs exactly one of handler, address, command (has {kinds or 'none'})")
+        if proxy.instances < 1:
+            raise self.fail(prefix + "instances", f"must be >= 1, not {proxy.instances}")
+        if proxy.address and proxy.instances != 1:
+            raise self.fail(prefix + "instances", "an external proxy (address) is one instance; list it once per address")
+        if proxy.address:
+            self.address(prefix + "address", proxy.address)
+        if proxy.concurrency < 1:
+            raise self.fail(prefix + "concurrency", f"must be >= 1, not {proxy.concurrency}")
+        return proxy if proxy.name else dataclasses.replace(proxy, name=proxy.handler or f"proxy{proxy.id}")
+
+    def address(self, key: str, value: str) -> None:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise self.fail(key, f"must be host:port, not {value!r}")
+
+    def check(self, hub: HubConfig, sup: SupervisorConfig, alert: AlertConfig,
+              proxies: tuple[ProxyConfig, ...]) -> None:
+        self.address("hub.listen", hub.listen)
+        self.address("hub.advertise", hub.advertise)
+        for net in hub.allow:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise self.fail("hub.allow", f"{net!r} is not a network (like 10.0.0.0/8)") from None
+        if hub.max_pdu < 12:
+            raise self.fail("hub.max_pdu", f"must be >= 12, not {hub.max_pdu}")
+        for key in ("reply_timeout", "spool_fsync_interval"):
+            if getattr(hub, key) < 0:
+                raise self.fail(f"hub.{key}", "must not be negative")
+        for key in ("heartbeat_interval", "heartbeat_timeout", "drain_timeout", "stop_timeout"):
+            if getattr(sup, key) <= 0:
+                raise self.fail(f"supervisor.{key}", "must be > 0")
+        if sup.heartbeat_timeout <= sup.heartbeat_interval:
+            raise self.fail("supervisor.heartbeat_timeout", "must be longer than heartbeat_interval")
+        for backend in alert.backends:
+            if backend not in ("file", "command", "oracle"):
+                raise self.fail("alert.backends", f"unknown backend {backend!r} (file, command, oracle)")
+        if "command" in alert.backends and not alert.command:
+            raise self.fail("alert.command", "needed by the command backend")
+        seen: dict[int, int] = {}
+        for i, p in enumerate(proxies):
+            if p.id in seen:
+                raise self.fail(f"proxy[{i}].id", f"{p.id} is already proxy[{seen[p.id]}]")
+            seen[p.id] = i

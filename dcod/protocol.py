@@ -1,0 +1,140 @@
+"""Noradle DCO v3 wire protocol: constants, PDU framing and encoding. No I/O here.
+
+Every integer on the wire is a big-endian int32. A PDU is a 12-byte header
+``length, field2, rseq`` and a body; ``length`` counts the whole PDU and its sign
+carries meaning (negative: a one-way request, or an error reply). ``field2`` is the
+proxy id in a request from Oracle and the session's audsid everywhere after the hub.
+The audsid travels as the same four bytes it arrived in; we read it unsigned.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+ORACLE_MAGIC = 197610262  # first int of the 16-byte handshake Oracle -> hub
+HUB_MAGIC = 197610263  # the 4-byte handshake hub -> worker
+HEADER_SIZE = 12
+
+ORACLE_HANDSHAKE = struct.Struct(">iiiI")  # magic, sid, serial, audsid
+HUB_HANDSHAKE = struct.pack(">i", HUB_MAGIC)
+REQUEST_HEADER = struct.Struct(">iii")  # length, proxy_id, rseq (from Oracle)
+ROUTED_HEADER = struct.Struct(">iIi")  # length, audsid, rseq (hub <-> worker, hub -> Oracle)
+LENGTH = struct.Struct(">i")
+
+# A worker says it will take no more requests: "12, 0, 0". Noradle's own worker
+# wrote the length as 6 while still sending 12 bytes; both are accepted.
+QUIT_NOTICE = ROUTED_HEADER.pack(HEADER_SIZE, 0, 0)
+NORADLE_QUIT_LENGTH = 6
+
+DEFAULT_MAX_PDU = 16 * 1024 * 1024
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the connection it came from must be closed."""
+
+
+class ErrorCode(enum.IntEnum):
+    """Stable codes that start the text of an error reply: ``DCO-0001 unknown proxy 7``."""
+
+    UNKNOWN_PROXY = 1
+    REPLY_TIMEOUT = 2
+    WORKER_LOST = 3
+    QUEUE_FULL = 4
+    DRAINING = 5
+    HANDLER_FAILED = 6
+    OVERLOADED = 7
+
+    def text(self, detail: str) -> str:
+        return f"DCO-{self.value:04d} {detail}"
+
+
+def oracle_handshake(sid: int, serial: int, audsid: int) -> bytes:
+    return ORACLE_HANDSHAKE.pack(ORACLE_MAGIC, sid, serial, audsid)
+
+
+def request(proxy_id: int, rseq: int, body: bytes, *, oneway: bool = False) -> bytes:
+    """A request PDU as Oracle sends it."""
+    size = HEADER_SIZE + len(body)
+    return REQUEST_HEADER.pack(-size if oneway else size, proxy_id, rseq) + body
+
+
+def reply(audsid: int, rseq: int, body: bytes) -> bytes:
+    return ROUTED_HEADER.pack(HEADER_SIZE + len(body), audsid, rseq) + body
+
+
+def error_reply(audsid: int, rseq: int, code: ErrorCode, detail: str) -> bytes:
+    """An error reply (our extension): negative length, utf-8 text starting with the code."""
+    body = code.text(detail).encode()
+    return ROUTED_HEADER.pack(-(HEADER_SIZE + len(body)), audsid, rseq) + body
+
+
+def is_quit_notice(length: int, audsid: int, rseq: int) -> bool:
+    """A worker's quit notice; an empty reply has audsid != 0 and rseq != 0."""
+    return audsid == 0 and rseq == 0 and length in (HEADER_SIZE, NORADLE_QUIT_LENGTH)
+
+
+class Framer:
+    """Splits a byte stream into whole PDUs, however the stream was cut or coalesced.
+
+    ``preamble`` bytes (a handshake) are taken first and checked to start with ``magic``;
+    they are then in ``self.preamble``. PDUs come out as bytearrays the caller owns (it may
+    rewrite the header in place). Buffering is linear in the data: bytes are appended once
+    and a PDU is copied out once, so a 1 MiB body costs no more than its size.
+    """
+
+    __slots__ = ("max_pdu", "accept_noradle_quit", "preamble", "_preamble_size", "_magic", "_buf")
+
+    def __init__(
+        self,
+        max_pdu: int = DEFAULT_MAX_PDU,
+        *,
+        preamble: int = 0,
+        magic: int | None = None,
+        accept_noradle_quit: bool = False,
+    ) -> None:
+        self.max_pdu = max_pdu
+        self.accept_noradle_quit = accept_noradle_quit
+        self.preamble: bytes | None = None if preamble else b""
+        self._preamble_size = preamble
+        self._magic = magic
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet make a whole PDU (a peer stalling mid-PDU shows here)."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytearray]:
+        """Add received bytes; return the PDUs they complete. Raises ProtocolError."""
+        buf = self._buf
+        buf += data
+        if self.preamble is None:
+            if len(buf) < self._preamble_size:
+                return []
+            self.preamble = bytes(buf[: self._preamble_size])
+            del buf[: self._preamble_size]
+            if self._magic is not None and LENGTH.unpack_from(self.preamble)[0] != self._magic:
+                raise ProtocolError(f"bad handshake magic {LENGTH.unpack_from(self.preamble)[0]}")
+        pdus: list[bytearray] = []
+        start, end = 0, len(buf)
+        while end - start >= HEADER_SIZE:
+            size = abs(LENGTH.unpack_from(buf, start)[0])
+            if size < HEADER_SIZE:
+                if not (self.accept_noradle_quit and size == NORADLE_QUIT_LENGTH):
+                    raise ProtocolError(f"PDU length {size} below {HEADER_SIZE}")
+                size = HEADER_SIZE
+            elif size > self.max_pdu:
+                raise ProtocolError(f"PDU length {size} above max_pdu {self.max_pdu}")
+            if end - start < size:
+                break
+            if start == 0 and size == end:
+                # The buffer is exactly one PDU (the usual case for big ones): hand it over.
+                pdus.append(buf)
+                self._buf = bytearray()
+                return pdus
+            pdus.append(buf[start : start + size])
+            start += size
+        if start:
+            del buf[:start]
+        return pdus

@@ -1,0 +1,1 @@
+"""Built-in worker handlers: `handler = "<name>"` in a [[proxy]] table."""
