@@ -1,0 +1,5 @@
+import sys
+
+from dcod.cli import main
+
+sys.exit(main())

@@ -1,0 +1,113 @@
+"""The `dcod` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dcod import __version__, config as configuration
+from dcod import log
+
+DESCRIPTION = """\
+dcod runs the Noradle DCO ("direct call out") tier: the ext-hub that Oracle sessions
+connect to, the worker proxies that make the out-calls, and a supervisor that keeps
+them running and restarts them without losing a request.
+"""
+
+EPILOG = """\
+configuration: --config FILE, else $DCOD_CONFIG, else /etc/dcod/dcod.toml if it exists,
+else the built-in default (a hub on 127.0.0.1:1523 and an echo proxy, id 1, 2 instances).
+
+examples:
+  dcod run                       start hub and workers in the foreground
+  dcod call 1 hello              send "hello" to proxy 1 and print the reply
+  dcod call 1 --oneway hi        send a one-way request, do not wait
+  dcod config --check            validate the configuration and exit
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="configuration file (TOML)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+
+    parser = argparse.ArgumentParser(prog="dcod", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"dcod {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser("run", parents=[common], help="run the supervisor: hub and workers (the service's main process)",
+                   description="Run the hub and the managed worker proxies and keep them running. Takes the "
+                               "Oracle-facing socket from systemd (socket activation) or binds hub.listen.")
+
+    p = sub.add_parser("hub", parents=[common], help="run only the ext-hub (for debugging)")
+    p.add_argument("--listen", metavar="ADDR", help="host:port or unix socket path (default: hub.listen)")
+
+    p = sub.add_parser("worker", parents=[common], help="run one worker proxy instance (for debugging)")
+    p.add_argument("--proxy", type=int, required=True, metavar="ID", help="proxy id from the configuration")
+    p.add_argument("--instance", type=int, default=0, metavar="N", help="instance number (default 0)")
+    p.add_argument("--listen", metavar="ADDR", help="host:port or unix socket path (default: its runtime socket)")
+
+    p = sub.add_parser("call", parents=[common], help="send one request as an Oracle session would",
+                       description="Send TEXT to a proxy through the hub; print the reply.")
+    p.add_argument("proxy", type=int, metavar="PROXY", help="proxy id")
+    p.add_argument("text", metavar="TEXT", help="request body")
+    p.add_argument("--oneway", action="store_true", help="one-way request: no reply expected")
+    p.add_argument("--hub", metavar="HOST:PORT", help="hub address (default: hub.advertise)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds to wait for the reply")
+
+    p = sub.add_parser("config", parents=[common], help="print the effective configuration",
+                       description="Load and validate the configuration and print it with every default made "
+                                   "explicit. Exit status 1 if it is invalid.")
+    p.add_argument("--check", action="store_true", help="only validate: print nothing when it is valid")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    path = configuration.config_path(args.config)
+    try:
+        config = configuration.load(path)
+    except configuration.ConfigError as e:
+        print(f"dcod: {e}", file=sys.stderr)
+        return 1
+    level = logging.DEBUG if args.verbose else logging.INFO
+
+    if args.command == "config":
+        if not args.check:
+            print(f"# {config.source}")
+            print(configuration.dump(config), end="")
+        return 0
+    if args.command == "call":
+        import trio
+
+        from dcod import client
+
+        return trio.run(lambda: client.call(config, args.proxy, args.text, oneway=args.oneway, hub=args.hub,
+                                            timeout=args.timeout))
+    if args.command == "hub":
+        from dcod import hub
+
+        log.setup("hub", level)
+        return hub.main(config, args.listen)
+    if args.command == "worker":
+        from dcod import worker
+
+        try:
+            config.proxy(args.proxy)
+        except KeyError:
+            print(f"dcod: {config.source}: no [[proxy]] with id = {args.proxy}", file=sys.stderr)
+            return 1
+        log.setup(f"worker {args.proxy}#{args.instance}", level)
+        return worker.main(config, args.proxy, args.instance, args.listen)
+    if args.command == "run":
+        from dcod import supervisor
+
+        log.setup("supervisor", level)
+        return supervisor.main(config)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

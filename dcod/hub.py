@@ -1,0 +1,613 @@
+"""The ext-hub: Oracle sessions in, worker proxy instances out (DESIGN §3).
+
+Each Oracle session sends requests tagged with a proxy id; the hub rewrites the proxy id
+into the session's audsid and forwards the PDU to an instance of that proxy (the least
+busy one, or the session's own one for an ``ordered`` proxy). Replies carry the audsid
+back and go to the session that has it. Every sync request is tracked until its reply,
+error reply or timeout; a request that cannot be forwarded at once is queued in the
+proxy's spool, durably, and forwarded in order when an instance is there.
+
+Hot path: one reader task per connection parses whole PDUs and hands them to the
+destination connection's outbox, rewriting 4 bytes in place; no task per request.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import signal
+import socket
+import time
+from typing import Callable
+
+import trio
+
+from dcod import protocol, sockets
+from dcod.config import Config, ProxyConfig
+from dcod.connection import Connection, ConnectionClosed, connect
+from dcod.protocol import ROUTED_HEADER, ErrorCode, ProtocolError
+from dcod.spool import Spool, SpoolFull
+
+log = logging.getLogger("dcod.hub")
+
+RECONNECT_MIN = 0.05  # seconds before the first reconnect to a worker; doubles up to:
+RECONNECT_MAX = 2.0
+SWEEP_INTERVAL = 0.05  # granularity of reply timeouts
+PUMP_HIGH_WATER = 4 * 1024 * 1024  # bytes queued to one instance before the pump waits
+
+
+class Pending:
+    """A sync request waiting for its reply."""
+
+    __slots__ = ("key", "proxy", "instance", "deadline", "started", "done")
+
+    def __init__(self, key: tuple[int, int], proxy: Proxy, deadline: float, started: float) -> None:
+        self.key = key
+        self.proxy = proxy
+        self.instance: Instance | None = None  # None while queued
+        self.deadline = deadline
+        self.started = started
+        self.done = False
+
+
+class Counters:
+    """What `dcod status` shows for a proxy (and, summed, for the hub)."""
+
+    __slots__ = ("requests", "oneway", "replies", "errors", "error_replies", "timeouts", "worker_lost",
+                 "refused", "queued", "spooled", "replayed", "expired", "duplicates", "orphan_replies",
+                 "latency_sum", "latency_max")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Instance:
+    """One worker instance of a proxy, as the hub sees it: a connection that comes and goes."""
+
+    __slots__ = ("proxy", "index", "address", "conn", "state", "held", "inflight", "connects")
+
+    def __init__(self, proxy: Proxy, index: int, address: str) -> None:
+        self.proxy = proxy
+        self.index = index
+        self.address = address
+        self.conn: Connection | None = None
+        self.state = "connecting"  # connecting | up | quitting
+        self.held = False  # the supervisor asked us not to dispatch here (it is being restarted)
+        self.inflight: dict[tuple[int, int], Pending] = {}
+        self.connects = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.proxy.config.id}#{self.index}"
+
+    @property
+    def available(self) -> bool:
+        return self.state == "up" and not self.held
+
+
+class Proxy:
+    """A proxy id: its instances, its durable queue, its counters."""
+
+    def __init__(self, config: ProxyConfig, addresses: list[str], spool: Spool) -> None:
+        self.config = config
+        self.instances = [Instance(self, i, a) for i, a in enumerate(addresses)]
+        self.spool = spool
+        self.waiting: dict[tuple[int, int], Pending] = {}  # queued sync requests
+        self.counters = Counters()
+        self.wake_pump = trio.Event()
+
+    def pick(self, audsid: int) -> Instance | None:
+        """The instance for a request: least outstanding first, or by session for ordered proxies."""
+        available = [i for i in self.instances if i.available]
+        if not available:
+            return None
+        if self.config.ordered:
+            return available[audsid % len(available)]
+        return min(available, key=lambda i: len(i.inflight))
+
+
+class Session:
+    """An Oracle session's connection."""
+
+    __slots__ = ("conn", "audsid", "sid", "serial", "peer", "requests")
+
+    def __init__(self, conn: Connection, peer: str) -> None:
+        self.conn = conn
+        self.peer = peer
+        self.audsid = self.sid = self.serial = 0
+        self.requests = 0
+
+
+class Hub:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.max_pdu = config.hub.max_pdu
+        self.reply_timeout = config.hub.reply_timeout
+        self.allow = [ipaddress.ip_network(n, strict=False) for n in config.hub.allow]
+        self.proxies: dict[int, Proxy] = {}
+        for p in config.proxies:
+            spool = Spool(config.state_dir / "spool" / f"proxy-{p.id}.spool",
+                          memory_limit=config.hub.queue_memory, size_limit=config.hub.spool_max,
+                          max_record=config.hub.max_pdu)
+            self.proxies[p.id] = Proxy(p, config.worker_addresses(p), spool)
+        self.sessions: dict[int, Session] = {}  # by audsid: where replies go
+        self.connections = 0
+        self.timeouts: collections.deque[Pending] = collections.deque()  # in deadline order
+        self.totals = collections.Counter()  # hub-wide: sessions, protocol errors, refused connections...
+        self.started = time.time()
+        self.draining = False
+        self._nursery: trio.Nursery | None = None
+        self._listeners: list[socket.socket] = []
+
+    # ------------------------------------------------------------ life cycle
+
+    async def run(self, listeners: list[socket.socket], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled. Started means: listening, replaying, connecting to workers."""
+        self._listeners = listeners
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._replay_spools()
+                for proxy in self.proxies.values():
+                    nursery.start_soon(self._pump, proxy)
+                    for instance in proxy.instances:
+                        nursery.start_soon(self._keep_connected, instance)
+                nursery.start_soon(self._sweep_timeouts)
+                nursery.start_soon(self._fsync_spools)
+                for listener in listeners:
+                    nursery.start_soon(self._accept, listener)
+                task_status.started()
+        finally:
+            for proxy in self.proxies.values():
+                proxy.spool.close()
+
+    def workers_connected(self) -> bool:
+        """Every proxy has at least one instance up: what `ready` waits for."""
+        return all(any(i.state == "up" for i in p.instances) for p in self.proxies.values())
+
+    def hold(self, proxy_id: int, index: int, held: bool = True) -> None:
+        """Stop (or resume) dispatching to an instance: it is about to be restarted."""
+        instance = self.proxies[proxy_id].instances[index]
+        instance.held = held
+        if not held:
+            instance.proxy.wake_pump.set()
+
+    def close_listeners(self) -> None:
+        """Stop accepting sessions (the first step of a drain)."""
+        self.draining = True
+        for listener in self._listeners:
+            trio.lowlevel.notify_closing(listener)
+            listener.close()
+
+    @property
+    def inflight(self) -> int:
+        return sum(len(i.inflight) + len(p.waiting) for p in self.proxies.values() for i in p.instances)
+
+    # ------------------------------------------------------------ Oracle side
+
+    async def _accept(self, listener: socket.socket) -> None:
+        listener.setblocking(False)
+        while True:
+            try:
+                sock, addr = listener.accept()
+            except BlockingIOError:
+                try:
+                    await trio.lowlevel.wait_readable(listener)
+                except trio.ClosedResourceError:
+                    return
+                continue
+            except OSError as e:
+                if listener.fileno() < 0:
+                    return
+                log.warning("accept failed: %s", e.strerror)
+                await trio.sleep(0.1)  # EMFILE and the like: do not spin
+                continue
+            peer = _peer_name(sock.family, addr)
+            if not self._allowed(sock.family, addr):
+                self.totals["refused_connections"] += 1
+                log.warning("refused a connection from %s: not in hub.allow", peer)
+                sock.close()
+                continue
+            self._nursery.start_soon(self._serve_session, Session(Connection(sock, peer), peer))
+
+    def _allowed(self, family: int, addr) -> bool:
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            return True
+        ip = ipaddress.ip_address(addr[0])
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.allow)
+
+    async def _serve_session(self, session: Session) -> None:
+        conn = session.conn
+        framer = protocol.Framer(self.max_pdu, preamble=protocol.ORACLE_HANDSHAKE.size, magic=protocol.ORACLE_MAGIC)
+        self.connections += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_until_closed, conn)
+                try:
+                    await self._read_session(session, framer)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.connections -= 1
+            conn.close()
+            if session.audsid and self.sessions.get(session.audsid) is session:
+                del self.sessions[session.audsid]
+
+    async def _write_until_closed(self, conn: Connection) -> None:
+        try:
+            await conn.writer()
+        except ConnectionClosed:
+            conn.close()
+
+    async def _read_session(self, session: Session, framer: protocol.Framer) -> None:
+        conn = session.conn
+        while True:
+            try:
+                data = await conn.recv()
+            except ConnectionClosed:
+                return
+            if not data:
+                if framer.buffered:
+                    self.totals["truncated_pdus"] += 1
+                    log.warning("session %s audsid %d went away mid-PDU (%d bytes)", session.peer,
+                                session.audsid, framer.buffered)
+                return
+            try:
+                pdus = framer.feed(data)
+                if session.audsid == 0 and framer.preamble:
+                    self._register(session, framer.preamble)
+            except ProtocolError as e:
+                self.totals["protocol_errors"] += 1
+                log.warning("session %s audsid %d: %s; closing it", session.peer, session.audsid, e)
+                return
+            for pdu in pdus:
+                self._on_request(session, pdu)
+
+    def _register(self, session: Session, handshake: bytes) -> None:
+        _, session.sid, session.serial, session.audsid = protocol.ORACLE_HANDSHAKE.unpack(handshake)
+        self.totals["sessions"] += 1
+        previous = self.sessions.get(session.audsid)
+        if previous is not None:
+            log.info("audsid %d connected again from %s; replies go to the new connection", session.audsid,
+                     session.peer)
+        self.sessions[session.audsid] = session
+
+    def _on_request(self, session: Session, pdu: bytearray) -> None:
+        length, proxy_id, rseq = protocol.REQUEST_HEADER.unpack_from(pdu)
+        audsid = session.audsid
+        session.requests += 1
+        proxy = self.proxies.get(proxy_id)
+        if proxy is None:
+            self.totals["unknown_proxy"] += 1
+            if length > 0:
+                session.conn.send(protocol.error_reply(audsid, rseq, ErrorCode.UNKNOWN_PROXY, f"unknown proxy {proxy_id}"))
+            else:
+                log.warning("one-way request for unknown proxy %d from audsid %d dropped", proxy_id, audsid)
+            return
+        ROUTED_HEADER.pack_into(pdu, 0, length, audsid, rseq)
+        counters = proxy.counters
+        counters.requests += 1
+        pending = None
+        if length > 0:
+            now = self.clock()
+            pending = Pending((audsid, rseq), proxy, now + self.reply_timeout, now)
+            self.timeouts.append(pending)
+        else:
+            counters.oneway += 1
+        if not len(proxy.spool):  # nothing queued ahead of it
+            instance = proxy.pick(audsid)
+            if instance is not None:
+                self._forward(instance, pdu, pending)
+                return
+        self._enqueue(proxy, pdu, pending, session.conn)
+
+    def _forward(self, instance: Instance, pdu, pending: Pending | None) -> None:
+        if pending is not None:
+            pending.instance = instance
+            instance.inflight[pending.key] = pending
+        instance.conn.send(pdu)
+
+    def _enqueue(self, proxy: Proxy, pdu, pending: Pending | None, reply_to: Connection) -> None:
+        try:
+            proxy.spool.append(pdu)
+        except (SpoolFull, OSError) as e:
+            proxy.counters.refused += 1
+            log.warning("proxy %d: request refused: %s", proxy.config.id, e)
+            if pending is not None:
+                pending.done = True
+                audsid, rseq = pending.key
+                reply_to.send(protocol.error_reply(audsid, rseq, ErrorCode.QUEUE_FULL,
+                                                   f"queue full for proxy {proxy.config.id}"))
+            return
+        proxy.counters.queued += 1
+        if pending is not None:
+            proxy.waiting[pending.key] = pending
+        proxy.wake_pump.set()
+
+    # ------------------------------------------------------------ the queue
+
+    def _replay_spools(self) -> None:
+        """Requests left queued by a previous hub: sync ones still in time wait for replies again."""
+        now, wall = self.clock(), time.time()
+        for proxy in self.proxies.values():
+            spool = proxy.spool
+            if not spool.recovered:
+                continue
+            proxy.counters.replayed += spool.recovered
+            # Sync records get a Pending so that their replies are routed and timed out as usual.
+            for queued_at, pdu in spool.scan():
+                length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
+                deadline = now + (queued_at + self.reply_timeout - wall)
+                if length > 0 and deadline > now:
+                    pending = Pending((audsid, rseq), proxy, deadline, now)
+                    proxy.waiting[pending.key] = pending
+            self.timeouts = collections.deque(sorted(
+                [*self.timeouts, *(p for proxy in self.proxies.values() for p in proxy.waiting.values())],
+                key=lambda p: p.deadline))
+
+    async def _pump(self, proxy: Proxy) -> None:
+        """Forward queued requests, in order, whenever an instance is available."""
+        spool = proxy.spool
+        while True:
+            await proxy.wake_pump.wait()
+            proxy.wake_pump = trio.Event()
+            while len(spool):
+                instance = None
+                while len(spool):
+                    queued_at, pdu = spool.peek()
+                    length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
+                    instance = proxy.pick(audsid)
+                    if instance is None:
+                        break
+                    spool.pop()
+                    pending = proxy.waiting.pop((audsid, rseq), None) if length > 0 else None
+                    if length > 0 and pending is None:
+                        proxy.counters.expired += 1  # already answered with a timeout error
+                    else:
+                        self._forward(instance, pdu, pending)
+                    if instance.conn.pending_bytes > PUMP_HIGH_WATER:
+                        break
+                spool.commit()
+                if instance is None:
+                    break
+                try:
+                    await instance.conn.flush()
+                except ConnectionClosed:
+                    pass
+
+    async def _fsync_spools(self) -> None:
+        interval = self.config.hub.spool_fsync_interval
+        while True:
+            await trio.sleep(interval or SWEEP_INTERVAL)
+            for proxy in self.proxies.values():
+                if proxy.spool.dirty:
+                    await trio.to_thread.run_sync(proxy.spool.sync)
+
+    # ------------------------------------------------------------ worker side
+
+    async def _keep_connected(self, instance: Instance) -> None:
+        """Connect to a worker instance, serve it while it lives, reconnect with backoff."""
+        delay = RECONNECT_MIN
+        while True:
+            try:
+                sock = await connect(instance.address)
+            except OSError as e:
+                if instance.connects == 0 and delay == RECONNECT_MIN:
+                    log.info("worker %s at %s not there yet (%s); retrying", instance.name, instance.address,
+                             e.strerror)
+                await trio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            delay = RECONNECT_MIN
+            await self._serve_instance(instance, Connection(sock, f"worker {instance.name}"))
+
+    async def _serve_instance(self, instance: Instance, conn: Connection) -> None:
+        instance.conn = conn
+        instance.connects += 1
+        conn.send(protocol.HUB_HANDSHAKE)
+        instance.state = "up"
+        log.info("connected to worker %s at %s", instance.name, instance.address)
+        instance.proxy.wake_pump.set()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_until_closed, conn)
+                try:
+                    await self._read_instance(instance, conn)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            conn.close()
+            instance.state = "connecting"
+            instance.conn = None
+            self._fail_inflight(instance)
+
+    async def _read_instance(self, instance: Instance, conn: Connection) -> None:
+        framer = protocol.Framer(self.max_pdu, accept_noradle_quit=True)
+        while True:
+            try:
+                data = await conn.recv()
+            except ConnectionClosed as e:
+                log.warning("worker %s: connection lost: %s", instance.name, e)
+                return
+            if not data:
+                log.info("worker %s closed its connection", instance.name)
+                return
+            try:
+                pdus = framer.feed(data)
+            except ProtocolError as e:
+                self.totals["worker_protocol_errors"] += 1
+                log.warning("worker %s: %s; closing the connection", instance.name, e)
+                return
+            for pdu in pdus:
+                self._on_reply(instance, pdu)
+
+    def _on_reply(self, instance: Instance, pdu: bytearray) -> None:
+        length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
+        if protocol.is_quit_notice(length, audsid, rseq):
+            self._on_quit_notice(instance)
+            return
+        counters = instance.proxy.counters
+        pending = instance.inflight.pop((audsid, rseq), None)
+        if pending is None:
+            counters.orphan_replies += 1
+            return
+        pending.done = True
+        latency = self.clock() - pending.started
+        counters.latency_sum += latency
+        if latency > counters.latency_max:
+            counters.latency_max = latency
+        if length < 0:
+            counters.error_replies += 1
+        else:
+            counters.replies += 1
+        session = self.sessions.get(audsid)
+        if session is None:
+            self.totals["replies_without_session"] += 1
+            return
+        session.conn.send(pdu)
+
+    def _on_quit_notice(self, instance: Instance) -> None:
+        """The worker takes no more requests: stop dispatching, half-close, keep reading replies."""
+        log.info("worker %s is quitting; %d replies outstanding", instance.name, len(instance.inflight))
+        instance.state = "quitting"
+        conn = instance.conn
+        self._nursery.start_soon(self._half_close, conn)
+
+    async def _half_close(self, conn: Connection) -> None:
+        try:
+            await conn.flush()
+            conn.shutdown_write()
+        except (ConnectionClosed, OSError):
+            pass
+
+    def _fail_inflight(self, instance: Instance) -> None:
+        """The instance is gone: its sync requests will never be answered; say so."""
+        lost, instance.inflight = instance.inflight, {}
+        if lost:
+            log.warning("worker %s went away with %d sync requests in flight; answering them with errors",
+                        instance.name, len(lost))
+        for pending in lost.values():
+            pending.done = True
+            instance.proxy.counters.worker_lost += 1
+            self._error_to_session(pending, ErrorCode.WORKER_LOST,
+                                   f"worker {instance.name} of proxy {instance.proxy.config.id} went away before replying")
+
+    def _error_to_session(self, pending: Pending, code: ErrorCode, detail: str) -> None:
+        audsid, rseq = pending.key
+        pending.proxy.counters.errors += 1
+        session = self.sessions.get(audsid)
+        if session is not None:
+            session.conn.send(protocol.error_reply(audsid, rseq, code, detail))
+
+    # ------------------------------------------------------------ timeouts
+
+    async def _sweep_timeouts(self) -> None:
+        timeouts = self.timeouts
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
+            now = self.clock()
+            while timeouts and (timeouts[0].done or timeouts[0].deadline <= now):
+                pending = timeouts.popleft()
+                if pending.done:
+                    continue
+                pending.done = True
+                proxy = pending.proxy
+                if pending.instance is not None:
+                    pending.instance.inflight.pop(pending.key, None)
+                else:
+                    proxy.waiting.pop(pending.key, None)
+                proxy.counters.timeouts += 1
+                self._error_to_session(pending, ErrorCode.REPLY_TIMEOUT,
+                                       f"no reply from proxy {proxy.config.id} within {self.reply_timeout:g}s")
+
+    # ------------------------------------------------------------ status
+
+    def stats(self) -> dict:
+        proxies = {}
+        for p in self.proxies.values():
+            c = p.counters.as_dict()
+            c.update(queued_now=len(p.spool), spooled_bytes=p.spool.size, waiting=len(p.waiting),
+                     inflight=sum(len(i.inflight) for i in p.instances),
+                     instances=[{"index": i.index, "address": i.address, "state": i.state, "held": i.held,
+                                 "inflight": len(i.inflight), "connects": i.connects} for i in p.instances])
+            proxies[p.config.id] = c
+        return {"connections": self.connections, "sessions": len(self.sessions), "draining": self.draining,
+                "inflight": self.inflight, "totals": dict(self.totals), "proxies": proxies}
+
+
+def _peer_name(family: int, addr) -> str:
+    if family == socket.AF_INET6:
+        return f"[{addr[0]}]:{addr[1]}"
+    if family == socket.AF_INET:
+        return f"{addr[0]}:{addr[1]}"
+    return "unix"
+
+
+# ---------------------------------------------------------------- the hub process
+
+
+async def drain(hub: Hub, *, timeout: float, grace: float = 1.0) -> None:
+    """Stop taking sessions and wait until every sync request is answered and sessions have gone.
+
+    Sessions read their replies and reconnect elsewhere once the quit alert is raised; one
+    that stays connected without anything in flight is closed after ``grace`` seconds of
+    quiet. Past ``timeout`` what is still in flight is answered with error replies.
+    """
+    hub.close_listeners()
+    with trio.move_on_after(timeout):
+        quiet_since: dict[int, float] = {}
+        while hub.inflight or hub.sessions:
+            now = hub.clock()
+            busy = {key[0] for p in hub.proxies.values() for i in p.instances for key in i.inflight}
+            for audsid, session in list(hub.sessions.items()):
+                if audsid in busy:
+                    quiet_since.pop(audsid, None)
+                elif now - quiet_since.setdefault(audsid, now) >= grace:
+                    session.conn.close()
+            await trio.sleep(SWEEP_INTERVAL)
+        return
+    left = [p for proxy in hub.proxies.values() for i in proxy.instances for p in i.inflight.values()]
+    log.warning("drain timed out after %gs; answering %d requests still in flight with errors", timeout, len(left))
+    for pending in left:
+        pending.done = True
+        pending.instance.inflight.pop(pending.key, None)
+        hub._error_to_session(pending, ErrorCode.DRAINING, "hub stopped before the reply came")
+    for session in list(hub.sessions.values()):
+        await session.conn.flush()
+
+
+async def serve(config: Config, listeners: list[socket.socket]) -> None:
+    """Run a hub until SIGTERM/SIGINT, then drain it and return."""
+    hub = Hub(config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hub.run, listeners)
+            log.info("hub serving %d proxies on %s", len(hub.proxies),
+                     ", ".join(_listener_name(s) for s in listeners))
+            async for signum in signals:
+                log.info("%s: draining", signal.Signals(signum).name)
+                break
+            await drain(hub, timeout=config.supervisor.drain_timeout)
+            nursery.cancel_scope.cancel()
+    log.info("hub stopped")
+
+
+def main(config: Config, listen: str | None = None) -> int:
+    """`dcod hub`: the listener from systemd-style LISTEN_FDS, else --listen, else hub.listen."""
+    passed = sockets.listen_fds()
+    listeners = list(passed.values()) or [sockets.bind(listen or config.hub.listen)]
+    trio.run(serve, config, listeners)
+    return 0
+
+
+def _listener_name(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    return _peer_name(sock.family, name) if sock.family != socket.AF_UNIX else str(name)

@@ -1,0 +1,196 @@
+"""The durable queue of one proxy: requests waiting for a worker instance, in FIFO order.
+
+Every queued request is appended to the proxy's spool file before it counts as queued,
+so a hub that is killed loses nothing it accepted; the next hub replays the file. The
+first ``memory_limit`` bytes of records are also kept in memory, so a short outage never
+reads the disk; records beyond that are read back in order as the queue drains.
+
+File layout: a 16-byte header ``b"DCOSPL01"`` + u64 *head* (offset of the first record not
+yet forwarded), then records ``u32 size, u32 crc32, f64 queued_at, PDU``; the crc covers
+``queued_at`` and the PDU. A record is dropped (the head moves past it) only once
+forwarded; the head is written after each forwarded batch, so a crash in between
+forwards those records again: a duplicate, counted by the replaying hub. A torn or
+corrupt tail (a crash mid-append, a full disk) is cut off at the first bad record.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+
+MAGIC = b"DCOSPL01"
+FILE_HEADER = struct.Struct(">8sQ")
+RECORD_HEADER = struct.Struct(">IId")
+HEAD_OFFSET = len(MAGIC)
+READ_CHUNK = 1024 * 1024
+
+log = logging.getLogger("dcod.spool")
+
+
+class SpoolFull(Exception):
+    """The spool is at its size bound; the request is refused."""
+
+
+class Spool:
+    """FIFO of PDUs for one proxy, durable in ``path``."""
+
+    def __init__(self, path: Path, *, memory_limit: int, size_limit: int, max_record: int) -> None:
+        self.path = path
+        self.memory_limit = memory_limit
+        self.size_limit = size_limit
+        self.max_record = max_record
+        # Records loaded in memory: (end offset, queued_at, pdu), contiguous from the head.
+        self._mem: collections.deque[tuple[int, float, bytes]] = collections.deque()
+        self._mem_bytes = 0
+        self._disk_next = FILE_HEADER.size  # first record not in memory
+        self._end = FILE_HEADER.size
+        self._head = FILE_HEADER.size
+        self._head_written = FILE_HEADER.size
+        self.dirty = False  # appended since the last fsync
+        self.records = 0
+        self.recovered = 0  # records found at open (left by a previous hub)
+        self.torn_bytes = 0  # bytes of a torn tail cut off at open
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._recover()
+
+    # ------------------------------------------------------------ state
+
+    def __len__(self) -> int:
+        return self.records
+
+    @property
+    def size(self) -> int:
+        """Bytes of records not yet forwarded."""
+        return self._end - self._head
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._mem_bytes
+
+    # ------------------------------------------------------------ operations
+
+    def append(self, pdu: bytes) -> None:
+        """Queue a PDU durably (written before return; fsync per the caller's policy)."""
+        if self.size + RECORD_HEADER.size + len(pdu) > self.size_limit:
+            raise SpoolFull(f"spool {self.path} at its bound of {self.size_limit} bytes")
+        queued_at = time.time()
+        stamp = struct.pack(">d", queued_at)
+        record = RECORD_HEADER.pack(len(pdu), zlib.crc32(pdu, zlib.crc32(stamp)), queued_at) + pdu
+        written = os.pwrite(self._fd, record, self._end)
+        if written != len(record):
+            # A short write (disk full): leave the tail to be cut at the next open, refuse.
+            raise SpoolFull(f"spool {self.path}: short write ({written} of {len(record)} bytes)")
+        self._end += len(record)
+        self.records += 1
+        self.dirty = True
+        if self._disk_next == self._end - len(record) and self._mem_bytes + len(pdu) <= self.memory_limit:
+            self._mem.append((self._end, queued_at, bytes(pdu)))
+            self._mem_bytes += len(pdu)
+            self._disk_next = self._end
+
+    def peek(self) -> tuple[float, bytes] | None:
+        """The oldest record (queued_at, pdu) without removing it, or None."""
+        if not self._mem and self._disk_next < self._end:
+            self._load()
+        if not self._mem:
+            return None
+        _, queued_at, pdu = self._mem[0]
+        return queued_at, pdu
+
+    def pop(self) -> None:
+        """Drop the oldest record: it has been forwarded (call commit() after a batch)."""
+        end, _, pdu = self._mem.popleft()
+        self._mem_bytes -= len(pdu)
+        self._head = end
+        self.records -= 1
+
+    def commit(self) -> None:
+        """Persist the head after forwarded records; an empty spool is truncated."""
+        if self._head == self._head_written:
+            return
+        if self._head == self._end:
+            self._head = self._end = self._disk_next = FILE_HEADER.size
+            os.ftruncate(self._fd, FILE_HEADER.size)
+        os.pwrite(self._fd, struct.pack(">Q", self._head), HEAD_OFFSET)
+        self._head_written = self._head
+
+    def sync(self) -> None:
+        """fsync the file (the caller's fsync policy decides when)."""
+        if self.dirty:
+            self.dirty = False
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self.commit()
+            self.sync()
+            os.close(self._fd)
+            self._fd = -1
+
+    # ------------------------------------------------------------ reading back
+
+    def scan(self):
+        """Every queued record (queued_at, pdu), oldest first, read from disk; nothing is consumed."""
+        offset = self._head
+        while offset < self._end:
+            offset, queued_at, pdu = self._read_record(offset)
+            yield queued_at, pdu
+
+    def _load(self) -> None:
+        """Read records from disk into memory, up to the memory limit (at least one)."""
+        offset = self._disk_next
+        while offset < self._end and (not self._mem or self._mem_bytes < self.memory_limit):
+            record = self._read_record(offset)
+            assert record is not None, "records below the end were checked at open or written by us"
+            offset, queued_at, pdu = record
+            self._mem.append((offset, queued_at, pdu))
+            self._mem_bytes += len(pdu)
+        self._disk_next = offset
+
+    def _read_record(self, offset: int) -> tuple[int, float, bytes] | None:
+        """(end offset, queued_at, pdu) of the record at offset, or None if torn or corrupt."""
+        header = os.pread(self._fd, RECORD_HEADER.size, offset)
+        if len(header) < RECORD_HEADER.size:
+            return None
+        size, crc, queued_at = RECORD_HEADER.unpack(header)
+        if size > self.max_record:
+            return None
+        pdu = os.pread(self._fd, size, offset + RECORD_HEADER.size)
+        if len(pdu) < size or zlib.crc32(pdu, zlib.crc32(header[8:])) != crc:
+            return None
+        return offset + RECORD_HEADER.size + size, queued_at, pdu
+
+    def _recover(self) -> None:
+        """Open an existing spool: find the head, count the records, cut a torn tail."""
+        header = os.pread(self._fd, FILE_HEADER.size, 0)
+        file_size = os.fstat(self._fd).st_size
+        if len(header) < FILE_HEADER.size or header[:8] != MAGIC:
+            if file_size > 0 and header[:8] != MAGIC[: len(header[:8])]:
+                log.warning("%s: not a dcod spool (bad magic); starting it afresh", self.path)
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, FILE_HEADER.pack(MAGIC, FILE_HEADER.size), 0)
+            return
+        _, head = FILE_HEADER.unpack(header)
+        head = max(FILE_HEADER.size, min(head, file_size))
+        offset = head
+        while offset < file_size:
+            record = self._read_record(offset)
+            if record is None:
+                break
+            offset = record[0]
+            self.records += 1
+        if offset < file_size:
+            self.torn_bytes = file_size - offset
+            log.warning("%s: cut a torn or corrupt tail of %d bytes at offset %d", self.path, self.torn_bytes, offset)
+            os.ftruncate(self._fd, offset)
+        self._head = self._head_written = self._disk_next = head
+        self._end = offset
+        self.recovered = self.records
+        if self.records:
+            log.info("%s: %d queued requests (%d bytes) left by a previous hub", self.path, self.records, self.size)

@@ -1,0 +1,68 @@
+"""Shared fixtures: a config in a private directory, an in-process hub on real sockets."""
+
+from __future__ import annotations
+
+import socket
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+
+from dcod import config as configuration
+from dcod import sockets
+from dcod.hub import Hub
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def make_config(tmp_path: Path):
+    """make_config(proxies_toml, **hub_keys) -> Config with runtime/state dirs under tmp_path."""
+
+    def make(proxies: str = "", *, supervisor: str = "", **hub) -> configuration.Config:
+        port = free_port()
+        hub_lines = "\n".join(f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{k} = {v}"
+                              for k, v in hub.items())
+        text = textwrap.dedent(f"""\
+            [hub]
+            listen = "127.0.0.1:{port}"
+            advertise = "127.0.0.1:{port}"
+            {hub_lines}
+            [supervisor]
+            runtime_dir = "{tmp_path / 'run'}"
+            state_dir = "{tmp_path / 'state'}"
+            {supervisor}
+            """) + textwrap.dedent(proxies)
+        path = tmp_path / "dcod.toml"
+        path.write_text(text)
+        (tmp_path / "run").mkdir(exist_ok=True)
+        return configuration.load(path)
+
+    return make
+
+
+@pytest.fixture
+def start_hub(nursery):
+    """await start_hub(config) -> (hub, "host:port"): a hub serving in the test's nursery."""
+
+    async def start(config: configuration.Config) -> tuple[Hub, str]:
+        listener = sockets.bind("127.0.0.1:0")
+        address = "127.0.0.1:%d" % listener.getsockname()[1]
+        hub = Hub(config)
+        await nursery.start(hub.run, [listener])
+        return hub, address
+
+    return start
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:
+    """Wait until predicate() holds, checking after each scheduler pass (for state the hub
+    changes without emitting an event, such as a counter); fails the test at the timeout."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.001)

@@ -1,0 +1,300 @@
+"""The hub against byte-level peers written from the spec: routing, errors, queueing, bad input."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import trio
+
+from conftest import wait_for
+from peers import OracleSession, WorkerPeer, closed_by_peer, open_raw, read_pdu, reply_pdu, request_pdu, send_all
+
+ONE_PROXY = """
+[[proxy]]
+id = 1
+handler = "echo"
+instances = {instances}
+ordered = {ordered}
+"""
+
+
+def proxies(instances: int = 1, ordered: bool = False) -> str:
+    return ONE_PROXY.format(instances=instances, ordered=str(ordered).lower())
+
+
+async def workers_for(config, proxy_id: int = 1) -> list:
+    """Listening worker peers at the sockets the hub will connect to."""
+    p = config.proxy(proxy_id)
+    return [await WorkerPeer(str(config.worker_socket(proxy_id, i))).listen() for i in range(p.instances)]
+
+
+async def test_request_is_rewritten_and_reply_forwarded_unchanged(make_config, start_hub):
+    config = make_config(proxies())
+    [worker] = await workers_for(config)
+    hub, address = await start_hub(config)
+    hub_side = await worker.accept()
+    session = await OracleSession.connect(address, audsid=0xFEDCBA98)  # above 2^31: stays unsigned
+
+    await session.send(1, 1, b"hello")
+    assert await read_pdu(hub_side) == (17, 0xFEDCBA98, 1, b"hello")
+    await send_all(hub_side, reply_pdu(0xFEDCBA98, 1, b"world!"))
+    assert await session.read() == (18, 0xFEDCBA98, 1, b"world!")
+
+
+async def test_oneway_keeps_negative_length_and_is_not_tracked(make_config, start_hub):
+    config = make_config(proxies())
+    [worker] = await workers_for(config)
+    hub, address = await start_hub(config)
+    hub_side = await worker.accept()
+    session = await OracleSession.connect(address, audsid=7)
+    await session.send(1, 1, b"fire and forget", oneway=True)
+    assert await read_pdu(hub_side) == (-27, 7, 1, b"fire and forget")
+    assert hub.inflight == 0
+    assert hub.proxies[1].counters.oneway == 1
+
+
+async def test_pdus_split_and_coalesced_at_any_boundary(make_config, start_hub):
+    config = make_config(proxies())
+    [worker] = await workers_for(config)
+    hub, address = await start_hub(config)
+    hub_side = await worker.accept()
+    for audsid in range(1, 3 * 15 + 16 + 2):
+        # The handshake and three PDUs as one byte string, sent in two writes cut at every offset.
+        stream = struct.pack(">iiiI", 197610262, 1, 2, audsid) + b"".join(request_pdu(1, n, b"abc") for n in (1, 2, 3))
+        cut = audsid - 1
+        raw = await open_raw(address)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await send_all(raw, stream[:cut])
+        await send_all(raw, stream[cut:])
+        for n in (1, 2, 3):
+            assert await read_pdu(hub_side) == (15, audsid, n, b"abc")
+        raw.close()
+
+
+async def test_unknown_proxy_gets_error_reply_and_oneway_is_counted(make_config, start_hub):
+    config = make_config(proxies())
+    hub, address = await start_hub(config)
+    session = await OracleSession.connect(address, audsid=5)
+    await session.send(7, 1, b"x", oneway=True)
+    await session.send(7, 2, b"x")
+    length, audsid, rseq, text = await session.read()
+    assert (audsid, rseq) == (5, 2) and length == -(12 + len(text))
+    assert text == b"DCO-0001 unknown proxy 7"
+    assert hub.totals["unknown_proxy"] == 2
+
+
+async def test_least_outstanding_instance_first(make_config, start_hub):
+    config = make_config(proxies(instances=2))
+    workers = await workers_for(config)
+    hub, address = await start_hub(config)
+    sides = [await w.accept() for w in workers]
+    session = await OracleSession.connect(address, audsid=3)
+    await session.send(1, 1, b"a")
+    await session.send(1, 2, b"b")
+    got = sorted([(await read_pdu(sides[0]))[2], (await read_pdu(sides[1]))[2]])
+    assert got == [1, 2]  # one each, since the first is still outstanding on its instance
+
+
+async def test_ordered_proxy_keeps_a_session_on_one_instance(make_config, start_hub):
+    config = make_config(proxies(instances=2, ordered=True))
+    workers = await workers_for(config)
+    hub, address = await start_hub(config)
+    sides = [await w.accept() for w in workers]
+    await wait_for(lambda: hub.workers_connected() and all(i.state == "up" for i in hub.proxies[1].instances))
+    session = await OracleSession.connect(address, audsid=4)
+    for rseq in range(1, 6):
+        await session.send(1, rseq, b"n")
+    mine = sides[4 % 2]
+    assert [(await read_pdu(mine))[2] for _ in range(5)] == [1, 2, 3, 4, 5]
+
+
+async def test_reply_timeout_gets_error_reply_and_late_reply_is_dropped(make_config, start_hub):
+    config = make_config(proxies(), reply_timeout=0.2)
+    [worker] = await workers_for(config)
+    hub, address = await start_hub(config)
+    hub_side = await worker.accept()
+    session = await OracleSession.connect(address, audsid=11)
+    await session.send(1, 1, b"slow")
+    await read_pdu(hub_side)
+    length, _, rseq, text = await session.read()
+    assert length < 0 and rseq == 1 and text.startswith(b"DCO-0002 ")
+    await send_all(hub_side, reply_pdu(11, 1, b"too late"))
+    await wait_for(lambda: hub.proxies[1].counters.orphan_replies == 1)
+    assert hub.inflight == 0
+
+
+async def test_worker_death_answers_its_inflight_sync_requests(make_config, start_hub):
+    config = make_config(proxies())
+    [worker] = await workers_for(config)
+    hub, address = await start_hub(config)
+    hub_side = await worker.accept()
+    session = await OracleSession.connect(address, audsid=12)
+    await session.send(1, 1, b"doomed")
+    await session.send(1, 2, b"doomed too", oneway=True)
+    await read_pdu(hub_side)
+    await read_pdu(hub_side)
+    hub_side.close()
+    length, _, rseq, text = await session.read()
+    assert length < 0 and rseq == 1 and text.startswith(b"DCO-0003 ")
+    assert hub.proxies[1].counters.worker_lost == 1
+
+
+async def test_requests_queue_while_no_instance_and_arrive_in_order(make_config, start_hub):
+    config = make_config(proxies())
+    hub, address = await start_hub(config)
+    session = await OracleSession.connect(address, audsid=13)
+    for rseq in range(1, 5):
+        await session.send(1, rseq, b"q%d" % rseq, oneway=rseq % 2 == 0)
+    await wait_for(lambda: len(hub.proxies[1].spool) == 4)
+    [worker] = await workers_for(config)  # the worker starts late; the hub reconnects
+    hub_side = await worker.accept()
+    got = [await read_pdu(hub_side) for _ in range(4)]
+    assert [(g[2], g[0] > 0) for g in got] == [(1, True), (2, False), (3, True), (4, False)]
+    await send_all(hub_side, reply_pdu(13, 3, b"r3") + reply_pdu(13, 1, b"r1"))
+    assert {(await session.read())[2] for _ in range(2)} == {1, 3}
+    await wait_for(lambda: hub.proxies[1].spool.size == 0)
+
+
+async def test_full_queue_refuses_with_error_reply(make_config, start_hub):
+    config = make_config(proxies(), spool_max=100)
+    hub, address = await start_hub(config)
+    session = await OracleSession.connect(address, audsid=14)
+    await session.send(1, 1, b"x" * 40)  # fits: 16-byte record header + 52
+    await session.send(1, 2, b"x" * 40)  # does not
+    length, _, rseq, text = await session.read()
+    assert length < 0 and rseq == 2 and text.startswith(b"DCO-0004 ")
+    assert hub.proxies[1].counters.refused == 1 and len(hub.proxies[1].spool) == 1
+
+
+async def test_empty_reply_is_a_reply_not_a_quit_notice(make_config, start_hub):
+    config = make_config(proxies())
+    [worker] = await workers_for(config)
+    hub, address = await start_hub(config)
+    hub_side = await worker.accept()
+    session = await OracleSession.connect(address, audsid=15)
+    await session.send(1, 1, b"anything")
+    await read_pdu(hub_side)
+    await send_all(hub_side, reply_pdu(15, 1, b""))
+    assert await session.read() == (12, 15, 1, b"")
+    assert hub.proxies[1].instances[0].state == "up"
+
+
+@pytest.mark.parametrize("notice_length", [12, 6])  # 6: what Noradle's own worker wrote
+async def test_quit_notice_stops_dispatch_and_replies_still_flow(make_config, start_hub, notice_length):
+    config = make_config(proxies(instances=2))
+    workers = await workers_for(config)
+    hub, address = await start_hub(config)
+    sides = [await w.accept() for w in workers]
+    await wait_for(lambda: all(i.state == "up" for i in hub.proxies[1].instances))
+    session = await OracleSession.connect(address, audsid=16)
+    await session.send(1, 1, b"in flight when the worker quits")
+    await wait_for(lambda: hub.inflight == 1)
+    busy = next(i for i in hub.proxies[1].instances if i.inflight).index
+    quitting, other = sides[busy], sides[1 - busy]
+    assert (await read_pdu(quitting))[2] == 1
+
+    await send_all(quitting, struct.pack(">iii", notice_length, 0, 0))
+    assert await closed_by_peer(quitting)  # the hub half-closed: no more requests for it
+    assert hub.proxies[1].instances[busy].state == "quitting"
+    await session.send(1, 2, b"after the notice")
+    assert (await read_pdu(other))[2] == 2
+    await send_all(quitting, reply_pdu(16, 1, b"late but delivered"))
+    assert await session.read() == (30, 16, 1, b"late but delivered")
+
+
+async def test_non_oracle_first_packet_closes_only_that_connection(make_config, start_hub):
+    config = make_config(proxies())
+    [worker] = await workers_for(config)
+    hub, address = await start_hub(config)
+    hub_side = await worker.accept()
+    good = await OracleSession.connect(address, audsid=21)
+    bad = await open_raw(address)
+    await send_all(bad, b"GET / HTTP/1.0\r\n\r\n")
+    assert await closed_by_peer(bad)
+    await good.send(1, 1, b"still here")
+    assert (await read_pdu(hub_side))[3] == b"still here"
+    assert hub.totals["protocol_errors"] == 1
+
+
+@pytest.mark.parametrize("length", [11, -5, 0, 1 << 20])
+async def test_bad_length_closes_only_that_session(make_config, start_hub, length):
+    config = make_config(proxies(), max_pdu=65536)
+    [worker] = await workers_for(config)
+    hub, address = await start_hub(config)
+    hub_side = await worker.accept()
+    good = await OracleSession.connect(address, audsid=22)
+    bad = await OracleSession.connect(address, audsid=23)
+    await send_all(bad.sock, struct.pack(">iii", length, 1, 1))
+    assert await closed_by_peer(bad.sock)
+    await good.send(1, 1, b"ok")
+    assert (await read_pdu(hub_side))[1] == 22
+    assert hub.totals["protocol_errors"] == 1
+
+
+async def test_session_vanishing_mid_pdu_is_counted(make_config, start_hub):
+    config = make_config(proxies())
+    [worker] = await workers_for(config)
+    hub, address = await start_hub(config)
+    hub_side = await worker.accept()
+    bad = await OracleSession.connect(address, audsid=24)
+    await send_all(bad.sock, request_pdu(1, 1, b"x" * 100)[:50])
+    await wait_for(lambda: hub.sessions.get(24) is not None)
+    bad.close()
+    await wait_for(lambda: hub.totals["truncated_pdus"] == 1)
+    good = await OracleSession.connect(address, audsid=25)
+    await good.send(1, 1, b"ok")
+    assert (await read_pdu(hub_side))[1] == 25
+
+
+async def test_reply_for_unknown_session_is_counted_and_harmless(make_config, start_hub):
+    config = make_config(proxies())
+    [worker] = await workers_for(config)
+    hub, address = await start_hub(config)
+    hub_side = await worker.accept()
+    await send_all(hub_side, reply_pdu(999, 1, b"nobody asked"))
+    await wait_for(lambda: hub.proxies[1].counters.orphan_replies == 1)
+    session = await OracleSession.connect(address, audsid=26)
+    await session.send(1, 1, b"ping")
+    await read_pdu(hub_side)
+    await send_all(hub_side, reply_pdu(26, 1, b"pong"))
+    assert (await session.read())[3] == b"pong"
+
+
+async def test_garbage_from_worker_closes_that_worker_connection_only(make_config, start_hub):
+    config = make_config(proxies(instances=2))
+    workers = await workers_for(config)
+    hub, address = await start_hub(config)
+    sides = [await w.accept() for w in workers]
+    await send_all(sides[0], b"\xff\xff\xff\xff garbage")  # length -1
+    assert await closed_by_peer(sides[0])
+    assert hub.totals["worker_protocol_errors"] == 1
+    reconnected = await workers[0].accept()  # the hub reconnects with backoff
+    assert reconnected is not None
+    session = await OracleSession.connect(address, audsid=27)
+    await session.send(1, 1, b"ok")
+    await wait_for(lambda: hub.inflight == 1)
+
+
+async def test_external_worker_over_tcp(make_config, start_hub):
+    from conftest import free_port
+    port = free_port()
+    config = make_config(f'[[proxy]]\nid = 2\naddress = "127.0.0.1:{port}"\n')
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", port))
+    listener.listen()
+    hub, address = await start_hub(config)
+    hub_side, _ = await listener.accept()
+    assert struct.unpack(">i", await hub_side.recv(4))[0] == 197610263
+    session = await OracleSession.connect(address, audsid=28)
+    await session.send(2, 1, b"tcp")
+    assert await read_pdu(hub_side) == (15, 28, 1, b"tcp")
+
+
+async def test_connection_from_outside_allow_list_is_refused(make_config, start_hub):
+    config = make_config(proxies(), allow=["10.0.0.0/8"])
+    hub, address = await start_hub(config)
+    session = await OracleSession.connect(address, audsid=29)
+    assert await closed_by_peer(session.sock)
+    assert hub.totals["refused_connections"] == 1
