@@ -45,6 +45,8 @@ class SupervisorConfig:
     heartbeat_timeout: float = 3.0
     drain_timeout: float = 30.0
     stop_timeout: float = 10.0
+    restart_max: int = 5
+    restart_window: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -284,7 +286,8 @@ class _Validator:
         for key in ("reply_timeout", "spool_fsync_interval"):
             if getattr(hub, key) < 0:
                 raise self.fail(f"hub.{key}", "must not be negative")
-        for key in ("heartbeat_interval", "heartbeat_timeout", "drain_timeout", "stop_timeout"):
+        for key in ("heartbeat_interval", "heartbeat_timeout", "drain_timeout", "stop_timeout", "restart_max",
+                    "restart_window"):
             if getattr(sup, key) <= 0:
                 raise self.fail(f"supervisor.{key}", "must be > 0")
         if sup.heartbeat_timeout <= sup.heartbeat_interval:

@@ -23,7 +23,7 @@ from typing import Callable
 
 import trio
 
-from dcod import protocol, sockets
+from dcod import control, protocol, sockets
 from dcod.config import Config, ProxyConfig
 from dcod.connection import Connection, ConnectionClosed, connect
 from dcod.protocol import ROUTED_HEADER, ErrorCode, ProtocolError
@@ -585,19 +585,56 @@ async def drain(hub: Hub, *, timeout: float, grace: float = 1.0) -> None:
 
 
 async def serve(config: Config, listeners: list[socket.socket]) -> None:
-    """Run a hub until SIGTERM/SIGINT, then drain it and return."""
+    """Run a hub until SIGTERM/SIGINT (or its supervisor goes away), then drain it and return."""
     hub = Hub(config)
+    channel = control.child_channel()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(hub.run, listeners)
-            log.info("hub serving %d proxies on %s", len(hub.proxies),
+            log.info("hub serving proxies %s on %s", ", ".join(map(str, hub.proxies)) or "(none)",
                      ", ".join(_listener_name(s) for s in listeners))
-            async for signum in signals:
-                log.info("%s: draining", signal.Signals(signum).name)
-                break
+            stop = trio.Event()
+            if channel is not None:
+                nursery.start_soon(channel.writer)
+                nursery.start_soon(_report_to_supervisor, hub, channel, config.supervisor.heartbeat_interval)
+                nursery.start_soon(_obey_supervisor, channel, stop)
+            nursery.start_soon(_stop_on_signal, signals, stop)
+            await stop.wait()
             await drain(hub, timeout=config.supervisor.drain_timeout)
             nursery.cancel_scope.cancel()
     log.info("hub stopped")
+
+
+async def _stop_on_signal(signals, stop: trio.Event) -> None:
+    async for signum in signals:
+        log.info("%s: draining", signal.Signals(signum).name)
+        stop.set()
+        return
+
+
+async def _report_to_supervisor(hub: Hub, channel: control.Channel, interval: float) -> None:
+    """`ready` once connected to the workers, then a heartbeat with the counters every interval."""
+    while not hub.workers_connected():
+        await trio.sleep(RECONNECT_MIN)
+    channel.send({"event": "ready"})
+    while True:
+        channel.send({"event": "heartbeat", "stats": hub.stats()})
+        await trio.sleep(interval)
+
+
+async def _obey_supervisor(channel: control.Channel, stop: trio.Event) -> None:
+    while True:
+        try:
+            message = await channel.receive()
+        except control.ChannelError as e:
+            log.warning("%s", e)
+            continue
+        if message is None:
+            log.warning("supervisor went away: draining")
+            stop.set()
+            return
+        if message.get("command") == "drain":
+            stop.set()
 
 
 def main(config: Config, listen: str | None = None) -> int:
