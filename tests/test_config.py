@@ -1,0 +1,58 @@
+"""Configuration: the built-in default, and refusals that name file, key and reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dcod import cli, config
+from dcod.config import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_conf_file_is_the_builtin_default():
+    assert (REPO / "conf" / "dcod.toml").read_text() == config.default_text()
+    builtin = config.load(None)
+    assert [(p.id, p.handler, p.instances) for p in builtin.proxies] == [(1, "echo", 2)]
+    assert builtin.hub.listen == "127.0.0.1:1523"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[hub]\nmax_pdu = 4\n", "hub.max_pdu: must be >= 12, not 4"),
+    ("[hub]\nlisten = 1523\n", "hub.listen: must be a string, not 1523"),
+    ("[hub]\nlisten = \"nowhere\"\n", "hub.listen: must be host:port"),
+    ("[hub]\nallow = [\"10.0.0.0/33\"]\n", "hub.allow: '10.0.0.0/33' is not a network"),
+    ("[hub]\ncolour = 1\n", "hub.colour: unknown key"),
+    ("[[proxy]]\nid = 1\nhandler = \"echo\"\ninstances = 0\n", "proxy[0].instances: must be >= 1, not 0"),
+    ("[[proxy]]\nid = 1\n", "proxy[0]: needs exactly one of handler, address, command"),
+    ("[[proxy]]\nhandler = \"echo\"\n", "proxy[0].id: missing"),
+    ("[[proxy]]\nid = 1\nhandler = \"echo\"\n[[proxy]]\nid = 1\nhandler = \"echo\"\n",
+     "proxy[1].id: 1 is already proxy[0]"),
+    ("[alert]\nbackends = [\"pager\"]\n", "alert.backends: unknown backend 'pager'"),
+    ("[supervisor]\nheartbeat_timeout = 0.1\n", "supervisor.heartbeat_timeout: must be longer"),
+    ("[hub\n", "not valid TOML"),
+])
+def test_invalid_config_names_file_key_and_reason(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        config.load(path)
+    assert str(e.value).startswith(f"{path}: ")
+    assert message in str(e.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="nope.toml: cannot read: No such file"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_config_command_checks_and_prints(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[hub]\nmax_pdu = 4\n")
+    assert cli.main(["config", "--check", "--config", str(bad)]) == 1
+    assert "bad.toml: hub.max_pdu" in capsys.readouterr().err
+    assert cli.main(["config", "--config", str(REPO / "conf" / "dcod.toml")]) == 0
+    printed = capsys.readouterr().out
+    assert 'handler = "echo"' in printed and "reply_timeout = 30.0" in printed
