@@ -80,12 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             print(configuration.dump(config), end="")
         return 0
     if args.command == "call":
+        import functools
+
         import trio
 
         from dcod import client
 
-        return trio.run(lambda: client.call(config, args.proxy, args.text, oneway=args.oneway, hub=args.hub,
-                                            timeout=args.timeout))
+        return trio.run(functools.partial(client.call, config, args.proxy, args.text, oneway=args.oneway,
+                                          hub=args.hub, timeout=args.timeout))
     if args.command == "hub":
         from dcod import hub
 
