@@ -24,6 +24,7 @@ examples:
   dcod call 1 hello              send "hello" to proxy 1 and print the reply
   dcod call 1 --oneway hi        send a one-way request, do not wait
   dcod config --check            validate the configuration and exit
+  dcod bench --duration 10       measure round trips/s and hub CPU per round trip
 """
 
 
@@ -57,6 +58,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hub", metavar="HOST:PORT", help="hub address (default: hub.advertise)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds to wait for the reply")
 
+    p = sub.add_parser("bench", parents=[common], help="load a hub with sessions and measure rate, latency and CPU",
+                       description="Load a hub with Oracle-style sessions, each keeping DEPTH requests outstanding; "
+                                   "report round trips/s, latency, lost/error/mismatched replies, and the CPU time "
+                                   "of every dcod process per round trip. Without --hub it starts a private "
+                                   "`dcod run` with echo workers. Exit status 1 if any request was lost, refused "
+                                   "or answered wrongly, 2 if the bench could not run.")
+    p.add_argument("--hub", metavar="HOST:PORT", help="load this running hub (default: start a private one)")
+    p.add_argument("--pid", type=int, action="append", metavar="PID",
+                   help="with --hub: a process (and its children) whose CPU to measure; repeatable")
+    p.add_argument("--proxy", type=int, default=1, metavar="ID", help="proxy id to call (default 1)")
+    p.add_argument("--instances", type=int, default=2, metavar="N",
+                   help="echo worker instances of the private hub (default 2)")
+    p.add_argument("--sessions", type=int, default=16, metavar="N", help="Oracle sessions (default 16)")
+    p.add_argument("--depth", type=int, default=4, metavar="D", help="requests outstanding per session (default 4)")
+    p.add_argument("--size", type=int, default=100, metavar="BYTES", help="request body size (default 100)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--duration", type=float, default=10.0, metavar="S",
+                        help="seconds measured after the warmup (default 10)")
+    length.add_argument("--count", type=int, metavar="C", help="measure C round trips instead of a duration")
+    p.add_argument("--warmup", type=float, default=1.0, metavar="S",
+                   help="seconds of load before measuring (default 1)")
+    p.add_argument("--oneway", action="store_true", help="one-way requests: measure the send rate (no replies)")
+    p.add_argument("--processes", type=int, default=1, metavar="P",
+                   help="load processes the sessions are split over (default 1)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+
     p = sub.add_parser("config", parents=[common], help="print the effective configuration",
                        description="Load and validate the configuration and print it with every default made "
                                    "explicit. Exit status 1 if it is invalid.")
@@ -88,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return trio.run(functools.partial(client.call, config, args.proxy, args.text, oneway=args.oneway,
                                           hub=args.hub, timeout=args.timeout))
+    if args.command == "bench":
+        from dcod import bench
+
+        log.setup("bench", level)
+        return bench.main(config, args)
     if args.command == "hub":
         from dcod import hub
 

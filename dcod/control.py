@@ -8,13 +8,18 @@ end of stream and the child stops, so a killed supervisor leaves no orphans behi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+
+import trio
 
 from dcod.connection import Connection, ConnectionClosed
 
 CONTROL_FD_VAR = "DCOD_CONTROL_FD"
 MAX_LINE = 1024 * 1024
+
+log = logging.getLogger("dcod.control")
 
 
 class ChannelError(Exception):
@@ -69,3 +74,25 @@ def child_channel(environ=os.environ) -> Channel | None:
         return None
     os.set_inheritable(int(fd), False)
     return Channel(socket.socket(fileno=int(fd)), "supervisor")
+
+
+async def heartbeat(channel: Channel, stats, interval: float) -> None:
+    """Send ``{"event": "heartbeat", "stats": stats()}`` every ``interval`` seconds, forever."""
+    while True:
+        channel.send({"event": "heartbeat", "stats": stats()})
+        await trio.sleep(interval)
+
+
+async def obey(channel: Channel, stop) -> None:
+    """Call ``stop(reason)`` when the supervisor says "drain" or goes away (end of stream)."""
+    while True:
+        try:
+            message = await channel.receive()
+        except ChannelError as e:
+            log.warning("%s", e)
+            continue
+        if message is None:
+            stop("supervisor went away")
+            return
+        if message.get("command") == "drain":
+            stop("asked to drain")

@@ -35,6 +35,7 @@ RECONNECT_MIN = 0.05  # seconds before the first reconnect to a worker; doubles 
 RECONNECT_MAX = 2.0
 SWEEP_INTERVAL = 0.05  # granularity of reply timeouts
 PUMP_HIGH_WATER = 4 * 1024 * 1024  # bytes queued to one instance before the pump waits
+FOREIGN_HANDSHAKE_PAUSE = 0.05  # seconds between the magic and the first request, for non-dcod workers
 
 
 class Pending:
@@ -412,14 +413,14 @@ class Hub:
     async def _serve_instance(self, instance: Instance, conn: Connection) -> None:
         instance.conn = conn
         instance.connects += 1
-        conn.send(protocol.HUB_HANDSHAKE)
-        instance.state = "up"
-        log.info("connected to worker %s at %s", instance.name, instance.address)
-        instance.proxy.wake_pump.set()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_until_closed, conn)
                 try:
+                    await self._handshake(instance, conn)
+                    instance.state = "up"
+                    log.info("connected to worker %s at %s", instance.name, instance.address)
+                    instance.proxy.wake_pump.set()
                     await self._read_instance(instance, conn)
                 finally:
                     nursery.cancel_scope.cancel()
@@ -428,6 +429,14 @@ class Hub:
             instance.state = "connecting"
             instance.conn = None
             self._fail_inflight(instance)
+
+    async def _handshake(self, instance: Instance, conn: Connection) -> None:
+        """Send the magic alone. Noradle's Node worker drops 12 bytes (not 4) from a first chunk
+        longer than the magic, so for workers not our own, let it read the magic by itself first."""
+        conn.send(protocol.HUB_HANDSHAKE)
+        await conn.flush()
+        if not instance.proxy.config.handler:
+            await trio.sleep(FOREIGN_HANDSHAKE_PAUSE)
 
     async def _read_instance(self, instance: Instance, conn: Connection) -> None:
         framer = protocol.Framer(self.max_pdu, accept_noradle_quit=True)
@@ -452,7 +461,7 @@ class Hub:
     def _on_reply(self, instance: Instance, pdu: bytearray) -> None:
         length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
         if protocol.is_quit_notice(length, audsid, rseq):
-            self._on_quit_notice(instance)
+            self._on_quit_notice(instance, half_close=length != protocol.NORADLE_QUIT_LENGTH)
             return
         counters = instance.proxy.counters
         pending = instance.inflight.pop((audsid, rseq), None)
@@ -474,12 +483,16 @@ class Hub:
             return
         session.conn.send(pdu)
 
-    def _on_quit_notice(self, instance: Instance) -> None:
-        """The worker takes no more requests: stop dispatching, half-close, keep reading replies."""
+    def _on_quit_notice(self, instance: Instance, half_close: bool) -> None:
+        """The worker takes no more requests: stop dispatching and keep reading its replies.
+
+        The half-close tells a dcod worker that nothing more is coming. Noradle's own worker
+        (its notice has length 6) would close at once on it and lose its replies: leave it be.
+        """
         log.info("worker %s is quitting; %d replies outstanding", instance.name, len(instance.inflight))
         instance.state = "quitting"
-        conn = instance.conn
-        self._nursery.start_soon(self._half_close, conn)
+        if half_close:
+            self._nursery.start_soon(self._half_close, instance.conn)
 
     async def _half_close(self, conn: Connection) -> None:
         try:
@@ -597,7 +610,7 @@ async def serve(config: Config, listeners: list[socket.socket]) -> None:
             if channel is not None:
                 nursery.start_soon(channel.writer)
                 nursery.start_soon(_report_to_supervisor, hub, channel, config.supervisor.heartbeat_interval)
-                nursery.start_soon(_obey_supervisor, channel, stop)
+                nursery.start_soon(control.obey, channel, lambda reason: _stop(stop, reason))
             nursery.start_soon(_stop_on_signal, signals, stop)
             await stop.wait()
             await drain(hub, timeout=config.supervisor.drain_timeout)
@@ -605,36 +618,23 @@ async def serve(config: Config, listeners: list[socket.socket]) -> None:
     log.info("hub stopped")
 
 
+def _stop(stop: trio.Event, reason: str) -> None:
+    if not stop.is_set():
+        log.info("%s: draining", reason)
+        stop.set()
+
+
 async def _stop_on_signal(signals, stop: trio.Event) -> None:
     async for signum in signals:
-        log.info("%s: draining", signal.Signals(signum).name)
-        stop.set()
-        return
+        _stop(stop, signal.Signals(signum).name)
 
 
 async def _report_to_supervisor(hub: Hub, channel: control.Channel, interval: float) -> None:
-    """`ready` once connected to the workers, then a heartbeat with the counters every interval."""
+    """`ready` once connected to the workers, then heartbeats with the counters."""
     while not hub.workers_connected():
         await trio.sleep(RECONNECT_MIN)
     channel.send({"event": "ready"})
-    while True:
-        channel.send({"event": "heartbeat", "stats": hub.stats()})
-        await trio.sleep(interval)
-
-
-async def _obey_supervisor(channel: control.Channel, stop: trio.Event) -> None:
-    while True:
-        try:
-            message = await channel.receive()
-        except control.ChannelError as e:
-            log.warning("%s", e)
-            continue
-        if message is None:
-            log.warning("supervisor went away: draining")
-            stop.set()
-            return
-        if message.get("command") == "drain":
-            stop.set()
+    await control.heartbeat(channel, hub.stats, interval)
 
 
 def main(config: Config, listen: str | None = None) -> int:

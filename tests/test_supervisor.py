@@ -51,8 +51,16 @@ class Run:
     def children(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children()
 
-    def child(self, role: str) -> psutil.Process:
-        return next(c for c in self.children() if role in " ".join(c.cmdline()))
+    def children_with(self, role: str) -> list[psutil.Process]:
+        """Living children whose command line contains role (one may exit while we look)."""
+        found = []
+        for c in self.children():
+            try:
+                if role in " ".join(c.cmdline()):
+                    found.append(c)
+            except psutil.Error:
+                pass
+        return found
 
     @property
     def log(self) -> str:
@@ -114,11 +122,11 @@ async def test_socket_from_systemd_is_used(run):
 async def test_killed_worker_is_restarted_on_the_same_socket(run):
     r = run()
     await r.notification("READY=1")
-    worker = r.child("--instance 0")
+    [worker] = r.children_with("--instance 0")
     worker.kill()
     with trio.fail_after(10):
         while True:  # the supervisor restarts it; poll its children (no event to wait on from outside)
-            replacement = [c for c in r.children() if "--instance 0" in " ".join(c.cmdline())]
+            replacement = r.children_with("--instance 0")
             if replacement and replacement[0].pid != worker.pid:
                 break
             await trio.sleep(0.02)

@@ -1,0 +1,362 @@
+"""The worker runtime: one instance of a worker proxy, serving its handler to every hub (DESIGN §6).
+
+Hubs connect to the instance's listening socket, send the 4-byte magic, then request PDUs
+(``len, audsid, rseq, body``); each request runs the handler in its own task and a sync one
+gets a reply (or an error reply if the handler raised). Several hubs may be connected at
+once: during a rolling restart the old and the new hub both are.
+
+Stopping is graceful: stop accepting, send each hub the quit notice, keep reading until the
+hub half-closes (requests that crossed the notice are still served), let every request in
+flight finish and its reply reach the kernel, then call the handler's ``done()``. A second
+stop (SIGTERM) stops reading at once, though requests in flight still finish; past
+``stop_timeout`` whatever is left is cancelled and the exit status says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import importlib
+import inspect
+import itertools
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import trio
+
+from dcod import control, sockets
+from dcod.config import Config
+from dcod.connection import Connection, ConnectionClosed
+from dcod.protocol import (DEFAULT_MAX_PDU, HEADER_SIZE, HUB_HANDSHAKE, HUB_MAGIC, QUIT_NOTICE, ROUTED_HEADER,
+                           ErrorCode, Framer, ProtocolError, error_reply, reply)
+
+log = logging.getLogger(__name__)
+
+BUILTIN_HANDLERS = "dcod.workers"  # handler = "echo" is the module dcod.workers.echo
+MAX_ERROR_DETAIL = 1000  # characters of an exception's text put in an error reply
+# accept() failures, as trio's SocketListener sorts them: one connection's trouble, or
+# out of resources for now (try again shortly); any other means the listener is broken.
+ACCEPT_SKIP_ERRNOS = {errno.ECONNABORTED, errno.EPERM, errno.EPROTO}
+ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+ACCEPT_RETRY_DELAY = 0.1
+
+Result = bytes | bytearray | str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What a handler gets: one request from one Oracle session."""
+
+    audsid: int
+    rseq: int
+    body: bytes
+    sync: bool  # the session waits for a reply; False for a one-way request
+
+
+@dataclass(frozen=True)
+class Handler:
+    """A loaded handler: ``handle`` per request, ``init``/``done`` (sync or async) around serving."""
+
+    handle: Callable[[Request], Awaitable[Result]]
+    init: Callable[[], object] | None = None
+    done: Callable[[], object] | None = None
+
+
+class HandlerError(Exception):
+    """A handler could not be loaded, or its init()/done() failed."""
+
+
+class ReplyTooLarge(Exception):
+    """A handler's reply would not fit in one PDU; the session gets an error reply instead."""
+
+
+def load_handler(spec: str) -> Handler:
+    """``"echo"`` -> the built-in module dcod.workers.echo; ``"package.module:function"`` -> that function.
+
+    A module's ``handle`` (or the named function) must be an async function; its module's
+    ``init()`` and ``done()``, where present, become the hooks. Raises HandlerError.
+    """
+    module_name, colon, function = spec.partition(":")
+    if not colon:
+        module_name, function = f"{BUILTIN_HANDLERS}.{spec}", "handle"
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise HandlerError(f"handler {spec!r}: cannot import {module_name}: {type(e).__name__}: {e}") from e
+    handle = getattr(module, function, None)
+    if not inspect.iscoroutinefunction(handle):
+        raise HandlerError(f"handler {spec!r}: {module_name} has no async function {function!r}")
+    return Handler(handle, getattr(module, "init", None), getattr(module, "done", None))
+
+
+@dataclass
+class _Counts:
+    requests: int = 0  # handlers started (one-way ones included)
+    oneway: int = 0
+    replies: int = 0  # sync requests answered with a reply
+    errors: int = 0  # handler failures: error replies sent, and failed one-way requests
+    in_flight: int = 0
+    protocol_errors: int = 0  # hub connections closed for breaking the protocol
+    abandoned: int = 0  # requests cut short when stop_timeout passed
+
+
+class Worker:
+    """Serves one handler to every hub that connects, ``concurrency`` requests at a time in all."""
+
+    def __init__(self, handler: Handler, *, concurrency: int = 64, max_pdu: int = DEFAULT_MAX_PDU,
+                 stop_timeout: float = 10.0) -> None:
+        self.handler = handler
+        self.max_pdu = max_pdu
+        self.stop_timeout = stop_timeout
+        # A hub's reader takes a slot before starting a request and the request gives it back:
+        # when all are taken, no hub is read from, and the hubs' sockets fill up instead of our memory.
+        self._slots = trio.Semaphore(concurrency)
+        self._hubs: dict[Connection, trio.CancelScope] = {}  # each connected hub -> the scope of its reading
+        self._hub_numbers = itertools.count(1)
+        self._stopping = trio.Event()
+        self._counts = _Counts()
+
+    def stats(self) -> dict[str, int]:
+        return {**dataclasses.asdict(self._counts), "hubs": len(self._hubs)}
+
+    def stop(self, reason: str = "stop requested") -> None:
+        """Stop gracefully. Called again: stop reading from hubs (requests in flight still finish)."""
+        if not self._stopping.is_set():
+            log.info("%s: stopping; quit notice to %d hubs", reason, len(self._hubs))
+            self._stopping.set()
+            for conn in self._hubs:
+                conn.send(QUIT_NOTICE)
+        else:
+            log.info("%s again: no longer waiting for %d hubs to half-close", reason, len(self._hubs))
+            for reading in self._hubs.values():
+                reading.cancel()
+
+    async def serve(self, listener: socket.socket, *, task_status=trio.TASK_STATUS_IGNORED) -> bool:
+        """Run init(), serve hubs on ``listener`` (a listening socket, closed when stopping) until
+        stop() and the drain that follows, then done(). Returns False if stop_timeout cut the drain short.
+        """
+        await _run_hook("init", self.handler.init)
+        log.info("serving on %s", _address_of(listener))
+        with trio.CancelScope() as drain:
+            async with trio.open_nursery() as hubs:
+                accepting = trio.CancelScope()
+                hubs.start_soon(self._accept, listener, hubs, accepting)
+                task_status.started()
+                await self._stopping.wait()
+                accepting.cancel()
+                drain.deadline = trio.current_time() + self.stop_timeout
+        if drain.cancelled_caught:
+            log.warning("stop_timeout (%g s) passed: gave up on %d requests in flight",
+                        self.stop_timeout, self._counts.abandoned)
+        await _run_hook("done", self.handler.done)
+        log.info("stopped: %s", " ".join(f"{k}={v}" for k, v in self.stats().items()))
+        return not drain.cancelled_caught
+
+    async def _accept(self, listener: socket.socket, hubs: trio.Nursery, accepting: trio.CancelScope) -> None:
+        listener.setblocking(False)
+        with listener, accepting:
+            while True:
+                try:
+                    sock, peer = listener.accept()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(listener)
+                    continue
+                except OSError as e:
+                    if e.errno in ACCEPT_RETRY_ERRNOS:
+                        log.warning("accept: %s; retrying", e.strerror)
+                        await trio.sleep(ACCEPT_RETRY_DELAY)
+                    elif e.errno not in ACCEPT_SKIP_ERRNOS:
+                        raise
+                    continue
+                conn = Connection(sock, _hub_name(next(self._hub_numbers), peer))
+                reading = self._hubs[conn] = trio.CancelScope()
+                if self._stopping.is_set():  # accepted while stop() ran: it missed this one
+                    conn.send(QUIT_NOTICE)
+                hubs.start_soon(self._serve_hub, conn, reading)
+
+    async def _serve_hub(self, conn: Connection, reading: trio.CancelScope) -> None:
+        log.info("%s connected", conn.name)
+        try:
+            async with trio.open_nursery() as io:
+                io.start_soon(_write, conn)
+                async with trio.open_nursery() as requests:
+                    with reading:
+                        await self._read(conn, requests)
+                # Every request read from this hub has its reply queued: get them out, then close.
+                try:
+                    await conn.flush()
+                except ConnectionClosed:
+                    pass
+                conn.close()  # which ends the writer task
+        finally:
+            conn.close()
+            del self._hubs[conn]
+            log.info("%s disconnected", conn.name)
+
+    async def _read(self, conn: Connection, requests: trio.Nursery) -> None:
+        """Start a task per request until the hub half-closes; a broken hub is closed and logged."""
+        framer = Framer(self.max_pdu, preamble=len(HUB_HANDSHAKE), magic=HUB_MAGIC)
+        try:
+            while data := await conn.recv():
+                for pdu in framer.feed(data):
+                    await self._slots.acquire()
+                    requests.start_soon(self._answer, conn, pdu)
+        except ProtocolError as e:
+            self._counts.protocol_errors += 1
+            log.warning("%s: %s; closing the connection", conn.name, e)
+            conn.close()
+        except ConnectionClosed as e:
+            if not conn.closed:  # else we closed it, or the writer did and said why
+                log.warning("%s: connection lost: %s", conn.name, e)
+        else:
+            if framer.buffered:
+                log.warning("%s: half-closed in the middle of a PDU (%d bytes dropped)", conn.name, framer.buffered)
+
+    async def _answer(self, conn: Connection, pdu: bytearray) -> None:
+        """Run the handler for one request and queue its reply; holds one slot, released here."""
+        length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
+        req = Request(audsid, rseq, bytes(memoryview(pdu)[HEADER_SIZE:]), sync=length > 0)
+        counts = self._counts
+        counts.requests += 1
+        if not req.sync:
+            counts.oneway += 1
+        counts.in_flight += 1
+        try:
+            body = self._reply_body(await self.handler.handle(req))
+        except Exception as e:
+            counts.errors += 1
+            detail = f"{type(e).__name__}: {e}"[:MAX_ERROR_DETAIL]
+            if req.sync:
+                conn.send(error_reply(audsid, rseq, ErrorCode.HANDLER_FAILED, detail))
+            else:
+                log.warning("one-way request (audsid %d, rseq %d) failed: %s", audsid, rseq, detail)
+        except BaseException:
+            counts.abandoned += 1
+            raise
+        else:
+            if req.sync:
+                conn.send(reply(audsid, rseq, body))
+                counts.replies += 1
+        finally:
+            counts.in_flight -= 1
+            self._slots.release()
+
+    def _reply_body(self, result: Result) -> bytes | bytearray:
+        if result is None:
+            return b""
+        if isinstance(result, str):
+            result = result.encode()
+        if not isinstance(result, (bytes, bytearray)):
+            raise TypeError(f"handler returned {type(result).__name__}, not bytes, str or None")
+        if len(result) > self.max_pdu - HEADER_SIZE:
+            raise ReplyTooLarge(f"reply of {len(result)} bytes does not fit in max_pdu {self.max_pdu}")
+        return result
+
+
+async def _write(conn: Connection) -> None:
+    """The connection's writer task; a write error closes the connection, which ends its reader."""
+    try:
+        await conn.writer()
+    except ConnectionClosed as e:
+        log.warning("%s: connection lost: %s", conn.name, e)
+        conn.close()
+
+
+async def _run_hook(name: str, hook: Callable[[], object] | None) -> None:
+    if hook is None:
+        return
+    try:
+        result = hook()
+        if inspect.isawaitable(result):
+            await result
+    except Exception as e:
+        raise HandlerError(f"{name}() failed: {type(e).__name__}: {e}") from e
+
+
+def _hub_name(number: int, peer: object) -> str:
+    """Like "hub 3 (10.0.0.5:40122)"; a Unix socket peer is unnamed, so just "hub 3"."""
+    return f"hub {number} ({peer[0]}:{peer[1]})" if isinstance(peer, tuple) else f"hub {number}"
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main(config: Config, proxy_id: int, instance: int = 0, listen: str | None = None) -> int:
+    """Run one worker instance until SIGTERM/SIGINT; the exit status (logging is the caller's to set up).
+
+    The listening socket is the first one passed by systemd or the supervisor, else ``listen``
+    (host:port or a Unix socket path), else the instance's socket under the runtime dir.
+    """
+    proxy = config.proxy(proxy_id)
+    if not proxy.handler:
+        log.error("proxy %d has no handler (it is %s)", proxy_id, "external" if proxy.address else "a command")
+        return 1
+    try:
+        handler = load_handler(proxy.handler)
+    except HandlerError as e:
+        log.error("%s", e)
+        return 1
+    try:
+        listener = _listener(config, proxy_id, instance, listen)
+    except OSError as e:
+        log.error("cannot listen: %s", e)
+        return 1
+    worker = Worker(handler, concurrency=proxy.concurrency, max_pdu=config.hub.max_pdu,
+                    stop_timeout=config.supervisor.stop_timeout)
+    log.info("proxy %d: handler %s, %d requests at a time", proxy_id, proxy.handler, proxy.concurrency)
+    return trio.run(_run, worker, listener, config.supervisor.heartbeat_interval)
+
+
+def _listener(config: Config, proxy_id: int, instance: int, listen: str | None) -> socket.socket:
+    inherited = sockets.listen_fds()
+    if inherited:
+        return next(iter(inherited.values()))
+    if listen:
+        return sockets.bind(listen)
+    path = config.worker_socket(proxy_id, instance)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return sockets.bind(str(path))
+
+
+def _address_of(listener: socket.socket) -> str:
+    address = listener.getsockname()
+    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+
+
+async def _run(worker: Worker, listener: socket.socket, heartbeat_interval: float) -> int:
+    channel = control.child_channel()
+    outcome: list[bool] = []
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signals, worker, signals)
+            try:
+                await nursery.start(_serve, worker, listener, outcome, nursery.cancel_scope)
+            except HandlerError as e:  # init() failed
+                log.error("%s", e)
+                nursery.cancel_scope.cancel()
+                return 1
+            if channel is not None:
+                # Serving (init() done): tell the supervisor, then heartbeat until the end.
+                nursery.start_soon(channel.writer)
+                channel.send({"event": "ready"})
+                nursery.start_soon(control.heartbeat, channel, worker.stats, heartbeat_interval)
+                nursery.start_soon(control.obey, channel, worker.stop)
+    return 0 if outcome and outcome[0] else 1
+
+
+async def _serve(worker: Worker, listener: socket.socket, outcome: list[bool], done: trio.CancelScope,
+                 task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """worker.serve(), then end the tasks that only live alongside it."""
+    try:
+        outcome.append(await worker.serve(listener, task_status=task_status))
+    except HandlerError as e:
+        log.error("%s", e)
+    done.cancel()
+
+
+async def _stop_on_signals(worker: Worker, signals) -> None:
+    async for signum in signals:
+        worker.stop(signal.Signals(signum).name)

@@ -1,0 +1,477 @@
+"""The worker runtime, driven from the hub's side of the wire by a byte-level peer written from
+DESIGN §2 (struct and raw sockets, not dcod.protocol), on real Unix sockets.
+
+Where a test needs "the worker has read everything sent so far", it uses
+trio.testing.wait_all_tasks_blocked(): the worker runs in the test's own trio run, and on a
+Unix socket sent bytes are readable at once, so when every task is blocked, the worker has
+consumed them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
+
+from dcod import sockets
+from dcod.worker import Handler, HandlerError, Request, Worker, load_handler
+
+HUB_MAGIC = struct.pack(">i", 197610263)
+ORACLE_MAGIC = struct.pack(">i", 197610262)
+HEADER = struct.Struct(">iIi")  # length (whole PDU, signed), audsid (unsigned), rseq
+QUIT_NOTICE = HEADER.pack(12, 0, 0)
+
+
+def request(audsid: int, rseq: int, body: bytes = b"", *, oneway: bool = False) -> bytes:
+    size = 12 + len(body)
+    return HEADER.pack(-size if oneway else size, audsid, rseq) + body
+
+
+def reply(audsid: int, rseq: int, body: bytes = b"", *, error: bool = False) -> bytes:
+    size = 12 + len(body)
+    return HEADER.pack(-size if error else size, audsid, rseq) + body
+
+
+class HubEnd:
+    """The hub's end of one connection to the worker, at byte level."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._buf = bytearray()
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def half_close(self) -> None:
+        await self.stream.send_eof()
+
+    async def read_pdu(self) -> bytes | None:
+        """The next whole PDU as sent, or None if the worker closed the connection (EOF or reset)."""
+        while True:
+            if len(self._buf) >= 12:
+                size = abs(HEADER.unpack_from(self._buf)[0])
+                if len(self._buf) >= size:
+                    pdu = bytes(self._buf[:size])
+                    del self._buf[:size]
+                    return pdu
+            try:
+                data = await self.stream.receive_some()
+            except trio.BrokenResourceError:
+                data = b""
+            if not data:
+                assert not self._buf, f"connection closed in the middle of a PDU: {bytes(self._buf)!r}"
+                return None
+            self._buf += data
+
+    async def pdus_until_closed(self) -> list[bytes]:
+        pdus = []
+        while (pdu := await self.read_pdu()) is not None:
+            pdus.append(pdu)
+        return pdus
+
+
+@asynccontextmanager
+async def connected_hub(path: str, magic: bytes = HUB_MAGIC):
+    stream = await trio.open_unix_socket(path)
+    async with stream:
+        await stream.send_all(magic)
+        yield HubEnd(stream)
+
+
+@dataclass
+class Served:
+    worker: Worker
+    path: str
+    clean: bool | None = None  # what serve() returned, once it has
+
+    def hub(self, magic: bytes = HUB_MAGIC):
+        return connected_hub(self.path, magic)
+
+
+@asynccontextmanager
+async def serving(tmp_path: Path, handler, **options):
+    """A Worker serving ``handler`` (a Handler or a handle function) on a Unix socket; stopped on exit."""
+    served = Served(Worker(handler if isinstance(handler, Handler) else Handler(handler),
+                           **{"stop_timeout": 5.0, **options}), str(tmp_path / "worker.sock"))
+
+    async def serve(task_status=trio.TASK_STATUS_IGNORED):
+        served.clean = await served.worker.serve(sockets.bind(served.path), task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve)
+        yield served
+        served.worker.stop()
+
+
+async def echo(req: Request) -> bytes:
+    return req.body
+
+
+class Gate:
+    """A handler that holds every request until opened, and records how many it held at once."""
+
+    def __init__(self) -> None:
+        self.opened = trio.Event()
+        self.running = 0
+        self.peak = 0
+
+    async def handle(self, req: Request) -> bytes:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await self.opened.wait()
+        finally:
+            self.running -= 1
+        return req.body
+
+
+# ---------------------------------------------------------------- requests and replies
+
+
+async def test_sync_request_gets_its_body_back_byte_exact(tmp_path):
+    body = bytes(range(256)) * 3
+    async with serving(tmp_path, echo) as served, served.hub() as hub:
+        await hub.send(request(3_000_000_000, 2**31 - 1, body))  # an audsid beyond int32 travels unsigned
+        assert await hub.read_pdu() == reply(3_000_000_000, 2**31 - 1, body)
+
+
+async def test_empty_body_gets_an_empty_reply_not_a_quit_notice(tmp_path):
+    async with serving(tmp_path, echo) as served, served.hub() as hub:
+        await hub.send(request(77, 1, b""))
+        assert await hub.read_pdu() == HEADER.pack(12, 77, 1)
+
+
+@pytest.mark.parametrize("result, body", [("h\u00e9llo", "h\u00e9llo".encode()), (None, b""),
+                                          (bytearray(b"ba"), b"ba")])
+async def test_handler_results_become_reply_bodies(tmp_path, result, body):
+    async def handle(req):
+        return result
+
+    async with serving(tmp_path, handle) as served, served.hub() as hub:
+        await hub.send(request(5, 9, b"anything"))
+        assert await hub.read_pdu() == reply(5, 9, body)
+
+
+async def test_oneway_request_runs_but_gets_no_reply(tmp_path):
+    seen = []
+
+    async def handle(req):
+        seen.append((req.audsid, req.rseq, req.body, req.sync))
+        return b"not for a one-way request"
+
+    async with serving(tmp_path, handle) as served:
+        async with served.hub() as hub:
+            await hub.send(request(8, 1, b"fire", oneway=True) + request(8, 2, b"ask"))
+            await hub.half_close()
+            # The worker answers all it read before closing: a reply to the one-way would be here.
+            assert await hub.pdus_until_closed() == [reply(8, 2, b"not for a one-way request")]
+        assert sorted(seen) == [(8, 1, b"fire", False), (8, 2, b"ask", True)]
+        stats = served.worker.stats()
+        assert (stats["requests"], stats["oneway"], stats["replies"]) == (2, 1, 1)
+
+
+async def test_pdus_split_at_every_byte_or_coalesced_are_all_served(tmp_path):
+    requests = [request(4, 1, b"first"), request(4, 2), request(4, 3, b"x" * 300),
+                request(4, 4, b"one-way", oneway=True), request(4, 5, b"last")]
+    expected = sorted([reply(4, 1, b"first"), reply(4, 2), reply(4, 3, b"x" * 300), reply(4, 5, b"last")])
+    stream = HUB_MAGIC + b"".join(requests)
+    async with serving(tmp_path, echo) as served:
+        async with served.hub(magic=b"") as byte_by_byte, served.hub(magic=b"") as coalesced:
+            for i in range(len(stream)):
+                await byte_by_byte.send(stream[i:i + 1])
+                await wait_all_tasks_blocked()  # the worker has read this byte alone
+            await coalesced.send(stream)
+            for hub in (byte_by_byte, coalesced):
+                await hub.half_close()
+                assert sorted(await hub.pdus_until_closed()) == expected
+
+
+async def test_pdu_of_exactly_max_pdu_is_served(tmp_path):
+    body = b"m" * (1024 - 12)
+    async with serving(tmp_path, echo, max_pdu=1024) as served, served.hub() as hub:
+        await hub.send(request(1, 1, body))
+        assert await hub.read_pdu() == reply(1, 1, body)
+
+
+# ---------------------------------------------------------------- failures
+
+
+async def _raise_value_error(req):
+    raise ValueError("boom: " + req.body.decode())
+
+
+async def _return_int(req):
+    return 42
+
+
+async def _return_too_much(req):
+    return b"r" * 1024
+
+
+@pytest.mark.parametrize("handle, text", [
+    (_raise_value_error, b"DCO-0006 ValueError: boom: please"),
+    (_return_int, b"DCO-0006 TypeError: handler returned int, not bytes, str or None"),
+    (_return_too_much, b"DCO-0006 ReplyTooLarge: reply of 1024 bytes does not fit in max_pdu 1024"),
+])
+async def test_failed_sync_request_gets_an_error_reply(tmp_path, handle, text):
+    async with serving(tmp_path, handle, max_pdu=1024) as served, served.hub() as hub:
+        await hub.send(request(6, 3, b"please"))
+        assert await hub.read_pdu() == reply(6, 3, text, error=True)
+        assert served.worker.stats()["errors"] == 1
+
+
+async def test_failed_oneway_request_is_logged_and_counted(tmp_path, caplog):
+    async with serving(tmp_path, _raise_value_error) as served:
+        async with served.hub() as hub:
+            await hub.send(request(7, 2, b"quietly", oneway=True))
+            await hub.half_close()
+            assert await hub.pdus_until_closed() == []
+        assert served.worker.stats()["errors"] == 1
+    assert "one-way request (audsid 7, rseq 2) failed: ValueError: boom: quietly" in caplog.text
+
+
+async def test_bad_magic_closes_only_that_connection(tmp_path):
+    async with serving(tmp_path, echo) as served:
+        async with served.hub() as good, served.hub(magic=ORACLE_MAGIC) as bad:
+            await good.send(request(1, 1, b"before"))
+            assert await good.read_pdu() == reply(1, 1, b"before")
+            assert await bad.pdus_until_closed() == []
+            await good.send(request(1, 2, b"after"))
+            assert await good.read_pdu() == reply(1, 2, b"after")
+        assert served.worker.stats()["protocol_errors"] == 1
+
+
+@pytest.mark.parametrize("length", [0, 11, -11, 1025, -1025])
+async def test_pdu_length_out_of_bounds_closes_only_that_connection(tmp_path, length):
+    async with serving(tmp_path, echo, max_pdu=1024) as served:
+        async with served.hub() as good, served.hub() as bad:
+            await bad.send(HEADER.pack(length, 1, 1) + b"x" * 20)
+            assert await bad.pdus_until_closed() == []
+            await good.send(request(1, 1, b"unaffected"))
+            assert await good.read_pdu() == reply(1, 1, b"unaffected")
+        assert served.worker.stats()["protocol_errors"] == 1
+
+
+# ---------------------------------------------------------------- concurrency and hubs
+
+
+async def test_concurrency_limit_is_shared_by_all_hubs(tmp_path):
+    gate = Gate()
+    async with serving(tmp_path, gate.handle, concurrency=3) as served:
+        async with served.hub() as old, served.hub() as new:
+            await old.send(b"".join(request(1, rseq, b"old") for rseq in range(1, 6)))
+            await new.send(b"".join(request(2, rseq, b"new") for rseq in range(1, 6)))
+            await wait_all_tasks_blocked()
+            assert gate.running == 3
+            assert served.worker.stats()["in_flight"] == 3
+            gate.opened.set()
+            for hub, audsid, body in ((old, 1, b"old"), (new, 2, b"new")):
+                assert sorted([await hub.read_pdu() for _ in range(5)]) == \
+                    sorted(reply(audsid, rseq, body) for rseq in range(1, 6))
+    assert gate.peak == 3
+
+
+async def test_saturated_worker_stops_reading(tmp_path):
+    gate = Gate()
+    count = 5000
+    async with serving(tmp_path, gate.handle, concurrency=1) as served, served.hub() as hub:
+        hub.stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # so that it fills up soon
+        sent_all = trio.Event()
+
+        async def send_requests():
+            await hub.send(b"".join(request(1, rseq) for rseq in range(1, count + 1)))
+            sent_all.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_requests)
+            await wait_all_tasks_blocked()
+            # Everything is blocked and the sender is not done: the worker has stopped reading.
+            assert not sent_all.is_set()
+            assert served.worker.stats()["requests"] == 1
+            gate.opened.set()
+            assert [await hub.read_pdu() for _ in range(count)] == [reply(1, rseq) for rseq in range(1, count + 1)]
+    assert gate.peak == 1
+
+
+async def test_two_hubs_get_their_own_replies(tmp_path):
+    async with serving(tmp_path, echo) as served:
+        async with served.hub() as old, served.hub() as new:
+            # During a rollout both hubs may carry the same session: same audsid, same rseq.
+            await old.send(request(9, 1, b"via old"))
+            await new.send(request(9, 1, b"via new"))
+            assert await new.read_pdu() == reply(9, 1, b"via new")
+            assert await old.read_pdu() == reply(9, 1, b"via old")
+            assert served.worker.stats()["hubs"] == 2
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+async def test_init_before_serving_and_done_after_the_last_request(tmp_path):
+    events = []
+
+    def init():
+        events.append("init")
+
+    async def handle(req):
+        events.append("handle")
+        return req.body
+
+    async def done():
+        await trio.lowlevel.checkpoint()
+        events.append("done")
+
+    async with serving(tmp_path, Handler(handle, init, done)) as served:
+        assert events == ["init"]
+        async with served.hub() as hub:
+            await hub.send(request(1, 1, b"x"))
+            assert await hub.read_pdu() == reply(1, 1, b"x")
+    assert events == ["init", "handle", "done"]
+
+
+async def test_failing_init_stops_the_worker_before_it_serves(tmp_path):
+    def init():
+        raise RuntimeError("no database")
+
+    with sockets.bind(str(tmp_path / "worker.sock")) as listener:
+        with pytest.raises(HandlerError, match=r"^init\(\) failed: RuntimeError: no database$"):
+            await Worker(Handler(echo, init=init)).serve(listener)
+
+
+async def test_second_stop_stops_reading_but_finishes_requests_in_flight(tmp_path):
+    gate = Gate()
+    async with serving(tmp_path, gate.handle) as served:
+        async with served.hub() as hub:
+            await hub.send(request(5, 1, b"in flight"))
+            await wait_all_tasks_blocked()
+            served.worker.stop()
+            assert await hub.read_pdu() == QUIT_NOTICE
+            served.worker.stop()
+            await hub.send(request(5, 2, b"never read"))
+            gate.opened.set()
+            # No half-close from this hub, yet the worker answers and closes.
+            assert await hub.pdus_until_closed() == [reply(5, 1, b"in flight")]
+    assert served.clean is True
+
+
+async def test_stop_timeout_gives_up_on_requests_in_flight(tmp_path):
+    async def handle(req):
+        await trio.sleep_forever()
+
+    async with serving(tmp_path, handle, stop_timeout=0.2) as served:
+        async with served.hub() as hub:
+            await hub.send(request(5, 1, b"never answered"))
+            await wait_all_tasks_blocked()
+            served.worker.stop()
+            assert await hub.read_pdu() == QUIT_NOTICE
+            assert await hub.pdus_until_closed() == []
+    assert served.clean is False
+    assert served.worker.stats()["abandoned"] == 1
+
+
+# The handler of the subprocess worker below, loaded as f"{__name__}:gated_echo" with this
+# module's init() and done() as its hooks. A body of "gate" waits for a byte on stdin.
+
+def init():
+    print("init() called", file=sys.stderr, flush=True)
+
+
+async def done():
+    print("done() called", file=sys.stderr, flush=True)
+
+
+async def gated_echo(req: Request) -> bytes:
+    if req.body == b"gate":
+        print("gate entered", file=sys.stderr, flush=True)
+        async with trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())) as stdin:
+            await stdin.receive_some(1)
+    return req.body
+
+
+class Lines:
+    """Lines read from a process's stderr, for waiting on log messages."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.text = ""
+
+    async def wait_for(self, needle: str) -> None:
+        while needle not in self.text:
+            data = await self.stream.receive_some()
+            assert data, f"stderr ended before {needle!r}:\n{self.text}"
+            self.text += data.decode()
+
+    async def rest(self) -> str:
+        while data := await self.stream.receive_some():
+            self.text += data.decode()
+        return self.text
+
+
+async def test_sigterm_drains_hubs_and_exits_0(tmp_path):
+    runtime_dir = tmp_path / "run"  # not there yet: the worker creates it
+    config_file = tmp_path / "dcod.toml"
+    config_file.write_text(f'[supervisor]\nruntime_dir = "{runtime_dir}"\n\n'
+                           f'[[proxy]]\nid = 1\nhandler = "{__name__}:gated_echo"\n')
+    script = ("import sys; from dcod import config, log, worker; log.setup('worker 1#0'); "
+              "sys.exit(worker.main(config.load(sys.argv[1]), 1))")
+    tests_dir = Path(__file__).parent
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tests_dir), str(tests_dir.parent), env.get("PYTHONPATH", "")])
+    process = await trio.lowlevel.open_process([sys.executable, "-c", script, str(config_file)],
+                                               stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    stderr = Lines(process.stderr)
+    try:
+        with trio.fail_after(10):
+            await stderr.wait_for("worker 1#0: INFO: serving on ")
+            assert "init() called" in stderr.text
+            async with connected_hub(str(runtime_dir / "worker-1-0.sock")) as hub:
+                await hub.send(request(11, 1, b"gate"))
+                await stderr.wait_for("gate entered")
+                process.send_signal(signal.SIGTERM)
+                assert await hub.read_pdu() == QUIT_NOTICE
+                await hub.send(request(11, 2, b"crossed the quit notice"))
+                await hub.half_close()
+                await process.stdin.send_all(b"go")
+                assert sorted(await hub.pdus_until_closed()) == [reply(11, 1, b"gate"),
+                                                                 reply(11, 2, b"crossed the quit notice")]
+            assert await process.wait() == 0
+            assert "done() called" in await stderr.rest()
+    finally:
+        process.kill()
+        await process.wait()
+        await process.stdin.aclose()
+        await process.stderr.aclose()
+
+
+# ---------------------------------------------------------------- loading handlers
+
+
+def test_load_builtin_handler():
+    from dcod.workers import echo
+
+    assert load_handler("echo") == Handler(echo.handle)
+
+
+def test_load_handler_function_with_its_module_hooks():
+    assert load_handler(f"{__name__}:gated_echo") == Handler(gated_echo, init, done)
+
+
+@pytest.mark.parametrize("spec, error", [
+    ("no_such_builtin", r"handler 'no_such_builtin': cannot import dcod\.workers\.no_such_builtin: "
+                        r"ModuleNotFoundError"),
+    (f"{__name__}:missing", rf"handler '{__name__}:missing': {__name__} has no async function 'missing'"),
+    (f"{__name__}:init", rf"handler '{__name__}:init': {__name__} has no async function 'init'"),
+])
+def test_load_handler_refuses_what_it_cannot_run(spec, error):
+    with pytest.raises(HandlerError, match=error):
+        load_handler(spec)
