@@ -552,11 +552,15 @@ def _number(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("s") else "s")
+
+
 def table(r: dict) -> str:
     """The report for a person."""
     what = "sent" if r["mode"] == "one-way" else "round trips"
-    hub = f"private hub {r['hub']} ({r['instances']} echo instances)" if r["own_hub"] else f"hub {r['hub']}"
-    loads = f"{r['processes']} load process" + ("es" if r["processes"] > 1 else "")
+    hub = f"private hub {r['hub']} ({_count(r['instances'], 'echo instance')})" if r["own_hub"] else f"hub {r['hub']}"
+    loads = _count(r["processes"], "load process")
     lines = [
         f"dcod bench: {r['sessions']} sessions x depth {r['depth']}, {r['size']}-byte {r['mode']} requests "
         f"to proxy {r['proxy']}, {hub}, {loads}",

@@ -196,12 +196,13 @@ class Session:
         if protocol.HEADER_SIZE + len(body) > self.max_pdu:
             raise ClientError(f"a request of {protocol.HEADER_SIZE + len(body)} bytes is above max_pdu {self.max_pdu}")
         self._rseq += 1
-        self._queue.append(protocol.request(proxy_id, self._rseq, body, oneway=oneway))
+        rseq = self._rseq  # not self._rseq after the await: another task may have sent meanwhile
+        self._queue.append(protocol.request(proxy_id, rseq, body, oneway=oneway))
         if not oneway:
-            self._queued_sync.append(self._rseq)
+            self._queued_sync.append(rseq)
         if not buffered:
             await self.flush()
-        return None if oneway else self._rseq
+        return None if oneway else rseq
 
     async def flush(self) -> None:
         """Send every queued request at once.

@@ -101,15 +101,25 @@ class Proxy:
         self.waiting: dict[tuple[int, int], Pending] = {}  # queued sync requests
         self.counters = Counters()
         self.wake_pump = trio.Event()
+        self._turn = 0  # where the round-robin among equally busy instances starts
 
     def pick(self, audsid: int) -> Instance | None:
-        """The instance for a request: least outstanding first, or by session for ordered proxies."""
-        available = [i for i in self.instances if i.available]
-        if not available:
-            return None
+        """The instance for a request: least outstanding first, or by session for ordered proxies.
+
+        Ties go round-robin, so that one-way requests (never outstanding) spread too.
+        """
+        instances = self.instances
+        count = len(instances)
         if self.config.ordered:
-            return available[audsid % len(available)]
-        return min(available, key=lambda i: len(i.inflight))
+            available = [i for i in instances if i.available]
+            return available[audsid % len(available)] if available else None
+        self._turn = turn = (self._turn + 1) % count
+        best = None
+        for k in range(count):
+            instance = instances[(turn + k) % count]
+            if instance.available and (best is None or len(instance.inflight) < len(best.inflight)):
+                best = instance
+        return best
 
 
 class Session:

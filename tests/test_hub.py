@@ -306,3 +306,16 @@ async def test_connection_from_outside_allow_list_is_refused(make_config, start_
     session = await OracleSession.connect(address, audsid=29)
     assert await closed_by_peer(session.sock)
     assert hub.totals["refused_connections"] == 1
+
+
+async def test_oneway_requests_spread_over_instances(make_config, start_hub):
+    config = make_config(proxies(instances=2))
+    workers = await workers_for(config)
+    hub, address = await start_hub(config)
+    sides = [await w.accept() for w in workers]
+    await wait_for(lambda: all(i.state == "up" for i in hub.proxies[1].instances))
+    session = await OracleSession.connect(address, audsid=30)
+    for rseq in range(1, 5):
+        await session.send(1, rseq, b"o", oneway=True)
+    got = [[(await read_pdu(side))[2] for _ in range(2)] for side in sides]
+    assert sorted(got[0] + got[1]) == [1, 2, 3, 4]
