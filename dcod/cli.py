@@ -23,6 +23,8 @@ examples:
   dcod run                       start hub and workers in the foreground
   dcod call 1 hello              send "hello" to proxy 1 and print the reply
   dcod call 1 --oneway hi        send a one-way request, do not wait
+  dcod status                    what runs: processes, generations, counters, queues
+  systemctl reload dco-hub       roll out new code and config (runs `dcod reload`)
   dcod config --check            validate the configuration and exit
   dcod bench --duration 10       measure round trips/s and hub CPU per round trip
 """
@@ -41,6 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", parents=[common], help="run the supervisor: hub and workers (the service's main process)",
                    description="Run the hub and the managed worker proxies and keep them running. Takes the "
                                "Oracle-facing socket from systemd (socket activation) or binds hub.listen.")
+
+    p = sub.add_parser("status", parents=[common], help="show processes, generations, in-flight, queues, memory",
+                       description="Ask the running supervisor what runs: every process with pid, generation, "
+                                   "state, uptime, memory, CPU and counters; then the hub's totals per proxy. "
+                                   "Exit status 3 if no supervisor answers.")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    sub.add_parser("reload", parents=[common], help="roll out: re-read the config, restart hub and workers one by one",
+                   description="Re-read and validate the configuration, then replace the hub (new generation "
+                               "first, the old one drains) and each worker instance in turn, without losing a "
+                               "request. Prints one line per step and exits 0 only when the rollout is done; "
+                               "if it fails, the old generation keeps serving. This is ExecReload= of "
+                               "dco-hub.service.")
+    sub.add_parser("stop", parents=[common], help="stop the supervisor: drain the hub, then stop the workers")
 
     p = sub.add_parser("hub", parents=[common], help="run only the ext-hub (for debugging)")
     p.add_argument("--listen", metavar="ADDR", help="host:port or unix socket path (default: hub.listen)")
@@ -120,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
 
         log.setup("bench", level)
         return bench.main(config, args)
+    if args.command in ("status", "reload", "stop"):
+        from dcod import admin
+
+        if args.command == "status":
+            return admin.status(config, as_json=args.json)
+        return getattr(admin, args.command)(config)
     if args.command == "hub":
         from dcod import hub
 

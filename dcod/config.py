@@ -7,8 +7,10 @@ without reading code: ``/etc/dcod/dcod.toml: proxy[2].instances: must be >= 1, n
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -47,6 +49,8 @@ class SupervisorConfig:
     stop_timeout: float = 10.0
     restart_max: int = 5
     restart_window: float = 60.0
+    ready_timeout: float = 30.0
+    control_group: str = "dcod"
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,11 @@ class AlertConfig:
     backends: tuple[str, ...] = ("file",)
     dir: str = ""
     command: tuple[str, ...] = ()
+    command_timeout: float = 10.0
+    oracle_dsn: str = ""
+    oracle_user: str = ""
+    oracle_password_file: str = ""  # a path, or "credential:<name>" for $CREDENTIALS_DIRECTORY/<name>
+    oracle_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,22 @@ def _default_dir(systemd_var: str, system_dir: str, user_dir: str) -> str:
     if os.environ.get(systemd_var):
         return os.environ[systemd_var].split(":")[0]
     return system_dir if os.geteuid() == 0 else user_dir
+
+
+def credential_name(password_file: str) -> str | None:
+    """The name in ``credential:<name>`` (a systemd LoadCredential=), else None for a plain path."""
+    return password_file[len("credential:"):] if password_file.startswith("credential:") else None
+
+
+def oracledb_available() -> bool:
+    """Whether python-oracledb (the extra ``dcod[oracle]``) can be imported, without importing it."""
+    if "oracledb" in sys.modules:
+        return sys.modules["oracledb"] is not None
+    return importlib.util.find_spec("oracledb") is not None
+
+
+ORACLEDB_MISSING = "the oracle backend needs python-oracledb, which is not installed (pip install 'dcod[oracle]')"
+ALERT_NAME_MAX = 30  # bytes: DBMS_ALERT's limit
 
 
 def _user_runtime() -> str:
@@ -287,18 +312,45 @@ class _Validator:
             if getattr(hub, key) < 0:
                 raise self.fail(f"hub.{key}", "must not be negative")
         for key in ("heartbeat_interval", "heartbeat_timeout", "drain_timeout", "stop_timeout", "restart_max",
-                    "restart_window"):
+                    "restart_window", "ready_timeout"):
             if getattr(sup, key) <= 0:
                 raise self.fail(f"supervisor.{key}", "must be > 0")
         if sup.heartbeat_timeout <= sup.heartbeat_interval:
             raise self.fail("supervisor.heartbeat_timeout", "must be longer than heartbeat_interval")
-        for backend in alert.backends:
-            if backend not in ("file", "command", "oracle"):
-                raise self.fail("alert.backends", f"unknown backend {backend!r} (file, command, oracle)")
-        if "command" in alert.backends and not alert.command:
-            raise self.fail("alert.command", "needed by the command backend")
+        self.alert(alert)
         seen: dict[int, int] = {}
         for i, p in enumerate(proxies):
             if p.id in seen:
                 raise self.fail(f"proxy[{i}].id", f"{p.id} is already proxy[{seen[p.id]}]")
             seen[p.id] = i
+
+    def alert(self, alert: AlertConfig) -> None:
+        name = alert.name
+        if not name or "/" in name or "\0" in name or name in (".", "..") or name != name.strip():
+            raise self.fail("alert.name", f"must be a file name (no '/', no surrounding blanks), not {name!r}")
+        if not alert.backends:
+            raise self.fail("alert.backends", "needs at least one of file, command, oracle")
+        for i, backend in enumerate(alert.backends):
+            if backend not in ("file", "command", "oracle"):
+                raise self.fail("alert.backends", f"unknown backend {backend!r} (file, command, oracle)")
+            if backend in alert.backends[:i]:
+                raise self.fail("alert.backends", f"{backend!r} is listed twice")
+        for key in ("command_timeout", "oracle_timeout"):
+            if getattr(alert, key) <= 0:
+                raise self.fail(f"alert.{key}", "must be > 0")
+        if "command" in alert.backends and not alert.command:
+            raise self.fail("alert.command", "needed by the command backend")
+        if "oracle" in alert.backends:
+            for key in ("oracle_dsn", "oracle_user", "oracle_password_file"):
+                if not getattr(alert, key):
+                    raise self.fail(f"alert.{key}", "needed by the oracle backend")
+            if len(name.encode()) > ALERT_NAME_MAX:
+                raise self.fail("alert.name", f"must be at most {ALERT_NAME_MAX} bytes for DBMS_ALERT, not {name!r}")
+            if name.upper().startswith("ORA$"):
+                raise self.fail("alert.name", f"names starting with ORA$ are reserved by Oracle, not {name!r}")
+            credential = credential_name(alert.oracle_password_file)
+            if credential is not None and (not credential or "/" in credential or credential in (".", "..")):
+                raise self.fail("alert.oracle_password_file",
+                                f"credential:<name> needs a credential name (no '/'), not {alert.oracle_password_file!r}")
+            if not oracledb_available():
+                raise self.fail("alert.backends", ORACLEDB_MISSING)

@@ -14,6 +14,7 @@ destination connection's outbox, rewriting 4 bytes in place; no task per request
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 import logging
 import signal
@@ -577,7 +578,8 @@ def _peer_name(family: int, addr) -> str:
 # ---------------------------------------------------------------- the hub process
 
 
-async def drain(hub: Hub, *, timeout: float, grace: float = 1.0) -> None:
+async def drain(hub: Hub, *, timeout: float, grace: float = 1.0,
+                on_closed: Callable[[], None] | None = None) -> None:
     """Stop taking sessions and wait until every sync request is answered and sessions have gone.
 
     Sessions read their replies and reconnect elsewhere once the quit alert is raised; one
@@ -585,6 +587,8 @@ async def drain(hub: Hub, *, timeout: float, grace: float = 1.0) -> None:
     quiet. Past ``timeout`` what is still in flight is answered with error replies.
     """
     hub.close_listeners()
+    if on_closed is not None:
+        on_closed()
     with trio.move_on_after(timeout):
         quiet_since: dict[int, float] = {}
         while hub.inflight or hub.sessions:
@@ -617,13 +621,18 @@ async def serve(config: Config, listeners: list[socket.socket]) -> None:
             log.info("hub serving proxies %s on %s", ", ".join(map(str, hub.proxies)) or "(none)",
                      ", ".join(_listener_name(s) for s in listeners))
             stop = trio.Event()
+            on_closed = None
             if channel is not None:
                 nursery.start_soon(channel.writer)
-                nursery.start_soon(_report_to_supervisor, hub, channel, config.supervisor.heartbeat_interval)
-                nursery.start_soon(control.obey, channel, lambda reason: _stop(stop, reason))
+                nursery.start_soon(control.heartbeat, channel, hub.stats, config.supervisor.heartbeat_interval)
+                nursery.start_soon(_ready_when_connected, hub, channel)
+                nursery.start_soon(_obey_supervisor, hub, channel, nursery, stop)
+                on_closed = functools.partial(channel.send, {"event": "draining"})
             nursery.start_soon(_stop_on_signal, signals, stop)
             await stop.wait()
-            await drain(hub, timeout=config.supervisor.drain_timeout)
+            await drain(hub, timeout=config.supervisor.drain_timeout, on_closed=on_closed)
+            if channel is not None:
+                await channel.conn.flush()
             nursery.cancel_scope.cancel()
     log.info("hub stopped")
 
@@ -639,12 +648,44 @@ async def _stop_on_signal(signals, stop: trio.Event) -> None:
         _stop(stop, signal.Signals(signum).name)
 
 
-async def _report_to_supervisor(hub: Hub, channel: control.Channel, interval: float) -> None:
-    """`ready` once connected to the workers, then heartbeats with the counters."""
+async def _ready_when_connected(hub: Hub, channel: control.Channel) -> None:
+    """Tell the supervisor once every proxy has an instance connected."""
     while not hub.workers_connected():
         await trio.sleep(RECONNECT_MIN)
     channel.send({"event": "ready"})
-    await control.heartbeat(channel, hub.stats, interval)
+
+
+async def _obey_supervisor(hub: Hub, channel: control.Channel, nursery: trio.Nursery, stop: trio.Event) -> None:
+    """Commands: drain; hold/release an instance (answered once it is idle / connected again)."""
+    while True:
+        try:
+            message = await channel.receive()
+        except control.ChannelError as e:
+            log.warning("%s", e)
+            continue
+        if message is None:
+            _stop(stop, "supervisor went away")
+            return
+        command = message.get("command")
+        if command == "drain":
+            _stop(stop, "asked to drain")
+        elif command in ("hold", "release"):
+            nursery.start_soon(_hold, hub, channel, message)
+
+
+async def _hold(hub: Hub, channel: control.Channel, message: dict) -> None:
+    answer = {"event": "done", "id": message.get("id")}
+    try:
+        instance = hub.proxies[message["proxy"]].instances[message["instance"]]
+    except (KeyError, IndexError, TypeError):
+        channel.send({**answer, "error": f"no instance {message.get('proxy')}#{message.get('instance')}"})
+        return
+    held = message["command"] == "hold"
+    hub.hold(instance.proxy.config.id, instance.index, held)
+    # Held: wait until its replies are in. Released: until we are connected to it again.
+    while (instance.inflight if held else instance.state != "up"):
+        await trio.sleep(SWEEP_INTERVAL)
+    channel.send(answer)
 
 
 def main(config: Config, listen: str | None = None) -> int:

@@ -10,22 +10,32 @@ Ctrl-C in a terminal reaches the supervisor only, which then stops children in o
 from __future__ import annotations
 
 import fcntl
+import itertools
+import logging
 import os
 import signal
 import socket
 import time
 
+import psutil
 import trio
 
 from dcod import sockets
-from dcod.control import CONTROL_FD_VAR, Channel
+from dcod.control import CONTROL_FD_VAR, Channel, ChannelError
+
+log = logging.getLogger("dcod.supervisor")
 
 FD_PARKING = 64  # fds are dup'ed above this first, so that dup2 onto 3, 4, ... never clobbers a source
 
 
 class Process:
-    """A running child. Someone must run ``reap()``; ``wait()`` returns the exit status
-    (negative: killed by that signal)."""
+    """A running child and its control channel.
+
+    Someone must run ``reap()``, ``channel.writer()`` and ``listen()`` in tasks; ``wait()``
+    returns the exit status (negative: killed by that signal). The child tells us when it is
+    ``ready``, sends heartbeats with its counters, says when it is ``draining``, and answers
+    commands sent with ``request()``.
+    """
 
     def __init__(self, name: str, pid: int, channel: Channel) -> None:
         self.name = name
@@ -33,8 +43,22 @@ class Process:
         self.channel = channel
         self.started = time.monotonic()
         self.returncode: int | None = None
+        self.ready = trio.Event()
+        self.draining = trio.Event()
+        self.last_heartbeat = self.started
+        self.stats: dict = {}
+        self.generation = 0
+        self.retiring = False  # its exit is planned (rollout, stop): not a failure
+        self.alerted = False  # the quit alert for its going was raised already (hubs)
+        self.psutil: psutil.Process | None = None
+        try:
+            self.psutil = psutil.Process(pid)
+        except psutil.Error:
+            pass
         self._pidfd = os.pidfd_open(pid)
         self._exited = trio.Event()
+        self._requests = itertools.count(1)
+        self._answers: dict[int, tuple[trio.Event, list[dict]]] = {}
 
     @classmethod
     def start(cls, name: str, argv: list[str], passed: dict[str, socket.socket]) -> Process:
@@ -75,15 +99,51 @@ class Process:
         self.returncode = os.waitstatus_to_exitcode(status)
         os.close(self._pidfd)
         self._exited.set()
+        for done, answer in self._answers.values():  # nobody is left to answer them
+            answer.append({"event": "done", "error": f"{self.name} {describe_exit(self.returncode)}"})
+            done.set()
+        self._answers.clear()
+
+    async def listen(self) -> None:
+        """Read the child's messages until its channel ends."""
+        while True:
+            try:
+                message = await self.channel.receive()
+            except ChannelError as e:
+                log.warning("%s: %s", self.name, e)
+                return
+            if message is None:
+                return
+            event = message.get("event")
+            if event == "heartbeat":
+                self.last_heartbeat = time.monotonic()
+                self.stats = message.get("stats", {})
+            elif event == "ready":
+                self.ready.set()
+            elif event == "draining":
+                self.draining.set()
+            elif event == "done" and message.get("id") in self._answers:
+                done, answer = self._answers.pop(message["id"])
+                answer.append(message)
+                done.set()
+
+    async def request(self, command: str, **args) -> dict:
+        """Send a command; wait for the child's answer ({"event": "done", ...})."""
+        number = next(self._requests)
+        done, answer = self._answers[number] = trio.Event(), []
+        self.channel.send({"command": command, "id": number, **args})
+        await done.wait()
+        return answer[0]
 
     async def wait(self) -> int:
         """The exit status, once ``reap()`` has seen the exit."""
         await self._exited.wait()
         return self.returncode
 
-    async def stop(self, timeout: float, signum: int = signal.SIGTERM) -> int:
-        """Ask the child to stop; SIGKILL it if it has not exited after ``timeout`` seconds."""
-        self.send_signal(signum)
+    async def stop(self, timeout: float, signum: int | None = signal.SIGTERM) -> int:
+        """Send ``signum`` (None: it was asked already); SIGKILL it if it has not exited after ``timeout``."""
+        if signum is not None:
+            self.send_signal(signum)
         with trio.move_on_after(timeout):
             return await self.wait()
         self.send_signal(signal.SIGKILL)

@@ -1,27 +1,34 @@
-"""The supervisor: `dcod run`, the service's main process (DESIGN §1).
+"""The supervisor: `dcod run`, the service's main process (DESIGN §1, §4, §5).
 
 It owns every listening socket: the Oracle-facing one (from systemd, else bound here)
-and one per managed worker instance. Children inherit them, so a restarted child
-serves on the same socket and no connection attempt is ever refused. Each child sits
-in a slot that restarts it with backoff when it fails, within a restart budget
-(Tuxedo's MAXGEN within GRACE); past the budget the slot stays down and says why.
+and one per managed worker instance. Children inherit them, so a restarted child serves
+on the same socket and no connection attempt is ever refused. Each child sits in a slot
+that restarts it with backoff when it fails, within a restart budget (Tuxedo's MAXGEN
+within GRACE); past the budget the slot stays down and says why.
+
+A rollout (`dcod reload`) replaces the hub first, overlapping generations on the same
+socket, then each worker instance in turn; the pmon raises the quit alert whenever a hub
+goes away, planned or not, so Oracle sessions reconnect before their next send.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
+import os
 import signal
 import socket
 import sys
 import time
+from typing import Callable
 
-import sdnotify
+import psutil
 import trio
 
-from dcod import sockets
+from dcod import config as configuration
+from dcod import control, sockets
+from dcod.notify import Notifier
+from dcod.alert import Alerter
 from dcod.config import Config
-from dcod.control import ChannelError
 from dcod.process import Process, describe_exit
 
 log = logging.getLogger("dcod.supervisor")
@@ -29,142 +36,472 @@ log = logging.getLogger("dcod.supervisor")
 BACKOFF_MIN = 0.1  # seconds before restarting a failed child; doubles up to:
 BACKOFF_MAX = 5.0
 HUB_SOCKET_NAME = "hub"  # FileDescriptorName= in dco-hub.socket
+UNCLEAN_MARKER = "hub.running"  # in state_dir while a hub runs; left behind by an unclean stop
+
+
+class RolloutError(Exception):
+    """A rollout could not be done; the generation that was serving goes on serving."""
 
 
 class Slot:
     """A place for one child, the hub or one worker instance, that keeps a process running in it."""
 
-    def __init__(self, supervisor: Supervisor, name: str, argv: list[str], passed: dict[str, socket.socket]) -> None:
+    def __init__(self, supervisor: Supervisor, name: str, argv: list[str], passed: dict[str, socket.socket],
+                 proxy_id: int | None = None, instance: int | None = None) -> None:
         self.supervisor = supervisor
         self.name = name
         self.argv = argv
         self.passed = passed
+        self.proxy_id = proxy_id
+        self.instance = instance
         self.process: Process | None = None
         self.generation = 0
         self.state = "starting"
         self.last_exit = ""  # how the previous process ended, for `dcod status`
-        self.starts: collections.deque[float] = collections.deque()
-        self.stats: dict = {}
-        self.ready = trio.Event()
+        self.restarts = 0
+        self.starts: list[float] = []
         self.stopping = False
 
-    async def keep_running(self) -> None:
-        config = self.supervisor.config.supervisor
-        backoff = BACKOFF_MIN
-        while not self.stopping:
-            now = time.monotonic()
-            while self.starts and now - self.starts[0] > config.restart_window:
-                self.starts.popleft()
-            if len(self.starts) >= config.restart_max:
-                self.state = "failed"
-                log.error("%s: %d starts within %gs; leaving it down (last: %s)", self.name, len(self.starts),
-                          config.restart_window, self.last_exit)
-                return
-            self.starts.append(now)
-            returncode = await self._run_once()
-            if self.stopping:
-                return
-            self.state = "backoff"
-            log.warning("%s (pid %d) %s; restarting in %.1fs", self.name, self.process.pid,
-                        describe_exit(returncode), backoff)
-            await trio.sleep(backoff)
-            backoff = BACKOFF_MIN if self.process.uptime > config.restart_window else min(backoff * 2, BACKOFF_MAX)
+    @property
+    def is_hub(self) -> bool:
+        return self.proxy_id is None
 
-    async def _run_once(self) -> int:
+    @property
+    def foreign(self) -> bool:
+        """A worker launched from a `command`, not dcod's own runtime."""
+        return not self.is_hub and self.argv[:3] != [sys.executable, "-m", "dcod"]
+
+    def launch(self) -> Process:
+        """Start a new generation in this slot (the previous one, if any, is the caller's business)."""
         self.generation += 1
-        self.process = process = Process.start(self.name, self.argv, self.passed)
-        self.state = "running"
+        self.starts = [*self.starts[-self.supervisor.config.supervisor.restart_max:], time.monotonic()]
+        process = Process.start(self.name, self.argv, self.passed)
+        process.generation = self.generation
+        if self.foreign:
+            # A command in another language does not speak our channel: it is ready when the
+            # hub connects to it, which the hub's own readiness and `release` wait for.
+            process.ready.set()
+        self.process = process
+        self.state = "starting"
         log.info("%s started: pid %d, generation %d", self.name, process.pid, self.generation)
+        self.supervisor.nursery.start_soon(self._watch, process)
+        return process
+
+    async def _watch(self, process: Process) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(process.reap)
             nursery.start_soon(process.channel.writer)
-            nursery.start_soon(self._listen, process)
+            nursery.start_soon(process.listen)
+            nursery.start_soon(self._mark_ready, process)
             returncode = await process.wait()
             nursery.cancel_scope.cancel()
         process.channel.close()
-        self.last_exit = f"{describe_exit(returncode)} at {time.strftime('%H:%M:%S')}"
-        self.state = "stopped"
-        return returncode
+        how = describe_exit(returncode)
+        if process is not self.process:
+            log.info("%s generation %d (pid %d) %s", self.name, process.generation, process.pid, how)
+            return
+        self.last_exit = f"{how} at {time.strftime('%H:%M:%S')}"
+        if process.retiring or self.stopping:
+            self.state = "stopped"  # whoever retired it reports how it ended
+            return
+        await self._failed(process, how)
 
-    async def _listen(self, process: Process) -> None:
-        """Messages from the child: ready, heartbeat (with its counters)."""
-        while True:
-            try:
-                message = await process.channel.receive()
-            except ChannelError as e:
-                log.warning("%s: %s", self.name, e)
-                return
-            if message is None:
-                return
-            event = message.get("event")
-            if event == "ready":
-                self.state = "ready"
-                self.ready.set()
-            elif event == "heartbeat":
-                self.stats = message.get("stats", {})
+    async def _mark_ready(self, process: Process) -> None:
+        await process.ready.wait()
+        if process is self.process:
+            self.state = "ready"
+
+    async def _failed(self, process: Process, how: str) -> None:
+        """An unplanned exit: alert if it was the hub, restart with backoff within the budget."""
+        sup = self.supervisor
+        limits = sup.config.supervisor
+        self.restarts += 1
+        if self.is_hub:
+            sup.alert_hub_gone(f"hub (pid {process.pid}) {how}", already=process.alerted)
+        recent = [t for t in self.starts if time.monotonic() - t <= limits.restart_window]
+        if len(recent) >= limits.restart_max:
+            self.state = "failed"
+            self.last_exit += f"; {len(recent)} starts within {limits.restart_window:g}s, left down"
+            log.error("%s (pid %d) %s; %d starts within %gs: leaving it down", self.name, process.pid, how,
+                      len(recent), limits.restart_window)
+            return
+        backoff = 0.0 if len(recent) <= 1 else min(BACKOFF_MIN * 2 ** (len(recent) - 2), BACKOFF_MAX)
+        self.state = "backoff"
+        log.warning("%s (pid %d) %s; restarting%s", self.name, process.pid, how,
+                    f" in {backoff:.1f}s" if backoff else "")
+        await trio.sleep(backoff)
+        if not self.stopping and self.process is process:
+            self.launch()
+
+    async def ready(self, timeout: float) -> None:
+        """Wait until the current process is ready; RolloutError if it exits or takes too long."""
+        process = self.process
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                async def exited() -> None:
+                    await process.wait()
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(exited)
+                await process.ready.wait()
+                nursery.cancel_scope.cancel()
+        if not process.ready.is_set():
+            reason = describe_exit(process.returncode) if process.returncode is not None else \
+                f"not ready within {timeout:g}s"
+            raise RolloutError(f"{self.name} generation {process.generation} (pid {process.pid}): {reason}")
 
     async def stop(self, timeout: float) -> None:
         self.stopping = True
         process = self.process
         if process is not None and process.running:
-            returncode = await process.stop(timeout)
-            log.info("%s (pid %d) %s", self.name, process.pid, describe_exit(returncode))
+            process.retiring = True
+            log.info("%s (pid %d) %s", self.name, process.pid, describe_exit(await process.stop(timeout)))
 
 
 class Supervisor:
     def __init__(self, config: Config, hub_listener: socket.socket) -> None:
         self.config = config
         self.hub_listener = hub_listener
-        self.notifier = sdnotify.SystemdNotifier()
-        base = [sys.executable, "-m", "dcod"]
-        config_args = [] if config.source.startswith("<") else ["--config", config.source]
-        self.workers: list[Slot] = []
+        self.notifier = Notifier()
+        self.alerter = Alerter.from_config(config)
+        self.started = time.monotonic()
+        self.workers: dict[tuple[int, int], Slot] = {}
+        self.hub = Slot(self, "hub", self._argv("hub"), {HUB_SOCKET_NAME: hub_listener})
+        self.retiring_hubs: list[Process] = []
+        self.rollout_lock = trio.Lock()
+        self.last_rollout = ""
+        self.nursery: trio.Nursery | None = None
+        self._stop = trio.Event()
+        self._me = psutil.Process()
+
+    # ------------------------------------------------------------ processes
+
+    def _argv(self, *command: str) -> list[str]:
+        source = self.config.source
+        config_args = [] if source == configuration.BUILTIN else ["--config", source]
+        return [sys.executable, "-m", "dcod", command[0], *config_args, *command[1:]]
+
+    def _worker_slots(self, config: Config) -> dict[tuple[int, int], tuple[str, list[str]]]:
+        """(proxy id, instance) -> (name, argv) of every managed worker instance in a config."""
+        slots = {}
         for proxy in config.proxies:
-            if not proxy.managed:
-                continue
-            for i in range(proxy.instances):
-                sock = sockets.bind(str(config.worker_socket(proxy.id, i)))
-                argv = list(proxy.command) or [*base, "worker", *config_args, "--proxy", str(proxy.id),
-                                               "--instance", str(i)]
-                self.workers.append(Slot(self, f"worker {proxy.id}#{i}", argv, {"worker": sock}))
-        self.hub = Slot(self, "hub", [*base, "hub", *config_args], {HUB_SOCKET_NAME: hub_listener})
+            if proxy.managed:
+                for i in range(proxy.instances):
+                    argv = list(proxy.command) or self._argv("worker", "--proxy", str(proxy.id), "--instance", str(i))
+                    slots[proxy.id, i] = (f"worker {proxy.id}#{i}", argv)
+        return slots
+
+    def _add_worker(self, key: tuple[int, int], name: str, argv: list[str]) -> Slot:
+        sock = sockets.bind(str(self.config.worker_socket(*key)))
+        slot = self.workers[key] = Slot(self, name, argv, {"worker": sock}, *key)
+        return slot
 
     @property
     def slots(self) -> list[Slot]:
-        return [*self.workers, self.hub]
+        return [*self.workers.values(), self.hub]
 
     def notify(self, *lines: str) -> None:
-        self.notifier.notify("\n".join(lines))
+        self.notifier.notify(*lines)
+
+    # ------------------------------------------------------------ life cycle
 
     async def run(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
-                for slot in self.slots:
-                    nursery.start_soon(slot.keep_running)
+                self.nursery = nursery
+                nursery.start_soon(self.notifier.run)
+                self._check_unclean_stop()
+                for key, (name, argv) in self._worker_slots(self.config).items():
+                    self._add_worker(key, name, argv).launch()
+                self.hub.launch()
+                self._mark_hub_running()
                 nursery.start_soon(self._announce_ready)
-                async for signum in signals:
-                    log.info("%s: stopping", signal.Signals(signum).name)
-                    break
+                nursery.start_soon(self._pmon)
+                nursery.start_soon(self._watchdog)
+                nursery.start_soon(self._serve_control)
+                nursery.start_soon(self._on_signals, signals)
+                await self._stop.wait()
                 self.notify("STOPPING=1", "STATUS=stopping: draining the hub")
-                await self.stop()
+                await self._stop_children()
+                await self.notifier.flush()
                 nursery.cancel_scope.cancel()
+        await self.alerter.aclose()
+        (self.config.state_dir / UNCLEAN_MARKER).unlink(missing_ok=True)
         log.info("stopped")
 
+    async def _on_signals(self, signals) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                self.nursery.start_soon(self._reload_on_sighup)
+            else:
+                log.info("%s: stopping", signal.Signals(signum).name)
+                self._stop.set()
+
+    async def _reload_on_sighup(self) -> None:
+        try:
+            await self.rollout(lambda line: log.info("reload: %s", line))
+        except RolloutError as e:
+            log.error("reload failed: %s", e)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
     async def _announce_ready(self) -> None:
-        """READY=1 once the hub says it is connected to its workers."""
-        await self.hub.ready.wait()
-        status = f"serving on {self.config.hub.advertise}: hub and {len(self.workers)} worker instances"
+        """READY=1 once the hub is connected to its workers and every worker is serving."""
+        with trio.move_on_after(self.config.supervisor.ready_timeout):
+            while any(slot.state not in ("ready", "failed") for slot in self.slots):
+                await trio.sleep(0.02)  # slots change state on several events; cheap to look
+        status = self.status_line()
         log.info("ready: %s", status)
         self.notify("READY=1", f"STATUS={status}")
 
-    async def stop(self) -> None:
+    def status_line(self) -> str:
+        states = [s.state for s in self.workers.values()]
+        ready = states.count("ready")
+        line = f"serving on {self.config.hub.advertise}: hub generation {self.hub.generation} {self.hub.state}, " \
+               f"{ready}/{len(states)} worker instances ready"
+        failed = [s.name for s in self.slots if s.state == "failed"]
+        return line + (f"; DOWN: {', '.join(failed)}" if failed else "")
+
+    async def _stop_children(self) -> None:
         """The hub first (it drains), then the workers together."""
         sup = self.config.supervisor
+        if self.hub.process is not None and self.hub.process.running:
+            self.hub.process.channel.send({"command": "drain"})
         await self.hub.stop(sup.drain_timeout + sup.stop_timeout)
         self.notify("STATUS=stopping: workers")
         async with trio.open_nursery() as nursery:
-            for slot in self.workers:
+            for slot in self.workers.values():
                 nursery.start_soon(slot.stop, sup.stop_timeout)
+
+    # ------------------------------------------------------------ pmon and the quit alert
+
+    def alert_hub_gone(self, why: str, *, already: bool = False) -> None:
+        """Raise the quit alert (unless this hub's going was already alerted)."""
+        if already:
+            return
+        log.warning("%s: raising the quit alert %s %s", why, self.config.alert.name, self.config.hub.advertise)
+        self.nursery.start_soon(self.alerter.signal, self.config.hub.advertise)
+
+    async def _pmon(self) -> None:
+        """A hub whose heartbeats stop for heartbeat_timeout is hung: alert, kill, replace."""
+        sup = self.config.supervisor
+        while True:
+            await trio.sleep(sup.heartbeat_interval / 2)
+            process = self.hub.process
+            if process is None or not process.running or process.retiring or process.alerted:
+                continue
+            silent = time.monotonic() - process.last_heartbeat
+            if silent > sup.heartbeat_timeout:
+                process.alerted = True
+                self.alert_hub_gone(f"hub (pid {process.pid}) sent no heartbeat for {silent:.1f}s (hung)")
+                process.send_signal(signal.SIGKILL)
+
+    def _check_unclean_stop(self) -> None:
+        marker = self.config.state_dir / UNCLEAN_MARKER
+        if marker.exists():
+            log.warning("the previous run did not stop cleanly (%s exists)", marker)
+            self.alert_hub_gone("unclean stop of the previous run")
+
+    def _mark_hub_running(self) -> None:
+        marker = self.config.state_dir / UNCLEAN_MARKER
+        marker.write_text(f"{os.getpid()} {self.config.hub.advertise}\n")
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 at half the interval systemd asks for, while our event loop runs."""
+        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        pid = os.environ.get("WATCHDOG_PID")
+        if usec <= 0 or (pid and int(pid) != os.getpid()):
+            return
+        while True:
+            self.notify("WATCHDOG=1")
+            await trio.sleep(usec / 2e6)
+
+    # ------------------------------------------------------------ rollout
+
+    async def rollout(self, progress: Callable[[str], None]) -> None:
+        """Re-read the config and replace the hub, then each worker instance (DESIGN §4).
+
+        Raises RolloutError; then the generation that was serving keeps serving.
+        """
+        if self.rollout_lock.locked():
+            raise RolloutError(f"a rollout is already running ({self.last_rollout}); try again when it is done")
+        async with self.rollout_lock:
+            started = time.monotonic()
+            self.last_rollout = f"started at {time.strftime('%H:%M:%S')}"
+
+            def step(line: str) -> None:
+                self.notify(f"STATUS=reload: {line}")
+                progress(line)
+
+            self.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+            try:
+                await self._rollout(step)
+            except RolloutError as e:
+                self.last_rollout = f"failed at {time.strftime('%H:%M:%S')}: {e}"
+                raise
+            finally:
+                self.notify("READY=1", f"STATUS={self.status_line()}")
+            self.last_rollout = f"done at {time.strftime('%H:%M:%S')} in {time.monotonic() - started:.1f}s"
+            step(f"done in {time.monotonic() - started:.1f}s")
+
+    async def _rollout(self, step: Callable[[str], None]) -> None:
+        source = None if self.config.source == configuration.BUILTIN else self.config.source
+        try:
+            new = configuration.load(source)
+        except configuration.ConfigError as e:
+            raise RolloutError(f"invalid configuration, nothing changed: {e}") from None
+        self._warn_unappliable(new)
+        old_slots, new_slots = set(self.workers), self._worker_slots(new)
+        added = [k for k in new_slots if k not in old_slots]
+        removed = [k for k in old_slots if k not in new_slots]
+        kept = [k for k in new_slots if k in old_slots]
+        step(f"configuration {new.source}: {len(new.proxies)} proxies, {len(new_slots)} worker instances "
+             f"({len(added)} added, {len(removed)} removed)")
+        self.config = new
+        timeout = new.supervisor.ready_timeout
+        for key in added:
+            slot = self._add_worker(key, *new_slots[key])
+            slot.launch()
+            await slot.ready(timeout)
+            step(f"{slot.name}: added, ready")
+        await self._replace_hub(step)
+        for key in removed:
+            slot = self.workers.pop(key)
+            await slot.stop(new.supervisor.stop_timeout)
+            step(f"{slot.name}: removed")
+        for key in kept:
+            slot = self.workers[key]
+            slot.name, slot.argv = new_slots[key]
+            await self._replace_worker(slot, step)
+
+    def _warn_unappliable(self, new: Config) -> None:
+        """Some settings belong to the supervisor's own start; say so rather than pretend."""
+        if new.hub.listen != self.config.hub.listen:
+            log.warning("hub.listen changed: the listening socket is kept; restart the service to apply it")
+        if (new.runtime_dir, new.state_dir) != (self.config.runtime_dir, self.config.state_dir):
+            log.warning("runtime_dir or state_dir changed: restart the service to apply it")
+
+    async def _replace_hub(self, step: Callable[[str], None]) -> None:
+        """Generation N+1 on the same socket; when it is ready, N drains and the alert is raised."""
+        sup = self.config.supervisor
+        old = self.hub.process
+        new = self.hub.launch()
+        step(f"hub: generation {self.hub.generation} (pid {new.pid}) starting")
+        try:
+            await self.hub.ready(sup.ready_timeout)
+        except RolloutError:
+            # The new one never served: keep the old generation in its slot.
+            new.retiring = True
+            self.hub.process = old
+            await new.stop(sup.stop_timeout)
+            raise
+        step(f"hub: generation {self.hub.generation} ready; generation {self.hub.generation - 1} draining")
+        if old is None or not old.running:
+            return
+        old.retiring = True
+        old.channel.send({"command": "drain"})
+        with trio.move_on_after(sup.stop_timeout):
+            await old.draining.wait()
+        # Its listener is closed: sessions that reconnect reach the new generation only.
+        old.alerted = True
+        await self.alerter.signal(self.config.hub.advertise)
+        step(f"quit alert {self.config.alert.name} raised for {self.config.hub.advertise}")
+        self.retiring_hubs.append(old)
+        try:
+            returncode = await old.stop(sup.drain_timeout + sup.stop_timeout, signum=None)
+        finally:
+            self.retiring_hubs.remove(old)
+        step(f"hub: generation {self.hub.generation - 1} (pid {old.pid}) drained, {describe_exit(returncode)}")
+
+    async def _replace_worker(self, slot: Slot, step: Callable[[str], None]) -> None:
+        """Hold the instance in the hub, let its replies come in, restart it, release it."""
+        sup = self.config.supervisor
+        hub = self.hub.process
+        if hub is None or not hub.running:
+            raise RolloutError(f"{slot.name}: no hub is running to hold it")
+        answer = await hub.request("hold", proxy=slot.proxy_id, instance=slot.instance)
+        if "error" in answer:
+            raise RolloutError(f"{slot.name}: the hub cannot hold it: {answer['error']}")
+        old = slot.process
+        if old is not None and old.running:
+            old.retiring = True
+            returncode = await old.stop(sup.stop_timeout)
+            how = describe_exit(returncode)
+        else:
+            how = "was not running"
+        slot.launch()
+        await slot.ready(sup.ready_timeout)
+        answer = await hub.request("release", proxy=slot.proxy_id, instance=slot.instance)
+        if "error" in answer:
+            raise RolloutError(f"{slot.name}: the hub cannot release it: {answer['error']}")
+        step(f"{slot.name}: generation {slot.generation - 1} {how}; generation {slot.generation} serving")
+
+    # ------------------------------------------------------------ control socket
+
+    async def _serve_control(self) -> None:
+        path = self.config.control_socket
+        listener = sockets.bind(str(path), mode=0o660)
+        await control.serve(listener, self._on_command, group=self.config.supervisor.control_group)
+
+    async def _on_command(self, message: dict, reply: Callable[[dict], None]) -> None:
+        command = message.get("command")
+        if command == "status":
+            reply({"ok": True, "status": self.snapshot()})
+        elif command == "reload":
+            try:
+                await self.rollout(lambda line: reply({"progress": line}))
+            except RolloutError as e:
+                reply({"ok": False, "error": str(e)})
+            else:
+                reply({"ok": True})
+        elif command == "stop":
+            reply({"ok": True})
+            self.request_stop()
+        else:
+            reply({"ok": False, "error": f"unknown command {command!r} (status, reload, stop)"})
+
+    def snapshot(self) -> dict:
+        """Everything `dcod status` shows."""
+        rows = [_process_row(slot, slot.process) for slot in self.slots]
+        rows += [_process_row(self.hub, p, state="draining") for p in self.retiring_hubs]
+        me = _resources(self._me)
+        return {
+            "supervisor": {"pid": os.getpid(), "uptime": time.monotonic() - self.started, **me,
+                           "config": self.config.source, "advertise": self.config.hub.advertise,
+                           "rollout": self.last_rollout or "none yet", "status": self.status_line(),
+                           "alerts": self.alerter.stats()},
+            "processes": rows,
+            "hub": self.hub.process.stats if self.hub.process is not None else {},
+        }
+
+
+def _process_row(slot: Slot, process: Process | None, state: str | None = None) -> dict:
+    stats = process.stats if process is not None else {}
+    if slot.is_hub:
+        proxies = stats.get("proxies", {}).values()
+        done = sum(p.get("replies", 0) + p.get("oneway", 0) for p in proxies)
+        counts = {"done": done, "inflight": stats.get("inflight", 0),
+                  "queued": sum(p.get("queued_now", 0) for p in proxies),
+                  "spooled": sum(p.get("spooled_bytes", 0) for p in proxies),
+                  "errors": sum(p.get("errors", 0) + p.get("error_replies", 0) for p in proxies)}
+    else:
+        counts = {"done": stats.get("replies", 0) + stats.get("oneway", 0), "inflight": stats.get("in_flight", 0),
+                  "queued": 0, "spooled": 0, "errors": stats.get("errors", 0)}
+    running = process is not None and process.running
+    return {"name": slot.name, "role": "hub" if slot.is_hub else "worker", "proxy": slot.proxy_id,
+            "instance": slot.instance, "pid": process.pid if running else None,
+            "generation": process.generation if process is not None else 0,
+            "state": state or slot.state, "uptime": process.uptime if running else 0.0,
+            **(_resources(process.psutil) if running else {"rss": 0, "cpu_percent": 0.0}),
+            **counts, "restarts": slot.restarts, "last_exit": slot.last_exit}
+
+
+def _resources(proc) -> dict:
+    try:
+        with proc.oneshot():
+            return {"rss": proc.memory_info().rss, "cpu_percent": proc.cpu_percent(None)}
+    except Exception:  # psutil.Error, or no psutil handle: figures unknown
+        return {"rss": 0, "cpu_percent": 0.0}
 
 
 def hub_listener(config: Config) -> socket.socket:
@@ -187,3 +524,4 @@ def main(config: Config) -> int:
         return 1
     trio.run(Supervisor(config, listener).run)
     return 0
+

@@ -12,6 +12,7 @@ import trio
 from dcod import config as configuration
 from dcod import sockets
 from dcod.hub import Hub
+from runs import ECHO, Run
 
 
 def free_port() -> int:
@@ -66,3 +67,18 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.001)
+
+
+@pytest.fixture
+def run(make_config, tmp_path):
+    """run(proxies_toml, listen_socket=None, **hub_keys) -> a started `dcod run` (Run); killed at the end."""
+    runs = []
+
+    def start(proxies=ECHO, listen_socket=None, **kw):
+        runs.append(Run(make_config(proxies, **kw), tmp_path, listen_socket))
+        return runs[-1]
+
+    yield start
+    for r in runs:
+        r.proc.kill()
+        r.proc.wait()

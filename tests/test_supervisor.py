@@ -2,88 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 
 import psutil
-import pytest
 import trio
 
 from peers import OracleSession
-
-ECHO = '[[proxy]]\nid = 1\nhandler = "echo"\ninstances = 2\n'
-
-
-class Run:
-    """A `dcod run` process with a private NOTIFY_SOCKET, so tests wait on its real sd_notify."""
-
-    def __init__(self, config, tmp_path, listen_socket: socket.socket | None = None) -> None:
-        self.config = config
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(tmp_path / "notify.sock"))
-        env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
-        argv = [sys.executable, "-m", "dcod", "run", "--config", config.source]
-        pass_fds = ()
-        if listen_socket is not None:
-            # As systemd would: the socket at fd 3, LISTEN_PID set to the process's own pid.
-            fd = listen_socket.fileno()
-            env.update(LISTEN_FDS="1", LISTEN_FDNAMES="hub")
-            shim = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
-                    "os.execv(sys.argv[2], sys.argv[2:])")
-            argv = [sys.executable, "-c", shim, str(fd), *argv]
-            pass_fds = (fd,)
-        self.stderr_path = tmp_path / "run.log"
-        self.proc = subprocess.Popen(argv, env=env, pass_fds=pass_fds, stdin=subprocess.DEVNULL,
-                                     stderr=open(self.stderr_path, "wb"))
-
-    async def notification(self, field: str, timeout: float = 15.0) -> str:
-        """Wait for an sd_notify datagram containing field (e.g. "READY=1"); returns it."""
-        tsock = trio.socket.from_stdlib_socket(self.notify)
-        with trio.fail_after(timeout):
-            while True:
-                message = (await tsock.recv(4096)).decode()
-                if field in message.split("\n"):
-                    return message
-
-    def children(self) -> list[psutil.Process]:
-        return psutil.Process(self.proc.pid).children()
-
-    def children_with(self, role: str) -> list[psutil.Process]:
-        """Living children whose command line contains role (one may exit while we look)."""
-        found = []
-        for c in self.children():
-            try:
-                if role in " ".join(c.cmdline()):
-                    found.append(c)
-            except psutil.Error:
-                pass
-        return found
-
-    @property
-    def log(self) -> str:
-        return self.stderr_path.read_text()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
-
-
-@pytest.fixture
-def run(make_config, tmp_path):
-    runs = []
-
-    def start(proxies=ECHO, listen_socket=None, **kw):
-        runs.append(Run(make_config(proxies, **kw), tmp_path, listen_socket))
-        return runs[-1]
-
-    yield start
-    for r in runs:
-        r.proc.kill()
-        r.proc.wait()
+from runs import ECHO
 
 
 async def echo_roundtrip(address: str, audsid: int, body: bytes = b"ping") -> bytes:

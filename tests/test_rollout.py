@@ -1,0 +1,289 @@
+"""Issue 3, proven with real processes under load: reload, hub death, hung hub, worker death,
+a worker that ignores SIGTERM; and the control socket's commands around them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import trio
+
+from load import Load
+from runs import ECHO
+
+FAST_PMON = "heartbeat_interval = 0.1\nheartbeat_timeout = 1.0\n"
+
+
+def dcod(config, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dcod", *args, "--config", config.source],
+                          capture_output=True, text=True, timeout=120)
+
+
+async def dcod_async(config, *args: str) -> subprocess.CompletedProcess:
+    return await trio.to_thread.run_sync(dcod, config, *args)
+
+
+def alert_counter(config) -> int:
+    try:
+        return int(config.alert_file.read_text().split()[0])
+    except FileNotFoundError:
+        return 0
+
+
+def status(config) -> dict:
+    result = dcod(config, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def row(snapshot: dict, name: str) -> dict:
+    return next(p for p in snapshot["processes"] if p["name"] == name and p["state"] != "draining")
+
+
+async def started_load(nursery, r, sessions: int = 16) -> Load:
+    load = Load(r.config.hub.advertise, r.config.alert_file, sessions=sessions)
+    await nursery.start(load.run)
+    await load.progress(100)
+    return load
+
+
+async def test_reload_under_load_loses_nothing(run, nursery):
+    r = run(ECHO)
+    await r.notification("READY=1")
+    load = await started_load(nursery, r)
+    alerts = alert_counter(r.config)
+
+    result = await dcod_async(r.config, "reload")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any("hub: generation 2" in line and "ready" in line for line in lines), lines
+    assert any("quit alert" in line for line in lines)
+    assert any("worker 1#0: generation 1" in line and "generation 2 serving" in line for line in lines)
+    assert any("worker 1#1: generation 1" in line and "generation 2 serving" in line for line in lines)
+    assert lines[-1].startswith("reload: done in")
+
+    await load.progress(200)  # the sessions carry on with the new generation
+    load.stop()
+    assert (load.lost, load.unavailable, load.mismatched, dict(load.errors)) == (0, 0, 0, {}), load.error_texts
+    assert alert_counter(r.config) > alerts
+    snapshot = status(r.config)
+    assert [row(snapshot, n)["generation"] for n in ("hub", "worker 1#0", "worker 1#1")] == [2, 2, 2]
+    assert "done at" in snapshot["supervisor"]["rollout"]
+
+
+async def test_reload_notifies_systemd(run):
+    r = run(ECHO)
+    await r.notification("READY=1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dcod_async, r.config, "reload")
+        reloading = await r.notification("RELOADING=1")
+        assert any(f.startswith("MONOTONIC_USEC=") for f in reloading.split("\n"))
+        await r.notification("READY=1")
+
+
+async def test_invalid_config_is_refused_and_the_service_keeps_going(run):
+    r = run(ECHO)
+    await r.notification("READY=1")
+    path = r.config.source
+    good = open(path).read()
+    with open(path, "a") as f:
+        f.write("[[proxy]]\nid = 2\nhandler = \"echo\"\ninstances = 0\n")
+    result = await dcod_async(r.config, "reload")  # the command itself refuses it...
+    assert result.returncode == 1
+    assert f"{path}: proxy[1].instances: must be >= 1, not 0" in result.stderr
+    # ...and so does the supervisor, asked directly (as a script or an older dcod might).
+    from dcod import control
+    answers = await trio.to_thread.run_sync(lambda: list(control.request(r.config.control_socket,
+                                                                         {"command": "reload"})))
+    assert answers[-1]["ok"] is False
+    assert f"{path}: proxy[1].instances: must be >= 1, not 0" in answers[-1]["error"]
+    open(path, "w").write(good)
+    snapshot = status(r.config)
+    assert row(snapshot, "hub")["generation"] == 1 and "invalid configuration" in snapshot["supervisor"]["rollout"]
+    from peers import OracleSession
+    session = await OracleSession.connect(r.config.hub.listen, audsid=5)
+    await session.send(1, 1, b"still serving")
+    assert (await session.read())[3] == b"still serving"
+
+
+async def test_reload_applies_added_and_removed_proxies(run):
+    r = run(ECHO + '[[proxy]]\nid = 3\nhandler = "echo"\n')
+    await r.notification("READY=1")
+    path = r.config.source
+    text = open(path).read().replace('[[proxy]]\nid = 3\nhandler = "echo"\n', "")
+    open(path, "w").write(text + '[[proxy]]\nid = 4\nhandler = "echo"\ninstances = 2\n')
+    result = await dcod_async(r.config, "reload")
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = {p["name"] for p in status(r.config)["processes"]}
+    assert names == {"hub", "worker 1#0", "worker 1#1", "worker 4#0", "worker 4#1"}
+    from dcod.client import DcoError, Session
+    async with Session(r.config.hub.advertise, audsid=9) as session:
+        assert await session.call_sync(4, b"new", timeout=5) == b"new"
+        try:
+            await session.call_sync(3, b"gone", timeout=5)
+        except DcoError as e:
+            assert e.code == 1
+        else:
+            raise AssertionError("proxy 3 was removed")
+
+
+async def test_second_reload_at_once_is_refused(run):
+    r = run(ECHO)
+    await r.notification("READY=1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dcod_async, r.config, "reload")
+        await r.notification("RELOADING=1")
+        second = await dcod_async(r.config, "reload")
+    assert second.returncode == 1 and "a rollout is already running" in second.stderr
+
+
+async def test_killed_hub_raises_the_alert_and_is_replaced(run, nursery):
+    r = run(ECHO)
+    await r.notification("READY=1")
+    load = await started_load(nursery, r, sessions=8)
+    alerts = alert_counter(r.config)
+    [hub] = r.children_with(" hub")
+    hub.kill()
+    await load.progress(200)  # a new hub serves; sessions reconnected
+    load.stop()
+    assert alert_counter(r.config) > alerts
+    assert load.mismatched == 0 and load.lost <= 8  # at most each session's one request in flight
+    assert "hub (pid %d) killed by SIGKILL: raising the quit alert" % hub.pid in r.log
+
+
+async def test_hung_hub_is_alerted_killed_and_replaced(run, nursery):
+    r = run(ECHO, supervisor=FAST_PMON)
+    await r.notification("READY=1")
+    load = await started_load(nursery, r, sessions=4)
+    alerts = alert_counter(r.config)
+    [hub] = r.children_with(" hub")
+    hub.suspend()
+    await load.progress(100)
+    load.stop()
+    assert alert_counter(r.config) > alerts
+    assert not hub.is_running() or hub.status() == psutil.STATUS_ZOMBIE
+    assert f"hub (pid {hub.pid}) sent no heartbeat" in r.log
+    assert load.mismatched == 0
+
+
+async def test_killed_worker_gets_error_replies_others_work_and_it_comes_back(run, tmp_path, monkeypatch):
+    slow = tmp_path / "slowecho.py"
+    slow.write_text(textwrap.dedent("""\
+        import trio
+
+        async def handle(req):
+            if req.body.startswith(b"slow"):
+                await trio.sleep(60)
+            return req.body
+        """))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+    r = run('[[proxy]]\nid = 1\nhandler = "slowecho:handle"\ninstances = 2\n')
+    await r.notification("READY=1")
+    from dcod.client import DcoError, DcoTimeout, Session
+    async with Session(r.config.hub.advertise, audsid=77) as session:
+        slow_rseqs = []
+        for _ in range(4):
+            session.write(b"slow")
+            slow_rseqs.append(await session.send_request(1))
+        with trio.fail_after(10):
+            while row(status(r.config), "hub")["inflight"] < 4:  # known from the hub's heartbeats
+                await trio.sleep(0.05)
+        [victim] = r.children_with("--instance 0")
+        victim.kill()
+        codes, still_running = [], 0
+        for rseq in slow_rseqs:  # two on each instance (least outstanding first)
+            try:
+                await session.read_response(rseq, timeout=2)
+            except DcoError as e:
+                codes.append(e.code)
+            except DcoTimeout:
+                still_running += 1
+        assert codes == [3, 3]  # DCO-0003 at once for those in flight at the killed instance
+        assert still_running == 2  # the other instance's requests are unaffected
+        for n in range(6):
+            assert await session.call_sync(1, b"fast %d" % n, timeout=10) == b"fast %d" % n
+    with trio.fail_after(10):
+        while row(status(r.config), "worker 1#0")["state"] != "ready":
+            await trio.sleep(0.05)
+    assert row(status(r.config), "worker 1#0")["restarts"] == 1
+
+
+async def test_worker_ignoring_sigterm_is_killed_and_the_rollout_goes_on(run, tmp_path):
+    stubborn = tmp_path / "stubborn.py"
+    stubborn.write_text(textwrap.dedent("""\
+        # A worker that ignores SIGTERM: echo over the socket passed at fd 3.
+        import signal, socket, struct, threading
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        listener = socket.socket(fileno=3)
+
+        def serve(conn):
+            conn.recv(4)
+            buf = b""
+            while data := conn.recv(65536):
+                buf += data
+                while len(buf) >= 12 and len(buf) >= abs(struct.unpack(">i", buf[:4])[0]):
+                    n = abs(struct.unpack(">i", buf[:4])[0])
+                    pdu, buf = buf[:n], buf[n:]
+                    if struct.unpack(">i", pdu[:4])[0] > 0:
+                        conn.sendall(pdu)
+
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+        """))
+    r = run(ECHO + f'[[proxy]]\nid = 2\ncommand = ["{sys.executable}", "{stubborn}"]\n',
+            supervisor="stop_timeout = 1.0\nready_timeout = 5.0")
+    await r.notification("READY=1")
+    result = await dcod_async(r.config, "reload")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert any("worker 2#0: generation 1 killed by SIGKILL; generation 2 serving" in line
+               for line in result.stdout.splitlines()), result.stdout
+
+
+async def test_unclean_stop_raises_the_alert_at_start(run, make_config):
+    r = run(ECHO)
+    await r.notification("READY=1")
+    r.proc.kill()
+    r.proc.wait()
+    before = alert_counter(r.config)
+    again = run(ECHO)
+    await again.notification("READY=1")
+    assert alert_counter(again.config) > before
+    assert "did not stop cleanly" in again.log
+
+
+async def test_status_table_and_stop_command(run):
+    r = run(ECHO)
+    await r.notification("READY=1")
+    result = dcod(r.config, "status")
+    assert result.returncode == 0, result.stderr
+    table = result.stdout
+    for text in ("PROCESS", "GEN", "INFLIGHT", "hub", "worker 1#0", "worker 1#1", "ready", "PROXY"):
+        assert text in table, table
+    assert dcod(r.config, "stop").returncode == 0
+    assert r.proc.wait(30) == 0
+    gone = dcod(r.config, "status")
+    assert gone.returncode == 3 and "no supervisor is running" in gone.stderr
+
+
+async def test_control_socket_refuses_other_users(run):
+    r = run(ECHO)
+    await r.notification("READY=1")
+    sock = r.config.control_socket
+    assert oct(os.stat(sock).st_mode & 0o777) == "0o660"
+    # Open the file modes wide, so that only the SO_PEERCRED check stands in the way.
+    os.chmod(sock, 0o666)
+    for parent in sock.parents:
+        if parent == parent.parent:
+            break
+        os.chmod(parent, os.stat(parent).st_mode | 0o001)
+    nobody = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
+                             "-m", "dcod", "status", "--config", r.config.source], capture_output=True, text=True)
+    assert nobody.returncode == 1, nobody.stderr
+    assert "permission denied: only root and group dcod may do that" in nobody.stderr
+    assert "refused a control connection" in r.log

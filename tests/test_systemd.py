@@ -1,0 +1,337 @@
+"""End to end under a real systemd 252: the .deb installed in a sandbox (tests/sysd.py), then
+socket activation, status, stop, crash and restart, reload under load, purge.
+
+The .deb is built once per session by packaging/deb/build.sh (from a copy of the tree, into a
+temporary directory). Every test gets a fresh sandbox with the package installed, so each one
+starts from a just-installed system. Select them with ``pytest -m systemd``; they skip, with
+the reason, when not root, when namespaces or the Debian build tools are missing.
+
+Inside, dcod runs on Debian's python3 and python3-* modules (installed on the host by .ci/run:
+the sandbox's /usr is an overlay of the host's), as user dcod, under the hardened unit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import sysd
+from peers import ORACLE_MAGIC, request_pdu
+
+pytestmark = pytest.mark.systemd
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "packaging" / "deb" / "build.sh"
+UNITS = ("dco-hub.socket", "dco-hub.service")
+SERVICE = "dco-hub.service"
+SOCKET = "dco-hub.socket"
+PORT = 1523
+EXPOSURE_MAX = 2.5
+ALERT_FILE = "/run/dcod/alerts/Noradle-DCO-EXTHUB-QUIT"
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def deb(tmp_path_factory) -> Path:
+    """The .deb, built once per session into a temporary directory."""
+    reason = sysd.unavailable()
+    if reason:
+        pytest.skip(reason)
+    missing = [t for t in ("dpkg-buildpackage", "dh", "dh_python3", "git") if shutil.which(t, path=sysd.INIT_PATH) is None]
+    if missing or not Path("/usr/share/perl5/Debian/Debhelper/Buildsystem/pybuild.pm").exists():
+        pytest.skip(f"the Debian build tools are missing ({', '.join(missing) or 'dh-python pybuild'}): "
+                    "apt-get install debhelper dh-python pybuild-plugin-pyproject python3-all (see .ci/run)")
+    work = tmp_path_factory.mktemp("deb")
+    result = subprocess.run([str(BUILD), "--no-lintian", "--out", str(work / "dist"), "--workdir", str(work / "build")],
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode == 3:
+        pytest.skip(f"cannot build the .deb here: {result.stderr.strip()}")
+    assert result.returncode == 0, f"packaging/deb/build.sh failed:\n{result.stdout}\n{result.stderr}"
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def sandbox():
+    """A fresh systemd in private namespaces, torn down whatever happens."""
+    reason = sysd.unavailable()
+    if reason:
+        pytest.skip(reason)
+    sb = sysd.Sandbox(expose=UNITS)
+    try:
+        sb.start()
+        yield sb
+    finally:
+        sb.stop()
+
+
+@pytest.fixture
+def installed(sandbox, deb):
+    """A sandbox with the .deb just installed (`dpkg -i`; its postinst starts the socket)."""
+    # the man-db trigger would take a second per install for nothing
+    sandbox.run("sh", "-c", "echo 'man-db man-db/auto-update boolean false' | debconf-set-selections")
+    sandbox.run("dpkg", "-i", sandbox.put(deb))
+    return sandbox
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def echo_call(sb: sysd.Sandbox, body: bytes, proxy: int = 1, audsid: int = 4242, rseq: int = 1,
+              timeout: float = 20.0) -> tuple[int, int, int, bytes]:
+    """One request as an Oracle session sends it (raw bytes, from the host through the
+    sandbox's netns): the 16-byte handshake, then a PDU; returns the reply PDU."""
+    with sb.connect(PORT, timeout=timeout) as sock:
+        sock.sendall(struct.pack(">iiiI", ORACLE_MAGIC, 17, 4242, audsid) + request_pdu(proxy, rseq, body))
+        header = _recv_exactly(sock, 12)
+        length, field2, got_rseq = struct.unpack(">iIi", header)
+        return length, field2, got_rseq, _recv_exactly(sock, abs(length) - 12)
+
+
+def _recv_exactly(sock, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError(f"peer closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
+def activate(sb: sysd.Sandbox) -> dict[str, str]:
+    """Start the service by connecting (socket activation); wait until it is active (READY=1)."""
+    length, audsid, rseq, body = echo_call(sb, b"wake up")
+    assert (length, audsid, rseq, body) == (12 + 7, 4242, 1, b"wake up")
+    return wait_active(sb)
+
+
+def wait_active(sb: sysd.Sandbox, timeout: float = 30.0) -> dict[str, str]:
+    def active():
+        props = sb.show(SERVICE, "ActiveState", "SubState", "MainPID", "StatusText", "NRestarts", "Result")
+        if props["ActiveState"] == "failed":
+            pytest.fail(f"{SERVICE} failed: {props}\n{sb.journal(SERVICE)}")
+        return props if props["ActiveState"] == "active" and props["MainPID"] != "0" else None
+
+    return sb.wait_until(active, timeout=timeout, what=f"{SERVICE} to be active")
+
+
+def service_pids(sb: sysd.Sandbox) -> list[int]:
+    """Every process in the service's cgroup (pids inside the sandbox)."""
+    out = sb.run("systemd-cgls", "--no-pager", "-u", SERVICE, check=False).stdout
+    return [int(m) for m in re.findall(r"[├└]─(\d+) ", out)]
+
+
+def has_command(sb: sysd.Sandbox, command: str) -> bool:
+    return sb.run("dcod", command, "--help", check=False).returncode == 0
+
+
+def exposure(text: str) -> float:
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", text)
+    assert match, text
+    return float(match[1])
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_install(installed):
+    """dpkg -i: user and group, socket enabled and listening, service not started yet, the
+    config a conffile that validates, the unit as hardened as promised."""
+    sb = installed
+    user = sb.run("getent", "passwd", "dcod").stdout.strip().split(":")
+    assert user[5] == "/var/lib/dcod" and user[6] in ("/usr/sbin/nologin", "/sbin/nologin"), user
+    assert int(user[2]) < 1000, f"not a system user: {user}"
+    assert sb.run("getent", "group", "dcod").returncode == 0
+    assert sb.systemctl("is-enabled", SOCKET).stdout.strip() == "enabled"
+    assert sb.show(SOCKET, "ActiveState", "SubState") == {"ActiveState": "active", "SubState": "listening"}
+    assert sb.show(SERVICE, "ActiveState")["ActiveState"] == "inactive", "postinst must not start the service"
+    assert "/etc/dcod/dcod.toml" in sb.run("dpkg-query", "-W", "-f=${Conffiles}", "dcod").stdout
+    sb.run("dcod", "config", "--check")
+    config = sb.run("dcod", "config").stdout
+    assert '"127.0.0.1:1523"' in config and 'runtime_dir = "/run/dcod"' in config
+    out = sb.run("systemd-analyze", "security", "--no-pager", SERVICE, check=False).stdout
+    assert exposure(out) <= EXPOSURE_MAX, out
+    print(f"systemd-analyze security {SERVICE}: exposure {exposure(out)}")
+
+
+def test_socket_activation(installed):
+    """The first Oracle-side connection starts the service; the echo reply comes back; systemd
+    shows the supervisor's STATUS=; everything runs as dcod, in the service's cgroup."""
+    sb = installed
+    t0 = time.monotonic()
+    length, audsid, rseq, body = echo_call(sb, b"hello from PL/SQL", audsid=77, rseq=5)
+    first_reply = time.monotonic() - t0
+    assert (length, audsid, rseq, body) == (12 + 17, 77, 5, b"hello from PL/SQL")
+    props = wait_active(sb)
+    assert props["NRestarts"] == "0"
+    assert "serving" in props["StatusText"], props
+    status = sb.systemctl("status", SERVICE, check=False).stdout
+    assert f'Status: "{props["StatusText"]}"' in status, status
+    assert "TriggeredBy:" in status and SOCKET in status
+    pids = service_pids(sb)
+    assert len(pids) >= 4, f"supervisor, hub and two echo workers expected: {pids}"  # the default config
+    for pid in pids:
+        uid_line = next(line for line in sb.path(f"/proc/{pid}/status").read_text().splitlines()
+                        if line.startswith("Uid:"))
+        assert sb.run("id", "-u", "dcod").stdout.strip() == uid_line.split()[1], f"pid {pid}: {uid_line}"
+    assert sb.run("dcod", "call", "1", "through the packaged client").stdout == "through the packaged client\n"
+    unknown = sb.run("dcod", "call", "9", "nobody", check=False)
+    assert unknown.returncode != 0 and "DCO-0001" in unknown.stdout + unknown.stderr
+    # the directories systemd made, with the modes the unit asks for
+    assert sb.run("stat", "-c", "%U:%G %a", "/run/dcod").stdout.split() == ["dcod:dcod", "751"]
+    assert sb.run("stat", "-c", "%U:%G %a", "/var/lib/dcod").stdout.split() == ["dcod:dcod", "750"]
+    # the supervisor pings the watchdog (WatchdogSec=)
+    sb.wait_until(lambda: sb.show(SERVICE, "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"] != "0",
+                  timeout=10, what="a WATCHDOG=1")
+    print(f"first reply through socket activation after {first_reply:.2f}s")
+
+
+def test_stop(installed):
+    """systemctl stop: the supervisor drains and stops its children itself (nothing left for
+    systemd to kill), exits 0; the socket keeps listening and the next connection starts it again."""
+    sb = installed
+    activate(sb)
+    sb.systemctl("stop", SERVICE, timeout=90)
+    props = sb.show(SERVICE, "ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
+    assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainCode": "1", "ExecMainStatus": "0"}, props
+    journal = sb.journal(SERVICE)
+    assert "Stopping dco-hub.service" in journal
+    assert "SIGTERM" in journal, journal  # the supervisor says why it stops
+    assert "Deactivated successfully" in journal, journal
+    for bad in ("Killing process", "SIGKILL", "timed out", "Failed with result", "Traceback"):
+        assert bad not in journal, f"{bad!r} in the journal:\n{journal}"
+    assert not service_pids(sb)
+    assert not sb.path("/run/dcod").exists(), "RuntimeDirectory= is removed on stop"
+    assert sb.show(SOCKET, "SubState")["SubState"] == "listening"
+    props = activate(sb)  # socket activation again
+    assert props["NRestarts"] == "0"
+
+
+def test_kill9_restart(installed):
+    """kill -9 of the supervisor: systemd restarts it (Restart=on-failure), /run/dcod survives
+    (RuntimeDirectoryPreserve=restart: the quit alert lives there), it serves again."""
+    sb = installed
+    old = activate(sb)
+    sb.path("/run/dcod/preserved").write_text("x")
+    sb.run("kill", "-9", old["MainPID"])
+
+    def restarted():
+        props = sb.show(SERVICE, "ActiveState", "MainPID", "NRestarts")
+        return props if props["NRestarts"] == "1" and props["ActiveState"] == "active" else None
+
+    props = sb.wait_until(restarted, timeout=30, what="the restart after kill -9")
+    assert props["MainPID"] != old["MainPID"]
+    assert sb.path("/run/dcod/preserved").exists(), "/run/dcod was removed by the restart"
+    assert echo_call(sb, b"again")[3] == b"again"
+    # the new supervisor saw the unclean stop and raised the quit alert
+    alert = sb.wait_until(lambda: sb.path(ALERT_FILE).exists() and sb.path(ALERT_FILE).read_text(),
+                          what="the quit alert after an unclean stop")
+    assert re.fullmatch(r"[1-9]\d* 127\.0\.0\.1:1523\n?", alert), alert
+    journal = sb.journal(SERVICE)
+    assert "status=9/KILL" in journal, journal
+    assert "Scheduled restart job" in journal, journal
+
+
+def test_status_for_group_dcod_only(installed):
+    """`dcod status` works for a member of group dcod and is refused to anyone else."""
+    sb = installed
+    if not has_command(sb, "status"):
+        pytest.skip("`dcod status` does not exist yet")
+    activate(sb)
+    sb.run("useradd", "--no-create-home", "--groups", "dcod", "alice")
+    sb.run("useradd", "--no-create-home", "bob")
+    ok = sb.run("dcod", "status", user="alice", check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert "hub" in ok.stdout
+    as_json = json.loads(sb.run("dcod", "status", "--json", user="alice").stdout)
+    assert as_json
+    refused = sb.run("dcod", "status", user="bob", check=False)
+    assert refused.returncode != 0
+    assert "permission denied" in refused.stderr.lower(), refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_reload_under_load(installed):
+    """systemctl reload (ExecReload=dcod reload) while sessions keep sending: nothing lost,
+    no error reply, the main PID unchanged, the hub and workers replaced."""
+    sb = installed
+    if not has_command(sb, "reload"):
+        pytest.skip("`dcod reload` does not exist yet")
+    props = activate(sb)
+    before = set(service_pids(sb)) - {int(props["MainPID"])}
+    bench = sb.popen("dcod", "bench", "--hub", f"127.0.0.1:{PORT}", "--sessions", "8", "--depth", "2",
+                     "--warmup", "0.5", "--duration", "6", "--json")
+    try:
+        time.sleep(2.0)
+        t0 = time.monotonic()
+        reload = sb.systemctl("reload", SERVICE, check=False, timeout=90)
+        took = time.monotonic() - t0
+        out, err = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert reload.returncode == 0, f"{reload.stderr}\n{sb.journal(SERVICE)}"
+    result = json.loads(out)
+    assert (result["lost"], result["errors"], result["mismatched"]) == (0, 0, 0), f"{result}\n{err}"
+    assert result["requests"] > 0
+    after = sb.show(SERVICE, "MainPID", "ActiveState", "NRestarts", "StatusText")
+    assert after["MainPID"] == props["MainPID"] and after["NRestarts"] == "0", after
+    assert after["ActiveState"] == "active"
+    children = set(service_pids(sb)) - {int(after["MainPID"])}
+    assert children and not children & before, f"hub and workers not replaced: {before} -> {children}"
+    journal = sb.journal(SERVICE)
+    assert "Reloaded dco-hub.service" in journal, journal
+    # the old hub's drain raised the quit alert; any user may read it, only group dcod may list /run/dcod
+    sb.run("useradd", "--no-create-home", "bob")
+    alert = sb.run("cat", ALERT_FILE, user="bob").stdout
+    assert re.fullmatch(r"[1-9]\d* 127\.0\.0\.1:1523\n?", alert), alert
+    assert sb.run("ls", "/run/dcod", user="bob", check=False).returncode != 0
+    print(f"reload took {took:.2f}s under {result['requests_per_s']:.0f} requests/s")
+
+
+def test_upgrade_restarts_service_keeps_socket(installed, deb):
+    """dpkg -i over a running install (the upgrade path): the service is restarted on the new
+    files (try-restart), the socket is left alone (it holds port 1523 and its backlog)."""
+    sb = installed
+    old = activate(sb)
+    socket_since = sb.show(SOCKET, "ActiveEnterTimestampMonotonic")
+    sb.run("dpkg", "-i", sb.put(deb))
+    props = wait_active(sb)
+    assert props["MainPID"] != old["MainPID"], "the service was not restarted"
+    assert sb.show(SOCKET, "ActiveEnterTimestampMonotonic") == socket_since, "the socket was restarted"
+    assert echo_call(sb, b"after the upgrade")[3] == b"after the upgrade"
+
+
+def test_remove_then_purge(installed):
+    """dpkg -r with the service running stops socket and service and keeps config and user;
+    dpkg --purge then leaves no unit, user, group, /var/lib/dcod, /etc/dcod or process behind."""
+    sb = installed
+    activate(sb)
+    sb.run("dpkg", "-r", "dcod")
+    assert not service_pids(sb), "the service still runs after dpkg -r"
+    assert sb.show(SOCKET, "ActiveState")["ActiveState"] == "inactive"
+    with pytest.raises(ConnectionRefusedError):
+        sb.connect(PORT).close()
+    assert sb.path("/etc/dcod/dcod.toml").exists(), "dpkg -r keeps the conffile"
+    assert sb.run("getent", "passwd", "dcod", check=False).returncode == 0
+    sb.run("dpkg", "--purge", "dcod")
+    for path in ("/lib/systemd/system/dco-hub.socket", "/lib/systemd/system/dco-hub.service", "/etc/dcod",
+                 "/var/lib/dcod", "/run/dcod", "/usr/bin/dcod", "/usr/lib/sysusers.d/dcod.conf"):
+        assert not sb.path(path).exists() and not sb.path(path).is_symlink(), f"{path} left behind"
+    left = sb.run("find", "/etc/systemd/system", "/var/lib/systemd/deb-systemd-helper-enabled",
+                  "-name", "*dco-hub*", check=False).stdout
+    assert not left, f"unit links left behind: {left}"
+    assert sb.run("getent", "passwd", "dcod", check=False).returncode == 2
+    assert sb.run("getent", "group", "dcod", check=False).returncode == 2
+    for unit in UNITS:
+        props = sb.show(unit, "LoadState", "ActiveState")
+        assert props == {"LoadState": "not-found", "ActiveState": "inactive"}, (unit, props)
