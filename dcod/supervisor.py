@@ -97,10 +97,11 @@ class Slot:
             nursery.cancel_scope.cancel()
         process.channel.close()
         how = describe_exit(returncode)
+        self.last_exit = f"{how} at {time.strftime('%H:%M:%S')}" + \
+            (" (replaced)" if process.retiring and not self.stopping else "")
         if process is not self.process:
             log.info("%s generation %d (pid %d) %s", self.name, process.generation, process.pid, how)
             return
-        self.last_exit = f"{how} at {time.strftime('%H:%M:%S')}"
         if process.retiring or self.stopping:
             self.state = "stopped"  # whoever retired it reports how it ended
             return
@@ -355,8 +356,8 @@ class Supervisor:
         added = [k for k in new_slots if k not in old_slots]
         removed = [k for k in old_slots if k not in new_slots]
         kept = [k for k in new_slots if k in old_slots]
-        step(f"configuration {new.source}: {len(new.proxies)} proxies, {len(new_slots)} worker instances "
-             f"({len(added)} added, {len(removed)} removed)")
+        step(f"configuration {new.source}: proxies {', '.join(str(p.id) for p in new.proxies) or 'none'}; "
+             f"{len(new_slots)} worker instances ({len(added)} added, {len(removed)} removed)")
         self.config = new
         timeout = new.supervisor.ready_timeout
         for key in added:
@@ -497,9 +498,12 @@ def _process_row(slot: Slot, process: Process | None, state: str | None = None) 
 
 
 def _resources(proc) -> dict:
+    """RSS, and CPU % averaged over the process's life (a snapshot needs no earlier sample)."""
     try:
         with proc.oneshot():
-            return {"rss": proc.memory_info().rss, "cpu_percent": proc.cpu_percent(None)}
+            cpu = proc.cpu_times()
+            alive = max(time.time() - proc.create_time(), 1e-3)
+            return {"rss": proc.memory_info().rss, "cpu_percent": 100 * (cpu.user + cpu.system) / alive}
     except Exception:  # psutil.Error, or no psutil handle: figures unknown
         return {"rss": 0, "cpu_percent": 0.0}
 
