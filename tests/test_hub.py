@@ -24,17 +24,26 @@ def proxies(instances: int = 1, ordered: bool = False) -> str:
     return ONE_PROXY.format(instances=instances, ordered=str(ordered).lower())
 
 
+@pytest.fixture
+def hub_with_workers(make_config, start_hub):
+    """await hub_with_workers(proxies_toml, **hub_keys) -> (hub, address, hub-side sockets of its
+    worker peers): a hub serving the config, once it has connected to every worker peer."""
+    async def start(toml: str | None = None, **hub_keys):
+        config = make_config(toml or proxies(), **hub_keys)
+        workers = await workers_for(config)
+        hub, address = await start_hub(config)
+        return hub, address, [await w.accept() for w in workers]
+    return start
+
+
 async def workers_for(config, proxy_id: int = 1) -> list:
     """Listening worker peers at the sockets the hub will connect to."""
     p = config.proxy(proxy_id)
     return [await WorkerPeer(str(config.worker_socket(proxy_id, i))).listen() for i in range(p.instances)]
 
 
-async def test_request_is_rewritten_and_reply_forwarded_unchanged(make_config, start_hub):
-    config = make_config(proxies())
-    [worker] = await workers_for(config)
-    hub, address = await start_hub(config)
-    hub_side = await worker.accept()
+async def test_request_is_rewritten_and_reply_forwarded_unchanged(hub_with_workers):
+    hub, address, [hub_side] = await hub_with_workers(proxies())
     session = await OracleSession.connect(address, audsid=0xFEDCBA98)  # above 2^31: stays unsigned
 
     await session.send(1, 1, b"hello")
@@ -43,11 +52,8 @@ async def test_request_is_rewritten_and_reply_forwarded_unchanged(make_config, s
     assert await session.read() == (18, 0xFEDCBA98, 1, b"world!")
 
 
-async def test_oneway_keeps_negative_length_and_is_not_tracked(make_config, start_hub):
-    config = make_config(proxies())
-    [worker] = await workers_for(config)
-    hub, address = await start_hub(config)
-    hub_side = await worker.accept()
+async def test_oneway_keeps_negative_length_and_is_not_tracked(hub_with_workers):
+    hub, address, [hub_side] = await hub_with_workers(proxies())
     session = await OracleSession.connect(address, audsid=7)
     await session.send(1, 1, b"fire and forget", oneway=True)
     assert await read_pdu(hub_side) == (-27, 7, 1, b"fire and forget")
@@ -55,11 +61,8 @@ async def test_oneway_keeps_negative_length_and_is_not_tracked(make_config, star
     assert hub.proxies[1].counters.oneway == 1
 
 
-async def test_pdus_split_and_coalesced_at_any_boundary(make_config, start_hub):
-    config = make_config(proxies())
-    [worker] = await workers_for(config)
-    hub, address = await start_hub(config)
-    hub_side = await worker.accept()
+async def test_pdus_split_and_coalesced_at_any_boundary(hub_with_workers):
+    hub, address, [hub_side] = await hub_with_workers(proxies())
     for audsid in range(1, 3 * 15 + 16 + 2):
         # The handshake and three PDUs as one byte string, sent in two writes cut at every offset.
         stream = struct.pack(">iiiI", 197610262, 1, 2, audsid) + b"".join(request_pdu(1, n, b"abc") for n in (1, 2, 3))
@@ -85,11 +88,8 @@ async def test_unknown_proxy_gets_error_reply_and_oneway_is_counted(make_config,
     assert hub.totals["unknown_proxy"] == 2
 
 
-async def test_least_outstanding_instance_first(make_config, start_hub):
-    config = make_config(proxies(instances=2))
-    workers = await workers_for(config)
-    hub, address = await start_hub(config)
-    sides = [await w.accept() for w in workers]
+async def test_least_outstanding_instance_first(hub_with_workers):
+    hub, address, sides = await hub_with_workers(proxies(instances=2))
     session = await OracleSession.connect(address, audsid=3)
     await session.send(1, 1, b"a")
     await session.send(1, 2, b"b")
@@ -97,11 +97,8 @@ async def test_least_outstanding_instance_first(make_config, start_hub):
     assert got == [1, 2]  # one each, since the first is still outstanding on its instance
 
 
-async def test_ordered_proxy_keeps_a_session_on_one_instance(make_config, start_hub):
-    config = make_config(proxies(instances=2, ordered=True))
-    workers = await workers_for(config)
-    hub, address = await start_hub(config)
-    sides = [await w.accept() for w in workers]
+async def test_ordered_proxy_keeps_a_session_on_one_instance(hub_with_workers):
+    hub, address, sides = await hub_with_workers(proxies(instances=2, ordered=True))
     await wait_for(lambda: hub.workers_connected() and all(i.state == "up" for i in hub.proxies[1].instances))
     session = await OracleSession.connect(address, audsid=4)
     for rseq in range(1, 6):
@@ -110,11 +107,8 @@ async def test_ordered_proxy_keeps_a_session_on_one_instance(make_config, start_
     assert [(await read_pdu(mine))[2] for _ in range(5)] == [1, 2, 3, 4, 5]
 
 
-async def test_reply_timeout_gets_error_reply_and_late_reply_is_dropped(make_config, start_hub):
-    config = make_config(proxies(), reply_timeout=0.2)
-    [worker] = await workers_for(config)
-    hub, address = await start_hub(config)
-    hub_side = await worker.accept()
+async def test_reply_timeout_gets_error_reply_and_late_reply_is_dropped(hub_with_workers):
+    hub, address, [hub_side] = await hub_with_workers(proxies(), reply_timeout=0.2)
     session = await OracleSession.connect(address, audsid=11)
     await session.send(1, 1, b"slow")
     await read_pdu(hub_side)
@@ -125,11 +119,8 @@ async def test_reply_timeout_gets_error_reply_and_late_reply_is_dropped(make_con
     assert hub.inflight == 0
 
 
-async def test_worker_death_answers_its_inflight_sync_requests(make_config, start_hub):
-    config = make_config(proxies())
-    [worker] = await workers_for(config)
-    hub, address = await start_hub(config)
-    hub_side = await worker.accept()
+async def test_worker_death_answers_its_inflight_sync_requests(hub_with_workers):
+    hub, address, [hub_side] = await hub_with_workers(proxies())
     session = await OracleSession.connect(address, audsid=12)
     await session.send(1, 1, b"doomed")
     await session.send(1, 2, b"doomed too", oneway=True)
@@ -168,11 +159,8 @@ async def test_full_queue_refuses_with_error_reply(make_config, start_hub):
     assert hub.proxies[1].counters.refused == 1 and len(hub.proxies[1].spool) == 1
 
 
-async def test_empty_reply_is_a_reply_not_a_quit_notice(make_config, start_hub):
-    config = make_config(proxies())
-    [worker] = await workers_for(config)
-    hub, address = await start_hub(config)
-    hub_side = await worker.accept()
+async def test_empty_reply_is_a_reply_not_a_quit_notice(hub_with_workers):
+    hub, address, [hub_side] = await hub_with_workers(proxies())
     session = await OracleSession.connect(address, audsid=15)
     await session.send(1, 1, b"anything")
     await read_pdu(hub_side)
@@ -182,11 +170,8 @@ async def test_empty_reply_is_a_reply_not_a_quit_notice(make_config, start_hub):
 
 
 @pytest.mark.parametrize("notice_length", [12, 6])  # 6: what Noradle's own worker wrote
-async def test_quit_notice_stops_dispatch_and_replies_still_flow(make_config, start_hub, notice_length):
-    config = make_config(proxies(instances=2))
-    workers = await workers_for(config)
-    hub, address = await start_hub(config)
-    sides = [await w.accept() for w in workers]
+async def test_quit_notice_stops_dispatch_and_replies_still_flow(hub_with_workers, notice_length):
+    hub, address, sides = await hub_with_workers(proxies(instances=2))
     await wait_for(lambda: all(i.state == "up" for i in hub.proxies[1].instances))
     session = await OracleSession.connect(address, audsid=16)
     await session.send(1, 1, b"in flight when the worker quits")
@@ -212,11 +197,8 @@ async def test_quit_notice_stops_dispatch_and_replies_still_flow(make_config, st
                 peek.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
 
 
-async def test_non_oracle_first_packet_closes_only_that_connection(make_config, start_hub):
-    config = make_config(proxies())
-    [worker] = await workers_for(config)
-    hub, address = await start_hub(config)
-    hub_side = await worker.accept()
+async def test_non_oracle_first_packet_closes_only_that_connection(hub_with_workers):
+    hub, address, [hub_side] = await hub_with_workers(proxies())
     good = await OracleSession.connect(address, audsid=21)
     bad = await open_raw(address)
     await send_all(bad, b"GET / HTTP/1.0\r\n\r\n")
@@ -227,11 +209,8 @@ async def test_non_oracle_first_packet_closes_only_that_connection(make_config, 
 
 
 @pytest.mark.parametrize("length", [11, -5, 0, 1 << 20])
-async def test_bad_length_closes_only_that_session(make_config, start_hub, length):
-    config = make_config(proxies(), max_pdu=65536)
-    [worker] = await workers_for(config)
-    hub, address = await start_hub(config)
-    hub_side = await worker.accept()
+async def test_bad_length_closes_only_that_session(hub_with_workers, length):
+    hub, address, [hub_side] = await hub_with_workers(proxies(), max_pdu=65536)
     good = await OracleSession.connect(address, audsid=22)
     bad = await OracleSession.connect(address, audsid=23)
     await send_all(bad.sock, struct.pack(">iii", length, 1, 1))
@@ -241,11 +220,8 @@ async def test_bad_length_closes_only_that_session(make_config, start_hub, lengt
     assert hub.totals["protocol_errors"] == 1
 
 
-async def test_session_vanishing_mid_pdu_is_counted(make_config, start_hub):
-    config = make_config(proxies())
-    [worker] = await workers_for(config)
-    hub, address = await start_hub(config)
-    hub_side = await worker.accept()
+async def test_session_vanishing_mid_pdu_is_counted(hub_with_workers):
+    hub, address, [hub_side] = await hub_with_workers(proxies())
     bad = await OracleSession.connect(address, audsid=24)
     await send_all(bad.sock, request_pdu(1, 1, b"x" * 100)[:50])
     await wait_for(lambda: hub.sessions.get(24) is not None)
@@ -256,11 +232,8 @@ async def test_session_vanishing_mid_pdu_is_counted(make_config, start_hub):
     assert (await read_pdu(hub_side))[1] == 25
 
 
-async def test_reply_for_unknown_session_is_counted_and_harmless(make_config, start_hub):
-    config = make_config(proxies())
-    [worker] = await workers_for(config)
-    hub, address = await start_hub(config)
-    hub_side = await worker.accept()
+async def test_reply_for_unknown_session_is_counted_and_harmless(hub_with_workers):
+    hub, address, [hub_side] = await hub_with_workers(proxies())
     await send_all(hub_side, reply_pdu(999, 1, b"nobody asked"))
     await wait_for(lambda: hub.proxies[1].counters.orphan_replies == 1)
     session = await OracleSession.connect(address, audsid=26)
@@ -308,11 +281,8 @@ async def test_connection_from_outside_allow_list_is_refused(make_config, start_
     assert hub.totals["refused_connections"] == 1
 
 
-async def test_oneway_requests_spread_over_instances(make_config, start_hub):
-    config = make_config(proxies(instances=2))
-    workers = await workers_for(config)
-    hub, address = await start_hub(config)
-    sides = [await w.accept() for w in workers]
+async def test_oneway_requests_spread_over_instances(hub_with_workers):
+    hub, address, sides = await hub_with_workers(proxies(instances=2))
     await wait_for(lambda: all(i.state == "up" for i in hub.proxies[1].instances))
     session = await OracleSession.connect(address, audsid=30)
     for rseq in range(1, 5):

@@ -20,25 +20,12 @@
 // ("quirk" when the magic came with more bytes, which the original would have mangled).
 'use strict';
 const net = require('net');
+const { StreamSplitter } = require('./splitter');
 const readline = require('readline');
 
 const HUB_MAGIC = 197610263;
 const emit = (event) => process.stdout.write(JSON.stringify(event) + '\n');
 
-class StreamSplitter { // PDUs by the absolute Int32BE length at offset 0
-  constructor(onPdu, onGarbage) { this.buf = Buffer.alloc(0); this.onPdu = onPdu; this.onGarbage = onGarbage; }
-  feed(chunk) {
-    this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
-    while (this.buf.length >= 12) {
-      const len = Math.abs(this.buf.readInt32BE(0));
-      if (len < 12) return this.onGarbage(len); // the original would misframe from here on
-      if (this.buf.length < len) break;
-      const pdu = this.buf.subarray(0, len);
-      this.buf = this.buf.subarray(len);
-      this.onPdu(pdu);
-    }
-  }
-}
 
 const hubs = new Set();
 const held = [];
