@@ -5,12 +5,13 @@ so a hub that is killed loses nothing it accepted; the next hub replays the file
 first ``memory_limit`` bytes of records are also kept in memory, so a short outage never
 reads the disk; records beyond that are read back in order as the queue drains.
 
-File layout: a 16-byte header ``b"DCOSPL01"`` + u64 *head* (offset of the first record not
-yet forwarded), then records ``u32 size, u32 crc32, f64 queued_at, PDU``; the crc covers
-``queued_at`` and the PDU. A record is dropped (the head moves past it) only once
-forwarded; the head is written after each forwarded batch, so a crash in between
-forwards those records again: a duplicate, counted by the replaying hub. A torn or
-corrupt tail (a crash mid-append, a full disk) is cut off at the first bad record.
+File layout: a 24-byte header ``b"DCOSPL02"`` + u64 *head* (offset of the first record not
+yet forwarded) + u64 *mark* (end of the batch being forwarded, 0 when none), then records
+``u32 size, u32 crc32, f64 queued_at, PDU``; the crc covers ``queued_at`` and the PDU. A
+record is dropped (the head moves past it) only once forwarded: the mark is written before
+a batch goes out and the head after, so after a crash the records under the mark may have
+been forwarded already. They are forwarded again and counted as ``possible_duplicates``.
+A torn or corrupt tail (a crash mid-append, a full disk) is cut off at the first bad record.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import time
 import zlib
 from pathlib import Path
 
-MAGIC = b"DCOSPL01"
-FILE_HEADER = struct.Struct(">8sQ")
+MAGIC = b"DCOSPL02"
+FILE_HEADER = struct.Struct(">8sQQ")
+POSITIONS = struct.Struct(">QQ")  # head, mark
 RECORD_HEADER = struct.Struct(">IId")
 HEAD_OFFSET = len(MAGIC)
 READ_CHUNK = 1024 * 1024
@@ -51,10 +53,12 @@ class Spool:
         self._end = FILE_HEADER.size
         self._head = FILE_HEADER.size
         self._head_written = FILE_HEADER.size
+        self._marked = False  # a batch is being forwarded and the mark says where it ends
         self.dirty = False  # appended since the last fsync
         self.records = 0
         self.recovered = 0  # records found at open (left by a previous hub)
         self.torn_bytes = 0  # bytes of a torn tail cut off at open
+        self.possible_duplicates = 0  # of those, records a crash may have caught being forwarded
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._recover()
@@ -104,21 +108,26 @@ class Spool:
         return queued_at, pdu
 
     def pop(self) -> None:
-        """Drop the oldest record: it has been forwarded (call commit() after a batch)."""
+        """Drop the oldest record, about to be forwarded (call commit() after the batch)."""
+        if not self._marked:
+            # Records popped in this batch all end at or before the current end.
+            os.pwrite(self._fd, POSITIONS.pack(self._head_written, self._end), HEAD_OFFSET)
+            self._marked = True
         end, _, pdu = self._mem.popleft()
         self._mem_bytes -= len(pdu)
         self._head = end
         self.records -= 1
 
     def commit(self) -> None:
-        """Persist the head after forwarded records; an empty spool is truncated."""
-        if self._head == self._head_written:
+        """Persist the head after a forwarded batch and clear the mark; an empty spool is truncated."""
+        if self._head == self._head_written and not self._marked:
             return
         if self._head == self._end:
             self._head = self._end = self._disk_next = FILE_HEADER.size
             os.ftruncate(self._fd, FILE_HEADER.size)
-        os.pwrite(self._fd, struct.pack(">Q", self._head), HEAD_OFFSET)
+        os.pwrite(self._fd, POSITIONS.pack(self._head, 0), HEAD_OFFSET)
         self._head_written = self._head
+        self._marked = False
 
     def sync(self) -> None:
         """fsync the file (the caller's fsync policy decides when)."""
@@ -174,9 +183,9 @@ class Spool:
             if file_size > 0 and header[:8] != MAGIC[: len(header[:8])]:
                 log.warning("%s: not a dcod spool (bad magic); starting it afresh", self.path)
             os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, FILE_HEADER.pack(MAGIC, FILE_HEADER.size), 0)
+            os.pwrite(self._fd, FILE_HEADER.pack(MAGIC, FILE_HEADER.size, 0), 0)
             return
-        _, head = FILE_HEADER.unpack(header)
+        _, head, mark = FILE_HEADER.unpack(header)
         head = max(FILE_HEADER.size, min(head, file_size))
         offset = head
         while offset < file_size:
@@ -185,6 +194,8 @@ class Spool:
                 break
             offset = record[0]
             self.records += 1
+            if offset <= mark:
+                self.possible_duplicates += 1
         if offset < file_size:
             self.torn_bytes = file_size - offset
             log.warning("%s: cut a torn or corrupt tail of %d bytes at offset %d", self.path, self.torn_bytes, offset)
@@ -193,4 +204,5 @@ class Spool:
         self._end = offset
         self.recovered = self.records
         if self.records:
-            log.info("%s: %d queued requests (%d bytes) left by a previous hub", self.path, self.records, self.size)
+            log.info("%s: %d queued requests (%d bytes) left by a previous hub, %d of which it may have "
+                     "forwarded just before it stopped", self.path, self.records, self.size, self.possible_duplicates)

@@ -138,3 +138,34 @@ async def test_queued_requests_survive_sigkill_of_the_hub(make_config, tmp_path)
     finally:
         hub.kill()
         hub.wait()
+
+
+def test_records_caught_mid_batch_by_a_crash_are_counted_as_possible_duplicates(tmp_path):
+    spool = open_spool(tmp_path / "s")
+    for i in range(5):
+        spool.append(b"rec%d" % i)
+    spool.peek()
+    spool.pop()  # forwarded and committed: gone for good
+    spool.commit()
+    for _ in range(2):  # a batch of two forwarded, then the hub dies before commit()
+        spool.peek()
+        spool.pop()
+    os.close(spool._fd)
+    again = open_spool(tmp_path / "s")
+    # An upper bound: the mark covers what the batch could have reached (the end at its start).
+    assert (again.recovered, again.possible_duplicates) == (4, 4)
+    assert drain(again) == [b"rec1", b"rec2", b"rec3", b"rec4"]
+    again.close()
+    assert open_spool(tmp_path / "s").possible_duplicates == 0
+
+
+def test_a_clean_commit_leaves_no_possible_duplicates(tmp_path):
+    spool = open_spool(tmp_path / "s")
+    for i in range(3):
+        spool.append(b"rec%d" % i)
+    spool.peek()
+    spool.pop()
+    spool.commit()
+    os.close(spool._fd)
+    again = open_spool(tmp_path / "s")
+    assert (again.recovered, again.possible_duplicates) == (2, 0)
