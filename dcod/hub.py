@@ -354,6 +354,7 @@ class Hub:
             if not spool.recovered:
                 continue
             proxy.counters.replayed += spool.recovered
+            proxy.counters.duplicates += spool.possible_duplicates  # at most; the spool cannot tell better
             # Sync records get a Pending so that their replies are routed and timed out as usual.
             for queued_at, pdu in spool.scan():
                 length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
