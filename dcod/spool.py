@@ -17,6 +17,7 @@ A torn or corrupt tail (a crash mid-append, a full disk) is cut off at the first
 from __future__ import annotations
 
 import collections
+import fcntl
 import logging
 import os
 import struct
@@ -36,6 +37,10 @@ log = logging.getLogger("dcod.spool")
 
 class SpoolFull(Exception):
     """The spool is at its size bound; the request is refused."""
+
+
+class SpoolBusy(Exception):
+    """Another living hub owns that spool file."""
 
 
 class Spool:
@@ -61,6 +66,13 @@ class Spool:
         self.possible_duplicates = 0  # of those, records a crash may have caught being forwarded
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            # Held while this process lives (the kernel lets go even on SIGKILL): a spool whose
+            # lock can be taken belongs to a hub that is gone.
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise SpoolBusy(f"{path} is in use by a running hub") from None
         self._recover()
 
     # ------------------------------------------------------------ state
@@ -79,11 +91,15 @@ class Spool:
 
     # ------------------------------------------------------------ operations
 
-    def append(self, pdu: bytes) -> None:
-        """Queue a PDU durably (written before return; fsync per the caller's policy)."""
+    def append(self, pdu: bytes, queued_at: float | None = None) -> None:
+        """Queue a PDU durably (written before return; fsync per the caller's policy).
+
+        ``queued_at`` (wall time) is now, or the original time of a record taken over from
+        another spool."""
         if self.size + RECORD_HEADER.size + len(pdu) > self.size_limit:
             raise SpoolFull(f"spool {self.path} at its bound of {self.size_limit} bytes")
-        queued_at = time.time()
+        if queued_at is None:
+            queued_at = time.time()
         stamp = struct.pack(">d", queued_at)
         record = RECORD_HEADER.pack(len(pdu), zlib.crc32(pdu, zlib.crc32(stamp)), queued_at) + pdu
         written = os.pwrite(self._fd, record, self._end)
@@ -141,6 +157,12 @@ class Spool:
             self.sync()
             os.close(self._fd)
             self._fd = -1
+
+    def remove(self) -> None:
+        """Delete the file (its records were taken over) and close it."""
+        self.path.unlink()
+        os.close(self._fd)
+        self._fd = -1
 
     # ------------------------------------------------------------ reading back
 
@@ -206,3 +228,49 @@ class Spool:
         if self.records:
             log.info("%s: %d queued requests (%d bytes) left by a previous hub, %d of which it may have "
                      "forwarded just before it stopped", self.path, self.records, self.size, self.possible_duplicates)
+
+
+class SpoolDir:
+    """The spool files of a state directory. Hubs overlap during a rollout, so each hub process
+    writes its own file per proxy, ``proxy-<id>.<pid>.spool``, and takes over (adopts) the files
+    of hubs that are gone: their records are appended to its own spool, then the file is removed.
+    """
+
+    def __init__(self, directory: Path, *, memory_limit: int, size_limit: int, max_record: int) -> None:
+        self.directory = directory
+        self.limits = dict(memory_limit=memory_limit, size_limit=size_limit, max_record=max_record)
+
+    def open(self, proxy_id: int) -> Spool:
+        """This process's own spool for a proxy."""
+        return Spool(self.directory / f"proxy-{proxy_id}.{os.getpid()}.spool", **self.limits)
+
+    def adopt(self, spool: Spool, proxy_id: int) -> tuple[list[tuple[float, bytes]], int]:
+        """Move the records of gone hubs' spools for this proxy into ``spool``, oldest file first.
+
+        Returns the records taken (queued_at, pdu) and how many may have been forwarded already.
+        """
+        taken: list[tuple[float, bytes]] = []
+        possible_duplicates = 0
+        paths = sorted(self.directory.glob(f"proxy-{proxy_id}.*.spool"), key=lambda p: p.stat().st_mtime)
+        for path in paths:
+            if path == spool.path:
+                continue
+            try:
+                orphan = Spool(path, memory_limit=0, size_limit=self.limits["size_limit"],
+                               max_record=self.limits["max_record"])
+            except (SpoolBusy, FileNotFoundError):
+                continue  # its hub still runs, or another hub took it first
+            if spool.size + orphan.size > spool.size_limit:
+                log.warning("cannot take over %s yet: %d bytes would pass spool_max", path.name, orphan.size)
+                orphan.close()
+                continue
+            records = list(orphan.scan())
+            for queued_at, pdu in records:
+                spool.append(pdu, queued_at)
+            spool.sync()  # durable here before the orphan goes
+            taken += records
+            possible_duplicates += orphan.possible_duplicates
+            orphan.remove()
+            if records:
+                log.info("took over %d queued requests for proxy %d from %s", len(records), proxy_id, path.name)
+        return taken, possible_duplicates

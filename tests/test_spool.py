@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from conftest import wait_for
-from dcod.spool import FILE_HEADER, RECORD_HEADER, Spool, SpoolFull
+from dcod.spool import FILE_HEADER, RECORD_HEADER, Spool, SpoolBusy, SpoolDir, SpoolFull
 from peers import OracleSession, WorkerPeer, read_pdu, reply_pdu, send_all
 
 
@@ -169,3 +169,35 @@ def test_a_clean_commit_leaves_no_possible_duplicates(tmp_path):
     os.close(spool._fd)
     again = open_spool(tmp_path / "s")
     assert (again.recovered, again.possible_duplicates) == (2, 0)
+
+
+def spool_dir(tmp_path) -> SpoolDir:
+    return SpoolDir(tmp_path, memory_limit=1 << 20, size_limit=1 << 30, max_record=1 << 20)
+
+
+def test_a_living_hubs_spool_is_not_taken_over(tmp_path):
+    mine = open_spool(tmp_path / "proxy-1.111.spool")
+    mine.append(b"still mine")
+    with pytest.raises(SpoolBusy):
+        open_spool(tmp_path / "proxy-1.111.spool")  # the flock is held: its hub lives
+    ours = spool_dir(tmp_path).open(1)
+    assert spool_dir(tmp_path).adopt(ours, 1) == ([], 0)
+    assert (tmp_path / "proxy-1.111.spool").exists()
+
+
+def test_spools_of_gone_hubs_are_taken_over_in_order(tmp_path):
+    gone = open_spool(tmp_path / "proxy-1.222.spool")
+    for i in range(3):
+        gone.append(b"old%d" % i)
+    old_times = [t for t, _ in gone.scan()]
+    os.close(gone._fd)  # the hub is killed: its lock goes with it
+    other_proxy = open_spool(tmp_path / "proxy-2.222.spool")
+    other_proxy.append(b"not for proxy 1")
+    os.close(other_proxy._fd)
+    ours = spool_dir(tmp_path).open(1)
+    ours.append(b"new")
+    taken, duplicates = spool_dir(tmp_path).adopt(ours, 1)
+    assert [pdu for _, pdu in taken] == [b"old0", b"old1", b"old2"] and duplicates == 0
+    assert [t for t, _ in ours.scan()][1:] == old_times  # their original queue times are kept
+    assert drain(ours) == [b"new", b"old0", b"old1", b"old2"]
+    assert not (tmp_path / "proxy-1.222.spool").exists() and (tmp_path / "proxy-2.222.spool").exists()
