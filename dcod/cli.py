@@ -27,6 +27,7 @@ examples:
   systemctl reload dco-hub       roll out new code and config (runs `dcod reload`)
   dcod config --check            validate the configuration and exit
   dcod bench --duration 10       measure round trips/s and hub CPU per round trip
+  dcod bench --reload-at 4       the same, with a `dcod reload` 4 s into the window
 """
 
 
@@ -97,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oneway", action="store_true", help="one-way requests: measure the send rate (no replies)")
     p.add_argument("--processes", type=int, default=1, metavar="P",
                    help="load processes the sessions are split over (default 1)")
+    disrupt = p.add_mutually_exclusive_group()
+    disrupt.add_argument("--reload-at", type=float, metavar="S",
+                         help="run `dcod reload` S seconds into the window; report its duration and the latency "
+                              "of requests sent during it against the others (private hub only)")
+    disrupt.add_argument("--kill-hub-at", type=float, metavar="S",
+                         help="SIGKILL the hub S seconds into the window; report ms to the quit alert and to the "
+                              "first reply from the new hub (private hub only)")
+    p.add_argument("--idle-sessions", type=int, metavar="N",
+                   help="also connect N sessions that only send their handshake; report the hub RSS they cost")
+    p.add_argument("--spool", action="store_true",
+                   help="no worker: the proxy is a port where nothing listens, so every request (one-way) goes "
+                        "to the hub's durable spool; report spooled requests/s and hub CPU per request")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
 
     p = sub.add_parser("config", parents=[common], help="print the effective configuration",

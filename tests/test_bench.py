@@ -9,17 +9,60 @@ import json
 import subprocess
 import sys
 
+from dcod import cli
+
+SMALL = ["--sessions", "2", "--depth", "2", "--warmup", "0.5", "--json"]
+
+
+def bench(*args: str) -> dict:
+    run = subprocess.run([sys.executable, "-m", "dcod", "bench", *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
 
 def test_bench_reports_figures_without_losses():
-    run = subprocess.run([sys.executable, "-m", "dcod", "bench", "--duration", "1", "--sessions", "2", "--depth", "2",
-                          "--json"], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    report = json.loads(run.stdout)
-    assert report["requests"] > 0 and report["requests_per_s"] > 0
+    report = bench("--duration", "1", "--sessions", "2", "--depth", "2", "--json")
+    assert report["requests"] > 0 and report["requests_per_s"] > 0 and report["mb_per_s"] > 0
     assert set(report["latency_ms"]) == {"p50", "p90", "p99", "max"}
     assert report["lost"] == report["errors"] == report["mismatched"] == 0
     assert report["sent"] >= report["requests"]
-    roles = {p["role"] for p in report["process_cpu"]}
-    assert {"supervisor", "hub", "worker 1#0", "worker 1#1", "load 0"} <= roles
+    processes = {p["role"]: p for p in report["process_cpu"]}
+    assert {"supervisor", "hub", "worker 1#0", "worker 1#1", "load 0"} <= set(processes)
+    assert all(processes[role]["rss_idle_mb"] > 0 and processes[role]["rss_mb"] > 0
+               for role in ("supervisor", "hub", "worker 1#0"))
     assert report["hub_cpu_us_per_request"] > 0
     assert report["load_cpu_s"] > 0
+
+
+def test_bench_reload_under_load_loses_nothing():
+    report = bench("--duration", "4", "--reload-at", "0.5", *SMALL)
+    reload = report["reload"]
+    assert reload["exit_status"] == 0 and reload["duration_s"] > 0, reload["output"]
+    assert report["lost"] == report["errors"] == report["mismatched"] == 0
+    assert reload["requests_during"] > 0 and reload["latency_during_ms"]["p99"] > 0
+    assert reload["requests_steady"] > 0 and reload["latency_steady_ms"]["p99"] > 0
+    roles = [(p["role"], p["note"]) for p in report["process_cpu"]]
+    assert ("hub", "exited") in roles and ("hub", "new") in roles
+
+
+def test_bench_hub_kill_raises_the_alert_and_a_new_hub_serves():
+    report = bench("--duration", "3", "--kill-hub-at", "0.5", *SMALL)
+    kill = report["hub_kill"]
+    assert kill["alert_ms"] > 0 and kill["alert_counter"] > kill["alert_counter_before"]
+    assert kill["serving_again_ms"] > 0
+    assert report["lost"] <= kill["lost_limit"] == 4
+    assert report["errors"] == report["mismatched"] == 0
+
+
+def test_bench_spools_and_weighs_idle_sessions():
+    report = bench("--duration", "1", "--spool", "--idle-sessions", "20", *SMALL)
+    assert report["mode"] == "one-way"
+    assert report["spool"]["requests"] > 0 and report["spool"]["hub_cpu_us_per_request"] > 0
+    assert report["idle_sessions"]["count"] == 20 and report["idle_sessions"]["hub_rss_with_mb"] > 0
+
+
+def test_bench_scenarios_need_its_own_hub(capsys):
+    assert cli.main(["bench", "--hub", "127.0.0.1:1", "--spool"]) == 2
+    assert "--spool: only on the bench's own hub" in capsys.readouterr().err
+    assert cli.main(["bench", "--duration", "2", "--reload-at", "3"]) == 2
+    assert "--reload-at must fall in the window" in capsys.readouterr().err
