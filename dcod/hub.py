@@ -28,7 +28,7 @@ from dcod import control, protocol, sockets
 from dcod.config import Config, ProxyConfig
 from dcod.connection import Connection, ConnectionClosed, connect
 from dcod.protocol import ROUTED_HEADER, ErrorCode, ProtocolError
-from dcod.spool import Spool, SpoolFull
+from dcod.spool import Spool, SpoolDir, SpoolFull
 
 log = logging.getLogger("dcod.hub")
 
@@ -36,6 +36,7 @@ RECONNECT_MIN = 0.05  # seconds before the first reconnect to a worker; doubles 
 RECONNECT_MAX = 2.0
 SWEEP_INTERVAL = 0.05  # granularity of reply timeouts
 PUMP_HIGH_WATER = 4 * 1024 * 1024  # bytes queued to one instance before the pump waits
+ADOPT_INTERVAL = 1.0  # seconds between looks for spools left by hubs that are gone
 FOREIGN_HANDSHAKE_PAUSE = 0.05  # seconds between the magic and the first request, for non-dcod workers
 
 
@@ -143,11 +144,10 @@ class Hub:
         self.reply_timeout = config.hub.reply_timeout
         self.allow = [ipaddress.ip_network(n, strict=False) for n in config.hub.allow]
         self.proxies: dict[int, Proxy] = {}
+        self.spools = SpoolDir(config.state_dir / "spool", memory_limit=config.hub.queue_memory,
+                               size_limit=config.hub.spool_max, max_record=config.hub.max_pdu)
         for p in config.proxies:
-            spool = Spool(config.state_dir / "spool" / f"proxy-{p.id}.spool",
-                          memory_limit=config.hub.queue_memory, size_limit=config.hub.spool_max,
-                          max_record=config.hub.max_pdu)
-            self.proxies[p.id] = Proxy(p, config.worker_addresses(p), spool)
+            self.proxies[p.id] = Proxy(p, config.worker_addresses(p), self.spools.open(p.id))
         self.sessions: dict[int, Session] = {}  # by audsid: where replies go
         self.connections = 0
         self.timeouts: collections.deque[Pending] = collections.deque()  # in deadline order
@@ -165,7 +165,8 @@ class Hub:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self._replay_spools()
+                self._adopt_spools()
+                nursery.start_soon(self._keep_adopting)
                 for proxy in self.proxies.values():
                     nursery.start_soon(self._pump, proxy)
                     for instance in proxy.instances:
@@ -346,25 +347,32 @@ class Hub:
 
     # ------------------------------------------------------------ the queue
 
-    def _replay_spools(self) -> None:
-        """Requests left queued by a previous hub: sync ones still in time wait for replies again."""
+    def _adopt_spools(self) -> None:
+        """Take over what hubs that are gone left queued; sync requests still in time wait
+        for their replies again (a session that reconnects to us gets them)."""
         now, wall = self.clock(), time.time()
+        adopted = []
         for proxy in self.proxies.values():
-            spool = proxy.spool
-            if not spool.recovered:
-                continue
-            proxy.counters.replayed += spool.recovered
-            proxy.counters.duplicates += spool.possible_duplicates  # at most; the spool cannot tell better
-            # Sync records get a Pending so that their replies are routed and timed out as usual.
-            for queued_at, pdu in spool.scan():
+            records, possible_duplicates = self.spools.adopt(proxy.spool, proxy.config.id)
+            proxy.counters.replayed += len(records)
+            proxy.counters.duplicates += possible_duplicates  # at most; the spool cannot tell better
+            for queued_at, pdu in records:
                 length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
                 deadline = now + (queued_at + self.reply_timeout - wall)
                 if length > 0 and deadline > now:
                     pending = Pending((audsid, rseq), proxy, deadline, now)
                     proxy.waiting[pending.key] = pending
-            self.timeouts = collections.deque(sorted(
-                [*self.timeouts, *(p for proxy in self.proxies.values() for p in proxy.waiting.values())],
-                key=lambda p: p.deadline))
+                    adopted.append(pending)
+            if records:
+                proxy.wake_pump.set()
+        if adopted:
+            self.timeouts = collections.deque(sorted([*self.timeouts, *adopted], key=lambda p: p.deadline))
+
+    async def _keep_adopting(self) -> None:
+        """A hub that drains during a rollout may leave requests queued when it exits: take them."""
+        while True:
+            await trio.sleep(ADOPT_INTERVAL)
+            self._adopt_spools()
 
     async def _pump(self, proxy: Proxy) -> None:
         """Forward queued requests, in order, whenever an instance is available."""

@@ -110,7 +110,7 @@ async def connect_when_listening(address: str, audsid: int) -> OracleSession:
 async def test_queued_requests_survive_sigkill_of_the_hub(make_config, tmp_path):
     config = make_config("[[proxy]]\nid = 1\nhandler = \"echo\"\n")
     address = config.hub.listen
-    spool_path = config.state_dir / "spool" / "proxy-1.spool"
+    spool_dir = config.state_dir / "spool"
     sent = [(rseq, rseq % 3 == 0) for rseq in range(1, 61)]  # (rseq, oneway): 40 sync, 20 one-way
     body = b"queued while the worker is down"
 
@@ -120,6 +120,7 @@ async def test_queued_requests_survive_sigkill_of_the_hub(make_config, tmp_path)
         for rseq, oneway in sent:
             await session.send(1, rseq, body, oneway=oneway)
         expected_size = FILE_HEADER.size + len(sent) * (RECORD_HEADER.size + 12 + len(body))
+        spool_path = spool_dir / f"proxy-1.{hub.pid}.spool"  # each hub process has its own
         await wait_for(lambda: spool_path.exists() and spool_path.stat().st_size == expected_size)
         hub.send_signal(signal.SIGKILL)
         hub.wait()
