@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -36,7 +37,8 @@ log = logging.getLogger("dcod.supervisor")
 BACKOFF_MIN = 0.1  # seconds before restarting a failed child; doubles up to:
 BACKOFF_MAX = 5.0
 HUB_SOCKET_NAME = "hub"  # FileDescriptorName= in dco-hub.socket
-UNCLEAN_MARKER = "hub.running"  # in state_dir while a hub runs; left behind by an unclean stop
+UNCLEAN_MARKER = "hub.running"
+ALERT_HEAD_START = 0.2  # seconds the quit alert may take before a new hub is started anyway  # in state_dir while a hub runs; left behind by an unclean stop
 
 
 class RolloutError(Exception):
@@ -118,7 +120,7 @@ class Slot:
         limits = sup.config.supervisor
         self.restarts += 1
         if self.is_hub:
-            sup.alert_hub_gone(f"hub (pid {process.pid}) {how}", already=process.alerted)
+            await sup.alert_hub_gone(f"hub (pid {process.pid}) {how}", already=process.alerted)
         recent = [t for t in self.starts if time.monotonic() - t <= limits.restart_window]
         if len(recent) >= limits.restart_max:
             self.state = "failed"
@@ -210,7 +212,7 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 nursery.start_soon(self.notifier.run)
-                self._check_unclean_stop()
+                await self._check_unclean_stop()
                 for key, (name, argv) in self._worker_slots(self.config).items():
                     self._add_worker(key, name, argv).launch()
                 self.hub.launch()
@@ -276,12 +278,24 @@ class Supervisor:
 
     # ------------------------------------------------------------ pmon and the quit alert
 
-    def alert_hub_gone(self, why: str, *, already: bool = False) -> None:
-        """Raise the quit alert (unless this hub's going was already alerted)."""
+    async def alert_hub_gone(self, why: str, *, already: bool = False) -> None:
+        """Raise the quit alert (unless this hub's going was already alerted).
+
+        Sessions must hear of it first, so the caller waits for the alert before starting a new
+        hub, but at most ALERT_HEAD_START: a slow backend (a database) must not hold up the hub.
+        """
         if already:
             return
         log.warning("%s: raising the quit alert %s %s", why, self.config.alert.name, self.config.hub.advertise)
-        self.nursery.start_soon(self.alerter.signal, self.config.hub.advertise)
+        raised = trio.Event()
+
+        async def signal_then_set() -> None:
+            await self.alerter.signal(self.config.hub.advertise)
+            raised.set()
+
+        self.nursery.start_soon(signal_then_set)
+        with trio.move_on_after(ALERT_HEAD_START):
+            await raised.wait()
 
     async def _pmon(self) -> None:
         """A hub whose heartbeats stop for heartbeat_timeout is hung: alert, kill, replace."""
@@ -294,14 +308,14 @@ class Supervisor:
             silent = time.monotonic() - process.last_heartbeat
             if silent > sup.heartbeat_timeout:
                 process.alerted = True
-                self.alert_hub_gone(f"hub (pid {process.pid}) sent no heartbeat for {silent:.1f}s (hung)")
+                await self.alert_hub_gone(f"hub (pid {process.pid}) sent no heartbeat for {silent:.1f}s (hung)")
                 process.send_signal(signal.SIGKILL)
 
-    def _check_unclean_stop(self) -> None:
+    async def _check_unclean_stop(self) -> None:
         marker = self.config.state_dir / UNCLEAN_MARKER
         if marker.exists():
             log.warning("the previous run did not stop cleanly (%s exists)", marker)
-            self.alert_hub_gone("unclean stop of the previous run")
+            await self.alert_hub_gone("unclean stop of the previous run")
 
     def _mark_hub_running(self) -> None:
         marker = self.config.state_dir / UNCLEAN_MARKER
@@ -518,7 +532,15 @@ def hub_listener(config: Config) -> socket.socket:
     return sockets.bind(config.hub.listen)
 
 
+def _raise_open_files_limit() -> None:
+    """Each Oracle session is an open file in the hub: take the hard limit, not the soft 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(config: Config) -> int:
+    _raise_open_files_limit()
     config.runtime_dir.mkdir(parents=True, exist_ok=True)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     try:
