@@ -198,14 +198,15 @@ def parse(text: str, source: str) -> Config:
 
 def dump(config: Config) -> str:
     """The config as TOML (defaults made explicit): what `dcod config` prints."""
-    data: dict[str, Any] = {
+    sections: dict[str, Any] = {
         "hub": dataclasses.asdict(config.hub),
         "supervisor": {**dataclasses.asdict(config.supervisor),
                        "runtime_dir": str(config.runtime_dir), "state_dir": str(config.state_dir)},
         "alert": {**dataclasses.asdict(config.alert), "dir": str(config.alert_dir)},
-        "proxy": [{k: v for k, v in dataclasses.asdict(p).items() if v not in ("", ())} for p in config.proxies],
     }
-    return tomli_w.dumps(data)
+    # Proxies as [[proxy]] tables, as people write them (tomli-w would inline the array).
+    proxies = [{k: v for k, v in dataclasses.asdict(p).items() if v not in ("", ())} for p in config.proxies]
+    return tomli_w.dumps(sections) + "".join(f"\n[[proxy]]\n{tomli_w.dumps(p)}" for p in proxies)
 
 
 class _Validator:
