@@ -1,10 +1,13 @@
 """A stream connection for trio with batched writes, shared by hub, worker and client.
 
-``send()`` never blocks: it appends to an outbox that the connection's writer task
-flushes with one ``sendmsg`` per batch. Everything queued while other tasks ran goes
-out together, so a worker connection carrying many sessions' requests costs one
-system call per scheduler pass, not one per PDU. Bodies are passed by reference
-(bytes, bytearray or memoryview), never joined.
+``send()`` never blocks and costs no task switch: it appends to the connection's outbox
+and puts the connection on the list of the run's one **flusher** task. The flusher runs
+once per scheduler pass and writes each connection on its list with one ``sendmsg``, so
+everything queued for a peer while other tasks ran goes out together: a worker
+connection carrying many sessions' requests costs one system call per pass, not one per
+PDU, and nobody pays a task switch per write. Only when the kernel's buffer is full does
+the connection's own writer task take over, wait for room and write the rest. Bodies are
+passed by reference (bytes, bytearray or memoryview), never joined.
 """
 
 from __future__ import annotations
@@ -51,22 +54,86 @@ def tune(sock: socket.socket) -> socket.socket:
     return sock
 
 
-class Connection:
-    """One peer. Run ``writer()`` in a task for as long as the connection lives."""
+def _park(holder, attribute: str):
+    """Park the current task in ``holder.<attribute>`` until someone reschedules it."""
+    setattr(holder, attribute, trio.lowlevel.current_task())
 
-    __slots__ = ("sock", "name", "_out", "_out_bytes", "_parked", "_emptied", "_closing", "sent_bytes",
-                 "received_bytes")
+    def abort(_raise_cancel) -> trio.lowlevel.Abort:
+        setattr(holder, attribute, None)
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    return trio.lowlevel.wait_task_rescheduled(abort)
+
+
+def _wake(holder, attribute: str) -> None:
+    task = getattr(holder, attribute)
+    if task is not None:
+        setattr(holder, attribute, None)
+        trio.lowlevel.reschedule(task)
+
+
+class _Shared:
+    """What the connections of one trio run share: the flusher task's list, a receive buffer."""
+
+    __slots__ = ("dirty", "flusher", "recv_buffer")
+
+    def __init__(self) -> None:
+        self.dirty: list[Connection] = []  # connections sent to since the flusher last ran
+        self.flusher: trio.lowlevel.Task | None = None  # parked while there is nothing to write
+        # Every recv() lands here and is copied out at its size: a recv(RECV_SIZE) would
+        # allocate (mmap, mremap, munmap) a buffer that large for every few bytes received.
+        self.recv_buffer = bytearray(RECV_SIZE)
+
+    def add(self, conn: Connection) -> None:
+        self.dirty.append(conn)
+        _wake(self, "flusher")
+
+    async def flush_forever(self) -> None:
+        # A system task: it must never raise, and _write() does not.
+        while True:
+            if not self.dirty:
+                await _park(self, "flusher")
+            dirty, self.dirty = self.dirty, []
+            for conn in dirty:
+                conn._write()
+
+
+_shared: trio.lowlevel.RunVar = trio.lowlevel.RunVar("dcod_connections")
+
+
+def _this_run() -> _Shared:
+    try:
+        return _shared.get()
+    except LookupError:
+        shared = _Shared()
+        trio.lowlevel.spawn_system_task(shared.flush_forever, name="dcod connection flusher")
+        _shared.set(shared)
+        return shared
+
+
+class Connection:
+    """One peer. Run ``writer()`` in a task for as long as the connection lives.
+
+    Who writes the outbox: nobody while it is empty; the flusher once the connection is on
+    its list (``_busy``); the writer task while the kernel has no room (``_blocked``).
+    One of them at a time, so bytes go out in the order they were sent.
+    """
+
+    __slots__ = ("sock", "name", "_shared", "_out", "_out_bytes", "_busy", "_blocked", "_writer", "_emptied",
+                 "_closing", "_error")
 
     def __init__(self, sock: socket.socket, name: str = "") -> None:
         self.sock = tune(sock)
         self.name = name
+        self._shared = _this_run()
         self._out: list = []
         self._out_bytes = 0
-        self._parked: trio.lowlevel.Task | None = None
+        self._busy = False
+        self._blocked = False
+        self._writer: trio.lowlevel.Task | None = None  # the writer task, parked while not blocked
         self._emptied: trio.Event | None = None  # set when the outbox empties, for flush()
         self._closing = False
-        self.sent_bytes = 0
-        self.received_bytes = 0
+        self._error: ConnectionClosed | None = None  # a write failed: the writer task raises it
 
     @property
     def closed(self) -> bool:
@@ -77,25 +144,27 @@ class Connection:
         """Bytes queued but not yet taken by the kernel."""
         return self._out_bytes
 
-    async def recv(self) -> bytes:
-        """The next bytes from the peer; b"" at end of stream. Raises ConnectionClosed."""
+    async def recv(self) -> bytearray:
+        """The next bytes from the peer (the caller's to keep); empty at end of stream. Raises ConnectionClosed.
+
+        It waits for the socket to be readable even when bytes are there already: that wait
+        is the one checkpoint per read that keeps a busy peer from starving the others, and
+        it spares the recv() that fails with EAGAIN after each batch.
+        """
         while True:
             if self._closing:
                 raise ConnectionClosed(self.name)
             try:
-                data = self.sock.recv(RECV_SIZE)
+                await trio.lowlevel.wait_readable(self.sock)
+            except trio.ClosedResourceError:
+                raise ConnectionClosed(self.name) from None
+            buffer = self._shared.recv_buffer
+            try:
+                return buffer[: self.sock.recv_into(buffer)]
             except BlockingIOError:
-                try:
-                    await trio.lowlevel.wait_readable(self.sock)
-                except trio.ClosedResourceError:
-                    raise ConnectionClosed(self.name) from None
                 continue
             except OSError as e:
                 raise ConnectionClosed(f"{self.name}: {e.strerror}") from None
-            self.received_bytes += len(data)
-            # Let other tasks run between reads even if this peer never pauses.
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
 
     def send(self, *chunks) -> None:
         """Queue bytes for the peer; returns at once. Ignored once the connection is closed."""
@@ -104,50 +173,37 @@ class Connection:
         self._out.extend(chunks)
         for c in chunks:
             self._out_bytes += len(c)
-        if self._parked is not None:
-            task, self._parked = self._parked, None
-            trio.lowlevel.reschedule(task)
+        if not self._busy:
+            self._busy = True
+            self._shared.add(self)
 
-    async def writer(self) -> None:
-        """Flush the outbox for the life of the connection. Raises ConnectionClosed on a write error."""
-        while not self._closing:
-            if not self._out:
-                self._parked = trio.lowlevel.current_task()
-                await trio.lowlevel.wait_task_rescheduled(self._abort_park)
-                continue
-            await self._flush()
-
-    def _abort_park(self, _raise_cancel) -> trio.lowlevel.Abort:
-        self._parked = None
-        return trio.lowlevel.Abort.SUCCEEDED
-
-    async def _flush(self) -> None:
+    def _write(self) -> None:
+        """Hand the outbox to the kernel, as much as it takes; what is left goes to the writer task."""
+        if self._closing:
+            return
         out = self._out
-        while out:
-            try:
-                sent = self.sock.sendmsg(out[:IOV_MAX])
-            except BlockingIOError:
-                try:
-                    await trio.lowlevel.wait_writable(self.sock)
-                except trio.ClosedResourceError:
-                    raise ConnectionClosed(self.name) from None
-                continue
-            except OSError as e:
-                self._closing = True
-                raise ConnectionClosed(f"{self.name}: {e.strerror}") from None
-            self.sent_bytes += sent
-            self._out_bytes -= sent
-            self._consume(sent)
+        try:
+            while out:
+                sent = self.sock.sendmsg(out if len(out) <= IOV_MAX else out[:IOV_MAX])
+                self._consume(sent)
+        except BlockingIOError:
+            self._blocked = True
+            _wake(self, "_writer")
+            return
+        except OSError as e:
+            self._error = ConnectionClosed(f"{self.name}: {e.strerror}")
+            self._closing = True
+            _wake(self, "_writer")
+        self._busy = False
         self._wake_flushers()
-        await trio.lowlevel.checkpoint()
-
-    def _wake_flushers(self) -> None:
-        if self._emptied is not None:
-            self._emptied.set()
-            self._emptied = None
 
     def _consume(self, sent: int) -> None:
         out = self._out
+        if sent == self._out_bytes:
+            out.clear()
+            self._out_bytes = 0
+            return
+        self._out_bytes -= sent
         i = 0
         while sent:
             n = len(out[i])
@@ -159,8 +215,31 @@ class Connection:
                 sent = 0
         del out[:i]
 
+    async def writer(self) -> None:
+        """Write whatever the kernel had no room for, for the life of the connection.
+
+        Returns once the connection is closed; raises ConnectionClosed on a write error.
+        """
+        while not self._closing:
+            if not self._blocked:
+                await _park(self, "_writer")
+                continue
+            try:
+                await trio.lowlevel.wait_writable(self.sock)
+            except trio.ClosedResourceError:
+                raise ConnectionClosed(self.name) from None
+            self._blocked = False
+            self._write()
+        if self._error is not None:
+            raise self._error
+
+    def _wake_flushers(self) -> None:
+        if self._emptied is not None:
+            self._emptied.set()
+            self._emptied = None
+
     async def flush(self) -> None:
-        """Wait until the writer task has handed everything queued to the kernel."""
+        """Wait until everything queued has been handed to the kernel."""
         while self._out and not self._closing:
             if self._emptied is None:
                 self._emptied = trio.Event()
@@ -182,9 +261,7 @@ class Connection:
             return
         self._closing = True
         self._wake_flushers()
-        if self._parked is not None:
-            task, self._parked = self._parked, None
-            trio.lowlevel.reschedule(task)
+        _wake(self, "_writer")
         if self.sock.fileno() >= 0:
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
