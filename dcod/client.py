@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import random
 import re
@@ -241,13 +240,13 @@ class Session:
         after ``timeout`` seconds (the reply is still cached if it comes later). A request
         still queued is flushed first.
         """
-        with trio.move_on_after(math.inf if timeout is None else timeout) as deadline:
-            if rseq in self._queued_sync:
-                await self.flush()
-            if rseq in self._in_flight:
-                await self._arrival(rseq)
-        if deadline.cancelled_caught:
-            raise DcoTimeout(f"no reply to request {rseq} within {timeout:g} s")
+        if timeout is None:
+            await self._await_reply(rseq)
+        else:
+            with trio.move_on_after(timeout) as deadline:
+                await self._await_reply(rseq)
+            if deadline.cancelled_caught:
+                raise DcoTimeout(f"no reply to request {rseq} within {timeout:g} s")
         try:
             reply = self._replies.pop(rseq)
         except KeyError:
@@ -265,6 +264,12 @@ class Session:
         except DcoTimeout:
             self._forget(rseq)  # nobody will read it: drop the reply when it comes
             raise
+
+    async def _await_reply(self, rseq: int) -> None:
+        if rseq in self._queued_sync:
+            await self.flush()
+        if rseq in self._in_flight:
+            await self._arrival(rseq)
 
     async def _arrival(self, rseq: int) -> None:
         event = self._arrivals.get(rseq)

@@ -72,15 +72,15 @@ class Counters:
 class Instance:
     """One worker instance of a proxy, as the hub sees it: a connection that comes and goes."""
 
-    __slots__ = ("proxy", "index", "address", "conn", "state", "held", "inflight", "connects")
+    __slots__ = ("proxy", "index", "address", "conn", "_state", "_held", "inflight", "connects")
 
     def __init__(self, proxy: Proxy, index: int, address: str) -> None:
         self.proxy = proxy
         self.index = index
         self.address = address
         self.conn: Connection | None = None
-        self.state = "connecting"  # connecting | up | quitting
-        self.held = False  # the supervisor asked us not to dispatch here (it is being restarted)
+        self._state = "connecting"  # connecting | up | quitting
+        self._held = False  # the supervisor asked us not to dispatch here (it is being restarted)
         self.inflight: dict[tuple[int, int], Pending] = {}
         self.connects = 0
 
@@ -89,8 +89,26 @@ class Instance:
         return f"{self.proxy.config.id}#{self.index}"
 
     @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, state: str) -> None:
+        self._state = state
+        self.proxy.update_available()
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    @held.setter
+    def held(self, held: bool) -> None:
+        self._held = held
+        self.proxy.update_available()
+
+    @property
     def available(self) -> bool:
-        return self.state == "up" and not self.held
+        return self._state == "up" and not self._held
 
 
 class Proxy:
@@ -98,6 +116,7 @@ class Proxy:
 
     def __init__(self, config: ProxyConfig, addresses: list[str], spool: Spool) -> None:
         self.config = config
+        self.available: list[Instance] = []  # the instances to dispatch to; kept by update_available()
         self.instances = [Instance(self, i, a) for i, a in enumerate(addresses)]
         self.spool = spool
         self.waiting: dict[tuple[int, int], Pending] = {}  # queued sync requests
@@ -105,21 +124,26 @@ class Proxy:
         self.wake_pump = trio.Event()
         self._turn = 0  # where the round-robin among equally busy instances starts
 
+    def update_available(self) -> None:
+        """An instance's state changed: recompute ``available``, so that pick() need not."""
+        self.available = [i for i in self.instances if i.available]
+
     def pick(self, audsid: int) -> Instance | None:
         """The instance for a request: least outstanding first, or by session for ordered proxies.
 
         Ties go round-robin, so that one-way requests (never outstanding) spread too.
         """
-        instances = self.instances
-        count = len(instances)
+        available = self.available
+        count = len(available)
+        if count < 2:
+            return available[0] if count else None
         if self.config.ordered:
-            available = [i for i in instances if i.available]
-            return available[audsid % len(available)] if available else None
+            return available[audsid % count]
         self._turn = turn = (self._turn + 1) % count
-        best = None
-        for k in range(count):
-            instance = instances[(turn + k) % count]
-            if instance.available and (best is None or len(instance.inflight) < len(best.inflight)):
+        best = available[turn]
+        for k in range(1, count):
+            instance = available[(turn + k) % count]
+            if len(instance.inflight) < len(best.inflight):
                 best = instance
         return best
 
@@ -127,13 +151,12 @@ class Proxy:
 class Session:
     """An Oracle session's connection."""
 
-    __slots__ = ("conn", "audsid", "sid", "serial", "peer", "requests")
+    __slots__ = ("conn", "audsid", "sid", "serial", "peer")
 
     def __init__(self, conn: Connection, peer: str) -> None:
         self.conn = conn
         self.peer = peer
         self.audsid = self.sid = self.serial = 0
-        self.requests = 0
 
 
 class Hub:
@@ -296,7 +319,6 @@ class Hub:
     def _on_request(self, session: Session, pdu: bytearray) -> None:
         length, proxy_id, rseq = protocol.REQUEST_HEADER.unpack_from(pdu)
         audsid = session.audsid
-        session.requests += 1
         proxy = self.proxies.get(proxy_id)
         if proxy is None:
             self.totals["unknown_proxy"] += 1
@@ -315,7 +337,7 @@ class Hub:
             self.timeouts.append(pending)
         else:
             counters.oneway += 1
-        if not len(proxy.spool):  # nothing queued ahead of it
+        if not proxy.spool.records:  # nothing queued ahead of it
             instance = proxy.pick(audsid)
             if instance is not None:
                 self._forward(instance, pdu, pending)

@@ -202,7 +202,10 @@ class Worker:
         try:
             while data := await conn.recv():
                 for pdu in framer.feed(data):
-                    await self._slots.acquire()
+                    try:
+                        self._slots.acquire_nowait()  # no checkpoint per request: recv() has one per read
+                    except trio.WouldBlock:
+                        await self._slots.acquire()
                     requests.start_soon(self._answer, conn, pdu)
         except ProtocolError as e:
             self._counts.protocol_errors += 1
