@@ -37,6 +37,9 @@ class HubConfig:
     queue_memory: int = 64 * 1024 * 1024
     spool_max: int = 1024 * 1024 * 1024
     spool_fsync_interval: float = 0.2
+    max_connections: int = 4096
+    max_inflight_per_session: int = 1024
+    stall_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -312,6 +315,9 @@ class _Validator:
         for key in ("reply_timeout", "spool_fsync_interval"):
             if getattr(hub, key) < 0:
                 raise self.fail(f"hub.{key}", "must not be negative")
+        for key in ("max_connections", "max_inflight_per_session", "stall_timeout"):
+            if getattr(hub, key) <= 0:
+                raise self.fail(f"hub.{key}", f"must be > 0, not {getattr(hub, key)}")
         for key in ("heartbeat_interval", "heartbeat_timeout", "drain_timeout", "stop_timeout", "restart_max",
                     "restart_window", "ready_timeout"):
             if getattr(sup, key) <= 0:

@@ -36,6 +36,7 @@ RECONNECT_MIN = 0.05  # seconds before the first reconnect to a worker; doubles 
 RECONNECT_MAX = 2.0
 SWEEP_INTERVAL = 0.05  # granularity of reply timeouts
 PUMP_HIGH_WATER = 4 * 1024 * 1024  # bytes queued to one instance before the pump waits
+WARN_EVERY = 10.0  # seconds between repeats of a warning about bad peers
 ADOPT_INTERVAL = 1.0  # seconds between looks for spools left by hubs that are gone
 FOREIGN_HANDSHAKE_PAUSE = 0.05  # seconds between the magic and the first request, for non-dcod workers
 
@@ -43,15 +44,26 @@ FOREIGN_HANDSHAKE_PAUSE = 0.05  # seconds between the magic and the first reques
 class Pending:
     """A sync request waiting for its reply."""
 
-    __slots__ = ("key", "proxy", "instance", "deadline", "started", "done")
+    __slots__ = ("key", "proxy", "session", "instance", "deadline", "started", "done")
 
-    def __init__(self, key: tuple[int, int], proxy: Proxy, deadline: float, started: float) -> None:
+    def __init__(self, key: tuple[int, int], proxy: Proxy, deadline: float, started: float,
+                 session: Session | None = None) -> None:
         self.key = key
         self.proxy = proxy
+        self.session = session  # None for a request replayed from a spool
         self.instance: Instance | None = None  # None while queued
         self.deadline = deadline
         self.started = started
         self.done = False
+        if session is not None:
+            session.inflight += 1
+
+    def finish(self) -> None:
+        """Answered (reply, error reply or timeout): no longer counts against its session."""
+        self.done = True
+        if self.session is not None:
+            self.session.inflight -= 1
+            self.session = None
 
 
 class Counters:
@@ -151,12 +163,14 @@ class Proxy:
 class Session:
     """An Oracle session's connection."""
 
-    __slots__ = ("conn", "audsid", "sid", "serial", "peer")
+    __slots__ = ("conn", "audsid", "sid", "serial", "peer", "registered", "inflight")
 
     def __init__(self, conn: Connection, peer: str) -> None:
         self.conn = conn
         self.peer = peer
-        self.audsid = self.sid = self.serial = 0
+        self.audsid = self.sid = self.serial = 0  # audsid 0 is a real one (SYS): see registered
+        self.registered = False
+        self.inflight = 0  # its sync requests not answered yet
 
 
 class Hub:
@@ -165,6 +179,8 @@ class Hub:
         self.clock = clock
         self.max_pdu = config.hub.max_pdu
         self.reply_timeout = config.hub.reply_timeout
+        self.max_inflight = config.hub.max_inflight_per_session
+        self._warned: dict[str, tuple[float, int]] = {}  # kind -> (last warned, suppressed since)
         self.allow = [ipaddress.ip_network(n, strict=False) for n in config.hub.allow]
         self.proxies: dict[int, Proxy] = {}
         self.spools = SpoolDir(config.state_dir / "spool", memory_limit=config.hub.queue_memory,
@@ -247,10 +263,28 @@ class Hub:
             peer = _peer_name(sock.family, addr)
             if not self._allowed(sock.family, addr):
                 self.totals["refused_connections"] += 1
-                log.warning("refused a connection from %s: not in hub.allow", peer)
+                self._warn("allow", "refused a connection from %s: not in hub.allow", peer)
+                sock.close()
+                continue
+            if self.connections >= self.config.hub.max_connections:
+                self.totals["refused_connections"] += 1
+                self._warn("max_connections", "refused a connection from %s: hub.max_connections (%d) reached",
+                           peer, self.config.hub.max_connections)
                 sock.close()
                 continue
             self._nursery.start_soon(self._serve_session, Session(Connection(sock, peer), peer))
+
+    def _warn(self, kind: str, message: str, *args) -> None:
+        """A warning that a flood of bad peers could repeat: at most one per kind every WARN_EVERY s."""
+        now = self.clock()
+        last, suppressed = self._warned.get(kind, (-WARN_EVERY, 0))
+        if now - last < WARN_EVERY:
+            self._warned[kind] = (last, suppressed + 1)
+            return
+        if suppressed:
+            message += f" ({suppressed} more like it in the last {WARN_EVERY:g}s)"
+        log.warning(message, *args)
+        self._warned[kind] = (now, 0)
 
     def _allowed(self, family: int, addr) -> bool:
         if family not in (socket.AF_INET, socket.AF_INET6):
@@ -285,9 +319,22 @@ class Hub:
 
     async def _read_session(self, session: Session, framer: protocol.Framer) -> None:
         conn = session.conn
+        stall_timeout = self.config.hub.stall_timeout
         while True:
             try:
-                data = await conn.recv()
+                if framer.buffered or not session.registered:
+                    # Mid-PDU or before the handshake: a peer that stalls here holds a connection
+                    # and memory for nothing (slowloris); it gets stall_timeout seconds.
+                    data = None
+                    with trio.move_on_after(stall_timeout):
+                        data = await conn.recv()
+                    if data is None:
+                        self.totals["stalled"] += 1
+                        self._warn("stalled", "session %s: stalled for %gs before a whole PDU (%d bytes); closing it",
+                                   session.peer, stall_timeout, framer.buffered)
+                        return
+                else:
+                    data = await conn.recv()
             except ConnectionClosed:
                 return
             if not data:
@@ -298,7 +345,7 @@ class Hub:
                 return
             try:
                 pdus = framer.feed(data)
-                if session.audsid == 0 and framer.preamble:
+                if not session.registered and framer.preamble:
                     self._register(session, framer.preamble)
             except ProtocolError as e:
                 self.totals["protocol_errors"] += 1
@@ -309,6 +356,7 @@ class Hub:
 
     def _register(self, session: Session, handshake: bytes) -> None:
         _, session.sid, session.serial, session.audsid = protocol.ORACLE_HANDSHAKE.unpack(handshake)
+        session.registered = True
         self.totals["sessions"] += 1
         previous = self.sessions.get(session.audsid)
         if previous is not None:
@@ -332,8 +380,14 @@ class Hub:
         counters.requests += 1
         pending = None
         if length > 0:
+            if session.inflight >= self.max_inflight:
+                counters.refused += 1
+                self.totals["overloaded"] += 1
+                session.conn.send(protocol.error_reply(audsid, rseq, ErrorCode.OVERLOADED,
+                                                       f"{self.max_inflight} requests in flight for this session"))
+                return
             now = self.clock()
-            pending = Pending((audsid, rseq), proxy, now + self.reply_timeout, now)
+            pending = Pending((audsid, rseq), proxy, now + self.reply_timeout, now, session)
             self.timeouts.append(pending)
         else:
             counters.oneway += 1
@@ -357,7 +411,7 @@ class Hub:
             proxy.counters.refused += 1
             log.warning("proxy %d: request refused: %s", proxy.config.id, e)
             if pending is not None:
-                pending.done = True
+                pending.finish()
                 audsid, rseq = pending.key
                 reply_to.send(protocol.error_reply(audsid, rseq, ErrorCode.QUEUE_FULL,
                                                    f"queue full for proxy {proxy.config.id}"))
@@ -510,7 +564,7 @@ class Hub:
         if pending is None:
             counters.orphan_replies += 1
             return
-        pending.done = True
+        pending.finish()
         latency = self.clock() - pending.started
         counters.latency_sum += latency
         if latency > counters.latency_max:
@@ -550,7 +604,7 @@ class Hub:
             log.warning("worker %s went away with %d sync requests in flight; answering them with errors",
                         instance.name, len(lost))
         for pending in lost.values():
-            pending.done = True
+            pending.finish()
             instance.proxy.counters.worker_lost += 1
             self._error_to_session(pending, ErrorCode.WORKER_LOST,
                                    f"worker {instance.name} of proxy {instance.proxy.config.id} went away before replying")
@@ -573,7 +627,7 @@ class Hub:
                 pending = timeouts.popleft()
                 if pending.done:
                     continue
-                pending.done = True
+                pending.finish()
                 proxy = pending.proxy
                 if pending.instance is not None:
                     pending.instance.inflight.pop(pending.key, None)
@@ -635,7 +689,7 @@ async def drain(hub: Hub, *, timeout: float, grace: float = 1.0,
     left = [p for proxy in hub.proxies.values() for i in proxy.instances for p in i.inflight.values()]
     log.warning("drain timed out after %gs; answering %d requests still in flight with errors", timeout, len(left))
     for pending in left:
-        pending.done = True
+        pending.finish()
         pending.instance.inflight.pop(pending.key, None)
         hub._error_to_session(pending, ErrorCode.DRAINING, "hub stopped before the reply came")
     for session in list(hub.sessions.values()):

@@ -102,10 +102,15 @@ class Spool:
             queued_at = time.time()
         stamp = struct.pack(">d", queued_at)
         record = RECORD_HEADER.pack(len(pdu), zlib.crc32(pdu, zlib.crc32(stamp)), queued_at) + pdu
-        written = os.pwrite(self._fd, record, self._end)
+        try:
+            written = os.pwrite(self._fd, record, self._end)
+        except OSError as e:  # ENOSPC, EIO, ...: nothing of it may stay behind
+            written, error = 0, e.strerror
+        else:
+            error = "short write (disk full?)"
         if written != len(record):
-            # A short write (disk full): leave the tail to be cut at the next open, refuse.
-            raise SpoolFull(f"spool {self.path}: short write ({written} of {len(record)} bytes)")
+            os.ftruncate(self._fd, self._end)  # back to the last whole record: shrinking never needs space
+            raise SpoolFull(f"spool {self.path}: {error}, {written} of {len(record)} bytes; request refused")
         self._end += len(record)
         self.records += 1
         self.dirty = True

@@ -25,7 +25,8 @@ def free_port() -> int:
 def make_config(tmp_path: Path):
     """make_config(proxies_toml, **hub_keys) -> Config with runtime/state dirs under tmp_path."""
 
-    def make(proxies: str = "", *, supervisor: str = "", **hub) -> configuration.Config:
+    def make(proxies: str = "", *, supervisor: str = "", state_dir: Path | None = None,
+             **hub) -> configuration.Config:
         port = free_port()
         hub_lines = "\n".join(f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{k} = {v}"
                               for k, v in hub.items())
@@ -36,7 +37,7 @@ def make_config(tmp_path: Path):
             {hub_lines}
             [supervisor]
             runtime_dir = "{tmp_path / 'run'}"
-            state_dir = "{tmp_path / 'state'}"
+            state_dir = "{state_dir or tmp_path / 'state'}"
             {supervisor}
             """) + textwrap.dedent(proxies)
         path = tmp_path / "dcod.toml"

@@ -1,0 +1,97 @@
+"""Limits: what the hub does when a peer or the disk pushes it past its bounds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import wait_for
+from dcod.spool import Spool
+from peers import OracleSession, WorkerPeer, closed_by_peer, open_raw, read_pdu, reply_pdu, request_pdu, send_all
+
+ECHO1 = '[[proxy]]\nid = 1\nhandler = "echo"\n'
+
+
+async def started(make_config, start_hub, **hub):
+    config = make_config(ECHO1, **hub)
+    worker = await WorkerPeer(str(config.worker_socket(1, 0))).listen()
+    hub_, address = await start_hub(config)
+    return hub_, address, await worker.accept()
+
+
+async def test_connections_past_max_connections_are_refused(make_config, start_hub):
+    hub, address, _ = await started(make_config, start_hub, max_connections=2)
+    first = await OracleSession.connect(address, audsid=1)
+    second = await OracleSession.connect(address, audsid=2)
+    await wait_for(lambda: hub.connections == 2)
+    third = await OracleSession.connect(address, audsid=3)
+    assert await closed_by_peer(third.sock)
+    assert hub.totals["refused_connections"] == 1
+    first.close()
+    await wait_for(lambda: hub.connections == 1)
+    fourth = await OracleSession.connect(address, audsid=4)  # room again
+    await wait_for(lambda: hub.connections == 2)
+    second.close(), fourth.close()
+
+
+async def test_sync_requests_past_the_session_limit_get_an_error_reply(make_config, start_hub):
+    hub, address, worker = await started(make_config, start_hub, max_inflight_per_session=2)
+    session = await OracleSession.connect(address, audsid=5)
+    for rseq in (1, 2, 3):
+        await session.send(1, rseq, b"wait")
+    length, _, rseq, text = await session.read()
+    assert (length < 0, rseq) == (True, 3) and text.startswith(b"DCO-0007 ")
+    await session.send(1, 4, b"one-way is not limited", oneway=True)
+    assert [(await read_pdu(worker))[2] for _ in range(3)] == [1, 2, 4]
+    await send_all(worker, reply_pdu(5, 1, b"done"))
+    assert (await session.read())[2] == 1
+    await session.send(1, 5, b"room again")
+    assert (await read_pdu(worker))[2] == 5
+    assert hub.totals["overloaded"] == 1
+
+
+@pytest.mark.parametrize("sent", [b"", b"\x0b\xc7\x4b\x16\x00\x00", "half a PDU"])
+async def test_a_peer_stalling_before_a_whole_pdu_is_closed(make_config, start_hub, sent):
+    hub, address, worker = await started(make_config, start_hub, stall_timeout=0.2)
+    if sent == "half a PDU":
+        slow = await OracleSession.connect(address, audsid=6)
+        await send_all(slow.sock, request_pdu(1, 1, b"x" * 100)[:40])
+        sock = slow.sock
+    else:
+        sock = await open_raw(address)  # nothing, or part of the handshake
+        await send_all(sock, sent)
+    good = await OracleSession.connect(address, audsid=7)
+    await good.send(1, 1, b"unaffected")
+    assert (await read_pdu(worker))[3] == b"unaffected"
+    assert await closed_by_peer(sock)
+    assert hub.totals["stalled"] == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs to fill needs root")
+async def test_disk_full_while_spooling_refuses_and_corrupts_nothing(make_config, start_hub, tmp_path):
+    state = tmp_path / "tiny"
+    state.mkdir()
+    subprocess.run(["mount", "-n", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(state)], check=True)
+    try:
+        hub, address = await start_hub(make_config(ECHO1, state_dir=state))  # no worker: all queues
+        session = await OracleSession.connect(address, audsid=8)
+        body = b"q" * 4000
+        counters = hub.proxies[1].counters
+        for rseq in range(1, 40):  # 40 x 4 KB cannot fit in 64 KB
+            await session.send(1, rseq, body)
+            await wait_for(lambda: counters.requests == rseq)
+            if counters.refused:
+                break
+        length, _, refused, text = await session.read()
+        assert length < 0 and text.startswith(b"DCO-0004 ") and counters.refused == 1
+        assert len(hub.proxies[1].spool) == refused - 1
+        # The file is whole: a copy opened as the next hub would open it holds every accepted record.
+        copy = tmp_path / "copy.spool"
+        copy.write_bytes(hub.proxies[1].spool.path.read_bytes())
+        again = Spool(copy, memory_limit=1 << 20, size_limit=1 << 30, max_record=1 << 20)
+        assert (again.recovered, again.torn_bytes) == (refused - 1, 0)
+        assert all(pdu[12:] == body for _, pdu in again.scan())
+    finally:
+        subprocess.run(["umount", "-n", "-l", str(state)])
