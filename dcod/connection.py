@@ -16,13 +16,42 @@ Bodies are passed by reference (bytes, bytearray or memoryview), never joined.
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 
 import trio
 
+log = logging.getLogger("dcod.connection")
+
 RECV_SIZE = 256 * 1024
 IOV_MAX = 1024  # sendmsg() takes at most this many buffers (Linux UIO_MAXIOV)
 
+
+
+# accept() failures, sorted as trio's SocketListener sorts them: one connection's trouble
+# (skip it), or out of resources for now (retry shortly); any other means a broken listener.
+ACCEPT_SKIP_ERRNOS = {errno.ECONNABORTED, errno.EPERM, errno.EPROTO}
+ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+ACCEPT_RETRY_DELAY = 0.1
+
+
+async def accept(listener: socket.socket) -> tuple[socket.socket, object]:
+    """The next connection on a non-blocking listening socket, transient failures waited out.
+
+    Raises trio.ClosedResourceError once the listener is closed (also by another task)."""
+    while True:
+        try:
+            return listener.accept()
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(listener)
+        except OSError as e:
+            if listener.fileno() < 0:
+                raise trio.ClosedResourceError("listener closed") from None
+            if e.errno in ACCEPT_RETRY_ERRNOS:
+                log.warning("accept: %s; retrying in %gs", e.strerror, ACCEPT_RETRY_DELAY)
+                await trio.sleep(ACCEPT_RETRY_DELAY)
+            elif e.errno not in ACCEPT_SKIP_ERRNOS:
+                raise
 
 class ConnectionClosed(Exception):
     """The peer went away or the connection was closed."""

@@ -17,7 +17,7 @@ import struct
 
 import trio
 
-from dcod.connection import Connection, ConnectionClosed
+from dcod.connection import Connection, ConnectionClosed, accept
 
 CONTROL_FD_VAR = "DCOD_CONTROL_FD"
 MAX_LINE = 1024 * 1024
@@ -146,11 +146,7 @@ async def serve(listener: socket.socket, handle, *, group: str) -> None:
     listener.setblocking(False)
     async with trio.open_nursery() as nursery:
         while True:
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(listener)
-                continue
+            sock, _ = await accept(listener)
             allowed, who = peer_allowed(sock, group)
             if not allowed:
                 log.warning("refused a control connection from %s: not root, not us, not in group %s", who, group)

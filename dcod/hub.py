@@ -26,7 +26,7 @@ import trio
 
 from dcod import control, protocol, sockets
 from dcod.config import Config, ProxyConfig
-from dcod.connection import Connection, ConnectionClosed, connect
+from dcod.connection import Connection, ConnectionClosed, accept, connect
 from dcod.protocol import ROUTED_HEADER, ErrorCode, ProtocolError
 from dcod.spool import Spool, SpoolDir, SpoolFull
 
@@ -247,19 +247,9 @@ class Hub:
         listener.setblocking(False)
         while True:
             try:
-                sock, addr = listener.accept()
-            except BlockingIOError:
-                try:
-                    await trio.lowlevel.wait_readable(listener)
-                except trio.ClosedResourceError:
-                    return
-                continue
-            except OSError as e:
-                if listener.fileno() < 0:
-                    return
-                log.warning("accept failed: %s", e.strerror)
-                await trio.sleep(0.1)  # EMFILE and the like: do not spin
-                continue
+                sock, addr = await accept(listener)
+            except trio.ClosedResourceError:
+                return  # closed by a drain
             peer = _peer_name(sock.family, addr)
             if not self._allowed(sock.family, addr):
                 self.totals["refused_connections"] += 1

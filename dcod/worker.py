@@ -15,7 +15,6 @@ stop (SIGTERM) stops reading at once, though requests in flight still finish; pa
 from __future__ import annotations
 
 import dataclasses
-import errno
 import importlib
 import inspect
 import itertools
@@ -29,7 +28,7 @@ import trio
 
 from dcod import control, sockets
 from dcod.config import Config
-from dcod.connection import Connection, ConnectionClosed
+from dcod.connection import Connection, ConnectionClosed, accept
 from dcod.protocol import (DEFAULT_MAX_PDU, HEADER_SIZE, HUB_HANDSHAKE, HUB_MAGIC, QUIT_NOTICE, ROUTED_HEADER,
                            ErrorCode, Framer, ProtocolError, error_reply, reply)
 
@@ -37,11 +36,6 @@ log = logging.getLogger(__name__)
 
 BUILTIN_HANDLERS = "dcod.workers"  # handler = "echo" is the module dcod.workers.echo
 MAX_ERROR_DETAIL = 1000  # characters of an exception's text put in an error reply
-# accept() failures, as trio's SocketListener sorts them: one connection's trouble, or
-# out of resources for now (try again shortly); any other means the listener is broken.
-ACCEPT_SKIP_ERRNOS = {errno.ECONNABORTED, errno.EPERM, errno.EPROTO}
-ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-ACCEPT_RETRY_DELAY = 0.1
 
 Result = bytes | bytearray | str | None
 
@@ -159,18 +153,7 @@ class Worker:
         listener.setblocking(False)
         with listener, accepting:
             while True:
-                try:
-                    sock, peer = listener.accept()
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(listener)
-                    continue
-                except OSError as e:
-                    if e.errno in ACCEPT_RETRY_ERRNOS:
-                        log.warning("accept: %s; retrying", e.strerror)
-                        await trio.sleep(ACCEPT_RETRY_DELAY)
-                    elif e.errno not in ACCEPT_SKIP_ERRNOS:
-                        raise
-                    continue
+                sock, peer = await accept(listener)
                 conn = Connection(sock, _hub_name(next(self._hub_numbers), peer))
                 reading = self._hubs[conn] = trio.CancelScope()
                 if self._stopping.is_set():  # accepted while stop() ran: it missed this one
