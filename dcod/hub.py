@@ -36,6 +36,7 @@ RECONNECT_MIN = 0.05  # seconds before the first reconnect to a worker; doubles 
 RECONNECT_MAX = 2.0
 SWEEP_INTERVAL = 0.05  # granularity of reply timeouts
 PUMP_HIGH_WATER = 4 * 1024 * 1024  # bytes queued to one instance before the pump waits
+SESSION_BACKLOG = 4 * 1024 * 1024  # bytes of unsent replies to one session before we stop reading it
 WARN_EVERY = 10.0  # seconds between repeats of a warning about bad peers
 ADOPT_INTERVAL = 1.0  # seconds between looks for spools left by hubs that are gone
 FOREIGN_HANDSHAKE_PAUSE = 0.05  # seconds between the magic and the first request, for non-dcod workers
@@ -343,6 +344,14 @@ class Hub:
                 return
             for pdu in pdus:
                 self._on_request(session, pdu)
+            if conn.pending_bytes > SESSION_BACKLOG:
+                # Its replies pile up unread: read no more from it until they are gone, so the
+                # session's own socket, not our memory, absorbs what it keeps sending.
+                self.totals["slow_readers"] += 1
+                try:
+                    await conn.flush()
+                except ConnectionClosed:
+                    return
 
     def _register(self, session: Session, handshake: bytes) -> None:
         _, session.sid, session.serial, session.audsid = protocol.ORACLE_HANDSHAKE.unpack(handshake)

@@ -466,8 +466,6 @@ def test_hub_serves_or_closes_cleanly_whatever_a_session_sends(live_hub, stream,
           "the well-behaved session to be gone")
 
 
-@pytest.mark.xfail(strict=True, reason="the hub buffers replies for a session that does not read them without "
-                                       "bound (RELIABILITY.md, Found); remove this mark once it has a bound")
 def test_a_session_that_never_reads_costs_bounded_hub_memory(live_hub):
     """Sync requests from a session that never reads: the hub must stop reading it, or close it, before
     it holds more than a few MiB of replies for it. (max_inflight_per_session does not see them:
