@@ -92,15 +92,22 @@ FAULTS = {
     "worker SIGKILL": 3, "worker SIGSTOP": 2, "worker SIGTERM": 2,
     "supervisor SIGKILL": 1.5, "supervisor SIGSTOP": 1, "supervisor SIGTERM": 1,
 }
-# Which faults can explain which abnormal outcome.
+# Which faults can explain which abnormal outcome (STOP_UNDER_FROZEN_HUB kinds explain the
+# outcomes not in EXPLAINS_ALONE only when they hit while the hub was SIGSTOPped).
 HUB_GOING = {"hub SIGKILL", "hub SIGSTOP", "hub SIGTERM", "supervisor SIGKILL", "supervisor SIGTERM"}
 EXPLAINS = {
     "lost": HUB_GOING,
     "DCO-0002": set(FAULTS),  # a reply timeout: anything that stalls a request for reply_timeout
-    "DCO-0003": {"worker 1 SIGKILL"},
+    # Workers that stop (SIGTERM, or their supervisor gone) while the hub is SIGSTOPped give up
+    # waiting for it after stop_timeout; the hub, resumed, forwards its backlog to them: DCO-0003.
+    "DCO-0003": {"worker 1 SIGKILL", "worker 1 SIGTERM", "supervisor SIGKILL", "supervisor SIGTERM"},
     "DCO-0005": {"hub SIGTERM", "supervisor SIGKILL", "supervisor SIGTERM"},
-    "oneway missing": HUB_GOING | {"worker 2 SIGKILL"},
+    "oneway missing": HUB_GOING | {"worker 2 SIGKILL", "worker 2 SIGTERM"},
 }
+STOP_UNDER_FROZEN_HUB = {"worker 1 SIGTERM", "worker 2 SIGTERM", "supervisor SIGKILL", "supervisor SIGTERM"}
+EXPLAINS_ALONE = {"worker 1 SIGTERM": set(), "worker 2 SIGTERM": set(),
+                  "supervisor SIGKILL": {"lost", "DCO-0005", "oneway missing"},
+                  "supervisor SIGTERM": {"lost", "DCO-0005", "oneway missing"}}
 
 
 @dataclasses.dataclass
@@ -110,6 +117,7 @@ class Fault:
     kind: str  # e.g. "hub SIGKILL", "worker 2 SIGSTOP", "supervisor SIGTERM"
     pid: int
     detail: str = ""
+    until: float = 0.0  # a SIGSTOP: when its SIGCONT was due
 
     @property
     def general(self) -> str:
@@ -161,11 +169,16 @@ class Recorder:
                 continue
             if f.kind == "hub SIGSTOP" and what != "DCO-0002" and "pmon" not in f.detail:
                 continue  # a hub that was resumed lost nothing; one the pmon killed did
+            if f.kind in STOP_UNDER_FROZEN_HUB and what not in EXPLAINS_ALONE[f.kind] and not self.hub_frozen(f.at):
+                continue  # explains it only if the hub was SIGSTOPped meanwhile (see EXPLAINS)
             if f.at <= sent:
                 before = f
             elif after is None:
                 after = f
         return before or after
+
+    def hub_frozen(self, at: float) -> bool:
+        return any(g.kind == "hub SIGSTOP" and g.at <= at <= g.until for g in self.faults)
 
     def stop_during_reload(self, start: float, end: float) -> bool:
         """A supervisor SIGTERM/SIGKILL in [start - WINDOW, end] that hit a `dcod reload` in progress."""
@@ -427,6 +440,7 @@ class Chaos:
                 pause = self.rng.uniform(0.2, HEARTBEAT_TIMEOUT + 2.0)  # hubs past heartbeat_timeout: hung
                 proc.suspend()
                 fault = self.rec.fault(kind, proc.pid, f"{role}, {pause:.1f} s")
+                fault.until = fault.at + pause
                 self.stopped.append(proc)
                 await trio.sleep(pause)
                 self.stopped.remove(proc)
