@@ -14,6 +14,7 @@ destination connection's outbox, rewriting 4 bytes in place; no task per request
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -716,7 +717,8 @@ async def serve(config: Config, listeners: list[socket.socket]) -> None:
             await stop.wait()
             await drain(hub, timeout=config.supervisor.drain_timeout, on_closed=on_closed)
             if channel is not None:
-                await channel.conn.flush()
+                with contextlib.suppress(ConnectionClosed):  # the supervisor may be gone already
+                    await channel.conn.flush()
             nursery.cancel_scope.cancel()
     log.info("hub stopped")
 

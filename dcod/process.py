@@ -46,6 +46,7 @@ class Process:
         self.ready = trio.Event()
         self.draining = trio.Event()
         self.last_heartbeat = self.started
+        self.heartbeats = 0
         self.stats: dict = {}
         self.generation = 0
         self.retiring = False  # its exit is planned (rollout, stop): not a failure
@@ -116,6 +117,7 @@ class Process:
                 return
             event = message.get("event")
             if event == "heartbeat":
+                self.heartbeats += 1
                 self.last_heartbeat = time.monotonic()
                 self.stats = message.get("stats", {})
             elif event == "ready":
@@ -128,7 +130,9 @@ class Process:
                 done.set()
 
     async def request(self, command: str, **args) -> dict:
-        """Send a command; wait for the child's answer ({"event": "done", ...})."""
+        """Send a command; wait for the child's answer ({"event": "done", ...}), or its exit."""
+        if self.returncode is not None:
+            return {"event": "done", "error": f"{self.name} {describe_exit(self.returncode)}"}
         number = next(self._requests)
         done, answer = self._answers[number] = trio.Event(), []
         self.channel.send({"command": command, "id": number, **args})

@@ -13,6 +13,7 @@ goes away, planned or not, so Oracle sessions reconnect before their next send.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import resource
@@ -171,6 +172,7 @@ class Supervisor:
         self.hub = Slot(self, "hub", self._argv("hub"), {HUB_SOCKET_NAME: hub_listener})
         self.retiring_hubs: list[Process] = []
         self.rollout_lock = trio.Lock()
+        self._rollout: trio.CancelScope | None = None  # of the rollout under way
         self.last_rollout = ""
         self.nursery: trio.Nursery | None = None
         self._stop = trio.Event()
@@ -266,11 +268,23 @@ class Supervisor:
         return line + (f"; DOWN: {', '.join(failed)}" if failed else "")
 
     async def _stop_children(self) -> None:
-        """The hub first (it drains), then the workers together."""
+        """Every hub first (they drain, an old generation too), then the workers together."""
         sup = self.config.supervisor
-        if self.hub.process is not None and self.hub.process.running:
-            self.hub.process.channel.send({"command": "drain"})
-        await self.hub.stop(sup.drain_timeout + sup.stop_timeout)
+        draining = list(self.retiring_hubs)  # before the cancelled rollout lets go of them
+        if self._rollout is not None:
+            self._rollout.cancel()  # no new generation may start now
+        hub = self.hub.process
+        if hub is not None and hub.running:
+            hub.channel.send({"command": "drain"})
+            # As in a rollout: once its listener is closed, the alert sends sessions elsewhere.
+            with trio.move_on_after(sup.stop_timeout):
+                await hub.draining.wait()
+            hub.alerted = True
+            await self.alerter.signal(self.config.hub.advertise)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.hub.stop, sup.drain_timeout + sup.stop_timeout)
+            for old in draining:  # told to drain already: wait for it, kill it past the timeout
+                nursery.start_soon(functools.partial(old.stop, sup.drain_timeout + sup.stop_timeout, signum=None))
         self.notify("STATUS=stopping: workers")
         async with trio.open_nursery() as nursery:
             for slot in self.workers.values():
@@ -306,7 +320,9 @@ class Supervisor:
             if process is None or not process.running or process.retiring or process.alerted:
                 continue
             silent = time.monotonic() - process.last_heartbeat
-            if silent > sup.heartbeat_timeout:
+            # Before its first heartbeat a hub is starting (imports, spool adoption): it gets
+            # ready_timeout for that, heartbeat_timeout between heartbeats.
+            if silent > (sup.heartbeat_timeout if process.heartbeats else sup.ready_timeout):
                 process.alerted = True
                 await self.alert_hub_gone(f"hub (pid {process.pid}) sent no heartbeat for {silent:.1f}s (hung)")
                 process.send_signal(signal.SIGKILL)
@@ -338,6 +354,8 @@ class Supervisor:
 
         Raises RolloutError; then the generation that was serving keeps serving.
         """
+        if self._stop.is_set():
+            raise RolloutError("the service is stopping")
         if self.rollout_lock.locked():
             raise RolloutError(f"a rollout is already running ({self.last_rollout}); try again when it is done")
         async with self.rollout_lock:
@@ -350,7 +368,10 @@ class Supervisor:
 
             self.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
             try:
-                await self._rollout(step)
+                with trio.CancelScope() as self._rollout:
+                    await self._replace_all(step)
+                if self._rollout.cancelled_caught:
+                    raise RolloutError("the service is stopping")
             except RolloutError as e:
                 self.last_rollout = f"failed at {time.strftime('%H:%M:%S')}: {e}"
                 raise
@@ -359,7 +380,7 @@ class Supervisor:
             self.last_rollout = f"done at {time.strftime('%H:%M:%S')} in {time.monotonic() - started:.1f}s"
             step(f"done in {time.monotonic() - started:.1f}s")
 
-    async def _rollout(self, step: Callable[[str], None]) -> None:
+    async def _replace_all(self, step: Callable[[str], None]) -> None:
         source = None if self.config.source == configuration.BUILTIN else self.config.source
         try:
             new = configuration.load(source)
@@ -414,15 +435,15 @@ class Supervisor:
         if old is None or not old.running:
             return
         old.retiring = True
-        old.channel.send({"command": "drain"})
-        with trio.move_on_after(sup.stop_timeout):
-            await old.draining.wait()
-        # Its listener is closed: sessions that reconnect reach the new generation only.
-        old.alerted = True
-        await self.alerter.signal(self.config.hub.advertise)
-        step(f"quit alert {self.config.alert.name} raised for {self.config.hub.advertise}")
-        self.retiring_hubs.append(old)
+        self.retiring_hubs.append(old)  # from now on a stop waits for it too
         try:
+            old.channel.send({"command": "drain"})
+            with trio.move_on_after(sup.stop_timeout):
+                await old.draining.wait()
+            # Its listener is closed: sessions that reconnect reach the new generation only.
+            old.alerted = True
+            await self.alerter.signal(self.config.hub.advertise)
+            step(f"quit alert {self.config.alert.name} raised for {self.config.hub.advertise}")
             returncode = await old.stop(sup.drain_timeout + sup.stop_timeout, signum=None)
         finally:
             self.retiring_hubs.remove(old)
@@ -446,6 +467,7 @@ class Supervisor:
             how = "was not running"
         slot.launch()
         await slot.ready(sup.ready_timeout)
+        hub = self.hub.process  # the one that held it may have died meanwhile and been replaced
         answer = await hub.request("release", proxy=slot.proxy_id, instance=slot.instance)
         if "error" in answer:
             raise RolloutError(f"{slot.name}: the hub cannot release it: {answer['error']}")

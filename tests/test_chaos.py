@@ -20,20 +20,6 @@ import pytest
 
 CHAOS = Path(__file__).resolve().parent.parent / "bench" / "chaos.py"
 
-# Violations that come from bugs reported and not fixed yet (RELIABILITY.md, "Found"): while they are
-# the only ones, the test is an expected failure that names them; any other violation fails it.
-KNOWN = {
-    # hub.serve(): after a drain because the supervisor went away, channel.conn.flush() raises.
-    "crash: ": "dcod.connection.ConnectionClosed: supervisor",
-    # Supervisor.run(): a stop during a rollout stops the new hub generation, not the old one, and
-    # then the workers under it; its sync requests in flight get DCO-0003.
-    "sync: ": "after the supervisor was stopped during a reload",
-    # Supervisor._replace_worker(): a hub that dies while a worker is replaced never answers
-    # "release" (Process.request() on an exited process waits forever): the reload hangs.
-    "reloads: ": "hung for more than",
-}
-
-
 @pytest.mark.slow
 def test_chaos_run_keeps_every_invariant(tmp_path):
     report = tmp_path / "chaos.json"
@@ -51,9 +37,5 @@ def test_chaos_run_keeps_every_invariant(tmp_path):
     assert r["sync"]["outcomes"].get("ok", 0) > 100 and r["oneway"]["seen"] > 100
     assert sum(r["reloads"].values()) > 0
     assert r["supervisor"]["starts"] >= 3  # started, restarted after SIGKILL, after SIGTERM
-    violations = r["violations"]
-    unknown = [v for v in violations if not any(v.startswith(p) and text in v for p, text in KNOWN.items())]
-    assert not unknown, unknown
-    assert (result.returncode == 0) == (not violations)
-    if violations:
-        pytest.xfail("only known, reported bugs: " + "; ".join(violations))
+    assert r["violations"] == []
+    assert result.returncode == 0
