@@ -541,60 +541,64 @@ class Load:
             for i in range(self.oneway_sessions):
                 nursery.start_soon(self._oneway, 820000 + i)
 
-    async def _sync(self, audsid: int) -> None:
+    async def _sessions(self, audsid: int, one_request) -> None:
+        """Keep a session alive (a fresh one after the hub list failed it) and run
+        ``one_request(session, body)`` until stopped; it returns False to drop the session."""
         number = 0
         while not self.stopping.is_set():
             try:
                 async with self.session(audsid) as session:
                     while not self.stopping.is_set():
                         number += 1
-                        body = b"%d:%d" % (audsid, number)
-                        session.write(body)
-                        record = Sync(time.monotonic())
-                        try:
-                            rseq = await session.send_request(SYNC_PROXY)
-                        except HubUnavailable:
-                            self.rec.sync[(audsid, -number)] = record
-                            record.outcome, record.done = "unsent", time.monotonic()
-                            break  # a fresh session: drop what this one still queues
-                        self.rec.sync[(audsid, rseq)] = record
-                        try:
-                            reply = await session.read_response(rseq, timeout=CLIENT_TIMEOUT)
-                        except DcoError as e:
-                            record.outcome = e.text[:8] if e.text.startswith("DCO-") else f"other: {e.text}"
-                        except HubLost:
-                            record.outcome = "lost"
-                        except DcoTimeout:
-                            record.outcome = "no answer"
-                        except HubUnavailable:
-                            record.outcome = "lost"  # lost, and then the reconnect failed too
-                        except ClientError as e:
-                            record.outcome = f"other: {e}"
-                        else:
-                            record.outcome = "ok" if reply == body else "mismatch"
-                        record.done = time.monotonic()
+                        if not await one_request(session, b"%d:%d" % (audsid, number), audsid, number):
+                            break
             except HubUnavailable:
                 await trio.sleep(0.1)
 
+    async def _sync(self, audsid: int) -> None:
+        await self._sessions(audsid, self._sync_request)
+
+    async def _sync_request(self, session, body: bytes, audsid: int, number: int) -> bool:
+        session.write(body)
+        record = Sync(time.monotonic())
+        try:
+            rseq = await session.send_request(SYNC_PROXY)
+        except HubUnavailable:
+            self.rec.sync[(audsid, -number)] = record
+            record.outcome, record.done = "unsent", time.monotonic()
+            return False  # a fresh session: drop what this one still queues
+        self.rec.sync[(audsid, rseq)] = record
+        try:
+            reply = await session.read_response(rseq, timeout=CLIENT_TIMEOUT)
+        except DcoError as e:
+            record.outcome = e.text[:8] if e.text.startswith("DCO-") else f"other: {e.text}"
+        except HubLost:
+            record.outcome = "lost"
+        except DcoTimeout:
+            record.outcome = "no answer"
+        except HubUnavailable:
+            record.outcome = "lost"  # lost, and then the reconnect failed too
+        except ClientError as e:
+            record.outcome = f"other: {e}"
+        else:
+            record.outcome = "ok" if reply == body else "mismatch"
+        record.done = time.monotonic()
+        return True
+
     async def _oneway(self, audsid: int) -> None:
-        number = 0
-        while not self.stopping.is_set():
-            try:
-                async with self.session(audsid) as session:
-                    while not self.stopping.is_set():
-                        number += 1
-                        body = b"%d:%d" % (audsid, number)
-                        session.write(body)
-                        sent = time.monotonic()
-                        try:
-                            await session.send_request(ONEWAY_PROXY, oneway=True)
-                        except HubUnavailable:
-                            self.rec.oneway_unsent += 1
-                            break
-                        self.rec.oneway_sent[body] = sent
-                        await trio.sleep(self.oneway_pause)
-            except HubUnavailable:
-                await trio.sleep(0.1)
+        await self._sessions(audsid, self._oneway_request)
+
+    async def _oneway_request(self, session, body: bytes, audsid: int, number: int) -> bool:
+        session.write(body)
+        sent = time.monotonic()
+        try:
+            await session.send_request(ONEWAY_PROXY, oneway=True)
+        except HubUnavailable:
+            self.rec.oneway_unsent += 1
+            return False
+        self.rec.oneway_sent[body] = sent
+        await trio.sleep(self.oneway_pause)
+        return True
 
 
 # ---------------------------------------------------------------- the run
