@@ -152,13 +152,14 @@ class Connection:
     """
 
     __slots__ = ("sock", "name", "_shared", "_out", "_out_bytes", "_busy", "_blocked", "_writer", "_emptied",
-                 "_closing", "_error")
+                 "_closing", "_error", "_head_partial")
 
     def __init__(self, sock: socket.socket, name: str = "") -> None:
         self.sock = tune(sock)
         self.name = name
         self._shared = _this_run()
         self._out: list = []
+        self._head_partial = False  # the kernel took part of _out[0] already
         self._out_bytes = 0
         self._busy = False
         self._blocked = False
@@ -234,6 +235,7 @@ class Connection:
         if sent == self._out_bytes:
             out.clear()
             self._out_bytes = 0
+            self._head_partial = False
             return
         self._out_bytes -= sent
         i = 0
@@ -242,10 +244,19 @@ class Connection:
             if sent >= n:
                 sent -= n
                 i += 1
+                self._head_partial = False
             else:
                 out[i] = memoryview(out[i])[sent:]
+                self._head_partial = True
                 sent = 0
         del out[:i]
+
+    def take_unsent(self) -> list:
+        """After close(): the chunks of which the kernel took nothing, handed back to the caller
+        (a chunk it took part of is left out: its peer may have read that part)."""
+        out, self._out = self._out, []
+        self._out_bytes = 0
+        return out[1:] if self._head_partial else out
 
     async def writer(self) -> None:
         """Write whatever the kernel had no room for, for the life of the connection.

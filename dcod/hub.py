@@ -72,7 +72,7 @@ class Counters:
     """What `dcod status` shows for a proxy (and, summed, for the hub)."""
 
     __slots__ = ("requests", "oneway", "replies", "errors", "error_replies", "timeouts", "worker_lost",
-                 "refused", "queued", "spooled", "replayed", "expired", "duplicates", "orphan_replies",
+                 "refused", "queued", "requeued", "spooled", "replayed", "expired", "duplicates", "orphan_replies",
                  "latency_sum", "latency_max")
 
     def __init__(self) -> None:
@@ -396,7 +396,7 @@ class Hub:
             if instance is not None:
                 self._forward(instance, pdu, pending)
                 return
-        self._enqueue(proxy, pdu, pending, session.conn)
+        self._enqueue(proxy, pdu, pending)
 
     def _forward(self, instance: Instance, pdu, pending: Pending | None) -> None:
         if pending is not None:
@@ -404,7 +404,7 @@ class Hub:
             instance.inflight[pending.key] = pending
         instance.conn.send(pdu)
 
-    def _enqueue(self, proxy: Proxy, pdu, pending: Pending | None, reply_to: Connection) -> None:
+    def _enqueue(self, proxy: Proxy, pdu, pending: Pending | None) -> None:
         try:
             proxy.spool.append(pdu)
         except (SpoolFull, OSError) as e:
@@ -412,9 +412,7 @@ class Hub:
             log.warning("proxy %d: request refused: %s", proxy.config.id, e)
             if pending is not None:
                 pending.finish()
-                audsid, rseq = pending.key
-                reply_to.send(protocol.error_reply(audsid, rseq, ErrorCode.QUEUE_FULL,
-                                                   f"queue full for proxy {proxy.config.id}"))
+                self._error_to_session(pending, ErrorCode.QUEUE_FULL, f"queue full for proxy {proxy.config.id}")
             return
         proxy.counters.queued += 1
         if pending is not None:
@@ -524,6 +522,7 @@ class Hub:
             conn.close()
             instance.state = "connecting"
             instance.conn = None
+            self._requeue_unsent(instance, conn.take_unsent())
             self._fail_inflight(instance)
 
     async def _handshake(self, instance: Instance, conn: Connection) -> None:
@@ -596,6 +595,22 @@ class Hub:
             conn.shutdown_write()
         except (ConnectionClosed, OSError):
             pass
+
+    def _requeue_unsent(self, instance: Instance, unsent: list) -> None:
+        """Requests that never left us for a worker that went away: back to the queue, not lost
+        (one-way) or failed (sync). Only what the kernel took from us is uncertain."""
+        proxy = instance.proxy
+        for pdu in unsent:
+            if len(pdu) < protocol.HEADER_SIZE:
+                continue  # our handshake
+            length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
+            pending = instance.inflight.pop((audsid, rseq), None) if length > 0 else None
+            if pending is not None:
+                pending.instance = None
+            proxy.counters.requeued += 1
+            self._enqueue(proxy, pdu, pending)
+        if unsent:
+            log.info("worker %s went away: %d requests it never got are queued again", instance.name, len(unsent))
 
     def _fail_inflight(self, instance: Instance) -> None:
         """The instance is gone: its sync requests will never be answered; say so."""

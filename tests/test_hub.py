@@ -289,3 +289,35 @@ async def test_oneway_requests_spread_over_instances(hub_with_workers):
         await session.send(1, rseq, b"o", oneway=True)
     got = [[(await read_pdu(side))[2] for _ in range(2)] for side in sides]
     assert sorted(got[0] + got[1]) == [1, 2, 3, 4]
+
+
+async def test_requests_a_dead_worker_never_got_are_queued_again(make_config, start_hub):
+    config = make_config(proxies())
+    [worker] = await workers_for(config)
+    hub, address = await start_hub(config)
+    stuck = await worker.accept()  # it reads nothing: the hub's outbox backs up behind the socket
+    session = await OracleSession.connect(address, audsid=40)
+    body = b"b" * 65536
+    for rseq in range(1, 121):  # ~8 MB: more than the socket buffers hold
+        await session.send(1, rseq, body, oneway=rseq % 4 != 0)
+    instance = hub.proxies[1].instances[0]
+    await wait_for(lambda: hub.proxies[1].counters.requests == 120 and instance.conn.pending_bytes > 1 << 20)
+    stuck.close()  # the worker dies with the outbox still full
+    fresh = await worker.accept()  # the hub reconnects; the requests it never sent come first
+    requeued = hub.proxies[1].counters.requeued
+    assert requeued > 0
+    got = [await read_pdu(fresh) for _ in range(requeued)]
+    rseqs = [g[2] for g in got]
+    assert rseqs == sorted(set(rseqs)) and rseqs[-1] == 120  # each once, in order, up to the last
+    assert all(g[3] == body and (g[0] > 0) == (g[2] % 4 == 0) for g in got)
+    # Sync ones among them are answered for real; only those the kernel had taken got DCO-0003.
+    sync_requeued = [g for g in got if g[0] > 0]
+    for g in sync_requeued:
+        await send_all(fresh, reply_pdu(40, g[2], b"ok"))
+    answers = {}
+    for _ in range(30):  # 30 sync requests in all: each gets exactly one answer
+        length, _, rseq, text = await session.read()
+        answers[rseq] = text if length > 0 else text[:8]
+    assert sorted(answers) == list(range(4, 121, 4))
+    assert {answers[g[2]] for g in sync_requeued} == {b"ok"}
+    assert set(answers.values()) <= {b"ok", b"DCO-0003"}
