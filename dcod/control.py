@@ -90,8 +90,9 @@ async def heartbeat(channel: Channel, stats, interval: float) -> None:
         await trio.sleep(interval)
 
 
-async def obey(channel: Channel, stop) -> None:
-    """Call ``stop(reason)`` when the supervisor says "drain" or goes away (end of stream)."""
+async def obey(channel: Channel, stop, other=None) -> None:
+    """Call ``stop(reason)`` when the supervisor says "drain" or goes away (end of stream);
+    ``other(message)``, if given, for any other command."""
     while True:
         try:
             message = await channel.receive()
@@ -103,6 +104,8 @@ async def obey(channel: Channel, stop) -> None:
             return
         if message.get("command") == "drain":
             stop("asked to drain")
+        elif other is not None:
+            other(message)
 
 
 # ---------------------------------------------------------------- the control socket

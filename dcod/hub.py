@@ -726,7 +726,8 @@ async def serve(config: Config, listeners: list[socket.socket]) -> None:
                 nursery.start_soon(channel.writer)
                 nursery.start_soon(control.heartbeat, channel, hub.stats, config.supervisor.heartbeat_interval)
                 nursery.start_soon(_ready_when_connected, hub, channel)
-                nursery.start_soon(_obey_supervisor, hub, channel, nursery, stop)
+                nursery.start_soon(control.obey, channel, functools.partial(_stop, stop),
+                                   functools.partial(_on_command, hub, channel, nursery))
                 on_closed = functools.partial(channel.send, {"event": "draining"})
             nursery.start_soon(_stop_on_signal, signals, stop)
             await stop.wait()
@@ -756,22 +757,10 @@ async def _ready_when_connected(hub: Hub, channel: control.Channel) -> None:
     channel.send({"event": "ready"})
 
 
-async def _obey_supervisor(hub: Hub, channel: control.Channel, nursery: trio.Nursery, stop: trio.Event) -> None:
-    """Commands: drain; hold/release an instance (answered once it is idle / connected again)."""
-    while True:
-        try:
-            message = await channel.receive()
-        except control.ChannelError as e:
-            log.warning("%s", e)
-            continue
-        if message is None:
-            _stop(stop, "supervisor went away")
-            return
-        command = message.get("command")
-        if command == "drain":
-            _stop(stop, "asked to drain")
-        elif command in ("hold", "release"):
-            nursery.start_soon(_hold, hub, channel, message)
+def _on_command(hub: Hub, channel: control.Channel, nursery: trio.Nursery, message: dict) -> None:
+    """Commands besides drain: hold/release an instance (answered once it is idle / connected again)."""
+    if message.get("command") in ("hold", "release"):
+        nursery.start_soon(_hold, hub, channel, message)
 
 
 async def _hold(hub: Hub, channel: control.Channel, message: dict) -> None:
