@@ -72,7 +72,7 @@ class Counters:
     """What `dcod status` shows for a proxy (and, summed, for the hub)."""
 
     __slots__ = ("requests", "oneway", "replies", "errors", "error_replies", "timeouts", "worker_lost",
-                 "refused", "queued", "requeued", "spooled", "replayed", "expired", "duplicates", "orphan_replies",
+                 "refused", "queued", "requeued", "replayed", "expired", "duplicates", "orphan_replies",
                  "latency_sum", "latency_max")
 
     def __init__(self) -> None:
@@ -193,7 +193,6 @@ class Hub:
         self.connections = 0
         self.timeouts: collections.deque[Pending] = collections.deque()  # in deadline order
         self.totals = collections.Counter()  # hub-wide: sessions, protocol errors, refused connections...
-        self.started = time.time()
         self.draining = False
         self._nursery: trio.Nursery | None = None
         self._listeners: list[socket.socket] = []

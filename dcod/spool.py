@@ -30,7 +30,6 @@ FILE_HEADER = struct.Struct(">8sQQ")
 POSITIONS = struct.Struct(">QQ")  # head, mark
 RECORD_HEADER = struct.Struct(">IId")
 HEAD_OFFSET = len(MAGIC)
-READ_CHUNK = 1024 * 1024
 
 log = logging.getLogger("dcod.spool")
 
