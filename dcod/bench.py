@@ -27,6 +27,7 @@ its state dir (the spool) in the temporary directory, on disk as /var/lib/dcod i
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -550,34 +551,46 @@ def _echoes(reply: bytes, tag: bytes, padding: bytes) -> bool:
     return len(reply) == len(tag) + len(padding) and reply.startswith(tag) and reply.endswith(padding)
 
 
-async def _round_trips(session: Session, numbers: Iterator[int], plan: LoadPlan, tally: Tally) -> None:
-    """One of a session's ``depth`` loops: send a request, wait for its reply, check it, again.
+async def _round_trips(session: Session, plan: LoadPlan, tally: Tally) -> None:
+    """One Oracle session as PL/SQL drives it: a single thread of control keeping ``depth``
+    requests outstanding with the dco package's calls.
 
-    The request is queued (``buffered``) and sent by read_response's flush: the session's
-    other loops' requests queued meanwhile go in the same write, as PL/SQL's do on flush.
-    Tag and padding are written apart: the session joins them, the only copy of a big body here.
+    New requests are queued (``buffered``) and sent together by one flush; then the session
+    waits for its oldest reply and takes every later one that has arrived meanwhile, in
+    order, before it queues as many new requests. Tag and padding are written apart: the
+    session joins them, the only copy of a big body here.
     """
     padding = b"x" * (plan.size - TAG_SIZE)
-    while not tally.stopping.is_set():
-        tag = request_tag(session.audsid, next(numbers))
-        tally.sent += 1
-        tally.outstanding += 1
-        sent_at = time.monotonic()
-        try:
+    numbers = itertools.count(1)
+    window: collections.deque[tuple[int, bytes, float]] = collections.deque()  # rseq, tag, sent at
+    while window or not tally.stopping.is_set():
+        while len(window) < plan.depth and not tally.stopping.is_set():
+            tag = request_tag(session.audsid, next(numbers))
             session.write(tag)
             session.write(padding)
-            rseq = await session.send_request(plan.proxy, buffered=True)
-            reply = await session.read_response(rseq)
-        except DcoError:
-            tally.errors += 1
-        except ClientError:
-            tally.lost += 1  # the hub went away, or none could be reached
+            window.append((await session.send_request(plan.proxy, buffered=True), tag, time.monotonic()))
+            tally.sent += 1
+            tally.outstanding += 1
+        with contextlib.suppress(ClientError):  # no hub reachable: each read_response says so
+            await session.flush()
+        await _read_reply(session, *window.popleft(), padding, tally)
+        while window and session.has_reply(window[0][0]):
+            await _read_reply(session, *window.popleft(), padding, tally)
+
+
+async def _read_reply(session: Session, rseq: int, tag: bytes, sent_at: float, padding: bytes, tally: Tally) -> None:
+    try:
+        reply = await session.read_response(rseq)
+    except DcoError:
+        tally.errors += 1
+    except ClientError:
+        tally.lost += 1  # the hub went away, or none could be reached
+    else:
+        if _echoes(reply, tag, padding):
+            tally.done(sent_at, latency=True)
         else:
-            if _echoes(reply, tag, padding):
-                tally.done(sent_at, latency=True)
-            else:
-                tally.mismatched += 1
-        tally.outstanding -= 1  # not reached when cancelled at the end of the grace: then it is lost
+            tally.mismatched += 1
+    tally.outstanding -= 1  # not reached when cancelled at the end of the grace: then it is lost
 
 
 async def _one_way(session: Session, numbers: Iterator[int], plan: LoadPlan, tally: Tally) -> None:
@@ -624,14 +637,16 @@ async def run_load(plan: LoadPlan, pipe: multiprocessing.connection.Connection, 
         except EOFError:
             return  # the parent gave up (another load process failed)
         tally = Tally(schedule)
-        loop = _one_way if plan.oneway else _round_trips
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_publish, tally, counters, plan.index)
             async with trio.open_nursery() as loops:
                 for session in sessions:
-                    numbers = itertools.count(1)
-                    for _ in range(plan.depth):
-                        loops.start_soon(loop, session, numbers, plan, tally)
+                    if plan.oneway:
+                        numbers = itertools.count(1)
+                        for _ in range(plan.depth):
+                            loops.start_soon(_one_way, session, numbers, plan, tally)
+                    else:
+                        loops.start_soon(_round_trips, session, plan, tally)
                 if schedule.end_at is None:
                     await tally.stopping.wait()
                 else:

@@ -255,6 +255,11 @@ class Session:
             raise reply
         return reply
 
+    def has_reply(self, rseq: int) -> bool:
+        """Whether read_response(rseq) returns (or raises) without waiting: its reply, error
+        reply or the news that its connection was lost is in the cache."""
+        return rseq in self._replies
+
     async def call_sync(self, proxy_id: int, body: bytes, timeout: float | None = None) -> bytes:
         """Send ``body`` (after anything written since the last request) and wait for its reply."""
         self.write(body)

@@ -104,10 +104,10 @@ def _wake(holder, attribute: str) -> None:
         trio.lowlevel.reschedule(task)
 
 
-class _Shared:
+class Shared:
     """What the connections of one trio run share: the flusher task's list, a receive buffer."""
 
-    __slots__ = ("dirty", "flusher", "recv_buffer")
+    __slots__ = ("dirty", "flusher", "recv_buffer", "batching")
 
     def __init__(self) -> None:
         self.dirty: list[Connection] = []  # connections sent to since the flusher last ran
@@ -115,49 +115,61 @@ class _Shared:
         # Every recv() lands here and is copied out at its size: a recv(RECV_SIZE) would
         # allocate (mmap, mremap, munmap) a buffer that large for every few bytes received.
         self.recv_buffer = bytearray(RECV_SIZE)
+        # A reactor is handling a batch of reads and will flush() at its end: no need to wake
+        # the flusher task for what its handlers send.
+        self.batching = False
 
     def add(self, conn: Connection) -> None:
         self.dirty.append(conn)
-        _wake(self, "flusher")
+        if not self.batching:
+            _wake(self, "flusher")
+
+    def flush(self) -> None:
+        """Write every connection sent to (including those sent to while writing: an error reply)."""
+        while self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for conn in dirty:
+                conn._write()
 
     async def flush_forever(self) -> None:
         # A system task: it must never raise, and _write() does not.
         while True:
             if not self.dirty:
                 await _park(self, "flusher")
-            dirty, self.dirty = self.dirty, []
-            for conn in dirty:
-                conn._write()
+            self.flush()
 
 
 _shared: trio.lowlevel.RunVar = trio.lowlevel.RunVar("dcod_connections")
 
 
-def _this_run() -> _Shared:
+def shared() -> Shared:
+    """This trio run's Shared (its flusher task starts with the first call)."""
     try:
         return _shared.get()
     except LookupError:
-        shared = _Shared()
+        shared = Shared()
         trio.lowlevel.spawn_system_task(shared.flush_forever, name="dcod connection flusher")
         _shared.set(shared)
         return shared
 
 
 class Connection:
-    """One peer. Run ``writer()`` in a task for as long as the connection lives.
+    """One peer. Run ``writer()`` in a task for as long as the connection lives, unless a
+    reactor serves it (dcod.reactor): then the reactor reads it and writes what is left.
 
     Who writes the outbox: nobody while it is empty; the flusher once the connection is on
-    its list (``_busy``); the writer task while the kernel has no room (``_blocked``).
-    One of them at a time, so bytes go out in the order they were sent.
+    its list (``_busy``); the writer task, or the reactor, while the kernel has no room
+    (``_blocked``). One of them at a time, so bytes go out in the order they were sent.
     """
 
-    __slots__ = ("sock", "name", "_shared", "_out", "_out_bytes", "_busy", "_blocked", "_writer", "_emptied",
-                 "_closing", "_error", "_head_partial")
+    __slots__ = ("sock", "name", "reactor", "_shared", "_out", "_out_bytes", "_busy", "_blocked", "_writer",
+                 "_emptied", "_closing", "_error", "_head_partial")
 
     def __init__(self, sock: socket.socket, name: str = "") -> None:
         self.sock = tune(sock)
         self.name = name
-        self._shared = _this_run()
+        self.reactor = None  # the dcod.reactor.Reactor serving it, if one does
+        self._shared = shared()
         self._out: list = []
         self._head_partial = False  # the kernel took part of _out[0] already
         self._out_bytes = 0
@@ -221,12 +233,15 @@ class Connection:
                 self._consume(sent)
         except BlockingIOError:
             self._blocked = True
-            _wake(self, "_writer")
+            if self.reactor is not None:
+                self.reactor.wait_writable(self)
+            else:
+                _wake(self, "_writer")
             return
         except OSError as e:
             self._error = ConnectionClosed(f"{self.name}: {e.strerror}")
-            self._closing = True
-            _wake(self, "_writer")
+            self.close(e.strerror)
+            return
         self._busy = False
         self._wake_flushers()
 
@@ -258,6 +273,11 @@ class Connection:
         self._out_bytes = 0
         return out[1:] if self._head_partial else out
 
+    def writable(self) -> None:
+        """The kernel has room again: write what is left (called by the reactor)."""
+        self._blocked = False
+        self._write()
+
     async def writer(self) -> None:
         """Write whatever the kernel had no room for, for the life of the connection.
 
@@ -271,8 +291,7 @@ class Connection:
                 await trio.lowlevel.wait_writable(self.sock)
             except trio.ClosedResourceError:
                 raise ConnectionClosed(self.name) from None
-            self._blocked = False
-            self._write()
+            self.writable()
         if self._error is not None:
             raise self._error
 
@@ -298,13 +317,20 @@ class Connection:
             if e.errno != errno.ENOTCONN:
                 raise
 
-    def close(self) -> None:
-        """Close at once, dropping anything unsent; wakes tasks blocked on this socket."""
+    def close(self, reason: str | None = "closed") -> None:
+        """Close at once, dropping anything unsent; wakes tasks blocked on this socket.
+
+        A reactor's connection leaves the reactor, which tells its owner ``reason``
+        (None: the peer ended the stream)."""
         if self._closing and self.sock.fileno() < 0:
             return
         self._closing = True
         self._wake_flushers()
         _wake(self, "_writer")
         if self.sock.fileno() >= 0:
+            # Out of the reactor's epoll before the descriptor's number can be reused.
+            ended = self.reactor.forget(self) if self.reactor is not None else None
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
+            if ended is not None:
+                ended(reason)

@@ -7,8 +7,9 @@ back and go to the session that has it. Every sync request is tracked until its 
 error reply or timeout; a request that cannot be forwarded at once is queued in the
 proxy's spool, durably, and forwarded in order when an instance is there.
 
-Hot path: one reader task per connection parses whole PDUs and hands them to the
-destination connection's outbox, rewriting 4 bytes in place; no task per request.
+Hot path: one reactor task (dcod.reactor) reads every session and worker connection,
+parses whole PDUs and hands each to its destination connection's outbox, rewriting 4 bytes
+in place; no task per request or per connection.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dcod import control, protocol, sockets
 from dcod.config import Config, ProxyConfig
 from dcod.connection import Connection, ConnectionClosed, accept, connect
 from dcod.protocol import ROUTED_HEADER, ErrorCode, ProtocolError
+from dcod.reactor import Reactor
 from dcod.spool import Spool, SpoolDir, SpoolFull
 
 log = logging.getLogger("dcod.hub")
@@ -41,6 +43,7 @@ SESSION_BACKLOG = 4 * 1024 * 1024  # bytes of unsent replies to one session befo
 WARN_EVERY = 10.0  # seconds between repeats of a warning about bad peers
 ADOPT_INTERVAL = 1.0  # seconds between looks for spools left by hubs that are gone
 FOREIGN_HANDSHAKE_PAUSE = 0.05  # seconds between the magic and the first request, for non-dcod workers
+PROTOCOL_ERROR = "protocol error"  # why we closed a worker connection (already logged)
 
 
 class Pending:
@@ -137,15 +140,20 @@ class Proxy:
         self.counters = Counters()
         self.wake_pump = trio.Event()
         self._turn = 0  # where the round-robin among equally busy instances starts
+        self._last_read = 0  # pick(): the session read it last picked for, and what
+        self._last_pick: Instance | None = None
 
     def update_available(self) -> None:
         """An instance's state changed: recompute ``available``, so that pick() need not."""
         self.available = [i for i in self.instances if i.available]
 
-    def pick(self, audsid: int) -> Instance | None:
+    def pick(self, audsid: int, read: int = 0) -> Instance | None:
         """The instance for a request: least outstanding first, or by session for ordered proxies.
 
-        Ties go round-robin, so that one-way requests (never outstanding) spread too.
+        Ties go round-robin, so that one-way requests (never outstanding) spread too. The
+        requests of one read from a session (``read`` numbers it) go to the same instance:
+        their replies then come back together and reach the session in one write, and the
+        session's next requests come together too.
         """
         available = self.available
         count = len(available)
@@ -153,22 +161,26 @@ class Proxy:
             return available[0] if count else None
         if self.config.ordered:
             return available[audsid % count]
+        if read and read == self._last_read and self._last_pick.available:
+            return self._last_pick
         self._turn = turn = (self._turn + 1) % count
         best = available[turn]
         for k in range(1, count):
             instance = available[(turn + k) % count]
             if len(instance.inflight) < len(best.inflight):
                 best = instance
+        self._last_read, self._last_pick = read, best
         return best
 
 
 class Session:
     """An Oracle session's connection."""
 
-    __slots__ = ("conn", "audsid", "sid", "serial", "peer", "registered", "inflight")
+    __slots__ = ("conn", "framer", "audsid", "sid", "serial", "peer", "registered", "inflight")
 
-    def __init__(self, conn: Connection, peer: str) -> None:
+    def __init__(self, conn: Connection, peer: str, max_pdu: int) -> None:
         self.conn = conn
+        self.framer = protocol.Framer(max_pdu, preamble=protocol.ORACLE_HANDSHAKE.size, magic=protocol.ORACLE_MAGIC)
         self.peer = peer
         self.audsid = self.sid = self.serial = 0  # audsid 0 is a real one (SYS): see registered
         self.registered = False
@@ -194,6 +206,9 @@ class Hub:
         self.timeouts: collections.deque[Pending] = collections.deque()  # in deadline order
         self.totals = collections.Counter()  # hub-wide: sessions, protocol errors, refused connections...
         self.draining = False
+        self.reactor: Reactor | None = None  # reads every session and worker connection; made by run()
+        self._reads = 0  # reads from sessions that brought requests: Proxy.pick() keeps each one's together
+        self._incomplete: dict[Session, float] = {}  # sessions mid-PDU or before their handshake: since when
         self._nursery: trio.Nursery | None = None
         self._listeners: list[socket.socket] = []
 
@@ -205,13 +220,15 @@ class Hub:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self.reactor = Reactor()
+                nursery.start_soon(self.reactor.run)
                 self._adopt_spools()
                 nursery.start_soon(self._keep_adopting)
                 for proxy in self.proxies.values():
                     nursery.start_soon(self._pump, proxy)
                     for instance in proxy.instances:
                         nursery.start_soon(self._keep_connected, instance)
-                nursery.start_soon(self._sweep_timeouts)
+                nursery.start_soon(self._sweep)
                 nursery.start_soon(self._fsync_spools)
                 for listener in listeners:
                     nursery.start_soon(self._accept, listener)
@@ -263,7 +280,11 @@ class Hub:
                            peer, self.config.hub.max_connections)
                 sock.close()
                 continue
-            self._nursery.start_soon(self._serve_session, Session(Connection(sock, peer), peer))
+            session = Session(Connection(sock, peer), peer, self.max_pdu)
+            self.connections += 1
+            self._incomplete[session] = self.clock()  # until its handshake is in
+            self.reactor.add(session.conn, functools.partial(self._on_session_data, session),
+                             functools.partial(self._on_session_end, session))
 
     def _warn(self, kind: str, message: str, *args) -> None:
         """A warning that a flood of bad peers could repeat: at most one per kind every WARN_EVERY s."""
@@ -285,73 +306,48 @@ class Hub:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self.allow)
 
-    async def _serve_session(self, session: Session) -> None:
-        conn = session.conn
-        framer = protocol.Framer(self.max_pdu, preamble=protocol.ORACLE_HANDSHAKE.size, magic=protocol.ORACLE_MAGIC)
-        self.connections += 1
+    def _on_session_data(self, session: Session, data: memoryview) -> None:
+        framer = session.framer
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_until_closed, conn)
-                try:
-                    await self._read_session(session, framer)
-                finally:
-                    nursery.cancel_scope.cancel()
-        finally:
-            self.connections -= 1
-            conn.close()
-            if session.audsid and self.sessions.get(session.audsid) is session:
-                del self.sessions[session.audsid]
-
-    async def _write_until_closed(self, conn: Connection) -> None:
-        try:
-            await conn.writer()
-        except ConnectionClosed:
-            conn.close()
-
-    async def _read_session(self, session: Session, framer: protocol.Framer) -> None:
-        conn = session.conn
-        stall_timeout = self.config.hub.stall_timeout
-        while True:
-            try:
-                if framer.buffered or not session.registered:
-                    # Mid-PDU or before the handshake: a peer that stalls here holds a connection
-                    # and memory for nothing (slowloris); it gets stall_timeout seconds.
-                    data = None
-                    with trio.move_on_after(stall_timeout):
-                        data = await conn.recv()
-                    if data is None:
-                        self.totals["stalled"] += 1
-                        self._warn("stalled", "session %s: stalled for %gs before a whole PDU (%d bytes); closing it",
-                                   session.peer, stall_timeout, framer.buffered)
-                        return
-                else:
-                    data = await conn.recv()
-            except ConnectionClosed:
-                return
-            if not data:
-                if framer.buffered:
-                    self.totals["truncated_pdus"] += 1
-                    log.warning("session %s audsid %d went away mid-PDU (%d bytes)", session.peer,
-                                session.audsid, framer.buffered)
-                return
-            try:
-                pdus = framer.feed(data)
-                if not session.registered and framer.preamble:
-                    self._register(session, framer.preamble)
-            except ProtocolError as e:
-                self.totals["protocol_errors"] += 1
-                log.warning("session %s audsid %d: %s; closing it", session.peer, session.audsid, e)
-                return
+            pdus = framer.feed(data)
+            if not session.registered and framer.preamble:
+                self._register(session, framer.preamble)
+        except ProtocolError as e:
+            self.totals["protocol_errors"] += 1
+            log.warning("session %s audsid %d: %s; closing it", session.peer, session.audsid, e)
+            session.conn.close()
+            return
+        if pdus:
+            self._reads += 1
             for pdu in pdus:
                 self._on_request(session, pdu)
-            if conn.pending_bytes > SESSION_BACKLOG:
-                # Its replies pile up unread: read no more from it until they are gone, so the
-                # session's own socket, not our memory, absorbs what it keeps sending.
-                self.totals["slow_readers"] += 1
-                try:
-                    await conn.flush()
-                except ConnectionClosed:
-                    return
+        if framer.buffered or not session.registered:
+            # Mid-PDU or before the handshake: a peer that stalls here holds a connection and
+            # memory for nothing (slowloris); _sweep closes it after stall_timeout of silence.
+            self._incomplete[session] = self.clock()
+        elif self._incomplete:
+            self._incomplete.pop(session, None)
+        if session.conn.pending_bytes > SESSION_BACKLOG:
+            # Its replies pile up unread: read no more from it until they are gone, so the
+            # session's own socket, not our memory, absorbs what it keeps sending.
+            self.totals["slow_readers"] += 1
+            self.reactor.pause(session.conn)
+            self._nursery.start_soon(self._resume_when_flushed, session.conn)
+
+    async def _resume_when_flushed(self, conn: Connection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await conn.flush()
+            self.reactor.pause(conn, reading=True)
+
+    def _on_session_end(self, session: Session, reason: str | None) -> None:
+        self.connections -= 1
+        self._incomplete.pop(session, None)
+        if reason is None and session.framer.buffered:
+            self.totals["truncated_pdus"] += 1
+            log.warning("session %s audsid %d went away mid-PDU (%d bytes)", session.peer, session.audsid,
+                        session.framer.buffered)
+        if session.registered and self.sessions.get(session.audsid) is session:
+            del self.sessions[session.audsid]
 
     def _register(self, session: Session, handshake: bytes) -> None:
         _, session.sid, session.serial, session.audsid = protocol.ORACLE_HANDSHAKE.unpack(handshake)
@@ -391,7 +387,7 @@ class Hub:
         else:
             counters.oneway += 1
         if not proxy.spool.records:  # nothing queued ahead of it
-            instance = proxy.pick(audsid)
+            instance = proxy.pick(audsid, self._reads)
             if instance is not None:
                 self._forward(instance, pdu, pending)
                 return
@@ -507,16 +503,18 @@ class Hub:
         instance.conn = conn
         instance.connects += 1
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_until_closed, conn)
-                try:
-                    await self._handshake(instance, conn)
-                    instance.state = "up"
-                    log.info("connected to worker %s at %s", instance.name, instance.address)
-                    instance.proxy.wake_pump.set()
-                    await self._read_instance(instance, conn)
-                finally:
-                    nursery.cancel_scope.cancel()
+            await self._handshake(instance, conn)
+            instance.state = "up"
+            log.info("connected to worker %s at %s", instance.name, instance.address)
+            instance.proxy.wake_pump.set()
+            framer = protocol.Framer(self.max_pdu, accept_noradle_quit=True)
+            reason = await self.reactor.serve(conn, functools.partial(self._on_instance_data, instance, framer))
+            if reason is None:
+                log.info("worker %s closed its connection", instance.name)
+            elif reason != PROTOCOL_ERROR:
+                log.warning("worker %s: connection lost: %s", instance.name, reason)
+        except ConnectionClosed as e:
+            log.warning("worker %s: connection lost: %s", instance.name, e)
         finally:
             conn.close()
             instance.state = "connecting"
@@ -532,25 +530,16 @@ class Hub:
         if not instance.proxy.config.handler:
             await trio.sleep(FOREIGN_HANDSHAKE_PAUSE)
 
-    async def _read_instance(self, instance: Instance, conn: Connection) -> None:
-        framer = protocol.Framer(self.max_pdu, accept_noradle_quit=True)
-        while True:
-            try:
-                data = await conn.recv()
-            except ConnectionClosed as e:
-                log.warning("worker %s: connection lost: %s", instance.name, e)
-                return
-            if not data:
-                log.info("worker %s closed its connection", instance.name)
-                return
-            try:
-                pdus = framer.feed(data)
-            except ProtocolError as e:
-                self.totals["worker_protocol_errors"] += 1
-                log.warning("worker %s: %s; closing the connection", instance.name, e)
-                return
-            for pdu in pdus:
-                self._on_reply(instance, pdu)
+    def _on_instance_data(self, instance: Instance, framer: protocol.Framer, data: memoryview) -> None:
+        try:
+            pdus = framer.feed(data)
+        except ProtocolError as e:
+            self.totals["worker_protocol_errors"] += 1
+            log.warning("worker %s: %s; closing the connection", instance.name, e)
+            instance.conn.close(PROTOCOL_ERROR)
+            return
+        for pdu in pdus:
+            self._on_reply(instance, pdu)
 
     def _on_reply(self, instance: Instance, pdu: bytearray) -> None:
         length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
@@ -632,7 +621,8 @@ class Hub:
 
     # ------------------------------------------------------------ timeouts
 
-    async def _sweep_timeouts(self) -> None:
+    async def _sweep(self) -> None:
+        """Answer sync requests past their deadline; close sessions stalled mid-PDU."""
         timeouts = self.timeouts
         while True:
             await trio.sleep(SWEEP_INTERVAL)
@@ -650,6 +640,16 @@ class Hub:
                 proxy.counters.timeouts += 1
                 self._error_to_session(pending, ErrorCode.REPLY_TIMEOUT,
                                        f"no reply from proxy {proxy.config.id} within {self.reply_timeout:g}s")
+            self._close_stalled(now)
+
+    def _close_stalled(self, now: float) -> None:
+        stall_timeout = self.config.hub.stall_timeout
+        stalled = [s for s, since in self._incomplete.items() if now - since >= stall_timeout]
+        for session in stalled:
+            self.totals["stalled"] += 1
+            self._warn("stalled", "session %s: stalled for %gs before a whole PDU (%d bytes); closing it",
+                       session.peer, stall_timeout, session.framer.buffered)
+            session.conn.close()
 
     # ------------------------------------------------------------ status
 

@@ -3,6 +3,7 @@ a worker that ignores SIGTERM; and the control socket's commands around them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -184,18 +185,21 @@ async def test_killed_worker_gets_error_replies_others_work_and_it_comes_back(ru
     r = run('[[proxy]]\nid = 1\nhandler = "slowecho:handle"\ninstances = 2\n')
     await r.notification("READY=1")
     from dcod.client import DcoError, DcoTimeout, Session
-    async with Session(r.config.hub.advertise, audsid=77) as session:
-        slow_rseqs = []
-        for _ in range(4):
+    async with contextlib.AsyncExitStack() as stack:
+        # One request from each of 4 sessions: two on each instance (least outstanding first;
+        # one session's requests read together would all go to one instance).
+        sessions = [await stack.enter_async_context(Session(r.config.hub.advertise, audsid=77 + n)) for n in range(4)]
+        slow = []
+        for session in sessions:
             session.write(b"slow")
-            slow_rseqs.append(await session.send_request(1))
+            slow.append((session, await session.send_request(1)))
         with trio.fail_after(10):
             while row(status(r.config), "hub")["inflight"] < 4:  # known from the hub's heartbeats
                 await trio.sleep(0.05)
         [victim] = r.children_with("--instance 0")
         victim.kill()
         codes, still_running = [], 0
-        for rseq in slow_rseqs:  # two on each instance (least outstanding first)
+        for session, rseq in slow:
             try:
                 await session.read_response(rseq, timeout=2)
             except DcoError as e:
@@ -205,7 +209,7 @@ async def test_killed_worker_gets_error_replies_others_work_and_it_comes_back(ru
         assert codes == [3, 3]  # DCO-0003 at once for those in flight at the killed instance
         assert still_running == 2  # the other instance's requests are unaffected
         for n in range(6):
-            assert await session.call_sync(1, b"fast %d" % n, timeout=10) == b"fast %d" % n
+            assert await sessions[0].call_sync(1, b"fast %d" % n, timeout=10) == b"fast %d" % n
     with trio.fail_after(10):
         while row(status(r.config), "worker 1#0")["state"] != "ready":
             await trio.sleep(0.05)
