@@ -96,6 +96,8 @@ class Slot:
             nursery.start_soon(process.channel.writer)
             nursery.start_soon(process.listen)
             nursery.start_soon(self._mark_ready, process)
+            if self.is_hub:
+                nursery.start_soon(self._alert_if_draining_unasked, process)
             returncode = await process.wait()
             nursery.cancel_scope.cancel()
         process.channel.close()
@@ -114,6 +116,19 @@ class Slot:
         await process.ready.wait()
         if process is self.process:
             self.state = "ready"
+
+    async def _alert_if_draining_unasked(self, process: Process) -> None:
+        """A hub that drains though neither a rollout nor a stop asked (SIGTERM from outside) has
+        closed its listener: raise the quit alert now, so that its sessions leave, not at its exit,
+        which then restarts it as any unplanned exit does."""
+        await process.draining.wait()
+        sup = self.supervisor
+        if process is not self.process or process.alerted or sup.stopping:
+            return  # replaced by a rollout, or stopped: they raise the alert; or it is raised already
+        process.alerted = True
+        await sup.alert_hub_gone(f"hub (pid {process.pid}) is draining, not asked to")
+        # The pmon leaves an alerted hub alone: if its drain hangs, kill it as a rollout would.
+        await process.stop(sup.config.supervisor.drain_timeout + sup.config.supervisor.stop_timeout, signum=None)
 
     async def _failed(self, process: Process, how: str) -> None:
         """An unplanned exit: alert if it was the hub, restart with backoff within the budget."""
@@ -249,6 +264,10 @@ class Supervisor:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     async def _announce_ready(self) -> None:
         """READY=1 once the hub is connected to its workers and every worker is serving."""

@@ -10,6 +10,16 @@ hub half-closes (requests that crossed the notice are still served), let every r
 flight finish and its reply reach the kernel, then call the handler's ``done()``. A second
 stop (SIGTERM) stops reading at once, though requests in flight still finish; past
 ``stop_timeout`` whatever is left is cancelled and the exit status says so.
+
+One-way requests are acknowledged when the hub asks for it (our extension: ``ACK_ONEWAY`` as
+the first PDU after the magic; Noradle's hub never sends it, and then nothing changes): each
+then gets an empty reply ``12, audsid, rseq`` once its handler has returned or raised, never
+when it was cancelled (``stop_timeout``) or not read at all, so the hub sends those again.
+The ack comes after the handling, not on receipt: acking on receipt would lose what an
+instance dies in the middle of, as without acks (at-most-once); acking after it means a
+request whose ack died with the instance is handled twice (at-least-once), so a one-way
+handler should tolerate a repeat (the audsid and rseq identify it). A failed request is acked
+too: sent again, it would most likely fail again, and again.
 """
 
 from __future__ import annotations
@@ -29,8 +39,8 @@ import trio
 from dcod import control, sockets
 from dcod.config import Config
 from dcod.connection import Connection, ConnectionClosed, accept
-from dcod.protocol import (DEFAULT_MAX_PDU, HEADER_SIZE, HUB_HANDSHAKE, HUB_MAGIC, QUIT_NOTICE, ROUTED_HEADER,
-                           ErrorCode, Framer, ProtocolError, error_reply, reply)
+from dcod.protocol import (ACK_ONEWAY, DEFAULT_MAX_PDU, HEADER_SIZE, HUB_HANDSHAKE, HUB_MAGIC, QUIT_NOTICE,
+                           ROUTED_HEADER, ErrorCode, Framer, ProtocolError, error_reply, reply)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +101,7 @@ class _Counts:
     requests: int = 0  # handlers started (one-way ones included)
     oneway: int = 0
     replies: int = 0  # sync requests answered with a reply
+    acks: int = 0  # one-way requests acknowledged to a hub that asked for it
     errors: int = 0  # handler failures: error replies sent, and failed one-way requests
     in_flight: int = 0
     protocol_errors: int = 0  # hub connections closed for breaking the protocol
@@ -182,14 +193,20 @@ class Worker:
     async def _read(self, conn: Connection, requests: trio.Nursery) -> None:
         """Start a task per request until the hub half-closes; a broken hub is closed and logged."""
         framer = Framer(self.max_pdu, preamble=len(HUB_HANDSHAKE), magic=HUB_MAGIC)
+        ack = None  # whether to acknowledge one-way requests: the first PDU says
         try:
             while data := await conn.recv():
                 for pdu in framer.feed(data):
+                    if ack is None:
+                        # Only there: later, "12, 0, 1" is an empty request like any other.
+                        ack = pdu == ACK_ONEWAY
+                        if ack:
+                            continue
                     try:
                         self._slots.acquire_nowait()  # no checkpoint per request: recv() has one per read
                     except trio.WouldBlock:
                         await self._slots.acquire()
-                    requests.start_soon(self._answer, conn, pdu)
+                    requests.start_soon(self._answer, conn, pdu, ack)
         except ProtocolError as e:
             self._counts.protocol_errors += 1
             log.warning("%s: %s; closing the connection", conn.name, e)
@@ -201,8 +218,9 @@ class Worker:
             if framer.buffered:
                 log.warning("%s: half-closed in the middle of a PDU (%d bytes dropped)", conn.name, framer.buffered)
 
-    async def _answer(self, conn: Connection, pdu: bytearray) -> None:
-        """Run the handler for one request and queue its reply; holds one slot, released here."""
+    async def _answer(self, conn: Connection, pdu: bytearray, ack: bool) -> None:
+        """Run the handler for one request and queue its reply (a one-way one's ack, if ``ack``);
+        holds one slot, released here."""
         length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
         req = Request(audsid, rseq, bytes(memoryview(pdu)[HEADER_SIZE:]), sync=length > 0)
         counts = self._counts
@@ -221,7 +239,7 @@ class Worker:
                 log.warning("one-way request (audsid %d, rseq %d) failed: %s", audsid, rseq, detail)
         except BaseException:
             counts.abandoned += 1
-            raise
+            raise  # unacked: the hub sends it again
         else:
             if req.sync:
                 conn.send(reply(audsid, rseq, body))
@@ -229,6 +247,9 @@ class Worker:
         finally:
             counts.in_flight -= 1
             self._slots.release()
+        if ack and not req.sync:
+            conn.send(reply(audsid, rseq, b""))
+            counts.acks += 1
 
     def _reply_body(self, result: Result) -> bytes | bytearray:
         if result is None:

@@ -284,6 +284,7 @@ async def test_dcod_worker_behind_noradle_hub(make_config, tmp_path):
             ledger = Ledger(session, 1)
             await hub.expect("session", audsid=AUDSID)
             # No empty-bodied sync reply here: Noradle's hub would take "12, audsid, rseq" for a quit notice.
+            # That is also why one-way requests get no ack: only a dcod hub asks for them (ACK_ONEWAY).
             for size in SIZES:
                 if size:
                     await ledger.send(body_of(ledger.rseq + 1, size))

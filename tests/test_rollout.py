@@ -11,8 +11,10 @@ import sys
 import textwrap
 
 import psutil
+import pytest
 import trio
 
+from conftest import wait_for
 from load import Load
 from runs import ECHO
 
@@ -43,6 +45,24 @@ def status(config) -> dict:
 
 def row(snapshot: dict, name: str) -> dict:
     return next(p for p in snapshot["processes"] if p["name"] == name and p["state"] != "draining")
+
+
+@pytest.fixture
+def slow_echo(tmp_path, monkeypatch) -> str:
+    """The [[proxy]] table of an echo proxy (id 1, 2 instances) that holds a body starting with
+    "slow" for a minute, once it has added a line to tmp_path/held."""
+    (tmp_path / "slowecho.py").write_text(textwrap.dedent(f"""\
+        import trio
+
+        async def handle(req):
+            if req.body.startswith(b"slow"):
+                with open({str(tmp_path / "held")!r}, "a") as held:
+                    held.write("held\\n")
+                await trio.sleep(60)
+            return req.body
+        """))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+    return '[[proxy]]\nid = 1\nhandler = "slowecho:handle"\ninstances = 2\n'
 
 
 async def started_load(nursery, r, sessions: int = 16) -> Load:
@@ -171,18 +191,8 @@ async def test_hung_hub_is_alerted_killed_and_replaced(run, nursery):
     assert load.mismatched == 0
 
 
-async def test_killed_worker_gets_error_replies_others_work_and_it_comes_back(run, tmp_path, monkeypatch):
-    slow = tmp_path / "slowecho.py"
-    slow.write_text(textwrap.dedent("""\
-        import trio
-
-        async def handle(req):
-            if req.body.startswith(b"slow"):
-                await trio.sleep(60)
-            return req.body
-        """))
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
-    r = run('[[proxy]]\nid = 1\nhandler = "slowecho:handle"\ninstances = 2\n')
+async def test_killed_worker_gets_error_replies_others_work_and_it_comes_back(run, slow_echo):
+    r = run(slow_echo)
     await r.notification("READY=1")
     from dcod.client import DcoError, DcoTimeout, Session
     async with contextlib.AsyncExitStack() as stack:
@@ -214,6 +224,44 @@ async def test_killed_worker_gets_error_replies_others_work_and_it_comes_back(ru
         while row(status(r.config), "worker 1#0")["state"] != "ready":
             await trio.sleep(0.05)
     assert row(status(r.config), "worker 1#0")["restarts"] == 1
+
+
+async def test_hub_sigtermed_from_outside_raises_the_alert_once_and_is_replaced(run, nursery):
+    r = run(ECHO)
+    await r.notification("READY=1")
+    load = await started_load(nursery, r, sessions=8)
+    [hub] = r.children_with(" hub")
+    hub.terminate()
+    # Its sessions hear the alert and leave it, so it drains and exits at once, not after drain_timeout.
+    await wait_for(lambda: f"hub (pid {hub.pid}) exited with status 0; restarting" in r.log, timeout=20)
+    await load.progress(200)  # through the new hub: the old one is gone
+    load.stop()
+    assert (load.lost, load.unavailable, load.mismatched, dict(load.errors)) == (0, 0, 0, {}), load.error_texts
+    assert f"hub (pid {hub.pid}) is draining, not asked to: raising the quit alert" in r.log
+    assert status(r.config)["supervisor"]["alerts"]["file"]["sent"] == 1  # not again at its exit
+
+
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+async def test_hub_dying_mid_drain_after_sigterm_raises_one_alert(run, slow_echo, tmp_path, fault):
+    """Killed from outside, or hung and so killed by the supervisor past drain_timeout + stop_timeout."""
+    r = run(slow_echo, supervisor="drain_timeout = 3.0\nstop_timeout = 1.0")
+    await r.notification("READY=1")
+    from dcod.client import Session
+    async with Session(r.config.hub.advertise, audsid=78) as held:
+        held.write(b"slow")
+        await held.send_request(1)  # in flight: the hub drains until drain_timeout
+        await wait_for(lambda: (tmp_path / "held").exists())
+        [hub] = r.children_with(" hub")
+        hub.terminate()
+        await wait_for(lambda: r.config.alert_file.exists())  # raised: the hub is draining
+        if fault == "SIGKILL":
+            hub.kill()
+        else:
+            hub.suspend()
+        await wait_for(lambda: f"hub (pid {hub.pid}) killed by SIGKILL; restarting" in r.log, timeout=20)
+    async with Session(r.config.hub.advertise, audsid=79) as session:
+        assert await session.call_sync(1, b"after", timeout=10) == b"after"
+    assert status(r.config)["supervisor"]["alerts"]["file"]["sent"] == 1
 
 
 async def test_worker_ignoring_sigterm_is_killed_and_the_rollout_goes_on(run, tmp_path):

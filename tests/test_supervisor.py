@@ -31,6 +31,7 @@ async def test_run_is_ready_serves_and_stops_in_order(run):
     log = r.log
     # The hub drains and exits before the workers are told to stop.
     assert log.index("hub (pid") < log.index("worker 1#0 (pid")
+    assert log.count(f"quit alert {r.config.alert.name} raised") == 1  # by the stop, which asked it to drain
 
 
 async def test_socket_from_systemd_is_used(run):

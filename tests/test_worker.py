@@ -30,6 +30,7 @@ HUB_MAGIC = struct.pack(">i", 197610263)
 ORACLE_MAGIC = struct.pack(">i", 197610262)
 HEADER = struct.Struct(">iIi")  # length (whole PDU, signed), audsid (unsigned), rseq
 QUIT_NOTICE = HEADER.pack(12, 0, 0)
+ACK_ONEWAY = HEADER.pack(12, 0, 1)  # our extension: a dcod hub asks for acks of one-way requests
 
 
 def request(audsid: int, rseq: int, body: bytes = b"", *, oneway: bool = False) -> bytes:
@@ -162,7 +163,8 @@ async def test_handler_results_become_reply_bodies(tmp_path, result, body):
         assert await hub.read_pdu() == reply(5, 9, body)
 
 
-async def test_oneway_request_runs_but_gets_no_reply(tmp_path):
+@pytest.mark.parametrize("acked", [False, True])
+async def test_oneway_request_runs_and_gets_no_reply_only_an_ack_if_asked(tmp_path, acked):
     seen = []
 
     async def handle(req):
@@ -171,13 +173,47 @@ async def test_oneway_request_runs_but_gets_no_reply(tmp_path):
 
     async with serving(tmp_path, handle) as served:
         async with served.hub() as hub:
-            await hub.send(request(8, 1, b"fire", oneway=True) + request(8, 2, b"ask"))
+            await hub.send((ACK_ONEWAY if acked else b"") + request(8, 1, b"fire", oneway=True) + request(8, 2, b"ask"))
             await hub.half_close()
             # The worker answers all it read before closing: a reply to the one-way would be here.
-            assert await hub.pdus_until_closed() == [reply(8, 2, b"not for a one-way request")]
+            assert sorted(await hub.pdus_until_closed()) == \
+                sorted([reply(8, 2, b"not for a one-way request"), *([reply(8, 1)] if acked else [])])
+        # The ack request is not a request: the handler never sees it.
         assert sorted(seen) == [(8, 1, b"fire", False), (8, 2, b"ask", True)]
         stats = served.worker.stats()
-        assert (stats["requests"], stats["oneway"], stats["replies"]) == (2, 1, 1)
+        assert (stats["requests"], stats["oneway"], stats["replies"], stats["acks"]) == (2, 1, 1, acked)
+
+
+async def test_oneway_requests_are_acked_once_handled(tmp_path):
+    oneway = [(audsid, rseq) for audsid in (3, 3_000_000_000) for rseq in (1, 2, 3)]
+    seen, handled, release = [], [], trio.Event()
+
+    async def handle(req):
+        seen.append((req.audsid, req.rseq))
+        if not req.sync:
+            await release.wait()
+            handled.append((req.audsid, req.rseq))
+        return req.body
+
+    async with serving(tmp_path, handle) as served, served.hub() as hub:
+        await hub.send(ACK_ONEWAY + b"".join(request(audsid, rseq, b"fire", oneway=True) for audsid, rseq in oneway))
+        await wait_all_tasks_blocked()  # all read, all held in the handler
+        # This reply comes out after anything sent so far: an ack on receipt would be first.
+        await hub.send(request(3, 4, b"ask"))
+        assert await hub.read_pdu() == reply(3, 4, b"ask")
+        release.set()
+        assert sorted([await hub.read_pdu() for _ in oneway]) == sorted(reply(audsid, rseq) for audsid, rseq in oneway)
+        assert sorted(handled) == sorted(oneway)
+        assert sorted(seen) == sorted([*oneway, (3, 4)])
+        assert served.worker.stats()["acks"] == len(oneway)
+
+
+async def test_ack_request_counts_only_as_the_first_pdu(tmp_path):
+    # Later, "12, 0, 1" is a request: an empty one from a session whose audsid is 0 (Oracle's SYS).
+    async with serving(tmp_path, echo) as served, served.hub() as hub:
+        await hub.send(request(5, 1, b"first") + ACK_ONEWAY + request(5, 2, b"fire", oneway=True))
+        await hub.half_close()
+        assert sorted(await hub.pdus_until_closed()) == sorted([reply(5, 1, b"first"), reply(0, 1)])
 
 
 async def test_pdus_split_at_every_byte_or_coalesced_are_all_served(tmp_path):
@@ -230,12 +266,14 @@ async def test_failed_sync_request_gets_an_error_reply(tmp_path, handle, text):
         assert served.worker.stats()["errors"] == 1
 
 
-async def test_failed_oneway_request_is_logged_and_counted(tmp_path, caplog):
+@pytest.mark.parametrize("acked", [False, True])
+async def test_failed_oneway_request_is_logged_counted_and_acked_if_asked(tmp_path, caplog, acked):
     async with serving(tmp_path, _raise_value_error) as served:
         async with served.hub() as hub:
-            await hub.send(request(7, 2, b"quietly", oneway=True))
+            await hub.send((ACK_ONEWAY if acked else b"") + request(7, 2, b"quietly", oneway=True))
             await hub.half_close()
-            assert await hub.pdus_until_closed() == []
+            # Acked all the same: sent again, it would fail again.
+            assert await hub.pdus_until_closed() == ([reply(7, 2)] if acked else [])
         assert served.worker.stats()["errors"] == 1
     assert "one-way request (audsid 7, rseq 2) failed: ValueError: boom: quietly" in caplog.text
 
@@ -377,6 +415,25 @@ async def test_stop_timeout_gives_up_on_requests_in_flight(tmp_path):
             assert await hub.pdus_until_closed() == []
     assert served.clean is False
     assert served.worker.stats()["abandoned"] == 1
+
+
+async def test_oneway_request_cut_short_at_stop_timeout_is_not_acked(tmp_path):
+    async def handle(req):
+        if req.body == b"forever":
+            await trio.sleep_forever()
+
+    async with serving(tmp_path, handle, stop_timeout=0.2) as served:
+        async with served.hub() as hub:
+            await hub.send(ACK_ONEWAY + request(5, 1, b"quick", oneway=True) + request(5, 2, b"forever", oneway=True))
+            assert await hub.read_pdu() == reply(5, 1)
+            await wait_all_tasks_blocked()
+            served.worker.stop()
+            assert await hub.read_pdu() == QUIT_NOTICE
+            # No ack for rseq 2: the hub is to send it again, to another instance.
+            assert await hub.pdus_until_closed() == []
+    assert served.clean is False
+    stats = served.worker.stats()
+    assert (stats["abandoned"], stats["acks"]) == (1, 1)
 
 
 # The handler of the subprocess worker below, loaded as f"{__name__}:gated_echo" with this
