@@ -74,7 +74,7 @@ class Pending:
 class Counters:
     """What `dcod status` shows for a proxy (and, summed, for the hub)."""
 
-    __slots__ = ("requests", "oneway", "replies", "errors", "error_replies", "timeouts", "worker_lost",
+    __slots__ = ("requests", "oneway", "acked", "replies", "errors", "error_replies", "timeouts", "worker_lost",
                  "refused", "queued", "requeued", "replayed", "expired", "duplicates", "orphan_replies",
                  "latency_sum", "latency_max")
 
@@ -89,7 +89,7 @@ class Counters:
 class Instance:
     """One worker instance of a proxy, as the hub sees it: a connection that comes and goes."""
 
-    __slots__ = ("proxy", "index", "address", "conn", "_state", "_held", "inflight", "connects")
+    __slots__ = ("proxy", "index", "address", "conn", "_state", "_held", "inflight", "unacked", "acks", "connects")
 
     def __init__(self, proxy: Proxy, index: int, address: str) -> None:
         self.proxy = proxy
@@ -99,6 +99,10 @@ class Instance:
         self._state = "connecting"  # connecting | up | quitting
         self._held = False  # the supervisor asked us not to dispatch here (it is being restarted)
         self.inflight: dict[tuple[int, int], Pending] = {}
+        # One-way requests sent and not yet acknowledged, in the order sent (only from a worker
+        # running dcod's runtime, which acknowledges them: protocol.ACK_ONEWAY).
+        self.unacked: dict[tuple[int, int], bytearray] = {}
+        self.acks = proxy.config.handler != ""
         self.connects = 0
 
     @property
@@ -257,7 +261,7 @@ class Hub:
 
     @property
     def inflight(self) -> int:
-        return sum(len(i.inflight) + len(p.waiting) for p in self.proxies.values() for i in p.instances)
+        return sum(len(i.inflight) + len(i.unacked) + len(p.waiting) for p in self.proxies.values() for i in p.instances)
 
     # ------------------------------------------------------------ Oracle side
 
@@ -389,14 +393,16 @@ class Hub:
         if not proxy.spool.records:  # nothing queued ahead of it
             instance = proxy.pick(audsid, self._reads)
             if instance is not None:
-                self._forward(instance, pdu, pending)
+                self._forward(instance, pdu, (audsid, rseq), pending)
                 return
         self._enqueue(proxy, pdu, pending)
 
-    def _forward(self, instance: Instance, pdu, pending: Pending | None) -> None:
+    def _forward(self, instance: Instance, pdu, key: tuple[int, int], pending: Pending | None) -> None:
         if pending is not None:
             pending.instance = instance
-            instance.inflight[pending.key] = pending
+            instance.inflight[key] = pending
+        elif instance.acks:
+            instance.unacked[key] = pdu
         instance.conn.send(pdu)
 
     def _enqueue(self, proxy: Proxy, pdu, pending: Pending | None) -> None:
@@ -462,7 +468,7 @@ class Hub:
                     if length > 0 and pending is None:
                         proxy.counters.expired += 1  # already answered with a timeout error
                     else:
-                        self._forward(instance, pdu, pending)
+                        self._forward(instance, pdu, (audsid, rseq), pending)
                     if instance.conn.pending_bytes > PUMP_HIGH_WATER:
                         break
                 spool.commit()
@@ -519,15 +525,20 @@ class Hub:
             conn.close()
             instance.state = "connecting"
             instance.conn = None
-            self._requeue_unsent(instance, conn.take_unsent())
+            self._requeue(instance, conn.take_unsent())
             self._fail_inflight(instance)
 
     async def _handshake(self, instance: Instance, conn: Connection) -> None:
-        """Send the magic alone. Noradle's Node worker drops 12 bytes (not 4) from a first chunk
-        longer than the magic, so for workers not our own, let it read the magic by itself first."""
-        conn.send(protocol.HUB_HANDSHAKE)
-        await conn.flush()
-        if not instance.proxy.config.handler:
+        """The magic; to a worker of our own, the request to acknowledge one-way requests too.
+
+        Noradle's Node worker drops 12 bytes (not 4) from a first chunk longer than the magic,
+        so a worker not our own gets the magic alone and time to read it by itself."""
+        if instance.acks:
+            conn.send(protocol.HUB_HANDSHAKE, protocol.ACK_ONEWAY)
+            await conn.flush()
+        else:
+            conn.send(protocol.HUB_HANDSHAKE)
+            await conn.flush()
             await trio.sleep(FOREIGN_HANDSHAKE_PAUSE)
 
     def _on_instance_data(self, instance: Instance, framer: protocol.Framer, data: memoryview) -> None:
@@ -549,7 +560,10 @@ class Hub:
         counters = instance.proxy.counters
         pending = instance.inflight.pop((audsid, rseq), None)
         if pending is None:
-            counters.orphan_replies += 1
+            if instance.unacked.pop((audsid, rseq), None) is not None:
+                counters.acked += 1  # the worker is done with a one-way request
+            else:
+                counters.orphan_replies += 1
             return
         pending.finish()
         latency = self.clock() - pending.started
@@ -584,21 +598,34 @@ class Hub:
         except (ConnectionClosed, OSError):
             pass
 
-    def _requeue_unsent(self, instance: Instance, unsent: list) -> None:
-        """Requests that never left us for a worker that went away: back to the queue, not lost
-        (one-way) or failed (sync). Only what the kernel took from us is uncertain."""
+    def _requeue(self, instance: Instance, unsent: list) -> None:
+        """Requests a worker that went away never got, or never finished: back to the queue,
+        in the order they were sent.
+
+        ``unsent`` is what never left us (the kernel took nothing of it): sync and one-way
+        requests alike go again. Of what the kernel took, one-way requests not acknowledged go
+        again too (the instance may have handled some of them: counted as possible duplicates);
+        sync ones are answered by _fail_inflight (the worker may have acted on them: only the
+        session can tell whether to ask again).
+        """
         proxy = instance.proxy
-        for pdu in unsent:
-            if len(pdu) < protocol.HEADER_SIZE:
-                continue  # our handshake
-            length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
+        unsent = [pdu for pdu in unsent if pdu is not protocol.HUB_HANDSHAKE and pdu is not protocol.ACK_ONEWAY]
+        headers = [ROUTED_HEADER.unpack_from(pdu) for pdu in unsent]
+        unacked, instance.unacked = instance.unacked, {}
+        for _, audsid, rseq in headers:
+            unacked.pop((audsid, rseq), None)
+        for pdu in unacked.values():  # all sent before anything in unsent
+            self._enqueue(proxy, pdu, None)
+        for pdu, (length, audsid, rseq) in zip(unsent, headers):
             pending = instance.inflight.pop((audsid, rseq), None) if length > 0 else None
             if pending is not None:
                 pending.instance = None
-            proxy.counters.requeued += 1
             self._enqueue(proxy, pdu, pending)
-        if unsent:
-            log.info("worker %s went away: %d requests it never got are queued again", instance.name, len(unsent))
+        proxy.counters.requeued += len(unacked) + len(unsent)
+        proxy.counters.duplicates += len(unacked)  # at most
+        if unacked or unsent:
+            log.info("worker %s went away: %d one-way requests it did not finish and %d requests it never got "
+                     "are queued again", instance.name, len(unacked), len(unsent))
 
     def _fail_inflight(self, instance: Instance) -> None:
         """The instance is gone: its sync requests will never be answered; say so."""
@@ -658,9 +685,10 @@ class Hub:
         for p in self.proxies.values():
             c = p.counters.as_dict()
             c.update(queued_now=len(p.spool), spooled_bytes=p.spool.size, waiting=len(p.waiting),
-                     inflight=sum(len(i.inflight) for i in p.instances),
+                     inflight=sum(len(i.inflight) for i in p.instances), unacked=sum(len(i.unacked) for i in p.instances),
                      instances=[{"index": i.index, "address": i.address, "state": i.state, "held": i.held,
-                                 "inflight": len(i.inflight), "connects": i.connects} for i in p.instances])
+                                 "inflight": len(i.inflight), "unacked": len(i.unacked), "connects": i.connects}
+                                for i in p.instances])
             proxies[p.config.id] = c
         return {"connections": self.connections, "sessions": len(self.sessions), "draining": self.draining,
                 "inflight": self.inflight, "totals": dict(self.totals), "proxies": proxies}
@@ -771,8 +799,8 @@ async def _hold(hub: Hub, channel: control.Channel, message: dict) -> None:
         return
     held = message["command"] == "hold"
     hub.hold(instance.proxy.config.id, instance.index, held)
-    # Held: wait until its replies are in. Released: until we are connected to it again.
-    while (instance.inflight if held else instance.state != "up"):
+    # Held: wait until its replies and acks are in. Released: until we are connected to it again.
+    while (instance.inflight or instance.unacked if held else instance.state != "up"):
         await trio.sleep(SWEEP_INTERVAL)
     channel.send(answer)
 

@@ -32,8 +32,9 @@ NORADLE_QUIT_LENGTH = 6
 # (a Noradle worker would serve it as a request); such a worker then answers every one-way
 # request it has handled with an empty reply "12, audsid, rseq", so that the hub can send again
 # those an instance took and never finished. Noradle's hub never sends it, so its workers and
-# dcod's behind it see the protocol unchanged. The quit notice "12, 0, 0" goes the other way.
-ACK_ONEWAY = ROUTED_HEADER.pack(HEADER_SIZE, 0, 1)
+# dcod's behind it see the protocol unchanged. Its rseq -1 is one no session sends (they count
+# from 1); the quit notice "12, 0, 0" goes the other way.
+ACK_ONEWAY = ROUTED_HEADER.pack(HEADER_SIZE, 0, -1)
 
 DEFAULT_MAX_PDU = 16 * 1024 * 1024
 

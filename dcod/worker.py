@@ -198,7 +198,7 @@ class Worker:
             while data := await conn.recv():
                 for pdu in framer.feed(data):
                     if ack is None:
-                        # Only there: later, "12, 0, 1" is an empty request like any other.
+                        # Only there: later, it would be served as a request like any other.
                         ack = pdu == ACK_ONEWAY
                         if ack:
                             continue

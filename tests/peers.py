@@ -13,6 +13,7 @@ import trio
 
 ORACLE_MAGIC = 197610262
 HUB_MAGIC = 197610263
+ACK_ONEWAY = (12, 0, -1, b"")  # our extension, hub -> dcod worker: acknowledge one-way requests
 
 
 def _address(addr):
@@ -98,10 +99,12 @@ class OracleSession:
 
 
 class WorkerPeer:
-    """A worker proxy: accepts hub connections on a Unix socket, checks the 4-byte magic."""
+    """A worker proxy: accepts hub connections on a Unix socket, checks the 4-byte magic and,
+    standing in for dcod's worker runtime (``acks``), the request to acknowledge one-way requests."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, acks: bool = True) -> None:
         self.path = path
+        self.acks = acks
         self.listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 
     async def listen(self) -> WorkerPeer:
@@ -113,6 +116,8 @@ class WorkerPeer:
         sock, _ = await self.listener.accept()
         magic = struct.unpack(">i", await recv_exactly(sock, 4))[0]
         assert magic == HUB_MAGIC, f"hub sent magic {magic}"
+        if self.acks:
+            assert await read_pdu(sock) == ACK_ONEWAY, "no request to acknowledge one-way requests"
         return sock
 
     def close(self) -> None:

@@ -274,12 +274,15 @@ class HubThread:
                     if len(buf) < abs(length):
                         break
                     body, buf = buf[12:abs(length)], buf[abs(length):]
+                    if (length, audsid, rseq) == (12, 0, -1):
+                        continue  # the hub asks a dcod worker to acknowledge one-way requests
                     if length > 0:
                         reply = struct.pack(">iIi", length, audsid, rseq) + body
-                        while reply:
-                            reply = reply[await sock.send(reply):]
                     else:
                         self.oneway[audsid].append((rseq, body))
+                        reply = struct.pack(">iIi", 12, audsid, rseq)  # the acknowledgement
+                    while reply:
+                        reply = reply[await sock.send(reply):]
 
 
 @pytest.fixture(scope="module")

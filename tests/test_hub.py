@@ -52,13 +52,36 @@ async def test_request_is_rewritten_and_reply_forwarded_unchanged(hub_with_worke
     assert await session.read() == (18, 0xFEDCBA98, 1, b"world!")
 
 
-async def test_oneway_keeps_negative_length_and_is_not_tracked(hub_with_workers):
+async def test_oneway_keeps_negative_length_and_is_tracked_until_acknowledged(hub_with_workers):
     hub, address, [hub_side] = await hub_with_workers(proxies())
     session = await OracleSession.connect(address, audsid=7)
     await session.send(1, 1, b"fire and forget", oneway=True)
     assert await read_pdu(hub_side) == (-27, 7, 1, b"fire and forget")
-    assert hub.inflight == 0
-    assert hub.proxies[1].counters.oneway == 1
+    assert hub.inflight == 1
+    await send_all(hub_side, reply_pdu(7, 1, b""))  # the worker's ack: not for the session
+    await wait_for(lambda: hub.inflight == 0)
+    assert (hub.proxies[1].counters.oneway, hub.proxies[1].counters.acked) == (1, 1)
+    await session.send(1, 2, b"ask")
+    assert await read_pdu(hub_side) == (15, 7, 2, b"ask")
+    await send_all(hub_side, reply_pdu(7, 2, b"answer"))
+    assert await session.read() == (18, 7, 2, b"answer")  # the first thing the session gets
+
+
+async def test_oneway_requests_an_instance_did_not_acknowledge_go_to_another(hub_with_workers):
+    hub, address, [first, second] = await hub_with_workers(proxies(instances=2))
+    await wait_for(lambda: all(i.state == "up" for i in hub.proxies[1].instances))
+    session = await OracleSession.connect(address, audsid=8)
+    for rseq in range(1, 5):
+        await session.send(1, rseq, b"o%d" % rseq, oneway=True)
+        await wait_for(lambda: hub.proxies[1].counters.oneway == rseq)  # one read each: they alternate
+    by_side = {side: [await read_pdu(side) for _ in range(2)] for side in (first, second)}
+    await send_all(first, reply_pdu(8, by_side[first][0][2], b""))  # acks one, then dies
+    await wait_for(lambda: hub.proxies[1].counters.acked == 1)
+    first.close()
+    unfinished = by_side[first][1]
+    assert await read_pdu(second) == unfinished  # sent again to the instance still there
+    counters = hub.proxies[1].counters
+    assert (counters.requeued, counters.duplicates) == (1, 1)  # it may have handled it: a possible duplicate
 
 
 async def test_pdus_split_and_coalesced_at_any_boundary(hub_with_workers):
@@ -287,6 +310,8 @@ async def test_oneway_requests_spread_over_instances(hub_with_workers):
     session = await OracleSession.connect(address, audsid=30)
     for rseq in range(1, 5):
         await session.send(1, rseq, b"o", oneway=True)
+        # One read each: the requests of one read all go to one instance.
+        await wait_for(lambda: hub.proxies[1].counters.oneway == rseq)
     got = [[(await read_pdu(side))[2] for _ in range(2)] for side in sides]
     assert sorted(got[0] + got[1]) == [1, 2, 3, 4]
 

@@ -30,7 +30,7 @@ HUB_MAGIC = struct.pack(">i", 197610263)
 ORACLE_MAGIC = struct.pack(">i", 197610262)
 HEADER = struct.Struct(">iIi")  # length (whole PDU, signed), audsid (unsigned), rseq
 QUIT_NOTICE = HEADER.pack(12, 0, 0)
-ACK_ONEWAY = HEADER.pack(12, 0, 1)  # our extension: a dcod hub asks for acks of one-way requests
+ACK_ONEWAY = HEADER.pack(12, 0, -1)  # our extension: a dcod hub asks for acks of one-way requests
 
 
 def request(audsid: int, rseq: int, body: bytes = b"", *, oneway: bool = False) -> bytes:
@@ -209,11 +209,11 @@ async def test_oneway_requests_are_acked_once_handled(tmp_path):
 
 
 async def test_ack_request_counts_only_as_the_first_pdu(tmp_path):
-    # Later, "12, 0, 1" is a request: an empty one from a session whose audsid is 0 (Oracle's SYS).
+    # Later, it is no more than a request (an empty one, with an rseq no session sends).
     async with serving(tmp_path, echo) as served, served.hub() as hub:
         await hub.send(request(5, 1, b"first") + ACK_ONEWAY + request(5, 2, b"fire", oneway=True))
         await hub.half_close()
-        assert sorted(await hub.pdus_until_closed()) == sorted([reply(5, 1, b"first"), reply(0, 1)])
+        assert sorted(await hub.pdus_until_closed()) == sorted([reply(5, 1, b"first"), reply(0, -1)])
 
 
 async def test_pdus_split_at_every_byte_or_coalesced_are_all_served(tmp_path):
