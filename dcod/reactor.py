@@ -50,9 +50,6 @@ class Reactor:
         self._entries: dict[int, _Entry] = {}  # by file descriptor
         self._shared = shared()
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def add(self, conn: Connection, on_data: OnData, on_end: OnEnd) -> None:
         """Read ``conn`` from now on: ``on_data(bytes)`` for what arrives (a view valid during
         the call only), then ``on_end(reason)`` once, when the connection closes: None if the
