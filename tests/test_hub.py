@@ -115,6 +115,7 @@ async def test_least_outstanding_instance_first(hub_with_workers):
     hub, address, sides = await hub_with_workers(proxies(instances=2))
     session = await OracleSession.connect(address, audsid=3)
     await session.send(1, 1, b"a")
+    await wait_for(lambda: hub.inflight == 1)  # read apart: the requests of one read go to one instance
     await session.send(1, 2, b"b")
     got = sorted([(await read_pdu(sides[0]))[2], (await read_pdu(sides[1]))[2]])
     assert got == [1, 2]  # one each, since the first is still outstanding on its instance
