@@ -38,8 +38,8 @@ log = logging.getLogger("dcod.supervisor")
 BACKOFF_MIN = 0.1  # seconds before restarting a failed child; doubles up to:
 BACKOFF_MAX = 5.0
 HUB_SOCKET_NAME = "hub"  # FileDescriptorName= in dco-hub.socket
-UNCLEAN_MARKER = "hub.running"
-ALERT_HEAD_START = 0.2  # seconds the quit alert may take before a new hub is started anyway  # in state_dir while a hub runs; left behind by an unclean stop
+UNCLEAN_MARKER = "hub.running"  # in state_dir while a hub runs; left behind by an unclean stop
+ALERT_HEAD_START = 0.2  # seconds the quit alert may take before a new hub is started anyway
 
 
 class RolloutError(Exception):
