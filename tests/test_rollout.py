@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import psutil
 import pytest
 import trio
 
-from conftest import wait_for
+from conftest import free_port, wait_for
 from load import Load
 from runs import ECHO
 
@@ -338,3 +339,46 @@ async def test_control_socket_refuses_other_users(run):
     assert nobody.returncode == 1, nobody.stderr
     assert "permission denied: only root and group dcod may do that" in nobody.stderr
     assert "refused a control connection" in r.log
+
+
+async def test_stop_during_a_reload_drains_both_hub_generations_before_the_workers(run, nursery):
+    """SIGTERM while a reload waits for the new hub to be ready: the generation being replaced
+    still serves every session; it drains too, and is gone, before a worker is stopped."""
+    r = run(ECHO)
+    await r.notification("READY=1")
+    load = await started_load(nursery, r, sessions=8)
+    [old] = r.children_with(" hub")
+    # A proxy that nobody serves: the new generation waits for it and is not ready (ready_timeout, 30 s).
+    with open(r.config.source, "a") as f:
+        f.write(f'[[proxy]]\nid = 2\naddress = "127.0.0.1:{free_port()}"\n')
+    reloads = []
+
+    async def reload() -> None:
+        reloads.append(await dcod_async(r.config, "reload"))
+
+    nursery.start_soon(reload)
+    await wait_for(lambda: any("hub started" in line and line.endswith("generation 2") for line in r.log.splitlines()),
+                   timeout=20)
+    [new] = [hub for hub in r.children_with(" hub") if hub.pid != old.pid]
+    workers = r.children_with("dcod worker")
+    assert len(workers) == 2
+    await load.progress(50)  # the old generation serves meanwhile, and `dcod status` shows it
+    hubs = {p["pid"]: (p["generation"], p["state"]) for p in status(r.config)["processes"] if p["name"] == "hub"}
+    assert hubs == {new.pid: (2, "starting"), old.pid: (1, "ready")}
+    r.proc.send_signal(signal.SIGTERM)
+    assert await trio.to_thread.run_sync(r.proc.wait, 60) == 0
+    load.stop()
+    await wait_for(lambda: reloads, timeout=10)
+    assert reloads[0].returncode == 1 and "the service is stopping" in reloads[0].stderr, reloads[0]
+    log = r.log
+    # Both generations were told to drain; the alert came once both had closed their listeners,
+    # and both had exited before the first worker heard of the stop.
+    workers_stop = log.index("INFO: SIGTERM: stopping; quit notice")
+    alert = log.index(f"quit alert {r.config.alert.name} raised")
+    assert log[:alert].count("hub: INFO: asked to drain: draining") == 2, log
+    assert log[:workers_stop].count("hub: INFO: hub stopped") == 2, log
+    assert alert < workers_stop
+    assert f"hub generation 1 (pid {old.pid}) exited with status 0" in log  # drained, not killed
+    assert f"hub (pid {new.pid}) exited with status 0" in log
+    assert (load.mismatched, dict(load.errors)) == (0, {}), load.error_texts  # no DCO-0003, no DCO-0005
+    assert not [p for p in [old, new, *workers] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
