@@ -78,6 +78,10 @@ class Slot:
 
     def launch(self) -> Process:
         """Start a new generation in this slot (the previous one, if any, is the caller's business)."""
+        if self.supervisor.stopping:
+            # A rollout that resumes before the stop cancels it: the stop must not find a
+            # process it did not know of behind it.
+            raise RolloutError("the service is stopping")
         self.generation += 1
         self.starts = [*self.starts[-self.supervisor.config.supervisor.restart_max:], time.monotonic()]
         process = Process.start(self.name, self.argv, self.passed)
@@ -135,12 +139,17 @@ class Slot:
         await process.stop(sup.config.supervisor.drain_timeout + sup.config.supervisor.stop_timeout, signum=None)
 
     async def _failed(self, process: Process, how: str) -> None:
-        """An unplanned exit: alert if it was the hub, restart with backoff within the budget."""
+        """An unplanned exit: alert if it was the hub, restart with backoff within the budget,
+        unless the service is stopping."""
         sup = self.supervisor
         limits = sup.config.supervisor
         self.restarts += 1
         if self.is_hub:
             await sup.alert_hub_gone(f"hub (pid {process.pid}) {how}", already=process.alerted)
+        if sup.stopping:
+            self.state = "stopped"
+            log.warning("%s (pid %d) %s; the service is stopping: not restarted", self.name, process.pid, how)
+            return
         recent = [t for t in self.starts if time.monotonic() - t <= limits.restart_window]
         if len(recent) >= limits.restart_max:
             self.state = "failed"
@@ -153,7 +162,7 @@ class Slot:
         log.warning("%s (pid %d) %s; restarting%s", self.name, process.pid, how,
                     f" in {backoff:.1f}s" if backoff else "")
         await trio.sleep(backoff)
-        if not self.stopping and self.process is process:
+        if not self.stopping and not sup.stopping and self.process is process:
             self.launch()
 
     async def ready(self, timeout: float) -> None:
