@@ -104,7 +104,7 @@ class Slot:
             nursery.start_soon(process.listen)
             nursery.start_soon(self._mark_ready, process)
             if self.is_hub:
-                nursery.start_soon(self._alert_if_draining_unasked, process)
+                nursery.start_soon(self._on_draining, process)
             returncode = await process.wait()
             nursery.cancel_scope.cancel()
         self.alive.remove(process)
@@ -122,17 +122,22 @@ class Slot:
 
     async def _mark_ready(self, process: Process) -> None:
         await process.ready.wait()
-        if process is self.process:
+        # A hub told to drain while it connected to its workers may say ready after draining.
+        if process is self.process and not process.draining.is_set():
             self.state = "ready"
 
-    async def _alert_if_draining_unasked(self, process: Process) -> None:
-        """A hub that drains though neither a rollout nor a stop asked (SIGTERM from outside) has
-        closed its listener: raise the quit alert now, so that its sessions leave, not at its exit,
-        which then restarts it as any unplanned exit does."""
+    async def _on_draining(self, process: Process) -> None:
+        """A hub that has closed its listener only finishes what it has: its slot says so. If
+        neither a rollout nor a stop asked it to drain (SIGTERM from outside), raise the quit
+        alert now, so that its sessions leave, not at its exit, which then restarts it as any
+        unplanned exit does."""
         await process.draining.wait()
+        if process is not self.process:
+            return  # replaced by a rollout, which raises the alert, or never served: not the slot's state
+        self.state = "draining"
         sup = self.supervisor
-        if process is not self.process or process.alerted or sup.stopping:
-            return  # replaced by a rollout, or stopped: they raise the alert; or it is raised already
+        if process.alerted or sup.stopping:
+            return  # stopped: the stop raises the alert; or it is raised already
         process.alerted = True
         await sup.alert_hub_gone(f"hub (pid {process.pid}) is draining, not asked to")
         # The pmon leaves an alerted hub alone: if its drain hangs, kill it as a rollout would.

@@ -242,6 +242,22 @@ async def test_hub_sigtermed_from_outside_raises_the_alert_once_and_is_replaced(
     assert status(r.config)["supervisor"]["alerts"]["file"]["sent"] == 1  # not again at its exit
 
 
+async def test_status_shows_a_hub_draining_unasked_as_draining(run, slow_echo, tmp_path):
+    r = run(slow_echo, supervisor="drain_timeout = 3.0\nstop_timeout = 1.0")
+    await r.notification("READY=1")
+    from dcod.client import Session
+    async with Session(r.config.hub.advertise, audsid=80) as held:
+        held.write(b"slow")
+        await held.send_request(1)  # in flight: the hub drains until drain_timeout
+        await wait_for(lambda: (tmp_path / "held").exists())
+        [hub] = r.children_with(" hub")
+        hub.terminate()
+        await wait_for(lambda: r.config.alert_file.exists())  # raised: the supervisor knows it drains
+        snapshot = status(r.config)
+    assert [(p["pid"], p["state"]) for p in snapshot["processes"] if p["name"] == "hub"] == [(hub.pid, "draining")]
+    assert "hub generation 1 draining" in snapshot["supervisor"]["status"]
+
+
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
 async def test_hub_dying_mid_drain_after_sigterm_raises_one_alert(run, slow_echo, tmp_path, fault):
     """Killed from outside, or hung and so killed by the supervisor past drain_timeout + stop_timeout."""
