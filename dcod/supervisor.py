@@ -452,8 +452,9 @@ class Supervisor:
             step(f"{slot.name}: added, ready")
         await self._replace_hub(step)
         for key in removed:
-            slot = self.workers.pop(key)
+            slot = self.workers[key]
             await slot.stop(new.supervisor.stop_timeout)
+            del self.workers[key]  # not before: a stop that cancels the rollout meanwhile must wait for it
             step(f"{slot.name}: removed")
         for key in kept:
             slot = self.workers[key]

@@ -398,3 +398,34 @@ async def test_stop_during_a_reload_drains_both_hub_generations_before_the_worke
     assert f"hub (pid {new.pid}) exited with status 0" in log
     assert (load.mismatched, dict(load.errors)) == (0, {}), load.error_texts  # no DCO-0003, no DCO-0005
     assert not [p for p in [old, new, *workers] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+async def test_stop_during_a_reload_waits_for_a_worker_being_removed(run, nursery, tmp_path, monkeypatch):
+    """SIGTERM while a reload waits for a removed proxy's worker to exit: the stop waits for it
+    too (and SIGKILLs it past stop_timeout), rather than leaving it behind."""
+    (tmp_path / "stuck.py").write_text(textwrap.dedent("""\
+        import trio
+
+        async def handle(req):
+            return req.body
+
+        async def done():  # a clean-up that never ends: only SIGKILL stops this worker
+            await trio.sleep_forever()
+        """))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+    stuck_proxy = '[[proxy]]\nid = 2\nhandler = "stuck:handle"\n'
+    r = run(ECHO + stuck_proxy, supervisor="stop_timeout = 3.0")
+    await r.notification("READY=1")
+    [stuck] = r.children_with("--proxy 2")
+    text = open(r.config.source).read()
+    open(r.config.source, "w").write(text.replace(stuck_proxy, ""))
+    nursery.start_soon(dcod_async, r.config, "reload")
+    try:
+        await wait_for(lambda: "worker 2#0: INFO: SIGTERM: stopping" in r.log, timeout=20)  # the reload removes it
+        r.proc.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(r.proc.wait, 30) == 0
+        assert not stuck.is_running(), "the removed worker outlived the supervisor"
+        assert f"worker 2#0 (pid {stuck.pid}) killed by SIGKILL" in r.log
+    finally:
+        with contextlib.suppress(psutil.Error):
+            stuck.kill()
