@@ -13,7 +13,6 @@ goes away, planned or not, so Oracle sessions reconnect before their next send.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import resource
@@ -38,8 +37,8 @@ log = logging.getLogger("dcod.supervisor")
 BACKOFF_MIN = 0.1  # seconds before restarting a failed child; doubles up to:
 BACKOFF_MAX = 5.0
 HUB_SOCKET_NAME = "hub"  # FileDescriptorName= in dco-hub.socket
-UNCLEAN_MARKER = "hub.running"
-ALERT_HEAD_START = 0.2  # seconds the quit alert may take before a new hub is started anyway  # in state_dir while a hub runs; left behind by an unclean stop
+UNCLEAN_MARKER = "hub.running"  # in state_dir while a hub runs; left behind by an unclean stop
+ALERT_HEAD_START = 0.2  # seconds the quit alert may take before a new hub is started anyway
 
 
 class RolloutError(Exception):
@@ -58,6 +57,9 @@ class Slot:
         self.proxy_id = proxy_id
         self.instance = instance
         self.process: Process | None = None
+        # Every process started here that has not exited: the current one and, in the hub's
+        # slot, older generations a rollout is replacing or draining, or a new one it is stopping.
+        self.alive: list[Process] = []
         self.generation = 0
         self.state = "starting"
         self.last_exit = ""  # how the previous process ended, for `dcod status`
@@ -76,6 +78,10 @@ class Slot:
 
     def launch(self) -> Process:
         """Start a new generation in this slot (the previous one, if any, is the caller's business)."""
+        if self.supervisor.stopping:
+            # A rollout that resumes before the stop cancels it: the stop must not find a
+            # process it did not know of behind it.
+            raise RolloutError("the service is stopping")
         self.generation += 1
         self.starts = [*self.starts[-self.supervisor.config.supervisor.restart_max:], time.monotonic()]
         process = Process.start(self.name, self.argv, self.passed)
@@ -85,6 +91,7 @@ class Slot:
             # hub connects to it, which the hub's own readiness and `release` wait for.
             process.ready.set()
         self.process = process
+        self.alive.append(process)
         self.state = "starting"
         log.info("%s started: pid %d, generation %d", self.name, process.pid, self.generation)
         self.supervisor.nursery.start_soon(self._watch, process)
@@ -97,9 +104,10 @@ class Slot:
             nursery.start_soon(process.listen)
             nursery.start_soon(self._mark_ready, process)
             if self.is_hub:
-                nursery.start_soon(self._alert_if_draining_unasked, process)
+                nursery.start_soon(self._on_draining, process)
             returncode = await process.wait()
             nursery.cancel_scope.cancel()
+        self.alive.remove(process)
         process.channel.close()
         how = describe_exit(returncode)
         self.last_exit = f"{how} at {time.strftime('%H:%M:%S')}" + \
@@ -114,29 +122,39 @@ class Slot:
 
     async def _mark_ready(self, process: Process) -> None:
         await process.ready.wait()
-        if process is self.process:
+        # A hub told to drain while it connected to its workers may say ready after draining.
+        if process is self.process and not process.draining.is_set():
             self.state = "ready"
 
-    async def _alert_if_draining_unasked(self, process: Process) -> None:
-        """A hub that drains though neither a rollout nor a stop asked (SIGTERM from outside) has
-        closed its listener: raise the quit alert now, so that its sessions leave, not at its exit,
-        which then restarts it as any unplanned exit does."""
+    async def _on_draining(self, process: Process) -> None:
+        """A hub that has closed its listener only finishes what it has: its slot says so. If
+        neither a rollout nor a stop asked it to drain (SIGTERM from outside), raise the quit
+        alert now, so that its sessions leave, not at its exit, which then restarts it as any
+        unplanned exit does."""
         await process.draining.wait()
+        if process is not self.process:
+            return  # replaced by a rollout, which raises the alert, or never served: not the slot's state
+        self.state = "draining"
         sup = self.supervisor
-        if process is not self.process or process.alerted or sup.stopping:
-            return  # replaced by a rollout, or stopped: they raise the alert; or it is raised already
+        if process.alerted or sup.stopping:
+            return  # stopped: the stop raises the alert; or it is raised already
         process.alerted = True
         await sup.alert_hub_gone(f"hub (pid {process.pid}) is draining, not asked to")
         # The pmon leaves an alerted hub alone: if its drain hangs, kill it as a rollout would.
         await process.stop(sup.config.supervisor.drain_timeout + sup.config.supervisor.stop_timeout, signum=None)
 
     async def _failed(self, process: Process, how: str) -> None:
-        """An unplanned exit: alert if it was the hub, restart with backoff within the budget."""
+        """An unplanned exit: alert if it was the hub, restart with backoff within the budget,
+        unless the service is stopping."""
         sup = self.supervisor
         limits = sup.config.supervisor
         self.restarts += 1
         if self.is_hub:
             await sup.alert_hub_gone(f"hub (pid {process.pid}) {how}", already=process.alerted)
+        if sup.stopping:
+            self.state = "stopped"
+            log.warning("%s (pid %d) %s; the service is stopping: not restarted", self.name, process.pid, how)
+            return
         recent = [t for t in self.starts if time.monotonic() - t <= limits.restart_window]
         if len(recent) >= limits.restart_max:
             self.state = "failed"
@@ -149,7 +167,7 @@ class Slot:
         log.warning("%s (pid %d) %s; restarting%s", self.name, process.pid, how,
                     f" in {backoff:.1f}s" if backoff else "")
         await trio.sleep(backoff)
-        if not self.stopping and self.process is process:
+        if not self.stopping and not sup.stopping and self.process is process:
             self.launch()
 
     async def ready(self, timeout: float) -> None:
@@ -185,7 +203,6 @@ class Supervisor:
         self.started = time.monotonic()
         self.workers: dict[tuple[int, int], Slot] = {}
         self.hub = Slot(self, "hub", self._argv("hub"), {HUB_SOCKET_NAME: hub_listener})
-        self.retiring_hubs: list[Process] = []
         self.rollout_lock = trio.Lock()
         self._rollout: trio.CancelScope | None = None  # of the rollout under way
         self.last_rollout = ""
@@ -287,27 +304,41 @@ class Supervisor:
         return line + (f"; DOWN: {', '.join(failed)}" if failed else "")
 
     async def _stop_children(self) -> None:
-        """Every hub first (they drain, an old generation too), then the workers together."""
+        """Every hub generation alive first, then the workers together.
+
+        Besides the slot's current hub, a rollout may have others alive: the generation it is
+        replacing, which serves every session until the new one is ready; a new one it is
+        stopping; older ones draining. Each serves sessions and forwards their requests to the
+        workers: each drains, and is gone, before a worker is stopped.
+        """
         sup = self.config.supervisor
-        draining = list(self.retiring_hubs)  # before the cancelled rollout lets go of them
+        self.hub.stopping = True  # what ends now ends by the stop: not a failure, not "replaced"
         if self._rollout is not None:
             self._rollout.cancel()  # no new generation may start now
-        hub = self.hub.process
-        if hub is not None and hub.running:
-            hub.channel.send({"command": "drain"})
-            # As in a rollout: once its listener is closed, the alert sends sessions elsewhere.
-            with trio.move_on_after(sup.stop_timeout):
+        hubs = [hub for hub in self.hub.alive if hub.running]
+        for hub in hubs:
+            hub.retiring = True  # it may drain and exit before we wait for it: planned
+            hub.channel.send({"command": "drain"})  # one draining already goes on as it was
+        # As in a rollout: once their listeners are closed, the alert sends sessions elsewhere.
+        with trio.move_on_after(sup.stop_timeout):
+            for hub in hubs:
                 await hub.draining.wait()
-            hub.alerted = True
+        if hubs:
             await self.alerter.signal(self.config.hub.advertise)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.hub.stop, sup.drain_timeout + sup.stop_timeout)
-            for old in draining:  # told to drain already: wait for it, kill it past the timeout
-                nursery.start_soon(functools.partial(old.stop, sup.drain_timeout + sup.stop_timeout, signum=None))
+            for hub in hubs:
+                nursery.start_soon(self._stop_hub, hub)
         self.notify("STATUS=stopping: workers")
         async with trio.open_nursery() as nursery:
             for slot in self.workers.values():
                 nursery.start_soon(slot.stop, sup.stop_timeout)
+
+    async def _stop_hub(self, hub: Process) -> None:
+        """Wait for a hub told to drain; SIGKILL it past drain_timeout + stop_timeout."""
+        sup = self.config.supervisor
+        how = describe_exit(await hub.stop(sup.drain_timeout + sup.stop_timeout, signum=None))
+        if hub is self.hub.process:  # Slot._watch reports the end of older generations
+            log.info("hub (pid %d) %s", hub.pid, how)
 
     # ------------------------------------------------------------ pmon and the quit alert
 
@@ -421,8 +452,9 @@ class Supervisor:
             step(f"{slot.name}: added, ready")
         await self._replace_hub(step)
         for key in removed:
-            slot = self.workers.pop(key)
+            slot = self.workers[key]
             await slot.stop(new.supervisor.stop_timeout)
+            del self.workers[key]  # not before: a stop that cancels the rollout meanwhile must wait for it
             step(f"{slot.name}: removed")
         for key in kept:
             slot = self.workers[key]
@@ -454,18 +486,14 @@ class Supervisor:
         if old is None or not old.running:
             return
         old.retiring = True
-        self.retiring_hubs.append(old)  # from now on a stop waits for it too
-        try:
-            old.channel.send({"command": "drain"})
-            with trio.move_on_after(sup.stop_timeout):
-                await old.draining.wait()
-            # Its listener is closed: sessions that reconnect reach the new generation only.
-            old.alerted = True
-            await self.alerter.signal(self.config.hub.advertise)
-            step(f"quit alert {self.config.alert.name} raised for {self.config.hub.advertise}")
-            returncode = await old.stop(sup.drain_timeout + sup.stop_timeout, signum=None)
-        finally:
-            self.retiring_hubs.remove(old)
+        old.channel.send({"command": "drain"})
+        with trio.move_on_after(sup.stop_timeout):
+            await old.draining.wait()
+        # Its listener is closed: sessions that reconnect reach the new generation only.
+        old.alerted = True
+        await self.alerter.signal(self.config.hub.advertise)
+        step(f"quit alert {self.config.alert.name} raised for {self.config.hub.advertise}")
+        returncode = await old.stop(sup.drain_timeout + sup.stop_timeout, signum=None)
         step(f"hub: generation {self.hub.generation - 1} (pid {old.pid}) drained, {describe_exit(returncode)}")
 
     async def _replace_worker(self, slot: Slot, step: Callable[[str], None]) -> None:
@@ -519,7 +547,9 @@ class Supervisor:
     def snapshot(self) -> dict:
         """Everything `dcod status` shows."""
         rows = [_process_row(slot, slot.process) for slot in self.slots]
-        rows += [_process_row(self.hub, p, state="draining") for p in self.retiring_hubs]
+        # Older hub generations: one a rollout is replacing serves until the new one is ready.
+        rows += [_process_row(self.hub, p, state="draining" if p.retiring or p.draining.is_set() else "ready")
+                 for p in self.hub.alive if p is not self.hub.process and p.running]
         me = _resources(self._me)
         return {
             "supervisor": {"pid": os.getpid(), "uptime": time.monotonic() - self.started, **me,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import psutil
 import pytest
 import trio
 
-from conftest import wait_for
+from conftest import free_port, wait_for
 from load import Load
 from runs import ECHO
 
@@ -241,6 +242,22 @@ async def test_hub_sigtermed_from_outside_raises_the_alert_once_and_is_replaced(
     assert status(r.config)["supervisor"]["alerts"]["file"]["sent"] == 1  # not again at its exit
 
 
+async def test_status_shows_a_hub_draining_unasked_as_draining(run, slow_echo, tmp_path):
+    r = run(slow_echo, supervisor="drain_timeout = 3.0\nstop_timeout = 1.0")
+    await r.notification("READY=1")
+    from dcod.client import Session
+    async with Session(r.config.hub.advertise, audsid=80) as held:
+        held.write(b"slow")
+        await held.send_request(1)  # in flight: the hub drains until drain_timeout
+        await wait_for(lambda: (tmp_path / "held").exists())
+        [hub] = r.children_with(" hub")
+        hub.terminate()
+        await wait_for(lambda: r.config.alert_file.exists())  # raised: the supervisor knows it drains
+        snapshot = status(r.config)
+    assert [(p["pid"], p["state"]) for p in snapshot["processes"] if p["name"] == "hub"] == [(hub.pid, "draining")]
+    assert "hub generation 1 draining" in snapshot["supervisor"]["status"]
+
+
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
 async def test_hub_dying_mid_drain_after_sigterm_raises_one_alert(run, slow_echo, tmp_path, fault):
     """Killed from outside, or hung and so killed by the supervisor past drain_timeout + stop_timeout."""
@@ -338,3 +355,77 @@ async def test_control_socket_refuses_other_users(run):
     assert nobody.returncode == 1, nobody.stderr
     assert "permission denied: only root and group dcod may do that" in nobody.stderr
     assert "refused a control connection" in r.log
+
+
+async def test_stop_during_a_reload_drains_both_hub_generations_before_the_workers(run, nursery):
+    """SIGTERM while a reload waits for the new hub to be ready: the generation being replaced
+    still serves every session; it drains too, and is gone, before a worker is stopped."""
+    r = run(ECHO)
+    await r.notification("READY=1")
+    load = await started_load(nursery, r, sessions=8)
+    [old] = r.children_with(" hub")
+    # A proxy that nobody serves: the new generation waits for it and is not ready (ready_timeout, 30 s).
+    with open(r.config.source, "a") as f:
+        f.write(f'[[proxy]]\nid = 2\naddress = "127.0.0.1:{free_port()}"\n')
+    reloads = []
+
+    async def reload() -> None:
+        reloads.append(await dcod_async(r.config, "reload"))
+
+    nursery.start_soon(reload)
+    await wait_for(lambda: any("hub started" in line and line.endswith("generation 2") for line in r.log.splitlines()),
+                   timeout=20)
+    [new] = [hub for hub in r.children_with(" hub") if hub.pid != old.pid]
+    workers = r.children_with("dcod worker")
+    assert len(workers) == 2
+    await load.progress(50)  # the old generation serves meanwhile, and `dcod status` shows it
+    hubs = {p["pid"]: (p["generation"], p["state"]) for p in status(r.config)["processes"] if p["name"] == "hub"}
+    assert hubs == {new.pid: (2, "starting"), old.pid: (1, "ready")}
+    r.proc.send_signal(signal.SIGTERM)
+    assert await trio.to_thread.run_sync(r.proc.wait, 60) == 0
+    load.stop()
+    await wait_for(lambda: reloads, timeout=10)
+    assert reloads[0].returncode == 1 and "the service is stopping" in reloads[0].stderr, reloads[0]
+    log = r.log
+    # Both generations were told to drain; the alert came once both had closed their listeners,
+    # and both had exited before the first worker heard of the stop.
+    workers_stop = log.index("INFO: SIGTERM: stopping; quit notice")
+    alert = log.index(f"quit alert {r.config.alert.name} raised")
+    assert log[:alert].count("hub: INFO: asked to drain: draining") == 2, log
+    assert log[:workers_stop].count("hub: INFO: hub stopped") == 2, log
+    assert alert < workers_stop
+    assert f"hub generation 1 (pid {old.pid}) exited with status 0" in log  # drained, not killed
+    assert f"hub (pid {new.pid}) exited with status 0" in log
+    assert (load.mismatched, dict(load.errors)) == (0, {}), load.error_texts  # no DCO-0003, no DCO-0005
+    assert not [p for p in [old, new, *workers] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+async def test_stop_during_a_reload_waits_for_a_worker_being_removed(run, nursery, tmp_path, monkeypatch):
+    """SIGTERM while a reload waits for a removed proxy's worker to exit: the stop waits for it
+    too (and SIGKILLs it past stop_timeout), rather than leaving it behind."""
+    (tmp_path / "stuck.py").write_text(textwrap.dedent("""\
+        import trio
+
+        async def handle(req):
+            return req.body
+
+        async def done():  # a clean-up that never ends: only SIGKILL stops this worker
+            await trio.sleep_forever()
+        """))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+    stuck_proxy = '[[proxy]]\nid = 2\nhandler = "stuck:handle"\n'
+    r = run(ECHO + stuck_proxy, supervisor="stop_timeout = 3.0")
+    await r.notification("READY=1")
+    [stuck] = r.children_with("--proxy 2")
+    text = open(r.config.source).read()
+    open(r.config.source, "w").write(text.replace(stuck_proxy, ""))
+    nursery.start_soon(dcod_async, r.config, "reload")
+    try:
+        await wait_for(lambda: "worker 2#0: INFO: SIGTERM: stopping" in r.log, timeout=20)  # the reload removes it
+        r.proc.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(r.proc.wait, 30) == 0
+        assert not stuck.is_running(), "the removed worker outlived the supervisor"
+        assert f"worker 2#0 (pid {stuck.pid}) killed by SIGKILL" in r.log
+    finally:
+        with contextlib.suppress(psutil.Error):
+            stuck.kill()

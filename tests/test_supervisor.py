@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 
 import psutil
 import trio
 
+from conftest import wait_for
 from peers import OracleSession
 from runs import ECHO
 
@@ -79,3 +81,26 @@ async def test_children_stop_when_the_supervisor_is_killed(run):
     r.proc.wait()
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive
+
+
+async def test_nothing_is_restarted_while_the_service_stops(run, tmp_path):
+    """A hub that drains and exits at once (no session), and a worker killed meanwhile, while the
+    stop still waits for the quit alert: both exits belong to the stop, neither is restarted."""
+    release = tmp_path / "release"
+    held = tmp_path / "alert.sh"
+    held.write_text(f"#!/bin/sh\nwhile [ ! -e {release} ]; do sleep 0.01; done\n")  # the alert takes until we say
+    held.chmod(0o755)
+    r = run(f'[alert]\nbackends = ["command"]\ncommand = ["{held}"]\n' + ECHO)
+    await r.notification("READY=1")
+    [hub] = r.children_with(" hub")
+    [worker] = r.children_with("--instance 0")
+    r.proc.send_signal(signal.SIGTERM)
+    await trio.to_thread.run_sync(hub.wait, 10)  # drained, exited and reaped
+    worker.kill()
+    await wait_for(lambda: f"worker 1#0 (pid {worker.pid}) killed by SIGKILL;" in r.log, timeout=10)
+    release.touch()
+    assert await trio.to_thread.run_sync(r.proc.wait, 30) == 0
+    log = r.log
+    assert log.count("hub started") == 1 and log.count("worker 1#0 started") == 1, log
+    assert f"hub (pid {hub.pid}) exited with status 0\n" in log  # planned: the stop told it to drain
+    assert f"worker 1#0 (pid {worker.pid}) killed by SIGKILL; the service is stopping: not restarted" in log
