@@ -364,12 +364,21 @@ class Supervisor:
     async def _pmon(self) -> None:
         """A hub whose heartbeats stop for heartbeat_timeout is hung: alert, kill, replace."""
         sup = self.config.supervisor
+        tick = sup.heartbeat_interval / 2
+        last_look = time.monotonic()
         while True:
-            await trio.sleep(sup.heartbeat_interval / 2)
+            await trio.sleep(tick)
+            now = time.monotonic()
+            if now - last_look > 2 * tick + sup.heartbeat_interval:
+                # We did not run for a while ourselves (SIGSTOPped, starved): the hub's heartbeats
+                # may be waiting unread in our socket. Judge once we have read them.
+                last_look = now
+                continue
+            last_look = now
             process = self.hub.process
             if process is None or not process.running or process.retiring or process.alerted:
                 continue
-            silent = time.monotonic() - process.last_heartbeat
+            silent = now - process.last_heartbeat
             # Before its first heartbeat a hub is starting (imports, spool adoption): it gets
             # ready_timeout for that, heartbeat_timeout between heartbeats.
             if silent > (sup.heartbeat_timeout if process.heartbeats else sup.ready_timeout):

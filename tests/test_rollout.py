@@ -192,6 +192,26 @@ async def test_hung_hub_is_alerted_killed_and_replaced(run, nursery):
     assert load.mismatched == 0
 
 
+async def test_a_supervisor_frozen_for_a_while_does_not_take_its_hub_for_hung(run, nursery):
+    r = run(ECHO, supervisor=FAST_PMON)
+    await r.notification("READY=1")
+    load = await started_load(nursery, r, sessions=4)
+    alerts = alert_counter(r.config)
+    [hub] = r.children_with(" hub")
+    supervisor = psutil.Process(r.proc.pid)
+    supervisor.suspend()
+    await trio.sleep(3.0)  # the fault: frozen for 3 heartbeat_timeouts while the hub goes on
+    supervisor.resume()
+    status(r.config)  # answered: the supervisor runs again
+    await trio.sleep(2.0)  # two heartbeat_timeouts of pmon looks, now with the heartbeats read
+    await load.progress(100)
+    load.stop()
+    assert hub.is_running() and hub.status() != psutil.STATUS_ZOMBIE
+    assert alert_counter(r.config) == alerts
+    assert "sent no heartbeat" not in r.log
+    assert (load.lost, sum(load.errors.values()), load.mismatched) == (0, 0, 0)
+
+
 async def test_killed_worker_gets_error_replies_others_work_and_it_comes_back(run, slow_echo):
     r = run(slow_echo)
     await r.notification("READY=1")
