@@ -351,7 +351,7 @@ async def test_status_table_and_stop_command(run):
     result = dcod(r.config, "status")
     assert result.returncode == 0, result.stderr
     table = result.stdout
-    for text in ("PROCESS", "GEN", "INFLIGHT", "hub", "worker 1#0", "worker 1#1", "ready", "PROXY"):
+    for text in ("PROCESS", "GEN", "INFLIGHT", "UNACKED", "hub", "worker 1#0", "worker 1#1", "ready", "PROXY"):
         assert text in table, table
     assert dcod(r.config, "stop").returncode == 0
     assert r.proc.wait(30) == 0
