@@ -499,7 +499,6 @@ class Supervisor:
         with trio.move_on_after(sup.stop_timeout):
             await old.draining.wait()
         # Its listener is closed: sessions that reconnect reach the new generation only.
-        old.alerted = True
         await self.alerter.signal(self.config.hub.advertise)
         step(f"quit alert {self.config.alert.name} raised for {self.config.hub.advertise}")
         returncode = await old.stop(sup.drain_timeout + sup.stop_timeout, signum=None)
