@@ -13,6 +13,7 @@ goes away, planned or not, so Oracle sessions reconnect before their next send.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -231,6 +232,18 @@ class Supervisor:
         sock = sockets.bind(str(self.config.worker_socket(*key)))
         slot = self.workers[key] = Slot(self, name, argv, {"worker": sock}, *key)
         return slot
+
+    async def _remove_worker(self, slot: Slot) -> None:
+        """Stop the instance, then give up its socket, on which nothing will be started again (and
+        its path, which _add_worker made under the runtime dir)."""
+        await slot.stop(self.config.supervisor.stop_timeout)
+        # Not before: a stop that cancels the rollout meanwhile must wait for it.
+        del self.workers[slot.proxy_id, slot.instance]
+        sock = slot.passed["worker"]
+        path = sock.getsockname()
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
     @property
     def slots(self) -> list[Slot]:
@@ -462,8 +475,7 @@ class Supervisor:
         await self._replace_hub(step)
         for key in removed:
             slot = self.workers[key]
-            await slot.stop(new.supervisor.stop_timeout)
-            del self.workers[key]  # not before: a stop that cancels the rollout meanwhile must wait for it
+            await self._remove_worker(slot)
             step(f"{slot.name}: removed")
         for key in kept:
             slot = self.workers[key]

@@ -449,3 +449,26 @@ async def test_stop_during_a_reload_waits_for_a_worker_being_removed(run, nurser
     finally:
         with contextlib.suppress(psutil.Error):
             stuck.kill()
+
+
+async def test_a_worker_removed_by_a_reload_gives_up_its_socket(run):
+    """The supervisor binds each worker instance's socket; once a reload has stopped a removed
+    instance, nothing will be started on it again: it is closed and its path removed."""
+    r = run(ECHO)
+    await r.notification("READY=1")
+    supervisor = psutil.Process(r.proc.pid)
+    assert (await dcod_async(r.config, "reload")).returncode == 0  # the same processes as at the end, and alerted once
+    fds = supervisor.num_fds()
+    removed = str(r.config.worker_socket(3, 0))
+    with open(r.config.source, "a") as f:
+        f.write('[[proxy]]\nid = 3\nhandler = "echo"\n')
+    assert (await dcod_async(r.config, "reload")).returncode == 0
+    assert os.path.exists(removed)
+    text = open(r.config.source).read()
+    open(r.config.source, "w").write(text.replace('[[proxy]]\nid = 3\nhandler = "echo"\n', ""))
+    result = await dcod_async(r.config, "reload")
+    assert result.returncode == 0 and "worker 3#0: removed" in result.stdout, result.stdout + result.stderr
+    assert not os.path.exists(removed)
+    assert removed not in [c.laddr for c in supervisor.net_connections(kind="unix")]
+    # Back to the processes it had before proxy 3 came, and to as many open files.
+    await wait_for(lambda: supervisor.num_fds() == fds)
