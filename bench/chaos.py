@@ -291,9 +291,10 @@ class Service:
                     pass
 
     def leftovers(self) -> list[psutil.Process]:
-        """Living processes whose command line names this run's configuration (the supervisor's excepted)."""
+        """Living processes whose command line names this run's directory (the supervisor's excepted): the
+        configuration there, or the copies of it in run/ that the supervisor starts its children with."""
         found = []
-        needle = str(self.config_path)
+        needle = str(self.workdir) + os.sep
         current = self.proc.pid if self.proc is not None and self.proc.returncode is None else None
         for p in psutil.process_iter(["cmdline", "status"]):
             try:

@@ -14,6 +14,7 @@ goes away, planned or not, so Oracle sessions reconnect before their next send.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import resource
@@ -40,6 +41,7 @@ BACKOFF_MAX = 5.0
 HUB_SOCKET_NAME = "hub"  # FileDescriptorName= in dco-hub.socket
 UNCLEAN_MARKER = "hub.running"  # in state_dir while a hub runs; left behind by an unclean stop
 ALERT_HEAD_START = 0.2  # seconds the quit alert may take before a new hub is started anyway
+CONFIG_COPIES = "config-*.toml"  # in the runtime dir: the configurations the children read (_config_copy)
 
 
 class RolloutError(Exception):
@@ -203,7 +205,10 @@ class Supervisor:
         self.alerter = Alerter.from_config(config)
         self.started = time.monotonic()
         self.workers: dict[tuple[int, int], Slot] = {}
-        self.hub = Slot(self, "hub", self._argv("hub"), {HUB_SOCKET_NAME: hub_listener})
+        self.runtime_dir = config.runtime_dir  # ours until a restart, whatever a reload says
+        for stale in self.runtime_dir.glob(CONFIG_COPIES):  # a previous run's; its children are gone with it
+            stale.unlink()
+        self.hub = Slot(self, "hub", self._argv(config, "hub"), {HUB_SOCKET_NAME: hub_listener})
         self.rollout_lock = trio.Lock()
         self._rollout: trio.CancelScope | None = None  # of the rollout under way
         self.last_rollout = ""
@@ -213,10 +218,25 @@ class Supervisor:
 
     # ------------------------------------------------------------ processes
 
-    def _argv(self, *command: str) -> list[str]:
-        source = self.config.source
-        config_args = [] if source == configuration.BUILTIN else ["--config", source]
-        return [sys.executable, "-m", "dcod", command[0], *config_args, *command[1:]]
+    def _argv(self, config: Config, *command: str) -> list[str]:
+        """A dcod command that runs with this configuration."""
+        return [sys.executable, "-m", "dcod", command[0], "--config", self._config_copy(config), *command[1:]]
+
+    def _config_copy(self, config: Config) -> str:
+        """The file our children read their configuration from: this one, as validated here.
+
+        Not the operator's file: that may have been edited since, or broken, and a child started
+        later (a restart after a crash) must run with what was rolled out, as the others do.
+        One copy per distinct configuration, named by its content: a child reads it when it
+        starts, whenever that is, so none is removed while the service runs.
+        """
+        text = f"# {config.source}, as dcod run applies it (the children read this copy)\n" + configuration.dump(config)
+        path = self.runtime_dir / CONFIG_COPIES.replace("*", hashlib.sha256(text.encode()).hexdigest()[:16])
+        if not path.exists():
+            partial = path.with_suffix(".partial")  # a child never reads half of it
+            partial.write_text(text)
+            partial.replace(path)
+        return str(path)
 
     def _worker_slots(self, config: Config) -> dict[tuple[int, int], tuple[str, list[str]]]:
         """(proxy id, instance) -> (name, argv) of every managed worker instance in a config."""
@@ -224,7 +244,8 @@ class Supervisor:
         for proxy in config.proxies:
             if proxy.managed:
                 for i in range(proxy.instances):
-                    argv = list(proxy.command) or self._argv("worker", "--proxy", str(proxy.id), "--instance", str(i))
+                    argv = list(proxy.command) or \
+                        self._argv(config, "worker", "--proxy", str(proxy.id), "--instance", str(i))
                     slots[proxy.id, i] = (f"worker {proxy.id}#{i}", argv)
         return slots
 
@@ -466,6 +487,7 @@ class Supervisor:
         step(f"configuration {new.source}: proxies {', '.join(str(p.id) for p in new.proxies) or 'none'}; "
              f"{len(new_slots)} worker instances ({len(added)} added, {len(removed)} removed)")
         self.config = new
+        self.hub.argv = self._argv(new, "hub")
         timeout = new.supervisor.ready_timeout
         for key in added:
             slot = self._add_worker(key, *new_slots[key])

@@ -472,3 +472,18 @@ async def test_a_worker_removed_by_a_reload_gives_up_its_socket(run):
     assert removed not in [c.laddr for c in supervisor.net_connections(kind="unix")]
     # Back to the processes it had before proxy 3 came, and to as many open files.
     await wait_for(lambda: supervisor.num_fds() == fds)
+
+
+async def test_children_restarted_after_a_crash_run_the_configuration_in_effect(run):
+    """Not the file as edited since, which no reload has rolled out (and which may not even work)."""
+    r = run(ECHO)
+    await r.notification("READY=1")
+    text = open(r.config.source).read()
+    open(r.config.source, "w").write(text.replace("instances = 2\n", "instances = 2\nconcurrency = 7\n") +
+                                     f'[[proxy]]\nid = 2\naddress = "127.0.0.1:{free_port()}"\n')
+    for child in [*r.children_with(" hub"), *r.children_with("--instance 0")]:
+        child.kill()
+    await wait_for(lambda: r.log.count("hub serving proxies") == 2 and r.log.count("worker 1#0: INFO: proxy 1:") == 2,
+                   timeout=20)
+    assert r.log.count("hub serving proxies 1 on") == 2, r.log
+    assert r.log.count("worker 1#0: INFO: proxy 1: handler echo, 64 requests at a time") == 2, r.log
