@@ -81,21 +81,26 @@ class Slot:
 
     def launch(self) -> Process:
         """Start a new generation in this slot (the previous one, if any, is the caller's business)."""
+        process = self.spawn(self.argv)
+        self.process = process
+        self.state = "starting"
+        return process
+
+    def spawn(self, argv: list[str]) -> Process:
+        """Start a new generation, and watch it, without making it the slot's process (yet)."""
         if self.supervisor.stopping:
             # A rollout that resumes before the stop cancels it: the stop must not find a
             # process it did not know of behind it.
             raise RolloutError("the service is stopping")
         self.generation += 1
         self.starts = [*self.starts[-self.supervisor.config.supervisor.restart_max:], time.monotonic()]
-        process = Process.start(self.name, self.argv, self.passed)
+        process = Process.start(self.name, argv, self.passed)
         process.generation = self.generation
         if self.foreign:
             # A command in another language does not speak our channel: it is ready when the
             # hub connects to it, which the hub's own readiness and `release` wait for.
             process.ready.set()
-        self.process = process
         self.alive.append(process)
-        self.state = "starting"
         log.info("%s started: pid %d, generation %d", self.name, process.pid, self.generation)
         self.supervisor.nursery.start_soon(self._watch, process)
         return process
@@ -173,9 +178,10 @@ class Slot:
         if not self.stopping and not sup.stopping and self.process is process:
             self.launch()
 
-    async def ready(self, timeout: float) -> None:
-        """Wait until the current process is ready; RolloutError if it exits or takes too long."""
-        process = self.process
+    async def ready(self, timeout: float, process: Process | None = None) -> None:
+        """Wait until the process (by default the current one) is ready; RolloutError if it exits
+        or takes too long."""
+        process = process or self.process
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
                 async def exited() -> None:
@@ -249,8 +255,8 @@ class Supervisor:
                     slots[proxy.id, i] = (f"worker {proxy.id}#{i}", argv)
         return slots
 
-    def _add_worker(self, key: tuple[int, int], name: str, argv: list[str]) -> Slot:
-        sock = sockets.bind(str(self.config.worker_socket(*key)))
+    def _add_worker(self, config: Config, key: tuple[int, int], name: str, argv: list[str]) -> Slot:
+        sock = sockets.bind(str(config.worker_socket(*key)))
         slot = self.workers[key] = Slot(self, name, argv, {"worker": sock}, *key)
         return slot
 
@@ -282,7 +288,7 @@ class Supervisor:
                 nursery.start_soon(self.notifier.run)
                 await self._check_unclean_stop()
                 for key, (name, argv) in self._worker_slots(self.config).items():
-                    self._add_worker(key, name, argv).launch()
+                    self._add_worker(self.config, key, name, argv).launch()
                 self.hub.launch()
                 self._mark_hub_running()
                 nursery.start_soon(self._announce_ready)
@@ -332,7 +338,8 @@ class Supervisor:
     def status_line(self) -> str:
         states = [s.state for s in self.workers.values()]
         ready = states.count("ready")
-        line = f"serving on {self.config.hub.advertise}: hub generation {self.hub.generation} {self.hub.state}, " \
+        serving = self.hub.process.generation
+        line = f"serving on {self.config.hub.advertise}: hub generation {serving} {self.hub.state}, " \
                f"{ready}/{len(states)} worker instances ready"
         failed = [s.name for s in self.slots if s.state == "failed"]
         return line + (f"; DOWN: {', '.join(failed)}" if failed else "")
@@ -486,15 +493,24 @@ class Supervisor:
         kept = [k for k in new_slots if k in old_slots]
         step(f"configuration {new.source}: proxies {', '.join(str(p.id) for p in new.proxies) or 'none'}; "
              f"{len(new_slots)} worker instances ({len(added)} added, {len(removed)} removed)")
+        # Until the new hub serves, the previous configuration is in effect: a failure before that
+        # stops what this rollout started, and leaves everything as it was.
+        try:
+            for key in added:
+                slot = self._add_worker(new, key, *new_slots[key])
+                slot.launch()
+                await slot.ready(new.supervisor.ready_timeout)
+                step(f"{slot.name}: added, ready")
+            hub = await self._start_hub(new, step)
+        except RolloutError as e:
+            for slot in [self.workers[key] for key in added if key in self.workers]:
+                await self._remove_worker(slot)
+                step(f"{slot.name}: stopped, not added")
+            raise RolloutError(f"{e}; nothing changed: the previous configuration stays in effect") from None
+        old = self.hub.process
         self.config = new
-        self.hub.argv = self._argv(new, "hub")
-        timeout = new.supervisor.ready_timeout
-        for key in added:
-            slot = self._add_worker(key, *new_slots[key])
-            slot.launch()
-            await slot.ready(timeout)
-            step(f"{slot.name}: added, ready")
-        await self._replace_hub(step)
+        self.hub.argv, self.hub.process, self.hub.state = self._argv(new, "hub"), hub, "ready"
+        await self._retire_hub(old, step)
         for key in removed:
             slot = self.workers[key]
             await self._remove_worker(slot)
@@ -511,22 +527,27 @@ class Supervisor:
         if (new.runtime_dir, new.state_dir) != (self.config.runtime_dir, self.config.state_dir):
             log.warning("runtime_dir or state_dir changed: restart the service to apply it")
 
-    async def _replace_hub(self, step: Callable[[str], None]) -> None:
-        """Generation N+1 on the same socket; when it is ready, N drains and the alert is raised."""
-        sup = self.config.supervisor
-        old = self.hub.process
-        new = self.hub.launch()
-        step(f"hub: generation {self.hub.generation} (pid {new.pid}) starting")
+    async def _start_hub(self, config: Config, step: Callable[[str], None]) -> Process:
+        """The next hub generation, with this configuration, on the same socket, once it is ready.
+
+        Until then the one serving stays the slot's process (the pmon watches it; if it dies, it
+        is restarted as it was); if the new one is not ready in time, it is stopped."""
+        new = self.hub.spawn(self._argv(config, "hub"))
+        step(f"hub: generation {new.generation} (pid {new.pid}) starting")
         try:
-            await self.hub.ready(sup.ready_timeout)
+            await self.hub.ready(config.supervisor.ready_timeout, new)
         except RolloutError:
-            # The new one never served: keep the old generation in its slot.
             new.retiring = True
-            self.hub.process = old
-            await new.stop(sup.stop_timeout)
+            await new.stop(config.supervisor.stop_timeout)
+            step(f"hub: generation {new.generation} stopped")
             raise
-        step(f"hub: generation {self.hub.generation} ready; generation {self.hub.generation - 1} draining")
-        if old is None or not old.running:
+        return new
+
+    async def _retire_hub(self, old: Process, step: Callable[[str], None]) -> None:
+        """The hub generation that served until now drains (the new one serves), and the alert is raised."""
+        sup = self.config.supervisor
+        step(f"hub: generation {self.hub.process.generation} ready; generation {old.generation} draining")
+        if not old.running:
             return
         old.retiring = True
         old.channel.send({"command": "drain"})
@@ -536,7 +557,7 @@ class Supervisor:
         await self.alerter.signal(self.config.hub.advertise)
         step(f"quit alert {self.config.alert.name} raised for {self.config.hub.advertise}")
         returncode = await old.stop(sup.drain_timeout + sup.stop_timeout, signum=None)
-        step(f"hub: generation {self.hub.generation - 1} (pid {old.pid}) drained, {describe_exit(returncode)}")
+        step(f"hub: generation {old.generation} (pid {old.pid}) drained, {describe_exit(returncode)}")
 
     async def _replace_worker(self, slot: Slot, step: Callable[[str], None]) -> None:
         """Hold the instance in the hub, let its replies come in, restart it, release it."""
@@ -577,6 +598,7 @@ class Supervisor:
             try:
                 await self.rollout(lambda line: reply({"progress": line}))
             except RolloutError as e:
+                log.error("reload failed: %s", e)
                 reply({"ok": False, "error": str(e)})
             else:
                 reply({"ok": True})
@@ -589,8 +611,9 @@ class Supervisor:
     def snapshot(self) -> dict:
         """Everything `dcod status` shows."""
         rows = [_process_row(slot, slot.process) for slot in self.slots]
-        # Older hub generations: one a rollout is replacing serves until the new one is ready.
-        rows += [_process_row(self.hub, p, state="draining" if p.retiring or p.draining.is_set() else "ready")
+        # Other hub generations: one a rollout is starting, older ones draining.
+        rows += [_process_row(self.hub, p, state="draining" if p.retiring or p.draining.is_set() else
+                              "ready" if p.ready.is_set() else "starting")
                  for p in self.hub.alive if p is not self.hub.process and p.running]
         me = _resources(self._me)
         return {

@@ -414,8 +414,8 @@ async def test_stop_during_a_reload_drains_both_hub_generations_before_the_worke
     assert log[:alert].count("hub: INFO: asked to drain: draining") == 2, log
     assert log[:workers_stop].count("hub: INFO: hub stopped") == 2, log
     assert alert < workers_stop
-    assert f"hub generation 1 (pid {old.pid}) exited with status 0" in log  # drained, not killed
-    assert f"hub (pid {new.pid}) exited with status 0" in log
+    assert f"hub (pid {old.pid}) exited with status 0" in log  # drained, not killed
+    assert f"hub generation 2 (pid {new.pid}) exited with status 0" in log
     assert (load.mismatched, dict(load.errors)) == (0, {}), load.error_texts  # no DCO-0003, no DCO-0005
     assert not [p for p in [old, new, *workers] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
@@ -487,3 +487,83 @@ async def test_children_restarted_after_a_crash_run_the_configuration_in_effect(
                    timeout=20)
     assert r.log.count("hub serving proxies 1 on") == 2, r.log
     assert r.log.count("worker 1#0: INFO: proxy 1: handler echo, 64 requests at a time") == 2, r.log
+
+
+@pytest.mark.parametrize("failure", ["hub not ready", "added worker not ready"])
+async def test_a_reload_that_fails_before_the_new_hub_serves_changes_nothing(run, tmp_path, monkeypatch, failure):
+    """The new hub waits for a proxy nobody serves, or an added worker's init() takes longer than
+    ready_timeout: what the reload started is stopped, the previous configuration stays in effect
+    (also for restarts), `dcod status` shows the generation that serves, and a later reload works."""
+    (tmp_path / "slowinit.py").write_text(textwrap.dedent("""\
+        import trio
+
+        async def init():
+            await trio.sleep(3600)
+
+        async def handle(req):
+            return req.body
+        """))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+    r = run(ECHO, supervisor="ready_timeout = 5.0\nstop_timeout = 2.0")
+    await r.notification("READY=1")
+    good = open(r.config.source).read()
+    changes = good.replace("instances = 2\n", "instances = 2\nconcurrency = 7\n")
+    if failure == "hub not ready":
+        changes += f'[[proxy]]\nid = 2\naddress = "127.0.0.1:{free_port()}"\n[[proxy]]\nid = 3\nhandler = "echo"\n'
+    else:
+        changes += '[[proxy]]\nid = 3\nhandler = "slowinit:handle"\n'
+    open(r.config.source, "w").write(changes)
+    [hub] = r.children_with(" hub")
+
+    result = await dcod_async(r.config, "reload")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "not ready within 5s" in result.stderr and "nothing changed" in result.stderr, result.stderr
+    assert "reload failed: " in r.log
+    assert [c.pid for c in r.children_with(" hub")] == [hub.pid]
+    assert len(r.children_with("dcod worker")) == 2 and not r.children_with("--proxy 3")
+    assert not r.config.worker_socket(3, 0).exists()
+    snapshot = status(r.config)
+    assert [(p["pid"], p["generation"], p["state"]) for p in snapshot["processes"] if p["name"] == "hub"] == \
+        [(hub.pid, 1, "ready")]
+    assert "hub generation 1 ready, 2/2 worker instances ready" in snapshot["supervisor"]["status"]
+    assert "failed at" in snapshot["supervisor"]["rollout"]
+
+    # Restarted after a crash, the hub and a worker run the previous configuration.
+    for child in [hub, *r.children_with("--instance 0")]:
+        child.kill()
+    await wait_for(lambda: r.log.count("hub serving proxies") == 2 + (failure == "hub not ready") and
+                   r.log.count("worker 1#0: INFO: proxy 1:") == 2, timeout=20)
+    assert r.log.count("hub serving proxies 1 on") == 2, r.log
+    assert r.log.count("worker 1#0: INFO: proxy 1: handler echo, 64 requests at a time") == 2, r.log
+
+    open(r.config.source, "w").write(good + '[[proxy]]\nid = 3\nhandler = "echo"\n')
+    result = await dcod_async(r.config, "reload")
+    assert result.returncode == 0, result.stdout + result.stderr
+    snapshot = status(r.config)
+    assert {p["name"]: (p["generation"], p["state"]) for p in snapshot["processes"]} == {
+        "hub": (4 if failure == "hub not ready" else 3, "ready"),
+        "worker 1#0": (3, "ready"), "worker 1#1": (2, "ready"), "worker 3#0": (1, "ready")}
+
+
+async def test_the_hub_serving_during_a_failing_reload_is_still_watched(run):
+    """Killed while the new generation waits for a proxy nobody serves: it is alerted and restarted
+    with the configuration in effect, and is there when the reload fails."""
+    r = run(ECHO, supervisor="ready_timeout = 5.0")
+    await r.notification("READY=1")
+    with open(r.config.source, "a") as f:
+        f.write(f'[[proxy]]\nid = 2\naddress = "127.0.0.1:{free_port()}"\n')
+    [old] = r.children_with(" hub")
+    async with trio.open_nursery() as nursery:
+        reloads = []
+
+        async def reload() -> None:
+            reloads.append(await dcod_async(r.config, "reload"))
+
+        nursery.start_soon(reload)
+        await wait_for(lambda: "hub started: " in r.log.partition("control: reload")[2], timeout=20)
+        old.kill()
+    assert reloads[0].returncode == 1 and "nothing changed" in reloads[0].stderr, reloads[0]
+    assert f"hub (pid {old.pid}) killed by SIGKILL: raising the quit alert" in r.log
+    assert r.log.count("hub serving proxies 1 on") == 2, r.log  # the first generation, and its restart
+    await wait_for(lambda: row(status(r.config), "hub")["state"] == "ready", timeout=20)
+    assert row(status(r.config), "hub")["generation"] == 3
