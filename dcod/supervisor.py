@@ -14,6 +14,7 @@ goes away, planned or not, so Oracle sessions reconnect before their next send.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -452,7 +453,8 @@ class Supervisor:
     async def rollout(self, progress: Callable[[str], None]) -> None:
         """Re-read the config and replace the hub, then each worker instance (DESIGN §4).
 
-        Raises RolloutError; then the generation that was serving keeps serving.
+        Raises RolloutError, whose message says what stays: before the new hub serves, nothing
+        changed; after, what was done (the new configuration is in effect).
         """
         if self._stop.is_set():
             raise RolloutError("the service is stopping")
@@ -507,18 +509,27 @@ class Supervisor:
                 await self._remove_worker(slot)
                 step(f"{slot.name}: stopped, not added")
             raise RolloutError(f"{e}; nothing changed: the previous configuration stays in effect") from None
+        # The new hub serves: the new configuration is in effect, for every process started from
+        # now on. A failure from here on keeps what was done, and says what still runs the previous one.
         old = self.hub.process
         self.config = new
         self.hub.argv, self.hub.process, self.hub.state = self._argv(new, "hub"), hub, "ready"
+        previous = {key: self.workers[key].process for key in kept}
+        for key in kept:
+            self.workers[key].name, self.workers[key].argv = new_slots[key]
         await self._retire_hub(old, step)
         for key in removed:
             slot = self.workers[key]
             await self._remove_worker(slot)
             step(f"{slot.name}: removed")
-        for key in kept:
-            slot = self.workers[key]
-            slot.name, slot.argv = new_slots[key]
-            await self._replace_worker(slot, step)
+        try:
+            for key in kept:
+                await self._replace_worker(self.workers[key], step)
+        except RolloutError as e:
+            left = [self.workers[key].name for key in kept if self.workers[key].process is previous[key]]
+            raise RolloutError(f"{e}; the new configuration stays in effect (the hub runs it, as will every "
+                               f"process started from now on)" +
+                               (f"; still running the previous one: {', '.join(left)}" if left else "")) from None
 
     def _warn_unappliable(self, new: Config) -> None:
         """Some settings belong to the supervisor's own start; say so rather than pretend."""
@@ -576,7 +587,14 @@ class Supervisor:
         else:
             how = "was not running"
         slot.launch()
-        await slot.ready(sup.ready_timeout)
+        try:
+            await slot.ready(sup.ready_timeout)
+        except RolloutError:
+            # The rollout ends here, the instance stays (and is restarted if it exits, as any
+            # worker): the hub must not hold it for good, but use it once it is ready.
+            self.nursery.start_soon(functools.partial(self.hub.process.request, "release", proxy=slot.proxy_id,
+                                                      instance=slot.instance))
+            raise
         hub = self.hub.process  # the one that held it may have died meanwhile and been replaced
         answer = await hub.request("release", proxy=slot.proxy_id, instance=slot.instance)
         if "error" in answer:

@@ -545,6 +545,53 @@ async def test_a_reload_that_fails_before_the_new_hub_serves_changes_nothing(run
         "worker 1#0": (3, "ready"), "worker 1#1": (2, "ready"), "worker 3#0": (1, "ready")}
 
 
+async def test_a_reload_that_fails_at_a_worker_keeps_what_was_done_and_says_so(run, tmp_path, monkeypatch):
+    """The new hub serves, then worker 1#0's new handler takes longer than ready_timeout in init():
+    the new configuration stays in effect, for 1#1's restarts too; the error names what still runs
+    the previous one; 1#0 is used once ready (not held for a rollout that is over)."""
+    go = tmp_path / "go"
+    (tmp_path / "slowinit.py").write_text(textwrap.dedent(f"""\
+        import os
+        import trio
+
+        async def init():
+            while not os.path.exists({str(go)!r}):
+                await trio.sleep(0.05)
+
+        async def handle(req):
+            return req.body
+        """))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+    r = run(ECHO, supervisor="ready_timeout = 5.0")
+    await r.notification("READY=1")
+    good = open(r.config.source).read()
+    open(r.config.source, "w").write(good.replace('handler = "echo"', 'handler = "slowinit:handle"'))
+
+    result = await dcod_async(r.config, "reload")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "worker 1#0 generation 2" in result.stderr and "not ready within 5s" in result.stderr, result.stderr
+    assert "the new configuration stays in effect" in result.stderr and "worker 1#1" in result.stderr, result.stderr
+    assert f"reload failed: {result.stderr.removeprefix('dcod: ').strip()}" in r.log
+    snapshot = status(r.config)
+    assert {p["name"]: (p["generation"], p["state"]) for p in snapshot["processes"]} == {
+        "hub": (2, "ready"), "worker 1#0": (2, "starting"), "worker 1#1": (1, "ready")}
+
+    go.touch()
+    await wait_for(lambda: row(status(r.config), "worker 1#0")["state"] == "ready", timeout=20)
+    await wait_for(lambda: [(i["state"], i["held"]) for i in status(r.config)["hub"]["proxies"]["1"]["instances"]]
+                   == [("up", False), ("up", False)], timeout=20)
+    [old] = r.children_with("--instance 1")
+    old.kill()  # restarted with the configuration in effect: the new one
+    await wait_for(lambda: r.log.count("worker 1#1: INFO: proxy 1: handler") == 2, timeout=20)
+    assert "worker 1#1: INFO: proxy 1: handler slowinit:handle" in r.log
+
+    open(r.config.source, "w").write(good)
+    result = await dcod_async(r.config, "reload")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {p["name"]: (p["generation"], p["state"]) for p in status(r.config)["processes"]} == {
+        "hub": (3, "ready"), "worker 1#0": (3, "ready"), "worker 1#1": (3, "ready")}
+
+
 async def test_the_hub_serving_during_a_failing_reload_is_still_watched(run):
     """Killed while the new generation waits for a proxy nobody serves: it is alerted and restarted
     with the configuration in effect, and is there when the reload fails."""
