@@ -262,17 +262,25 @@ async def test_hub_sigtermed_from_outside_raises_the_alert_once_and_is_replaced(
     assert status(r.config)["supervisor"]["alerts"]["file"]["sent"] == 1  # not again at its exit
 
 
-async def test_status_shows_a_hub_draining_unasked_as_draining(run, slow_echo, tmp_path):
-    r = run(slow_echo, supervisor="drain_timeout = 3.0\nstop_timeout = 1.0")
-    await r.notification("READY=1")
+@contextlib.asynccontextmanager
+async def hub_sigtermed_with_a_request_held(r, tmp_path, audsid: int):
+    """The hub SIGTERMed from outside while the worker holds a session's request, so that it
+    drains until drain_timeout; yields it (psutil) once the supervisor has raised the alert."""
     from dcod.client import Session
-    async with Session(r.config.hub.advertise, audsid=80) as held:
+    async with Session(r.config.hub.advertise, audsid=audsid) as held:
         held.write(b"slow")
-        await held.send_request(1)  # in flight: the hub drains until drain_timeout
+        await held.send_request(1)
         await wait_for(lambda: (tmp_path / "held").exists())
         [hub] = r.children_with(" hub")
         hub.terminate()
-        await wait_for(lambda: r.config.alert_file.exists())  # raised: the supervisor knows it drains
+        await wait_for(lambda: r.config.alert_file.exists())
+        yield hub
+
+
+async def test_status_shows_a_hub_draining_unasked_as_draining(run, slow_echo, tmp_path):
+    r = run(slow_echo, supervisor="drain_timeout = 3.0\nstop_timeout = 1.0")
+    await r.notification("READY=1")
+    async with hub_sigtermed_with_a_request_held(r, tmp_path, audsid=80) as hub:
         snapshot = status(r.config)
     assert [(p["pid"], p["state"]) for p in snapshot["processes"] if p["name"] == "hub"] == [(hub.pid, "draining")]
     assert "hub generation 1 draining" in snapshot["supervisor"]["status"]
@@ -283,19 +291,13 @@ async def test_hub_dying_mid_drain_after_sigterm_raises_one_alert(run, slow_echo
     """Killed from outside, or hung and so killed by the supervisor past drain_timeout + stop_timeout."""
     r = run(slow_echo, supervisor="drain_timeout = 3.0\nstop_timeout = 1.0")
     await r.notification("READY=1")
-    from dcod.client import Session
-    async with Session(r.config.hub.advertise, audsid=78) as held:
-        held.write(b"slow")
-        await held.send_request(1)  # in flight: the hub drains until drain_timeout
-        await wait_for(lambda: (tmp_path / "held").exists())
-        [hub] = r.children_with(" hub")
-        hub.terminate()
-        await wait_for(lambda: r.config.alert_file.exists())  # raised: the hub is draining
+    async with hub_sigtermed_with_a_request_held(r, tmp_path, audsid=78) as hub:
         if fault == "SIGKILL":
             hub.kill()
         else:
             hub.suspend()
         await wait_for(lambda: f"hub (pid {hub.pid}) killed by SIGKILL; restarting" in r.log, timeout=20)
+    from dcod.client import Session
     async with Session(r.config.hub.advertise, audsid=79) as session:
         assert await session.call_sync(1, b"after", timeout=10) == b"after"
     assert status(r.config)["supervisor"]["alerts"]["file"]["sent"] == 1
