@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import psutil
 import pytest
@@ -49,10 +50,20 @@ def row(snapshot: dict, name: str) -> dict:
 
 
 @pytest.fixture
-def slow_echo(tmp_path, monkeypatch) -> str:
+def handler_module(tmp_path, monkeypatch):
+    """handler_module(name, source): a module of handlers that the workers can import."""
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+
+    def write(name: str, source: str) -> None:
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    return write
+
+
+@pytest.fixture
+def slow_echo(tmp_path, handler_module) -> str:
     """The [[proxy]] table of an echo proxy (id 1, 2 instances) that holds a body starting with
     "slow" for a minute, once it has added a line to tmp_path/held."""
-    (tmp_path / "slowecho.py").write_text(textwrap.dedent(f"""\
+    handler_module("slowecho", f"""\
         import trio
 
         async def handle(req):
@@ -61,9 +72,26 @@ def slow_echo(tmp_path, monkeypatch) -> str:
                     held.write("held\\n")
                 await trio.sleep(60)
             return req.body
-        """))
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+        """)
     return '[[proxy]]\nid = 1\nhandler = "slowecho:handle"\ninstances = 2\n'
+
+
+@pytest.fixture
+def slow_init(tmp_path, handler_module) -> Path:
+    """Handler "slowinit:handle", an echo whose init() waits until the file returned exists."""
+    go = tmp_path / "go"
+    handler_module("slowinit", f"""\
+        import os
+        import trio
+
+        async def init():
+            while not os.path.exists({str(go)!r}):
+                await trio.sleep(0.05)
+
+        async def handle(req):
+            return req.body
+        """)
+    return go
 
 
 async def started_load(nursery, r, sessions: int = 16) -> Load:
@@ -422,10 +450,10 @@ async def test_stop_during_a_reload_drains_both_hub_generations_before_the_worke
     assert not [p for p in [old, new, *workers] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-async def test_stop_during_a_reload_waits_for_a_worker_being_removed(run, nursery, tmp_path, monkeypatch):
+async def test_stop_during_a_reload_waits_for_a_worker_being_removed(run, nursery, handler_module):
     """SIGTERM while a reload waits for a removed proxy's worker to exit: the stop waits for it
     too (and SIGKILLs it past stop_timeout), rather than leaving it behind."""
-    (tmp_path / "stuck.py").write_text(textwrap.dedent("""\
+    handler_module("stuck", """\
         import trio
 
         async def handle(req):
@@ -433,8 +461,7 @@ async def test_stop_during_a_reload_waits_for_a_worker_being_removed(run, nurser
 
         async def done():  # a clean-up that never ends: only SIGKILL stops this worker
             await trio.sleep_forever()
-        """))
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+        """)
     stuck_proxy = '[[proxy]]\nid = 2\nhandler = "stuck:handle"\n'
     r = run(ECHO + stuck_proxy, supervisor="stop_timeout = 3.0")
     await r.notification("READY=1")
@@ -492,20 +519,10 @@ async def test_children_restarted_after_a_crash_run_the_configuration_in_effect(
 
 
 @pytest.mark.parametrize("failure", ["hub not ready", "added worker not ready"])
-async def test_a_reload_that_fails_before_the_new_hub_serves_changes_nothing(run, tmp_path, monkeypatch, failure):
+async def test_a_reload_that_fails_before_the_new_hub_serves_changes_nothing(run, slow_init, failure):
     """The new hub waits for a proxy nobody serves, or an added worker's init() takes longer than
     ready_timeout: what the reload started is stopped, the previous configuration stays in effect
     (also for restarts), `dcod status` shows the generation that serves, and a later reload works."""
-    (tmp_path / "slowinit.py").write_text(textwrap.dedent("""\
-        import trio
-
-        async def init():
-            await trio.sleep(3600)
-
-        async def handle(req):
-            return req.body
-        """))
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
     r = run(ECHO, supervisor="ready_timeout = 5.0\nstop_timeout = 2.0")
     await r.notification("READY=1")
     good = open(r.config.source).read()
@@ -547,23 +564,10 @@ async def test_a_reload_that_fails_before_the_new_hub_serves_changes_nothing(run
         "worker 1#0": (3, "ready"), "worker 1#1": (2, "ready"), "worker 3#0": (1, "ready")}
 
 
-async def test_a_reload_that_fails_at_a_worker_keeps_what_was_done_and_says_so(run, tmp_path, monkeypatch):
+async def test_a_reload_that_fails_at_a_worker_keeps_what_was_done_and_says_so(run, slow_init):
     """The new hub serves, then worker 1#0's new handler takes longer than ready_timeout in init():
     the new configuration stays in effect, for 1#1's restarts too; the error names what still runs
     the previous one; 1#0 is used once ready (not held for a rollout that is over)."""
-    go = tmp_path / "go"
-    (tmp_path / "slowinit.py").write_text(textwrap.dedent(f"""\
-        import os
-        import trio
-
-        async def init():
-            while not os.path.exists({str(go)!r}):
-                await trio.sleep(0.05)
-
-        async def handle(req):
-            return req.body
-        """))
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
     r = run(ECHO, supervisor="ready_timeout = 5.0")
     await r.notification("READY=1")
     good = open(r.config.source).read()
@@ -578,7 +582,7 @@ async def test_a_reload_that_fails_at_a_worker_keeps_what_was_done_and_says_so(r
     assert {p["name"]: (p["generation"], p["state"]) for p in snapshot["processes"]} == {
         "hub": (2, "ready"), "worker 1#0": (2, "starting"), "worker 1#1": (1, "ready")}
 
-    go.touch()
+    slow_init.touch()
     await wait_for(lambda: row(status(r.config), "worker 1#0")["state"] == "ready", timeout=20)
     await wait_for(lambda: [(i["state"], i["held"]) for i in status(r.config)["hub"]["proxies"]["1"]["instances"]]
                    == [("up", False), ("up", False)], timeout=20)
