@@ -205,12 +205,17 @@ async def test_killed_hub_raises_the_alert_and_is_replaced(run, nursery):
     assert "hub (pid %d) killed by SIGKILL: raising the quit alert" % hub.pid in r.log
 
 
-async def test_hung_hub_is_alerted_killed_and_replaced(run, nursery):
+async def watched_under_load(run, nursery):
+    """A `dcod run` whose pmon looks often, 4 sessions of load: (run, load, alerts so far, hub)."""
     r = run(ECHO, supervisor=FAST_PMON)
     await r.notification("READY=1")
     load = await started_load(nursery, r, sessions=4)
-    alerts = alert_counter(r.config)
     [hub] = r.children_with(" hub")
+    return r, load, alert_counter(r.config), hub
+
+
+async def test_hung_hub_is_alerted_killed_and_replaced(run, nursery):
+    r, load, alerts, hub = await watched_under_load(run, nursery)
     hub.suspend()
     await load.progress(100)
     load.stop()
@@ -221,11 +226,7 @@ async def test_hung_hub_is_alerted_killed_and_replaced(run, nursery):
 
 
 async def test_a_supervisor_frozen_for_a_while_does_not_take_its_hub_for_hung(run, nursery):
-    r = run(ECHO, supervisor=FAST_PMON)
-    await r.notification("READY=1")
-    load = await started_load(nursery, r, sessions=4)
-    alerts = alert_counter(r.config)
-    [hub] = r.children_with(" hub")
+    r, load, alerts, hub = await watched_under_load(run, nursery)
     supervisor = psutil.Process(r.proc.pid)
     supervisor.suspend()
     await trio.sleep(3.0)  # the fault: frozen for 3 heartbeat_timeouts while the hub goes on
