@@ -68,7 +68,7 @@ class Slot:
         self.state = "starting"
         self.last_exit = ""  # how the previous process ended, for `dcod status`
         self.restarts = 0
-        self.starts: list[float] = []
+        self.failures: list[float] = []  # when its processes exited unplanned: the restart budget
         self.stopping = False
 
     @property
@@ -94,7 +94,6 @@ class Slot:
             # process it did not know of behind it.
             raise RolloutError("the service is stopping")
         self.generation += 1
-        self.starts = [*self.starts[-self.supervisor.config.supervisor.restart_max:], time.monotonic()]
         process = Process.start(self.name, argv, self.passed)
         process.generation = self.generation
         if self.foreign:
@@ -164,11 +163,13 @@ class Slot:
             self.state = "stopped"
             log.warning("%s (pid %d) %s; the service is stopping: not restarted", self.name, process.pid, how)
             return
-        recent = [t for t in self.starts if time.monotonic() - t <= limits.restart_window]
+        # Only failures count: the generations reloads start are no reason to give up on it.
+        now = time.monotonic()
+        self.failures = recent = [*(t for t in self.failures if now - t <= limits.restart_window), now]
         if len(recent) >= limits.restart_max:
             self.state = "failed"
-            self.last_exit += f"; {len(recent)} starts within {limits.restart_window:g}s, left down"
-            log.error("%s (pid %d) %s; %d starts within %gs: leaving it down", self.name, process.pid, how,
+            self.last_exit += f"; {len(recent)} failures within {limits.restart_window:g}s, left down"
+            log.error("%s (pid %d) %s; %d failures within %gs: leaving it down", self.name, process.pid, how,
                       len(recent), limits.restart_window)
             return
         backoff = 0.0 if len(recent) <= 1 else min(BACKOFF_MIN * 2 ** (len(recent) - 2), BACKOFF_MAX)

@@ -225,6 +225,19 @@ async def test_hung_hub_is_alerted_killed_and_replaced(run, nursery):
     assert load.mismatched == 0
 
 
+async def test_reloads_do_not_spend_the_restart_budget(run):
+    r = run(ECHO, supervisor="restart_max = 2")
+    await r.notification("READY=1")
+    for _ in range(2):  # two new hub generations: as many starts as the budget allows failures
+        result = await dcod_async(r.config, "reload")
+        assert result.returncode == 0, result.stderr
+    [hub] = r.children_with(" hub")
+    hub.kill()
+    await wait_for(lambda: f"hub (pid {hub.pid}) killed by SIGKILL; restarting" in r.log, timeout=10)
+    await wait_for(lambda: row(status(r.config), "hub")["state"] == "ready", timeout=20)
+    assert "leaving it down" not in r.log
+
+
 async def test_a_supervisor_frozen_for_a_while_does_not_take_its_hub_for_hung(run, nursery):
     r, load, alerts, hub = await watched_under_load(run, nursery)
     supervisor = psutil.Process(r.proc.pid)
