@@ -8,9 +8,11 @@ connection carrying many sessions' requests costs one system call per pass, not 
 PDU, and nobody pays a task switch per write. Writing at the end of a pass rather than
 at once also helps the far side: a hub serving the sessions of one client process finds
 them readable together and reads them in one wake-up (writing at once from flush() was
-tried, and cost the hub more CPU per round trip). Only when the kernel's buffer is full
-does the connection's own writer task take over, wait for room and write the rest.
-Bodies are passed by reference (bytes, bytearray or memoryview), never joined.
+tried, and cost the hub more CPU per round trip). A reactor (dcod.reactor) that has read
+and routed a batch writes what it queued itself, before it yields, and the flusher is not
+woken for it. Only when the kernel's buffer is full does the connection's own writer task
+(or its reactor) take over, wait for room and write the rest. Bodies are passed by
+reference (bytes, bytearray or memoryview), never joined.
 """
 
 from __future__ import annotations
@@ -223,7 +225,8 @@ class Connection:
             self._shared.add(self)
 
     def _write(self) -> None:
-        """Hand the outbox to the kernel, as much as it takes; what is left goes to the writer task."""
+        """Hand the outbox to the kernel, as much as it takes; what is left goes to the writer task
+        (or the reactor)."""
         if self._closing:
             return
         out = self._out
