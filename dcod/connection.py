@@ -149,10 +149,10 @@ def shared() -> Shared:
     try:
         return _shared.get()
     except LookupError:
-        shared = Shared()
-        trio.lowlevel.spawn_system_task(shared.flush_forever, name="dcod connection flusher")
-        _shared.set(shared)
-        return shared
+        this_run = Shared()
+        trio.lowlevel.spawn_system_task(this_run.flush_forever, name="dcod connection flusher")
+        _shared.set(this_run)
+        return this_run
 
 
 class Connection:

@@ -533,12 +533,9 @@ class Hub:
 
         Noradle's Node worker drops 12 bytes (not 4) from a first chunk longer than the magic,
         so a worker not our own gets the magic alone and time to read it by itself."""
-        if instance.acks:
-            conn.send(protocol.HUB_HANDSHAKE, protocol.ACK_ONEWAY)
-            await conn.flush()
-        else:
-            conn.send(protocol.HUB_HANDSHAKE)
-            await conn.flush()
+        conn.send(protocol.HUB_HANDSHAKE, *([protocol.ACK_ONEWAY] if instance.acks else []))
+        await conn.flush()
+        if not instance.acks:
             await trio.sleep(FOREIGN_HANDSHAKE_PAUSE)
 
     def _on_instance_data(self, instance: Instance, framer: protocol.Framer, data: memoryview) -> None:

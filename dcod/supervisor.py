@@ -504,7 +504,8 @@ class Supervisor:
                 slot.launch()
                 await slot.ready(new.supervisor.ready_timeout)
                 step(f"{slot.name}: added, ready")
-            hub = await self._start_hub(new, step)
+            hub_argv = self._argv(new, "hub")
+            hub = await self._start_hub(hub_argv, new, step)
         except RolloutError as e:
             for slot in [self.workers[key] for key in added if key in self.workers]:
                 await self._remove_worker(slot)
@@ -514,7 +515,7 @@ class Supervisor:
         # now on. A failure from here on keeps what was done, and says what still runs the previous one.
         old = self.hub.process
         self.config = new
-        self.hub.argv, self.hub.process, self.hub.state = self._argv(new, "hub"), hub, "ready"
+        self.hub.argv, self.hub.process, self.hub.state = hub_argv, hub, "ready"
         previous = {key: self.workers[key].process for key in kept}
         for key in kept:
             self.workers[key].name, self.workers[key].argv = new_slots[key]
@@ -539,12 +540,12 @@ class Supervisor:
         if (new.runtime_dir, new.state_dir) != (self.config.runtime_dir, self.config.state_dir):
             log.warning("runtime_dir or state_dir changed: restart the service to apply it")
 
-    async def _start_hub(self, config: Config, step: Callable[[str], None]) -> Process:
-        """The next hub generation, with this configuration, on the same socket, once it is ready.
+    async def _start_hub(self, argv: list[str], config: Config, step: Callable[[str], None]) -> Process:
+        """The next hub generation, run by ``argv`` with ``config``, on the same socket, once it is ready.
 
         Until then the one serving stays the slot's process (the pmon watches it; if it dies, it
         is restarted as it was); if the new one is not ready in time, it is stopped."""
-        new = self.hub.spawn(self._argv(config, "hub"))
+        new = self.hub.spawn(argv)
         step(f"hub: generation {new.generation} (pid {new.pid}) starting")
         try:
             await self.hub.ready(config.supervisor.ready_timeout, new)
