@@ -408,12 +408,15 @@ async def test_control_socket_refuses_other_users(run):
     await r.notification("READY=1")
     sock = r.config.control_socket
     assert oct(os.stat(sock).st_mode & 0o777) == "0o660"
-    # Open the file modes wide, so that only the SO_PEERCRED check stands in the way.
+    # Open the file modes wide, so that only the SO_PEERCRED check stands in the way; nobody
+    # must also reach our Python and dcod (a checkout in a private directory: mktemp -d).
     os.chmod(sock, 0o666)
-    for parent in sock.parents:
-        if parent == parent.parent:
-            break
-        os.chmod(parent, os.stat(parent).st_mode | 0o001)
+    import dcod
+    for path in (sock, Path(sys.executable), Path(dcod.__file__)):
+        for parent in path.parents:
+            if parent == parent.parent:
+                break
+            os.chmod(parent, os.stat(parent).st_mode | 0o001)
     nobody = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
                              "-m", "dcod", "status", "--config", r.config.source], capture_output=True, text=True)
     assert nobody.returncode == 1, nobody.stderr
