@@ -221,7 +221,8 @@ class Session:
             if self._conn is None:
                 await self._reconnect()
             conn = self._conn
-            conn.send(*self._queue)
+            for pdu in self._queue:
+                conn.send(pdu)
             self._queue.clear()
             self._in_flight.update(self._queued_sync)
             self._queued_sync.clear()

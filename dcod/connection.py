@@ -213,13 +213,12 @@ class Connection:
             except OSError as e:
                 raise ConnectionClosed(f"{self.name}: {e.strerror}") from None
 
-    def send(self, *chunks) -> None:
+    def send(self, data) -> None:
         """Queue bytes for the peer; returns at once. Ignored once the connection is closed."""
         if self._closing:
             return
-        self._out.extend(chunks)
-        for c in chunks:
-            self._out_bytes += len(c)
+        self._out.append(data)
+        self._out_bytes += len(data)
         if not self._busy:
             self._busy = True
             self._shared.add(self)
@@ -233,7 +232,12 @@ class Connection:
         try:
             while out:
                 sent = self.sock.sendmsg(out if len(out) <= IOV_MAX else out[:IOV_MAX])
-                self._consume(sent)
+                if sent == self._out_bytes:  # all of it: the usual case
+                    out.clear()
+                    self._out_bytes = 0
+                    self._head_partial = False
+                else:
+                    self._consume(sent)
         except BlockingIOError:
             self._blocked = True
             if self.reactor is not None:
@@ -246,15 +250,12 @@ class Connection:
             self.close(e.strerror)
             return
         self._busy = False
-        self._wake_flushers()
+        if self._emptied is not None:
+            self._wake_flushers()
 
     def _consume(self, sent: int) -> None:
+        """Drop from the outbox the ``sent`` bytes the kernel took (fewer than there are)."""
         out = self._out
-        if sent == self._out_bytes:
-            out.clear()
-            self._out_bytes = 0
-            self._head_partial = False
-            return
         self._out_bytes -= sent
         i = 0
         while sent:

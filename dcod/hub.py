@@ -150,6 +150,7 @@ class Proxy:
     def update_available(self) -> None:
         """An instance's state changed: recompute ``available``, so that pick() need not."""
         self.available = [i for i in self.instances if i.available]
+        self._last_read = 0  # pick() chooses afresh
 
     def pick(self, audsid: int, read: int = 0) -> Instance | None:
         """The instance for a request: least outstanding first, or by session for ordered proxies.
@@ -165,7 +166,7 @@ class Proxy:
             return available[0] if count else None
         if self.config.ordered:
             return available[audsid % count]
-        if read and read == self._last_read and self._last_pick.available:
+        if read and read == self._last_read:
             return self._last_pick
         self._turn = turn = (self._turn + 1) % count
         best = available[turn]
@@ -375,6 +376,7 @@ class Hub:
                 log.warning("one-way request for unknown proxy %d from audsid %d dropped", proxy_id, audsid)
             return
         ROUTED_HEADER.pack_into(pdu, 0, length, audsid, rseq)
+        key = (audsid, rseq)
         counters = proxy.counters
         counters.requests += 1
         pending = None
@@ -386,14 +388,14 @@ class Hub:
                                                        f"{self.max_inflight} requests in flight for this session"))
                 return
             now = self.clock()
-            pending = Pending((audsid, rseq), proxy, now + self.reply_timeout, now, session)
+            pending = Pending(key, proxy, now + self.reply_timeout, now, session)
             self.timeouts.append(pending)
         else:
             counters.oneway += 1
         if not proxy.spool.records:  # nothing queued ahead of it
             instance = proxy.pick(audsid, self._reads)
             if instance is not None:
-                self._forward(instance, pdu, (audsid, rseq), pending)
+                self._forward(instance, pdu, key, pending)
                 return
         self._enqueue(proxy, pdu, pending)
 
@@ -533,7 +535,9 @@ class Hub:
 
         Noradle's Node worker drops 12 bytes (not 4) from a first chunk longer than the magic,
         so a worker not our own gets the magic alone and time to read it by itself."""
-        conn.send(protocol.HUB_HANDSHAKE, *([protocol.ACK_ONEWAY] if instance.acks else []))
+        conn.send(protocol.HUB_HANDSHAKE)
+        if instance.acks:
+            conn.send(protocol.ACK_ONEWAY)
         await conn.flush()
         if not instance.acks:
             await trio.sleep(FOREIGN_HANDSHAKE_PAUSE)
@@ -551,7 +555,7 @@ class Hub:
 
     def _on_reply(self, instance: Instance, pdu: bytearray) -> None:
         length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
-        if protocol.is_quit_notice(length, audsid, rseq):
+        if not rseq and protocol.is_quit_notice(length, audsid, rseq):  # sessions count rseq from 1
             self._on_quit_notice(instance, half_close=length != protocol.NORADLE_QUIT_LENGTH)
             return
         counters = instance.proxy.counters
