@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import textwrap
 from pathlib import Path
 
+import psutil
 import pytest
 import trio
 
@@ -81,5 +83,14 @@ def run(make_config, tmp_path):
 
     yield start
     for r in runs:
+        # Its children too: a worker that ignores SIGTERM would outlive the test (under
+        # systemd, the service's control group is killed as a whole).
+        try:
+            children = psutil.Process(r.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
         r.proc.kill()
         r.proc.wait()
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
