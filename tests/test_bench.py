@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from dcod import cli
 
@@ -66,3 +67,12 @@ def test_bench_scenarios_need_its_own_hub(capsys):
     assert "--spool: only on the bench's own hub" in capsys.readouterr().err
     assert cli.main(["bench", "--duration", "2", "--reload-at", "3"]) == 2
     assert "--reload-at must fall in the window" in capsys.readouterr().err
+
+
+def test_hotpath_bench_answers_every_round_trip():
+    # bench/hotpath.py drives the hub's internals; this keeps it working as they change.
+    script = Path(__file__).resolve().parent.parent / "bench" / "hotpath.py"
+    run = subprocess.run([sys.executable, str(script), "--rounds", "20", "--sessions", "3", "--depth", "5"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("300 round trips (3 sessions x 5, 100-byte bodies, 2 instances): "), run.stdout
