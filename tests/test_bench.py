@@ -76,3 +76,14 @@ def test_hotpath_bench_answers_every_round_trip():
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("300 round trips (3 sessions x 5, 100-byte bodies, 2 instances): "), run.stdout
+
+
+def test_noradle_reference_bench_measures_the_node_hub():
+    script = Path(__file__).resolve().parent.parent / "bench" / "noradle_hub.py"
+    run = subprocess.run([sys.executable, str(script), "--duration", "1", *SMALL], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["lost"] == report["errors"] == report["mismatched"] == 0 and report["requests"] > 0
+    node = [p for p in report["process_cpu"] if p["role"] == "node"]
+    assert len(node) == 1 and node[0]["cpu_s"] > 0, report["process_cpu"]

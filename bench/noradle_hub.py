@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""The reference for the hub's figures: the same load on a Node.js hub that behaves as Noradle's.
+
+    .venv/bin/python bench/noradle_hub.py                  # 16 sessions x 4, 100-byte bodies, 10 s
+    .venv/bin/python bench/noradle_hub.py --duration 8 --json
+
+It starts one dcod echo worker and tests/noradle/ext_hub.js (the Node.js emulation of
+Noradle's ext-hub the compatibility tests use: one connection per proxy, one write per PDU,
+Node's default socket options) in front of it, and runs `dcod bench --hub` against that hub,
+measuring the Node process's CPU. Every other argument goes to `dcod bench`. Compare with
+`dcod bench --instances 1` (one worker connection, as Noradle has) run just before or after:
+the machine's speed changes from day to day, the ratio much less.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from dcod import sockets
+
+HUB_JS = Path(__file__).resolve().parent.parent / "tests" / "noradle" / "ext_hub.js"
+
+
+def main(argv: list[str]) -> int:
+    with sockets.bind("127.0.0.1:0") as probe:  # a free port for the worker
+        worker_address = "127.0.0.1:%d" % probe.getsockname()[1]
+    worker = subprocess.Popen([sys.executable, "-m", "dcod", "worker", "--proxy", "1", "--listen", worker_address])
+    hub = subprocess.Popen(["node", str(HUB_JS), "0", f"1={worker_address}"], stdout=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(hub.stdout.readline() or "{}")  # {"event": "listening", "port": N}
+        if first.get("event") != "listening":
+            print(f"noradle_hub: {HUB_JS.name} did not start", file=sys.stderr)
+            return 2
+        # Its later events (a line per worker connection) must not fill the pipe.
+        threading.Thread(target=hub.stdout.read, daemon=True).start()
+        bench = [sys.executable, "-m", "dcod", "bench", "--hub", f"127.0.0.1:{first['port']}", "--pid", str(hub.pid),
+                 *argv]
+        return subprocess.run(bench).returncode
+    finally:
+        for process in (hub, worker):
+            process.terminate()
+            process.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
