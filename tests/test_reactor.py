@@ -3,8 +3,11 @@ the kernel could not take finished through EPOLLOUT, pause and resume."""
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import struct
+import subprocess
+import sys
 
 import trio
 
@@ -105,3 +108,44 @@ async def test_a_paused_connection_is_not_read_until_resumed(nursery):
     reactor.pause(conn, reading=True)
     await peer.wait(lambda: peer.received == b"firstsecond")
     other_theirs.close()
+
+
+async def test_connections_that_never_go_quiet_do_not_starve_other_tasks(nursery):
+    # The reactor waits in its own epoll while data keeps coming: it must still hand trio the
+    # thread back (SLICE), or timers, accepts and the control channel would wait forever.
+    reactor = Reactor()
+    nursery.start_soon(reactor.run)
+    received = 0
+
+    def on_data(data: memoryview) -> None:  # slower than the writers: the sockets never empty
+        nonlocal received
+        received += len(data)
+        hashlib.sha256(data).digest()
+
+    # Writers in other processes (threads of ours would pause whenever we hold the GIL), several
+    # so that one descheduled for a while leaves no gap; each writes for at most 20 s.
+    floods = []
+    for n in range(FLOODS):
+        ours, theirs = socket.socketpair()
+        reactor.add(Connection(ours, f"flood {n}"), on_data, lambda reason: None)
+        floods.append(subprocess.Popen([sys.executable, "-c", FLOOD], stdout=theirs))
+        theirs.close()
+    try:
+        while received < 1 << 20:  # the floods are being served...
+            await trio.sleep(0.001)
+        for _ in range(20):  # ...and timers still fire while they go on
+            await trio.sleep(0.001)
+        assert all(flood.poll() is None for flood in floods), "trio's tasks did not run while data kept coming"
+    finally:
+        for flood in floods:
+            flood.kill()
+            flood.wait()
+
+
+FLOODS = 4
+FLOOD = """
+import os, time
+chunk, deadline = b"x" * 65536, time.monotonic() + 20
+while time.monotonic() < deadline:
+    os.write(1, chunk)
+"""
