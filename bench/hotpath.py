@@ -36,6 +36,7 @@ import trio
 
 from dcod import config as configuration
 from dcod import protocol
+from dcod.bench import bench_config
 from dcod.connection import Connection
 from dcod.hub import Hub, Session
 from dcod.reactor import Reactor
@@ -46,11 +47,14 @@ ROUND_LIMIT = 128 * 1024
 
 
 def make_hub(tmp: Path, instances: int) -> Hub:
-    text = (f'[supervisor]\nruntime_dir = "{tmp}/run"\nstate_dir = "{tmp}/state"\n'
-            f'[[proxy]]\nid = 1\nhandler = "echo"\ninstances = {instances}\n')
-    hub = Hub(configuration.parse(text, str(tmp / "hotpath.toml")))
+    """A hub configured as `dcod bench` configures its own: proxy 1, echo workers."""
+    hub = Hub(bench_config(configuration.load(None), tmp, tmp / "run", 1, instances))
     hub.reactor = Reactor()
     return hub
+
+
+def describe(args: argparse.Namespace) -> str:
+    return f"{args.sessions} sessions x {args.depth}, {args.size}-byte bodies, {args.instances} instances"
 
 
 def connect_workers(hub: Hub) -> list[socket.socket]:
@@ -119,8 +123,7 @@ async def measure(args: argparse.Namespace) -> int:
                     received += len(oracle.recv(1 << 20))
     round_trips = args.rounds * args.sessions * args.depth
     answered = hub.proxies[1].counters.replies
-    print(f"{round_trips} round trips ({args.sessions} sessions x {args.depth}, {args.size}-byte bodies, "
-          f"{args.instances} instances): {spent / round_trips * 1e6:.2f} µs of hub time each")
+    print(f"{round_trips} round trips ({describe(args)}): {spent / round_trips * 1e6:.2f} µs of hub time each")
     if answered != round_trips:
         print(f"hotpath: only {answered} of {round_trips} replies", file=sys.stderr)
         return 1
@@ -143,8 +146,7 @@ def count_instructions(args: argparse.Namespace) -> int:
             return 1
         totals.append(int(found.group(1)))
     round_trips = 2 * args.rounds * args.sessions * args.depth
-    print(f"{(totals[1] - totals[0]) / round_trips:,.0f} instructions per round trip "
-          f"({args.sessions} sessions x {args.depth}, {args.size}-byte bodies, {args.instances} instances)")
+    print(f"{(totals[1] - totals[0]) / round_trips:,.0f} instructions per round trip ({describe(args)})")
     return 0
 
 

@@ -20,14 +20,13 @@ import sys
 import threading
 from pathlib import Path
 
-from dcod import sockets
+from dcod.bench import free_port
 
 HUB_JS = Path(__file__).resolve().parent.parent / "tests" / "noradle" / "ext_hub.js"
 
 
 def main(argv: list[str]) -> int:
-    with sockets.bind("127.0.0.1:0") as probe:  # a free port for the worker
-        worker_address = "127.0.0.1:%d" % probe.getsockname()[1]
+    worker_address = f"127.0.0.1:{free_port()}"
     worker = subprocess.Popen([sys.executable, "-m", "dcod", "worker", "--proxy", "1", "--listen", worker_address])
     hub = subprocess.Popen(["node", str(HUB_JS), "0", f"1={worker_address}"], stdout=subprocess.PIPE, text=True)
     try:

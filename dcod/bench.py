@@ -99,7 +99,7 @@ def bench_config(base: Config, directory: Path, runtime: Path, proxy_id: int, in
                  spool: bool = False) -> Config:
     """``base``'s tuning with a free port, runtime files in ``runtime``, state in ``directory``, and only
     the proxy under load; written to ``directory``. The alert dir exists from the start, to be watched."""
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     supervisor = dataclasses.replace(base.supervisor, runtime_dir=str(runtime), state_dir=str(directory / "state"))
     if spool:
         supervisor = dataclasses.replace(supervisor, ready_timeout=SPOOL_READY_TIMEOUT)
@@ -121,11 +121,11 @@ def bench_config(base: Config, directory: Path, runtime: Path, proxy_id: int, in
 def bench_proxy(proxy_id: int, instances: int, spool: bool) -> ProxyConfig:
     """Echo workers; for --spool an external proxy on a port just found free, where nothing listens."""
     if spool:
-        return ProxyConfig(id=proxy_id, name="nowhere", address=f"127.0.0.1:{_free_port()}")
+        return ProxyConfig(id=proxy_id, name="nowhere", address=f"127.0.0.1:{free_port()}")
     return ProxyConfig(id=proxy_id, name="echo", handler="echo", instances=instances)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dcod import cli
 
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 SMALL = ["--sessions", "2", "--depth", "2", "--warmup", "0.5", "--json"]
 
 
@@ -71,16 +72,14 @@ def test_bench_scenarios_need_its_own_hub(capsys):
 
 def test_hotpath_bench_answers_every_round_trip():
     # bench/hotpath.py drives the hub's internals; this keeps it working as they change.
-    script = Path(__file__).resolve().parent.parent / "bench" / "hotpath.py"
-    run = subprocess.run([sys.executable, str(script), "--rounds", "20", "--sessions", "3", "--depth", "5"],
+    run = subprocess.run([sys.executable, str(BENCH / "hotpath.py"), "--rounds", "20", "--sessions", "3", "--depth", "5"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("300 round trips (3 sessions x 5, 100-byte bodies, 2 instances): "), run.stdout
 
 
 def test_noradle_reference_bench_measures_the_node_hub():
-    script = Path(__file__).resolve().parent.parent / "bench" / "noradle_hub.py"
-    run = subprocess.run([sys.executable, str(script), "--duration", "1", *SMALL], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, str(BENCH / "noradle_hub.py"), "--duration", "1", *SMALL], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
