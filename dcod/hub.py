@@ -651,24 +651,29 @@ class Hub:
 
     async def _sweep(self) -> None:
         """Answer sync requests past their deadline; close sessions stalled mid-PDU."""
-        timeouts = self.timeouts
         while True:
             await trio.sleep(SWEEP_INTERVAL)
             now = self.clock()
-            while timeouts and (timeouts[0].done or timeouts[0].deadline <= now):
-                pending = timeouts.popleft()
-                if pending.done:
-                    continue
-                pending.finish()
-                proxy = pending.proxy
-                if pending.instance is not None:
-                    pending.instance.inflight.pop(pending.key, None)
-                else:
-                    proxy.waiting.pop(pending.key, None)
-                proxy.counters.timeouts += 1
-                self._error_to_session(pending, ErrorCode.REPLY_TIMEOUT,
-                                       f"no reply from proxy {proxy.config.id} within {self.reply_timeout:g}s")
+            self.expire(now)
             self._close_stalled(now)
+
+    def expire(self, now: float) -> None:
+        """Answer with an error the sync requests whose deadline has passed, and let go of the
+        answered ones ahead of them."""
+        timeouts = self.timeouts
+        while timeouts and (timeouts[0].done or timeouts[0].deadline <= now):
+            pending = timeouts.popleft()
+            if pending.done:
+                continue
+            pending.finish()
+            proxy = pending.proxy
+            if pending.instance is not None:
+                pending.instance.inflight.pop(pending.key, None)
+            else:
+                proxy.waiting.pop(pending.key, None)
+            proxy.counters.timeouts += 1
+            self._error_to_session(pending, ErrorCode.REPLY_TIMEOUT,
+                                   f"no reply from proxy {proxy.config.id} within {self.reply_timeout:g}s")
 
     def _close_stalled(self, now: float) -> None:
         stall_timeout = self.config.hub.stall_timeout
