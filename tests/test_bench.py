@@ -86,3 +86,13 @@ def test_noradle_reference_bench_measures_the_node_hub():
     assert report["lost"] == report["errors"] == report["mismatched"] == 0 and report["requests"] > 0
     node = [p for p in report["process_cpu"] if p["role"] == "node"]
     assert len(node) == 1 and node[0]["cpu_s"] > 0, report["process_cpu"]
+
+
+def test_wakeup_bench_times_both_socket_families_on_any_core_and_one():
+    run = subprocess.run([sys.executable, str(BENCH / "wakeup.py"), "--count", "200"], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert [line.split()[:3] for line in lines] == [["tcp", "any", "core"], ["tcp", "one", "core"],
+                                                     ["unix", "any", "core"], ["unix", "one", "core"]], run.stdout
+    assert all("sendmsg" in line and "writer CPU" in line for line in lines), run.stdout
