@@ -6,9 +6,12 @@ Only the report's structure and the absence of losses are checked: speed depends
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from dcod import cli
 
@@ -78,14 +81,19 @@ def test_hotpath_bench_answers_every_round_trip():
     assert run.stdout.startswith("300 round trips (3 sessions x 5, 100-byte bodies, 2 instances): "), run.stdout
 
 
-def test_noradle_reference_bench_measures_the_node_hub():
-    run = subprocess.run([sys.executable, str(BENCH / "noradle_hub.py"), "--duration", "1", *SMALL], capture_output=True, text=True,
-                         timeout=120)
+@pytest.mark.parametrize("log_pdus", [[], ["--log-pdus"]], ids=["quiet", "log-pdus"])
+def test_noradle_reference_bench_measures_the_node_hub(log_pdus):
+    run = subprocess.run([sys.executable, str(BENCH / "noradle_hub.py"), "--duration", "1", *SMALL, *log_pdus],
+                         capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+    logged = re.search(r"the hub logged ([\d,]+) PDUs", run.stderr)
+    assert bool(logged) == bool(log_pdus), run.stderr
     report = json.loads(run.stdout)
     assert report["lost"] == report["errors"] == report["mismatched"] == 0 and report["requests"] > 0
     node = [p for p in report["process_cpu"] if p["role"] == "node"]
     assert len(node) == 1 and node[0]["cpu_s"] > 0, report["process_cpu"]
+    if logged:  # a line for each request and each reply
+        assert int(logged[1].replace(",", "")) >= 2 * report["requests"], run.stderr
 
 
 def test_wakeup_bench_times_both_socket_families_on_any_core_and_one():

@@ -3,7 +3,7 @@
 // description in dcod's DESIGN.md §2 and notes on how the original behaved; it contains no
 // Noradle code.
 //
-//   node ext_hub.js PORT ID=HOST:PORT ...      (PORT 0: any free port; it is printed)
+//   node ext_hub.js PORT ID=HOST:PORT ... [--log-pdus]     (PORT 0: any free port; it is printed)
 //
 // Reproduced: the first chunk from Oracle must start with 197610262 (16 bytes: magic, sid,
 // serial, audsid read as UInt32BE), else the connection is closed; Oracle PDUs (length,
@@ -14,18 +14,22 @@
 // empty-bodied reply: the original's quirk) and the hub half-closes that connection; any other
 // goes unchanged to the Oracle connection whose audsid is at offset 4.
 // Assumed (not known from the original): a lost worker connection is retried every 50 ms.
-// stdout gets one JSON event per line.
+// stdout gets one JSON event per line. With --log-pdus, a line per PDU each way goes to stderr
+// through console.error, as the original logs every PDU through console.log by default; for
+// measuring what that costs (bench/noradle_hub.py --log-pdus), it changes nothing on the wire.
 'use strict';
 const net = require('net');
 const { StreamSplitter } = require('./splitter');
 
 const ORACLE_MAGIC = 197610262, HUB_MAGIC = 197610263, RETRY_MS = 50;
 const emit = (event) => process.stdout.write(JSON.stringify(event) + '\n');
+const args = process.argv.slice(2).filter((arg) => arg !== '--log-pdus');
+const logPdu = process.argv.includes('--log-pdus') ? console.error : () => {};
 
 
 const sessions = new Map(); // audsid -> Oracle socket
 const workers = new Map(); // proxy id -> { host, port, sock, up, queue }
-for (const arg of process.argv.slice(3)) {
+for (const arg of args.slice(1)) {
   const [id, address] = arg.split('=');
   const colon = address.lastIndexOf(':');
   workers.set(Number(id), { id: Number(id), host: address.slice(0, colon), port: Number(address.slice(colon + 1)), sock: null, up: false, queue: [] });
@@ -53,7 +57,7 @@ function connectWorker(w) {
       return;
     }
     const session = sessions.get(audsid);
-    if (session) session.write(pdu); else emit({ event: 'orphan', proxy: w.id, audsid, rseq });
+    if (session) { session.write(pdu); logPdu('< ora(%d,%d) - wp(%d)', audsid, rseq, w.id); } else emit({ event: 'orphan', proxy: w.id, audsid, rseq });
   }, (len) => { emit({ event: 'garbage', proxy: w.id, len }); sock.destroy(); });
   sock.on('data', (chunk) => splitter.feed(chunk));
   sock.on('error', (e) => { if (connected) emit({ event: 'worker_error', proxy: w.id, message: e.message }); });
@@ -70,6 +74,7 @@ const server = net.createServer((sock) => {
     const proxy = pdu.readInt32BE(4), rseq = pdu.readInt32BE(8);
     const w = workers.get(proxy);
     if (!w) { emit({ event: 'dropped', proxy, audsid, rseq }); return; }
+    logPdu('> ora(%d,%d) - wp(%d)', audsid, rseq, proxy);
     pdu.writeUInt32BE(audsid, 4);
     if (w.up) w.sock.write(pdu); else { w.queue.push(pdu); emit({ event: 'queued', proxy, audsid, rseq }); }
   }, (len) => { emit({ event: 'garbage', audsid, len }); sock.destroy(); });
@@ -86,7 +91,7 @@ const server = net.createServer((sock) => {
   sock.on('error', () => {});
   sock.on('close', () => { if (sessions.get(audsid) === sock) sessions.delete(audsid); });
 });
-server.listen(Number(process.argv[2]), '127.0.0.1', () => {
+server.listen(Number(args[0]), '127.0.0.1', () => {
   emit({ event: 'listening', port: server.address().port });
   for (const w of workers.values()) connectWorker(w);
 });
