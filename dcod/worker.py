@@ -25,6 +25,7 @@ too: sent again, it would most likely fail again, and again.
 from __future__ import annotations
 
 import collections
+import contextvars
 import dataclasses
 import functools
 import importlib
@@ -33,6 +34,7 @@ import itertools
 import logging
 import signal
 import socket
+import types
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -236,7 +238,7 @@ class Worker:
             counts.oneway += 1
         counts.in_flight += 1
         try:
-            body = self._reply_body(await self.handler.handle(req))
+            body = self._reply_body(await _in_own_context(self.handler.handle(req)))
         except Exception as e:
             counts.errors += 1
             detail = f"{type(e).__name__}: {e}"[:MAX_ERROR_DETAIL]
@@ -273,6 +275,23 @@ class Worker:
         if len(result) > self.max_pdu - HEADER_SIZE:
             raise ReplyTooLarge(f"reply of {len(result)} bytes does not fit in max_pdu {self.max_pdu}")
         return result
+
+
+@types.coroutine
+def _in_own_context(coro: Awaitable[Result]):
+    """Await ``coro`` in a copy of the current context, as trio runs each new task: a context
+    variable that one request's handler sets is not seen by the next request on its runner."""
+    context = contextvars.copy_context()
+    value, error = None, None
+    while True:
+        try:
+            trap = context.run(coro.send, value) if error is None else context.run(coro.throw, error)
+        except StopIteration as returned:
+            return returned.value
+        try:
+            value, error = (yield trap), None
+        except BaseException as e:  # thrown in by trio (a cancellation, say): the handler's to see
+            value, error = None, e
 
 
 class _Runners:

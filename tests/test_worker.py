@@ -9,6 +9,7 @@ consumed them.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import signal
 import socket
@@ -317,6 +318,34 @@ async def test_concurrency_limit_is_shared_by_all_hubs(tmp_path):
                 assert sorted([await hub.read_pdu() for _ in range(5)]) == \
                     sorted(reply(audsid, rseq, body) for rseq in range(1, 6))
     assert gate.peak == 3
+
+
+async def test_handlers_that_never_wait_share_one_task(tmp_path):
+    tasks = []
+
+    async def handle(req):
+        tasks.append(trio.lowlevel.current_task())
+        return req.body
+
+    async with serving(tmp_path, handle) as served, served.hub() as hub:
+        await hub.send(b"".join(request(1, rseq, b"x") for rseq in range(1, 11)))
+        assert [await hub.read_pdu() for _ in range(10)] == [reply(1, rseq, b"x") for rseq in range(1, 11)]
+    assert len(tasks) == 10 and len(set(tasks)) == 1  # no task spawned per request
+
+
+async def test_each_request_runs_in_a_context_of_its_own(tmp_path):
+    seen = contextvars.ContextVar("seen", default=b"unset")
+
+    async def handle(req):
+        before = seen.get()
+        seen.set(req.body)  # must not leak into the next request on the same runner
+        await trio.lowlevel.checkpoint()
+        return before + b" " + seen.get()
+
+    async with serving(tmp_path, handle) as served, served.hub() as hub:
+        await hub.send(b"".join(request(1, rseq, b"r%d" % rseq) for rseq in range(1, 4)))
+        assert sorted([await hub.read_pdu() for _ in range(3)]) == \
+            sorted(reply(1, rseq, b"unset r%d" % rseq) for rseq in range(1, 4))
 
 
 async def test_saturated_worker_stops_reading(tmp_path):
