@@ -38,6 +38,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import platform
 import random
 import resource
 import select
@@ -129,6 +130,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def python_build() -> str:
+    """The Python that ran the bench and the private hub: how it was built changes the hub's
+    figures by a fifth (BENCHMARKS.md), so a report says which one it was."""
+    return f"{platform.python_version()} ({sys.executable}), trio {trio.__version__}"
 
 
 def filesystem(path: Path) -> str:
@@ -934,6 +941,7 @@ def report(target: Target, args: argparse.Namespace, run: Run) -> dict:
         "process_cpu": processes,
         "filesystems": {"runtime": filesystem(target.config.runtime_dir),
                         "state": filesystem(target.config.state_dir)} if target.own else None,
+        "python": python_build(),
         "reload": reload_figures(outcome, results, run.measure_at) if kind == "reload" else None,
         "hub_kill": kill_figures(outcome, results, run.measure_at, args.sessions * args.depth)
         if kind == "hub kill" else None,
@@ -1011,6 +1019,7 @@ def table(r: dict) -> str:
     if r["filesystems"]:
         lines.append(f"runtime dir (quit alert, sockets) on {r['filesystems']['runtime']}, "
                      f"state dir (spool) on {r['filesystems']['state']}")
+    lines.append(f"python {r['python']}")
     return "\n".join(lines)
 
 

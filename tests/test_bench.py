@@ -6,6 +6,7 @@ Only the report's structure and the absence of losses are checked: speed depends
 from __future__ import annotations
 
 import json
+import platform
 import re
 import subprocess
 import sys
@@ -37,6 +38,7 @@ def test_bench_reports_figures_without_losses():
                for role in ("supervisor", "hub", "worker 1#0"))
     assert report["hub_cpu_us_per_request"] > 0
     assert report["load_cpu_s"] > 0
+    assert report["python"].startswith(f"{platform.python_version()} ({sys.executable}), trio ")
 
 
 def test_bench_reload_under_load_loses_nothing():
