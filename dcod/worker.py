@@ -260,7 +260,7 @@ class Worker:
             conn.send(reply(audsid, rseq, b""))
             counts.acks += 1
 
-    def _abandon(self, pdu: bytearray) -> None:
+    def _abandon(self) -> None:
         """A request read but never started: stop_timeout passed first."""
         self._counts.abandoned += 1
         self._slots.release()
@@ -307,7 +307,7 @@ class _Runners:
     """
 
     def __init__(self, nursery: trio.Nursery, answer: Callable[[bytearray], Awaitable[None]],
-                 abandon: Callable[[bytearray], None]) -> None:
+                 abandon: Callable[[], None]) -> None:
         self._nursery = nursery
         self._answer = answer
         self._abandon = abandon
@@ -350,8 +350,9 @@ class _Runners:
                 await self._park()
         except BaseException:
             # Cancelled (stop_timeout): what is still queued will never run.
-            while queue:
-                self._abandon(queue.popleft())
+            for _ in range(len(queue)):
+                self._abandon()
+            queue.clear()
             raise
 
     def _park(self):
