@@ -217,13 +217,13 @@ def role_of(cmdline: list[str]) -> str:
 
 @dataclass
 class Measured:
-    """One process whose CPU time (user, system) is sampled at both ends of the window, and its RSS
-    when idle (before any load) and at the end of the window (under load)."""
+    """One process whose CPU time (user, system) and wake-ups are sampled at both ends of the
+    window, and its RSS when idle (before any load) and at the end of the window (under load)."""
 
     role: str
     process: psutil.Process
-    before: tuple[float, float] | None = None
-    after: tuple[float, float] | None = None
+    before: tuple[float, float, int] | None = None  # user s, system s, wake-ups
+    after: tuple[float, float, int] | None = None
     rss: int | None = None
     rss_idle: int | None = None
     note: str = ""  # "new": started during the window (a restart); "exited": gone before its end
@@ -232,10 +232,12 @@ class Measured:
         try:
             with self.process.oneshot():
                 times = self.process.cpu_times()
+                # A voluntary context switch is the process going to sleep: once per wake-up.
+                sample = (times.user, times.system, self.process.num_ctx_switches().voluntary)
                 if end:
-                    self.after, self.rss = (times.user, times.system), self.process.memory_info().rss
+                    self.after, self.rss = sample, self.process.memory_info().rss
                 else:
-                    self.before = (times.user, times.system)
+                    self.before = sample
         except psutil.NoSuchProcess:
             self.note = "exited"  # a restart: its figures stay unknown
 
@@ -259,6 +261,14 @@ class Measured:
         if self.before is None or self.after is None:
             return None
         return self.after[1] - self.before[1]
+
+    @property
+    def wakeups(self) -> int | None:
+        """Times the process slept and was woken in the window: the fewer per request, the bigger
+        its batches (each wake-up costs a context switch and caches filled by other processes)."""
+        if self.before is None or self.after is None:
+            return None
+        return self.after[2] - self.before[2]
 
 
 def _process_tree(pids: tuple[int, ...]) -> dict[int, psutil.Process]:
@@ -289,10 +299,10 @@ def dcod_processes(pids: tuple[int, ...]) -> list[Measured]:
 
 def newcomers(pids: tuple[int, ...], known: list[Measured]) -> list[Measured]:
     """Processes of the tree started since ``known`` was listed (a reload, a restart): all their CPU
-    time is in the window."""
+    time and wake-ups are in the window."""
     pids_known = {m.process.pid for m in known}
     started = [p for pid, p in _process_tree(pids).items() if pid not in pids_known]
-    return _measured(started, before=(0.0, 0.0), note="new")
+    return _measured(started, before=(0.0, 0.0, 0), note="new")
 
 
 def the_hub(supervisor_pid: int) -> psutil.Process:
@@ -901,13 +911,17 @@ def report(target: Target, args: argparse.Namespace, run: Run) -> dict:
     def per_request(cpu: float | None) -> float | None:
         return None if cpu is None or not requests else cpu / requests * 1e6
 
+    def per_wakeup(wakeups: int | None) -> float | None:
+        return None if not wakeups else requests / wakeups
+
     def mb(n: int | None) -> float | None:
         return None if n is None else n / 2**20
 
     latencies = sorted(itertools.chain.from_iterable(r["latencies"] for r in results))
     processes = [{"role": m.role, "pid": m.process.pid, "cpu_s": m.cpu, "system_s": m.system,
                   "cpu_percent": None if m.cpu is None else 100 * m.cpu / run.cpu_window,
-                  "cpu_us_per_request": per_request(m.cpu), "rss_idle_mb": mb(m.rss_idle), "rss_mb": mb(m.rss),
+                  "cpu_us_per_request": per_request(m.cpu), "wakeups": m.wakeups,
+                  "requests_per_wakeup": per_wakeup(m.wakeups), "rss_idle_mb": mb(m.rss_idle), "rss_mb": mb(m.rss),
                   "note": m.note}
                  for m in run.watched]
     hubs = [p["cpu_s"] for p in processes if p["role"] == "hub"]
@@ -1006,13 +1020,17 @@ def table(r: dict) -> str:
                  f"mismatched {r['mismatched']}")
     lines += _scenario_lines(r)
     unit = "µs/req" if r["mode"] == "one-way" else "µs/rt"
-    lines += ["", f"{'process':<12} {'pid':>8} {'CPU s':>8} {'sys s':>7} {'CPU %':>7} {unit:>8} "
+    per_wake = "req/wake" if r["mode"] == "one-way" else "rt/wake"
+    lines += ["", f"{'process':<12} {'pid':>8} {'CPU s':>8} {'sys s':>7} {'CPU %':>7} {unit:>8} {per_wake:>8} "
                   f"{'RSS idle':>9} {'RSS load':>9}"]
     for p in r["process_cpu"]:
         lines.append(f"{p['role']:<12} {p['pid']:>8} {_number(p['cpu_s'], 2):>8} {_number(p['system_s'], 2):>7} "
                      f"{_number(p['cpu_percent']):>7} {_number(p['cpu_us_per_request']):>8} "
+                     f"{_number(p['requests_per_wakeup']):>8} "
                      f"{_number(p['rss_idle_mb']):>9} {_number(p['rss_mb']):>9}  {p['note']}".rstrip())
-    lines += ["RSS in MB: idle before any session connected, load at the end of the window",
+    lines += [f"{per_wake}: {'requests' if r['mode'] == 'one-way' else 'round trips'} per time the process "
+              "slept and was woken (its batch size)",
+              "RSS in MB: idle before any session connected, load at the end of the window",
               "", f"hub CPU per {'request' if r['mode'] == 'one-way' else 'round trip'}: "
                   f"{_number(r['hub_cpu_us_per_request'])} µs   "
                   f"load generator: {_number(r['load_cpu_us_per_request'])} µs ({r['load_cpu_s']:.2f} CPU s)"]

@@ -37,6 +37,7 @@ def test_bench_reports_figures_without_losses():
     assert all(processes[role]["rss_idle_mb"] > 0 and processes[role]["rss_mb"] > 0
                for role in ("supervisor", "hub", "worker 1#0"))
     assert report["hub_cpu_us_per_request"] > 0
+    assert processes["hub"]["wakeups"] > 0 and processes["hub"]["requests_per_wakeup"] > 0
     assert report["load_cpu_s"] > 0
     assert report["python"].startswith(f"{platform.python_version()} ({sys.executable}), trio ")
 
