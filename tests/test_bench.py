@@ -107,3 +107,16 @@ def test_wakeup_bench_times_both_socket_families_on_any_core_and_one():
     assert [line.split()[:3] for line in lines] == [["tcp", "any", "core"], ["tcp", "one", "core"],
                                                      ["unix", "any", "core"], ["unix", "one", "core"]], run.stdout
     assert all("sendmsg" in line and "writer CPU" in line for line in lines), run.stdout
+
+
+def test_compare_alternates_dcod_and_the_node_reference():
+    run = subprocess.run([sys.executable, str(BENCH / "compare.py"), "--rounds", "1", "--duration", "1",
+                          "--sessions", "2", "--depth", "2", "--warmup", "0.5"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("1 rounds of 1 s, 2 sessions x 2 outstanding, 100-byte bodies; python "), run.stdout
+    rows = {line[:28].strip(): line[28:].split() for line in run.stdout.splitlines()[2:6]}
+    assert list(rows) == ["dcod, 1 instance", "Node.js reference", "dcod, 2 instances", "Node.js reference, logging"]
+    assert all(float(figures[0]) > 0 for figures in rows.values()), run.stdout
+    cheaper = re.findall(r"^dcod, \d instances? is ([\d.]+) \(", run.stdout, re.MULTILINE)
+    assert len(cheaper) == 4 and all(float(ratio) > 0 for ratio in cheaper), run.stdout
