@@ -12,7 +12,7 @@ hub that behaves as Noradle's (`bench/noradle_hub.py`), `dcod bench --instances 
 Node.js hub with Noradle's default logging of every PDU (`--log-pdus`), each for --duration
 seconds with 16 sessions x 4 outstanding 100-byte requests. It prints each one's hub CPU per
 round trip, round trips per second and p99 (median and range over the rounds), and how many
-times cheaper dcod's hub was than each reference, round by round. Every other argument goes to
+times as much as dcod's hub each reference cost, round by round. Every other argument goes to
 every `dcod bench` run (`--sessions 8` changes the load). Exit status 1 as soon as a run fails,
 which `dcod bench` does when a request is lost or answered wrongly.
 """
@@ -68,8 +68,8 @@ def table(results: dict[str, list[dict]]) -> str:
     lines.append("")
     for ours in DCOD:
         for reference in REFERENCES:
-            lines.append(f"{ours} is {summary(ratios(results, ours, reference), 2)} times cheaper "
-                         f"than the {reference}")
+            lines.append(f"the {reference} cost {summary(ratios(results, ours, reference), 2)} times "
+                         f"as much as {ours}")
     return "\n".join(lines)
 
 
