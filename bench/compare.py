@@ -11,8 +11,10 @@ other: `dcod bench --instances 1` (one worker connection, as Noradle's hub has),
 hub that behaves as Noradle's (`bench/noradle_hub.py`), `dcod bench --instances 2`, and the
 Node.js hub with Noradle's default logging of every PDU (`--log-pdus`), each for --duration
 seconds with 16 sessions x 4 outstanding 100-byte requests. It prints each one's hub CPU per
-round trip, round trips per second and p99 (median and range over the rounds), and how many
-times as much as dcod's hub each reference cost, round by round. Every other argument goes to
+round trip, round trips per second and p99 (median and range over the rounds), how many
+times as much as dcod's hub each reference cost, round by round, and, before the first round
+and after the last, what a TCP write that wakes its reader cost (`bench/wakeup.py`): the
+figure that moves most when the machine is busy. Every other argument goes to
 every `dcod bench` run (`--sessions 8` changes the load). Exit status 1 as soon as a run fails,
 which `dcod bench` does when a request is lost or answered wrongly.
 """
@@ -26,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import wakeup
+
 HERE = Path(__file__).resolve().parent
 
 LOAD = ["--sessions", "16", "--depth", "4", "--size", "100"]
@@ -35,6 +39,7 @@ VARIANTS = {  # name: the command after the Python, without the load and --json
     "dcod, 2 instances": ["-m", "dcod", "bench", "--instances", "2"],
     "Node.js reference, logging": [str(HERE / "noradle_hub.py"), "--log-pdus"],
 }
+WAKEUPS = 5000  # exchanges timed by bench/wakeup.py before and after the rounds
 DCOD = [name for name in VARIANTS if name.startswith("dcod")]
 REFERENCES = [name for name in VARIANTS if name not in DCOD]
 
@@ -85,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print every run's report as JSON")
     args, extra = parser.parse_known_args(argv)
     results: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
+    machine = [wakeup.ping_pong("tcp", WAKEUPS, None)]
     for round_ in range(1, args.rounds + 1):
         for variant in VARIANTS:
             print(f"compare: round {round_}/{args.rounds}: {variant}", file=sys.stderr, flush=True)
@@ -96,13 +102,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"compare: {report['hub_us']:.1f} µs per round trip, {report['requests_per_s']:.0f}/s",
                   file=sys.stderr, flush=True)
             results[variant].append(report)
+    machine.append(wakeup.ping_pong("tcp", WAKEUPS, None))
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({"runs": results, "wakeup_before": machine[0], "wakeup_after": machine[1]}, indent=2))
     else:
         first = results[DCOD[0]][0]
         print(f"{args.rounds} rounds of {args.duration:g} s, {first['sessions']} sessions x {first['depth']} "
               f"outstanding, {first['size']}-byte bodies; python {first['python']}")
         print(table(results))
+        print(f"\nwake-ups before: {machine[0]}\nwake-ups after:  {machine[1]}")
     return 0
 
 

@@ -121,3 +121,5 @@ def test_compare_alternates_dcod_and_the_node_reference():
     ratios = re.findall(r"^the Node.js reference(?:, logging)? cost ([\d.]+) \(.* as much as dcod, \d instances?$",
                         run.stdout, re.MULTILINE)
     assert len(ratios) == 4 and all(float(ratio) > 0 for ratio in ratios), run.stdout
+    assert re.search(r"^wake-ups before: tcp  any core  sendmsg +[\d.]+ µs", run.stdout, re.MULTILINE), run.stdout
+    assert re.search(r"^wake-ups after: +tcp  any core  sendmsg +[\d.]+ µs", run.stdout, re.MULTILINE), run.stdout
