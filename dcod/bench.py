@@ -3,7 +3,9 @@
 The figure that decides how many Oracle sessions one host can serve is the hub's CPU time
 per round trip, so the bench measures it directly: it samples the CPU time of every dcod
 process (supervisor, hub, workers) and of its own load processes at the start and at the
-end of a measured window, and divides by the round trips completed in that window. It also
+end of a measured window, and divides by the round trips completed in that window; and how
+often each process slept and was woken, the size of its batches, which decides much of that
+cost on a machine whose cores are shared. It also
 checks every reply (each body carries the session's audsid and a request number) and
 counts what was lost, so a fast run that drops or misroutes replies does not pass.
 

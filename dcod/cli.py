@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", parents=[common], help="load a hub with sessions and measure rate, latency and CPU",
                        description="Load a hub with Oracle-style sessions, each keeping DEPTH requests outstanding; "
                                    "report round trips/s, latency, lost/error/mismatched replies, and the CPU time "
-                                   "of every dcod process per round trip. Without --hub it starts a private "
+                                   "of every dcod process per round trip and how many round trips it served per "
+                                   "wake-up. Without --hub it starts a private "
                                    "`dcod run` with echo workers. Exit status 1 if any request was lost, refused "
                                    "or answered wrongly, 2 if the bench could not run.")
     p.add_argument("--hub", metavar="HOST:PORT", help="load this running hub (default: start a private one)")
