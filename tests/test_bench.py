@@ -123,3 +123,11 @@ def test_compare_alternates_dcod_and_the_node_reference():
     assert len(ratios) == 4 and all(float(ratio) > 0 for ratio in ratios), run.stdout
     assert re.search(r"^wake-ups before: tcp  any core  sendmsg +[\d.]+ µs", run.stdout, re.MULTILINE), run.stdout
     assert re.search(r"^wake-ups after: +tcp  any core  sendmsg +[\d.]+ µs", run.stdout, re.MULTILINE), run.stdout
+
+
+def test_compare_stops_at_a_failed_run():
+    run = subprocess.run([sys.executable, str(BENCH / "compare.py"), "--rounds", "1", "--no-such-option"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert "compare: dcod, 1 instance: exit status 2" in run.stderr and "--no-such-option" in run.stderr, run.stderr
+    assert "Node.js" not in run.stderr, run.stderr
