@@ -1021,8 +1021,9 @@ def table(r: dict) -> str:
     lines.append(f"{'checks':<13} sent {r['sent']}   lost {r['lost']}   errors {r['errors']}   "
                  f"mismatched {r['mismatched']}")
     lines += _scenario_lines(r)
-    unit = "µs/req" if r["mode"] == "one-way" else "µs/rt"
-    per_wake = "req/wake" if r["mode"] == "one-way" else "rt/wake"
+    # What one unit of work is: a one-way request, or a round trip.
+    item, short = ("request", "req") if r["mode"] == "one-way" else ("round trip", "rt")
+    unit, per_wake = f"µs/{short}", f"{short}/wake"
     lines += ["", f"{'process':<12} {'pid':>8} {'CPU s':>8} {'sys s':>7} {'CPU %':>7} {unit:>8} {per_wake:>8} "
                   f"{'RSS idle':>9} {'RSS load':>9}"]
     for p in r["process_cpu"]:
@@ -1030,10 +1031,9 @@ def table(r: dict) -> str:
                      f"{_number(p['cpu_percent']):>7} {_number(p['cpu_us_per_request']):>8} "
                      f"{_number(p['requests_per_wakeup']):>8} "
                      f"{_number(p['rss_idle_mb']):>9} {_number(p['rss_mb']):>9}  {p['note']}".rstrip())
-    lines += [f"{per_wake}: {'requests' if r['mode'] == 'one-way' else 'round trips'} per time the process "
-              "slept and was woken (its batch size)",
+    lines += [f"{per_wake}: {item}s per time the process slept and was woken (its batch size)",
               "RSS in MB: idle before any session connected, load at the end of the window",
-              "", f"hub CPU per {'request' if r['mode'] == 'one-way' else 'round trip'}: "
+              "", f"hub CPU per {item}: "
                   f"{_number(r['hub_cpu_us_per_request'])} µs   "
                   f"load generator: {_number(r['load_cpu_us_per_request'])} µs ({r['load_cpu_s']:.2f} CPU s)"]
     if r["filesystems"]:
