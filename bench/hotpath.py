@@ -37,9 +37,9 @@ import trio
 from dcod import config as configuration
 from dcod import protocol
 from dcod.bench import bench_config
-from dcod.connection import Connection
-from dcod.hub import Hub, Session
-from dcod.reactor import Reactor
+from dcod.net.connection import Connection
+from dcod.hub.server import Hub, Session
+from dcod.net.reactor import Reactor
 
 # Every write of a round is made before the hub reads, and the echo peer writes back a whole
 # round at once: it must fit in a socket pair's buffers (about 200 KiB each way).

@@ -1,5 +1,5 @@
 import sys
 
-from dcod.cli import main
+from dcod.cli.main import main
 
 sys.exit(main())

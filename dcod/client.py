@@ -25,10 +25,10 @@ from pathlib import Path
 
 import trio
 
-from . import protocol
-from .config import Config
-from .connection import Connection, ConnectionClosed
-from .connection import connect as open_socket
+from dcod import protocol
+from dcod.config import Config
+from dcod.net.connection import Connection, ConnectionClosed
+from dcod.net.connection import connect as open_socket
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import pytest
 import trio
 
 from dcod import config as configuration
-from dcod import sockets
-from dcod.hub import Hub
+from dcod.net import sockets
+from dcod.hub.server import Hub
 from runs import ECHO, Run
 
 

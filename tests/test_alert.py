@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from dcod import alert as alert_module
+from dcod.supervisor import alert as alert_module
 from dcod import config as configuration
-from dcod.alert import Alerter, Backend
+from dcod.supervisor.alert import Alerter, Backend
 from dcod.client import QuitAlert
 from dcod.config import ConfigError
 
@@ -75,7 +75,7 @@ def script(tmp_path: Path, name: str, body: str) -> str:
 
 
 def warnings_of(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "dcod.alert" and r.levelno == logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name == "dcod.supervisor.alert" and r.levelno == logging.WARNING]
 
 
 # ---------------------------------------------------------------- file backend
@@ -220,7 +220,7 @@ async def test_a_message_with_a_line_break_is_refused_by_the_file_backend(make_c
 
 
 async def test_command_gets_name_and_message_as_arguments(make_config, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="dcod.alert")
+    caplog.set_level(logging.INFO, logger="dcod.supervisor.alert")
     out = tmp_path / "args"
     command = script(tmp_path, "alert.sh", f"""\
         printf '%s\\n' "$#" "$@" > {out}
@@ -234,7 +234,7 @@ async def test_command_gets_name_and_message_as_arguments(make_config, tmp_path,
     assert out.read_text().splitlines() == ["3", "--extra", NAME, message]
     assert not (tmp_path / "pwned").exists()
     assert alerter.stats()["command"]["sent"] == 1
-    logged = [r.getMessage() for r in caplog.records if r.name == "dcod.alert"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "dcod.supervisor.alert"]
     assert any("stdout: told the pager" in m for m in logged)
     assert any("stderr: a note on stderr" in m for m in logged)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dcod import cli
+from dcod.cli import main as cli
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 SMALL = ["--sessions", "2", "--depth", "2", "--warmup", "0.5", "--json"]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dcod import cli, config
+from dcod import config
+from dcod.cli import main as cli
 from dcod.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

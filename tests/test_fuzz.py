@@ -27,8 +27,9 @@ import trio
 from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
 
 from dcod import config as configuration
-from dcod import protocol, sockets
-from dcod.hub import Hub
+from dcod import protocol
+from dcod.net import sockets
+from dcod.hub.server import Hub
 from dcod.protocol import Framer, ProtocolError
 
 ORACLE_MAGIC = 197610262  # the spec's numbers, not dcod's constants

@@ -11,10 +11,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import trio
 
-from dcod import protocol, sockets
-from dcod.worker import Request, Worker, load_handler
-from dcod.workers import http
-from dcod.workers.http import InvalidOutCall, OutCallFailed, parse_out_call
+from dcod import protocol
+from dcod.net import sockets
+from dcod.worker.runtime import Request, Worker, load_handler
+from dcod.worker.handlers import http
+from dcod.worker.handlers.http import InvalidOutCall, OutCallFailed, parse_out_call
 
 GZIPPED_TEXT = b"squeezed " * 100
 

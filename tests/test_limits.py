@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from conftest import wait_for
-from dcod.spool import Spool
+from dcod.hub.spool import Spool
 from peers import OracleSession, WorkerPeer, closed_by_peer, open_raw, read_pdu, reply_pdu, request_pdu, send_all
 
 ECHO1 = '[[proxy]]\nid = 1\nhandler = "echo"\n'

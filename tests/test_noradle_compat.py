@@ -237,7 +237,7 @@ import sys
 
 import trio
 
-from dcod.workers import echo
+from dcod.worker.handlers import echo
 
 _released = None
 

@@ -1,4 +1,4 @@
-"""dcod.reactor on real socket pairs: data in order, one on_end with the right reason, writes
+"""dcod.net.reactor on real socket pairs: data in order, one on_end with the right reason, writes
 the kernel could not take finished through EPOLLOUT, pause and resume."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import sys
 
 import trio
 
-from dcod.connection import Connection
-from dcod.reactor import Reactor
+from dcod.net.connection import Connection
+from dcod.net.reactor import Reactor
 
 
 class Peer:

@@ -146,7 +146,7 @@ async def test_invalid_config_is_refused_and_the_service_keeps_going(run):
     assert result.returncode == 1
     assert f"{path}: proxy[1].instances: must be >= 1, not 0" in result.stderr
     # ...and so does the supervisor, asked directly (as a script or an older dcod might).
-    from dcod import control
+    from dcod.supervisor import control
     answers = await trio.to_thread.run_sync(lambda: list(control.request(r.config.control_socket,
                                                                          {"command": "reload"})))
     assert answers[-1]["ok"] is False

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from conftest import wait_for
-from dcod.spool import FILE_HEADER, RECORD_HEADER, Spool, SpoolBusy, SpoolDir, SpoolFull
+from dcod.hub.spool import FILE_HEADER, RECORD_HEADER, Spool, SpoolBusy, SpoolDir, SpoolFull
 from peers import OracleSession, WorkerPeer, read_pdu, reply_pdu, send_all
 
 

@@ -24,8 +24,8 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from dcod import sockets
-from dcod.worker import Handler, HandlerError, Request, Worker, load_handler
+from dcod.net import sockets
+from dcod.worker.runtime import Handler, HandlerError, Request, Worker, load_handler
 
 HUB_MAGIC = struct.pack(">i", 197610263)
 ORACLE_MAGIC = struct.pack(">i", 197610262)
@@ -508,7 +508,7 @@ async def test_sigterm_drains_hubs_and_exits_0(tmp_path):
     config_file = tmp_path / "dcod.toml"
     config_file.write_text(f'[supervisor]\nruntime_dir = "{runtime_dir}"\n\n'
                            f'[[proxy]]\nid = 1\nhandler = "{__name__}:gated_echo"\n')
-    script = ("import sys; from dcod import config, log, worker; log.setup('worker 1#0'); "
+    script = ("import sys; from dcod import config, log; from dcod.worker import runtime as worker; log.setup('worker 1#0'); "
               "sys.exit(worker.main(config.load(sys.argv[1]), 1))")
     tests_dir = Path(__file__).parent
     env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
@@ -543,7 +543,7 @@ async def test_sigterm_drains_hubs_and_exits_0(tmp_path):
 
 
 def test_load_builtin_handler():
-    from dcod.workers import echo
+    from dcod.worker.handlers import echo
 
     assert load_handler("echo") == Handler(echo.handle)
 
@@ -553,7 +553,7 @@ def test_load_handler_function_with_its_module_hooks():
 
 
 @pytest.mark.parametrize("spec, error", [
-    ("no_such_builtin", r"handler 'no_such_builtin': cannot import dcod\.workers\.no_such_builtin: "
+    ("no_such_builtin", r"handler 'no_such_builtin': cannot import dcod\.worker\.handlers\.no_such_builtin: "
                         r"ModuleNotFoundError"),
     (f"{__name__}:missing", rf"handler '{__name__}:missing': {__name__} has no async function 'missing'"),
     (f"{__name__}:init", rf"handler '{__name__}:init': {__name__} has no async function 'init'"),

@@ -10,7 +10,7 @@ import json
 import sys
 import time
 
-from dcod import control
+from dcod.supervisor import control
 from dcod.config import Config
 
 EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 3

@@ -61,13 +61,14 @@ import psutil
 import trio
 
 from dcod import config as configuration
-from dcod import control, log, protocol
-from dcod.alert import read_counter
+from dcod import log, protocol
+from dcod.supervisor import control
+from dcod.supervisor.alert import read_counter
 from dcod.client import ClientError, DcoError, Session
 from dcod.config import Config, ProxyConfig
-from dcod.connection import parse_address
+from dcod.net.connection import parse_address
 from dcod.protocol import HEADER_SIZE
-from dcod.spool import RECORD_HEADER
+from dcod.hub.spool import RECORD_HEADER
 
 TAG_SIZE = 22  # b"%010d %010d " % (audsid, request number): how a reply is matched to its request
 REPLY_GRACE = 5.0  # seconds after the end for outstanding replies; those still missing are lost

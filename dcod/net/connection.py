@@ -8,7 +8,7 @@ connection carrying many sessions' requests costs one system call per pass, not 
 PDU, and nobody pays a task switch per write. Writing at the end of a pass rather than
 at once also helps the far side: a hub serving the sessions of one client process finds
 them readable together and reads them in one wake-up (writing at once from flush() was
-tried, and cost the hub more CPU per round trip). A reactor (dcod.reactor) that has read
+tried, and cost the hub more CPU per round trip). A reactor (dcod.net.reactor) that has read
 and routed a batch writes what it queued itself, before it yields, and the flusher is not
 woken for it. Only when the kernel's buffer is full does the connection's own writer task
 (or its reactor) take over, wait for room and write the rest. Bodies are passed by
@@ -23,7 +23,7 @@ import socket
 
 import trio
 
-log = logging.getLogger("dcod.connection")
+log = logging.getLogger("dcod.net.connection")
 
 RECV_SIZE = 256 * 1024
 IOV_MAX = 1024  # sendmsg() takes at most this many buffers (Linux UIO_MAXIOV)
@@ -157,7 +157,7 @@ def shared() -> Shared:
 
 class Connection:
     """One peer. Run ``writer()`` in a task for as long as the connection lives, unless a
-    reactor serves it (dcod.reactor): then the reactor reads it and writes what is left.
+    reactor serves it (dcod.net.reactor): then the reactor reads it and writes what is left.
 
     Who writes the outbox: nobody while it is empty; the flusher once the connection is on
     its list (``_busy``); the writer task, or the reactor, while the kernel has no room
@@ -170,7 +170,7 @@ class Connection:
     def __init__(self, sock: socket.socket, name: str = "") -> None:
         self.sock = tune(sock)
         self.name = name
-        self.reactor = None  # the dcod.reactor.Reactor serving it, if one does
+        self.reactor = None  # the dcod.net.reactor.Reactor serving it, if one does
         self._shared = shared()
         self._out: list = []
         self._head_partial = False  # the kernel took part of _out[0] already

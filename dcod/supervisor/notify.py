@@ -14,7 +14,7 @@ import logging
 import sdnotify
 import trio
 
-log = logging.getLogger("dcod.notify")
+log = logging.getLogger("dcod.supervisor.notify")
 
 
 class Notifier:

@@ -29,11 +29,12 @@ import psutil
 import trio
 
 from dcod import config as configuration
-from dcod import control, sockets
-from dcod.notify import Notifier
-from dcod.alert import Alerter
+from dcod.net import sockets
+from dcod.supervisor import control
+from dcod.supervisor.notify import Notifier
+from dcod.supervisor.alert import Alerter
 from dcod.config import Config
-from dcod.process import Process, describe_exit
+from dcod.supervisor.process import Process, describe_exit
 
 log = logging.getLogger("dcod.supervisor")
 

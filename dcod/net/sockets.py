@@ -11,7 +11,7 @@ import os
 import socket
 import stat
 
-from dcod.connection import parse_address
+from dcod.net.connection import parse_address
 
 SD_LISTEN_FDS_START = 3
 LISTEN_VARS = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")

@@ -150,18 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         log.setup("bench", level)
         return bench.main(config, args)
     if args.command in ("status", "reload", "stop"):
-        from dcod import admin
+        from dcod.cli import admin
 
         if args.command == "status":
             return admin.status(config, as_json=args.json)
         return getattr(admin, args.command)(config)
     if args.command == "hub":
-        from dcod import hub
+        from dcod.hub import server as hub
 
         log.setup("hub", level)
         return hub.main(config, args.listen)
     if args.command == "worker":
-        from dcod import worker
+        from dcod.worker import runtime as worker
 
         try:
             config.proxy(args.proxy)
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         log.setup(f"worker {args.proxy}#{args.instance}", level)
         return worker.main(config, args.proxy, args.instance, args.listen)
     if args.command == "run":
-        from dcod import supervisor
+        from dcod.supervisor import supervisor
 
         log.setup("supervisor", level)
         return supervisor.main(config)

@@ -7,7 +7,7 @@ back and go to the session that has it. Every sync request is tracked until its 
 error reply or timeout; a request that cannot be forwarded at once is queued in the
 proxy's spool, durably, and forwarded in order when an instance is there.
 
-Hot path: one reactor task (dcod.reactor) reads every session and worker connection,
+Hot path: one reactor task (dcod.net.reactor) reads every session and worker connection,
 parses whole PDUs and hands each to its destination connection's outbox, rewriting 4 bytes
 in place; no task per request or per connection.
 """
@@ -26,12 +26,13 @@ from typing import Callable
 
 import trio
 
-from dcod import control, protocol, sockets
+from dcod import protocol
+from dcod.net import channel as control, sockets
 from dcod.config import Config, ProxyConfig
-from dcod.connection import Connection, ConnectionClosed, accept, connect
+from dcod.net.connection import Connection, ConnectionClosed, accept, connect
 from dcod.protocol import ROUTED_HEADER, ErrorCode, ProtocolError
-from dcod.reactor import Reactor
-from dcod.spool import Spool, SpoolDir, SpoolFull
+from dcod.net.reactor import Reactor
+from dcod.hub.spool import Spool, SpoolDir, SpoolFull
 
 log = logging.getLogger("dcod.hub")
 

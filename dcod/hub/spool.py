@@ -31,7 +31,7 @@ POSITIONS = struct.Struct(">QQ")  # head, mark
 RECORD_HEADER = struct.Struct(">IId")
 HEAD_OFFSET = len(MAGIC)
 
-log = logging.getLogger("dcod.spool")
+log = logging.getLogger("dcod.hub.spool")
 
 
 class SpoolFull(Exception):

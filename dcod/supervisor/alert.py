@@ -14,7 +14,7 @@ configured backend at once:
   mode), on a connection kept open and re-opened once per signal when it broke.
 
 A failing backend never stops the others and never raises out of ``signal``: it is logged
-(logger ``dcod.alert``, warning) and counted in ``stats()`` for ``dcod status``.
+(logger ``dcod.supervisor.alert``, warning) and counted in ``stats()`` for ``dcod status``.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from typing import Any, Sequence
 
 import trio
 
-from .config import ORACLEDB_MISSING, Config, ConfigError, credential_name
+from dcod.config import ORACLEDB_MISSING, Config, ConfigError, credential_name
 
-log = logging.getLogger("dcod.alert")
+log = logging.getLogger("dcod.supervisor.alert")
 
 DIR_MODE = 0o755  # Oracle-side readers run as other users
 FILE_MODE = 0o644

@@ -40,15 +40,15 @@ from typing import Awaitable, Callable
 
 import trio
 
-from dcod import control, sockets
+from dcod.net import channel as control, sockets
 from dcod.config import Config
-from dcod.connection import Connection, ConnectionClosed, accept
+from dcod.net.connection import Connection, ConnectionClosed, accept
 from dcod.protocol import (ACK_ONEWAY, DEFAULT_MAX_PDU, HEADER_SIZE, HUB_HANDSHAKE, HUB_MAGIC, QUIT_NOTICE,
                            ROUTED_HEADER, ErrorCode, Framer, ProtocolError, error_reply, reply)
 
 log = logging.getLogger(__name__)
 
-BUILTIN_HANDLERS = "dcod.workers"  # handler = "echo" is the module dcod.workers.echo
+BUILTIN_HANDLERS = "dcod.worker.handlers"  # handler = "echo" is the module dcod.worker.handlers.echo
 MAX_ERROR_DETAIL = 1000  # characters of an exception's text put in an error reply
 
 Result = bytes | bytearray | str | None
@@ -82,7 +82,7 @@ class ReplyTooLarge(Exception):
 
 
 def load_handler(spec: str) -> Handler:
-    """``"echo"`` -> the built-in module dcod.workers.echo; ``"package.module:function"`` -> that function.
+    """``"echo"`` -> the built-in module dcod.worker.handlers.echo; ``"package.module:function"`` -> that function.
 
     A module's ``handle`` (or the named function) must be an async function; its module's
     ``init()`` and ``done()``, where present, become the hooks. Raises HandlerError.

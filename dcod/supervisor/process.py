@@ -20,8 +20,8 @@ import time
 import psutil
 import trio
 
-from dcod import sockets
-from dcod.control import CONTROL_FD_VAR, Channel, ChannelError
+from dcod.net import sockets
+from dcod.net.channel import CONTROL_FD_VAR, Channel, ChannelError
 
 log = logging.getLogger("dcod.supervisor")
 

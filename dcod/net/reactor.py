@@ -22,7 +22,7 @@ from typing import Callable
 
 import trio
 
-from dcod.connection import Connection, shared
+from dcod.net.connection import Connection, shared
 
 OnData = Callable[[memoryview], None]
 OnEnd = Callable[[str | None], None]
