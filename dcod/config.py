@@ -7,10 +7,8 @@ without reading code: ``/etc/dcod/dcod.toml: proxy[2].instances: must be >= 1, n
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import ipaddress
 import os
-import sys
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -58,6 +56,8 @@ class SupervisorConfig:
 
 @dataclass(frozen=True)
 class AlertConfig:
+    """Typed here; its values are checked by the alert backends that read them (dcod.supervisor.alert.check)."""
+
     name: str = "Noradle-DCO-EXTHUB-QUIT"
     backends: tuple[str, ...] = ("file",)
     dir: str = ""
@@ -137,22 +137,6 @@ def _default_dir(systemd_var: str, system_dir: str, user_dir: str) -> str:
     return system_dir if os.geteuid() == 0 else user_dir
 
 
-def credential_name(password_file: str) -> str | None:
-    """The name in ``credential:<name>`` (a systemd LoadCredential=), else None for a plain path."""
-    return password_file[len("credential:"):] if password_file.startswith("credential:") else None
-
-
-def oracledb_available() -> bool:
-    """Whether python-oracledb (the extra ``dcod[oracle]``) can be imported, without importing it."""
-    if "oracledb" in sys.modules:
-        return sys.modules["oracledb"] is not None
-    return importlib.util.find_spec("oracledb") is not None
-
-
-ORACLEDB_MISSING = "the oracle backend needs python-oracledb, which is not installed (pip install 'dcod[oracle]')"
-ALERT_NAME_MAX = 30  # bytes: DBMS_ALERT's limit
-
-
 def _user_runtime() -> str:
     base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/dcod-{os.getuid()}"
     return os.path.join(base, "dcod") if os.environ.get("XDG_RUNTIME_DIR") else base
@@ -230,7 +214,7 @@ class _Validator:
         if not isinstance(raw_proxies, list):
             raise self.fail("proxy", "must be an array of tables ([[proxy]])")
         proxies = tuple(self.proxy(i, p) for i, p in enumerate(raw_proxies))
-        self.check(hub, supervisor, alert, proxies)
+        self.check(hub, supervisor, proxies)
         return Config(hub, supervisor, alert, proxies, self.source)
 
     def unknown(self, table: dict[str, Any], prefix: str, known: set[str]) -> None:
@@ -301,8 +285,7 @@ class _Validator:
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise self.fail(key, f"must be host:port, not {value!r}")
 
-    def check(self, hub: HubConfig, sup: SupervisorConfig, alert: AlertConfig,
-              proxies: tuple[ProxyConfig, ...]) -> None:
+    def check(self, hub: HubConfig, sup: SupervisorConfig, proxies: tuple[ProxyConfig, ...]) -> None:
         self.address("hub.listen", hub.listen)
         self.address("hub.advertise", hub.advertise)
         for net in hub.allow:
@@ -324,40 +307,8 @@ class _Validator:
                 raise self.fail(f"supervisor.{key}", "must be > 0")
         if sup.heartbeat_timeout <= sup.heartbeat_interval:
             raise self.fail("supervisor.heartbeat_timeout", "must be longer than heartbeat_interval")
-        self.alert(alert)
         seen: dict[int, int] = {}
         for i, p in enumerate(proxies):
             if p.id in seen:
                 raise self.fail(f"proxy[{i}].id", f"{p.id} is already proxy[{seen[p.id]}]")
             seen[p.id] = i
-
-    def alert(self, alert: AlertConfig) -> None:
-        name = alert.name
-        if not name or "/" in name or "\0" in name or name in (".", "..") or name != name.strip():
-            raise self.fail("alert.name", f"must be a file name (no '/', no surrounding blanks), not {name!r}")
-        if not alert.backends:
-            raise self.fail("alert.backends", "needs at least one of file, command, oracle")
-        for i, backend in enumerate(alert.backends):
-            if backend not in ("file", "command", "oracle"):
-                raise self.fail("alert.backends", f"unknown backend {backend!r} (file, command, oracle)")
-            if backend in alert.backends[:i]:
-                raise self.fail("alert.backends", f"{backend!r} is listed twice")
-        for key in ("command_timeout", "oracle_timeout"):
-            if getattr(alert, key) <= 0:
-                raise self.fail(f"alert.{key}", "must be > 0")
-        if "command" in alert.backends and not alert.command:
-            raise self.fail("alert.command", "needed by the command backend")
-        if "oracle" in alert.backends:
-            for key in ("oracle_dsn", "oracle_user", "oracle_password_file"):
-                if not getattr(alert, key):
-                    raise self.fail(f"alert.{key}", "needed by the oracle backend")
-            if len(name.encode()) > ALERT_NAME_MAX:
-                raise self.fail("alert.name", f"must be at most {ALERT_NAME_MAX} bytes for DBMS_ALERT, not {name!r}")
-            if name.upper().startswith("ORA$"):
-                raise self.fail("alert.name", f"names starting with ORA$ are reserved by Oracle, not {name!r}")
-            credential = credential_name(alert.oracle_password_file)
-            if credential is not None and (not credential or "/" in credential or credential in (".", "..")):
-                raise self.fail("alert.oracle_password_file",
-                                f"credential:<name> needs a credential name (no '/'), not {alert.oracle_password_file!r}")
-            if not oracledb_available():
-                raise self.fail("alert.backends", ORACLEDB_MISSING)

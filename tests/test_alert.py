@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from dcod.supervisor import alert as alert_module
 from dcod import config as configuration
-from dcod.supervisor.alert import Alerter, Backend
+from dcod.supervisor.alert import Alerter, Backend, check
+from dcod.supervisor.alert import file as file_backend
 from dcod.client import QuitAlert
 from dcod.config import ConfigError
 
@@ -48,7 +48,9 @@ def make_config(tmp_path: Path):
             state_dir = "{tmp_path / 'state'}"
             [alert]
             """) + lines + "\n")
-        return configuration.load(path)
+        config = configuration.load(path)
+        check(config)
+        return config
 
     return make
 
@@ -57,7 +59,7 @@ def make_config(tmp_path: Path):
 def clock(monkeypatch):
     """The wall clock the file backend reads, in ms, set by the test."""
     now = types.SimpleNamespace(ms=1_000_000)
-    monkeypatch.setattr(alert_module, "_now_ms", lambda: now.ms)
+    monkeypatch.setattr(file_backend, "_now_ms", lambda: now.ms)
     return now
 
 
@@ -340,6 +342,7 @@ async def test_backends_are_raised_concurrently():
 
 @pytest.mark.parametrize("keys, message", [
     ({"backends": []}, "alert.backends: needs at least one"),
+    ({"backends": ["pager"]}, "alert.backends: unknown backend 'pager' (file, command, oracle)"),
     ({"backends": ["file", "file"]}, "alert.backends: 'file' is listed twice"),
     ({"backends": ["command"]}, "alert.command: needed by the command backend"),
     ({"command_timeout": 0}, "alert.command_timeout: must be > 0"),

@@ -31,7 +31,6 @@ def test_conf_file_is_the_builtin_default():
     ("[[proxy]]\nhandler = \"echo\"\n", "proxy[0].id: missing"),
     ("[[proxy]]\nid = 1\nhandler = \"echo\"\n[[proxy]]\nid = 1\nhandler = \"echo\"\n",
      "proxy[1].id: 1 is already proxy[0]"),
-    ("[alert]\nbackends = [\"pager\"]\n", "alert.backends: unknown backend 'pager'"),
     ("[supervisor]\nheartbeat_timeout = 0.1\n", "supervisor.heartbeat_timeout: must be longer"),
     ("[hub\n", "not valid TOML"),
 ])
@@ -57,3 +56,15 @@ def test_config_command_checks_and_prints(tmp_path, capsys):
     assert cli.main(["config", "--config", str(REPO / "conf" / "dcod.toml")]) == 0
     printed = capsys.readouterr().out
     assert 'handler = "echo"' in printed and "reply_timeout = 30.0" in printed
+
+
+def test_config_check_refuses_what_an_alert_backend_refuses(tmp_path, capsys):
+    """The alert backends check their own settings: `dcod config --check` asks each of them."""
+    bad = tmp_path / "bad.toml"
+    for alert, message in [('backends = ["pager"]', "alert.backends: unknown backend 'pager'"),
+                           ('backends = ["command"]', "alert.command: needed by the command backend"),
+                           ('backends = ["file", "oracle"]', "alert.oracle_dsn: needed by the oracle backend")]:
+        bad.write_text(f"[alert]\n{alert}\n")
+        config.load(bad)  # the configuration itself is well-formed
+        assert cli.main(["config", "--check", "--config", str(bad)]) == 1
+        assert f"bad.toml: {message}" in capsys.readouterr().err

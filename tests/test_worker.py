@@ -312,7 +312,7 @@ async def test_concurrency_limit_is_shared_by_all_hubs(tmp_path):
             await new.send(b"".join(request(2, rseq, b"new") for rseq in range(1, 6)))
             await wait_all_tasks_blocked()
             assert gate.running == 3
-            assert served.worker.stats()["in_flight"] == 3
+            assert served.worker.stats()["inflight"] == 3
             gate.opened.set()
             for hub, audsid, body in ((old, 1, b"old"), (new, 2, b"new")):
                 assert sorted([await hub.read_pdu() for _ in range(5)]) == \

@@ -10,17 +10,18 @@ import json
 import sys
 import time
 
+from dcod.net.channel import Control, command
 from dcod.supervisor import control
 from dcod.config import Config
 
 EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 3
 
 
-def _ask(config: Config, command: str, timeout: float | None = None):
+def _ask(config: Config, name: Control, timeout: float | None = None):
     """The answer lines of a control command; raises SystemExit with a clear message if unreachable."""
     path = config.control_socket
     try:
-        yield from control.request(path, {"command": command}, timeout=timeout)
+        yield from control.request(path, command(name), timeout=timeout)
     except FileNotFoundError:
         raise _unreachable(f"no supervisor is running (no control socket {path})") from None
     except ConnectionRefusedError:
@@ -43,7 +44,7 @@ def _final(answer: dict) -> int:
 
 
 def status(config: Config, *, as_json: bool = False) -> int:
-    answer = next(_ask(config, "status", timeout=10), {})
+    answer = next(_ask(config, Control.STATUS, timeout=10), {})
     if not answer.get("ok"):
         return _final(answer)
     if as_json:
@@ -56,7 +57,7 @@ def status(config: Config, *, as_json: bool = False) -> int:
 def reload(config: Config) -> int:
     """The whole rollout, synchronously: one line per step; 0 only if it completed."""
     print("reload: asking the supervisor", flush=True)
-    for answer in _ask(config, "reload"):
+    for answer in _ask(config, Control.RELOAD):
         if "progress" in answer:
             print(f"reload: {answer['progress']}", flush=True)
         else:
@@ -66,7 +67,7 @@ def reload(config: Config) -> int:
 
 
 def stop(config: Config) -> int:
-    return _final(next(_ask(config, "stop", timeout=10), {}))
+    return _final(next(_ask(config, Control.STOP, timeout=10), {}))
 
 
 # ---------------------------------------------------------------- the table

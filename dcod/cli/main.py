@@ -123,8 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     path = configuration.config_path(args.config)
+    from dcod.supervisor import alert
+
     try:
         config = configuration.load(path)
+        alert.check(config)  # each alert backend checks its own settings
     except configuration.ConfigError as e:
         print(f"dcod: {e}", file=sys.stderr)
         return 1

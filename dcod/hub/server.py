@@ -758,11 +758,12 @@ async def serve(config: Config, listeners: list[socket.socket]) -> None:
             on_closed = None
             if channel is not None:
                 nursery.start_soon(channel.writer)
-                nursery.start_soon(control.heartbeat, channel, hub.stats, config.supervisor.heartbeat_interval)
+                nursery.start_soon(control.heartbeat, channel, functools.partial(_report, hub),
+                                   config.supervisor.heartbeat_interval)
                 nursery.start_soon(_ready_when_connected, hub, channel)
                 nursery.start_soon(control.obey, channel, functools.partial(_stop, stop),
                                    functools.partial(_on_command, hub, channel, nursery))
-                on_closed = functools.partial(channel.send, {"event": "draining"})
+                on_closed = functools.partial(channel.send, control.event(control.Event.DRAINING))
             nursery.start_soon(_stop_on_signal, signals, stop)
             await stop.wait()
             await drain(hub, timeout=config.supervisor.drain_timeout, on_closed=on_closed)
@@ -788,28 +789,38 @@ async def _ready_when_connected(hub: Hub, channel: control.Channel) -> None:
     """Tell the supervisor once every proxy has an instance connected."""
     while not hub.workers_connected():
         await trio.sleep(RECONNECT_MIN)
-    channel.send({"event": "ready"})
+    channel.send(control.event(control.Event.READY))
+
+
+def _report(hub: Hub) -> tuple[control.StatusCounts, dict]:
+    """The hub's heartbeat: its row in `dcod status`, and its stats() (the detail per proxy)."""
+    stats = hub.stats()
+    proxies = stats["proxies"].values()
+    counts = control.StatusCounts(done=sum(p["replies"] + p["oneway"] for p in proxies), inflight=stats["inflight"],
+                                  queued=sum(p["queued_now"] for p in proxies),
+                                  spooled=sum(p["spooled_bytes"] for p in proxies),
+                                  errors=sum(p["errors"] + p["error_replies"] for p in proxies))
+    return counts, stats
 
 
 def _on_command(hub: Hub, channel: control.Channel, nursery: trio.Nursery, message: dict) -> None:
     """Commands besides drain: hold/release an instance (answered once it is idle / connected again)."""
-    if message.get("command") in ("hold", "release"):
+    if control.command_of(message) in (control.Command.HOLD, control.Command.RELEASE):
         nursery.start_soon(_hold, hub, channel, message)
 
 
 async def _hold(hub: Hub, channel: control.Channel, message: dict) -> None:
-    answer = {"event": "done", "id": message.get("id")}
     try:
         instance = hub.proxies[message["proxy"]].instances[message["instance"]]
     except (KeyError, IndexError, TypeError):
-        channel.send({**answer, "error": f"no instance {message.get('proxy')}#{message.get('instance')}"})
+        channel.send(control.done(message.get("id"), f"no instance {message.get('proxy')}#{message.get('instance')}"))
         return
-    held = message["command"] == "hold"
+    held = control.command_of(message) == control.Command.HOLD
     hub.hold(instance.proxy.config.id, instance.index, held)
     # Held: wait until its replies and acks are in. Released: until we are connected to it again.
     while (instance.inflight or instance.unacked if held else instance.state != "up"):
         await trio.sleep(SWEEP_INTERVAL)
-    channel.send(answer)
+    channel.send(control.done(message.get("id")))
 
 
 def main(config: Config, listen: str | None = None) -> int:

@@ -3,26 +3,94 @@
 One JSON object per line, in both directions. A child finds its end of the socketpair
 at the fd named by ``$DCOD_CONTROL_FD``; when the supervisor goes away the channel reads
 end of stream and the child stops, so a killed supervisor leaves no orphans behind.
+
+This module is the one home of the channels' vocabulary: the events a child sends
+(``Event``), the commands it obeys (``Command``), the control socket's commands
+(``Control``), and the counts each child reports for `dcod status` (``StatusCounts``).
 """
 
 from __future__ import annotations
 
-import errno
-import grp
+import dataclasses
 import json
 import logging
 import os
 import socket
-import struct
+from enum import StrEnum
+from typing import Callable
 
 import trio
 
-from dcod.net.connection import Connection, ConnectionClosed, accept
+from dcod.net.connection import Connection, ConnectionClosed
 
 CONTROL_FD_VAR = "DCOD_CONTROL_FD"
 MAX_LINE = 1024 * 1024
 
 log = logging.getLogger("dcod.net.channel")
+
+
+class Event(StrEnum):
+    """What a child tells its supervisor: ``{"event": ..., ...}``."""
+
+    HEARTBEAT = "heartbeat"  # every heartbeat_interval: {"counts": StatusCounts, "stats": its own detail}
+    READY = "ready"  # serving
+    DRAINING = "draining"  # its listener is closed: it finishes what it has, then exits
+    DONE = "done"  # a command is done: {"id": the command's} and, if it failed, {"error": why}
+
+
+class Command(StrEnum):
+    """What the supervisor tells a child: ``{"command": ..., "id": n, ...}``."""
+
+    DRAIN = "drain"  # take no more work, finish what you have, exit
+    HOLD = "hold"  # (hub) send nothing more to {"proxy", "instance"}; done once it has answered everything
+    RELEASE = "release"  # (hub) use that instance again; done once connected to it
+
+
+class Control(StrEnum):
+    """The control socket's commands, `dcod status|reload|stop`: ``{"command": ...}``."""
+
+    STATUS = "status"
+    RELOAD = "reload"
+    STOP = "stop"
+
+
+def event(name: Event, **fields) -> dict:
+    return {"event": name, **fields}
+
+
+def command(name: Command | Control, **fields) -> dict:
+    return {"command": name, **fields}
+
+
+def done(request_id: int | None, error: str | None = None) -> dict:
+    """The answer to a command: done, or failed and why."""
+    return event(Event.DONE, id=request_id, **({"error": error} if error is not None else {}))
+
+
+def event_of(message: dict) -> str | None:
+    return message.get("event")
+
+
+def command_of(message: dict) -> str | None:
+    return message.get("command")
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusCounts:
+    """A child's counters as `dcod status` shows them, one spelling each. Each child computes its
+    own and sends them in its heartbeats; the supervisor only displays them."""
+
+    done: int = 0  # requests handled: replies and one-way requests
+    inflight: int = 0  # requests taken and not answered yet
+    queued: int = 0  # requests waiting for a worker instance (hub)
+    spooled: int = 0  # bytes in the durable spool (hub)
+    errors: int = 0  # requests that failed
+
+    @classmethod
+    def of(cls, message: dict) -> StatusCounts:
+        """The counts in a heartbeat (zeros for what it lacks: a child that has not sent one yet)."""
+        counts = message.get("counts", {})
+        return cls(**{f.name: counts.get(f.name, 0) for f in dataclasses.fields(cls)})
 
 
 class ChannelError(Exception):
@@ -83,15 +151,17 @@ def child_channel(environ=os.environ) -> Channel | None:
     return Channel(socket.socket(fileno=int(fd)), "supervisor")
 
 
-async def heartbeat(channel: Channel, stats, interval: float) -> None:
-    """Send ``{"event": "heartbeat", "stats": stats()}`` every ``interval`` seconds, forever."""
+async def heartbeat(channel: Channel, report: Callable[[], tuple[StatusCounts, dict]], interval: float) -> None:
+    """Every ``interval`` seconds, send what ``report()`` says: the child's counts for `dcod status`
+    and its own detail (stats)."""
     while True:
-        channel.send({"event": "heartbeat", "stats": stats()})
+        counts, stats = report()
+        channel.send(event(Event.HEARTBEAT, counts=dataclasses.asdict(counts), stats=stats))
         await trio.sleep(interval)
 
 
 async def obey(channel: Channel, stop, other=None) -> None:
-    """Call ``stop(reason)`` when the supervisor says "drain" or goes away (end of stream);
+    """Call ``stop(reason)`` when the supervisor says drain or goes away (end of stream);
     ``other(message)``, if given, for any other command."""
     while True:
         try:
@@ -102,7 +172,7 @@ async def obey(channel: Channel, stop, other=None) -> None:
         if message is None:
             stop("supervisor went away")
             return
-        if message.get("command") == "drain":
+        if command_of(message) == Command.DRAIN:
             stop("asked to drain")
         elif other is not None:
             other(message)

@@ -15,7 +15,7 @@ import struct
 
 import trio
 
-from dcod.net.channel import Channel, ChannelError
+from dcod.net.channel import Channel, ChannelError, command_of
 from dcod.net.connection import ConnectionClosed, accept
 
 log = logging.getLogger("dcod.net.channel")
@@ -78,7 +78,7 @@ async def _answer_and_close(channel: Channel, handle, who: str) -> None:
         try:
             message = await channel.receive()
             if message is not None:
-                log.info("control: %s from %s", message.get("command"), who)
+                log.info("control: %s from %s", command_of(message), who)
                 await handle(message, channel.send)
             await channel.conn.flush()
         except (ChannelError, ConnectionClosed) as e:

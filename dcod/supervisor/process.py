@@ -5,6 +5,9 @@ The child gets its listening sockets at fd 3, 4, ... as systemd would pass them
 its end of a control socketpair after them ($DCOD_CONTROL_FD), stdin from /dev/null and
 the supervisor's stdout/stderr (the journal). It runs in its own process group, so a
 Ctrl-C in a terminal reaches the supervisor only, which then stops children in order.
+
+Hub generations end through one routine, drain_hubs(), whoever ends them: a rollout, the
+service's stop, or a hub that was told to drain by someone else (SIGTERM from outside).
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import os
 import signal
 import socket
 import time
+from typing import Awaitable, Callable, Iterable
 
 import psutil
 import trio
 
 from dcod.net import sockets
-from dcod.net.channel import CONTROL_FD_VAR, Channel, ChannelError
+from dcod.config import SupervisorConfig
+from dcod.net.channel import (CONTROL_FD_VAR, Channel, ChannelError, Command, Event, StatusCounts, command, done,
+                              event_of)
 
 log = logging.getLogger("dcod.supervisor")
 
@@ -33,8 +39,8 @@ class Process:
 
     Someone must run ``reap()``, ``channel.writer()`` and ``listen()`` in tasks; ``wait()``
     returns the exit status (negative: killed by that signal). The child tells us when it is
-    ``ready``, sends heartbeats with its counters, says when it is ``draining``, and answers
-    commands sent with ``request()``.
+    ``ready``, sends heartbeats with its counts (``counts``, its row in `dcod status`) and its own
+    detail (``stats``), says when it is ``draining``, and answers commands sent with ``request()``.
     """
 
     def __init__(self, name: str, pid: int, channel: Channel) -> None:
@@ -47,6 +53,7 @@ class Process:
         self.draining = trio.Event()
         self.last_heartbeat = self.started
         self.heartbeats = 0
+        self.counts = StatusCounts()
         self.stats: dict = {}
         self.generation = 0
         self.retiring = False  # its exit is planned (rollout, stop): not a failure
@@ -100,9 +107,9 @@ class Process:
         self.returncode = os.waitstatus_to_exitcode(status)
         os.close(self._pidfd)
         self._exited.set()
-        for done, answer in self._answers.values():  # nobody is left to answer them
-            answer.append({"event": "done", "error": f"{self.name} {describe_exit(self.returncode)}"})
-            done.set()
+        for answered, answer in self._answers.values():  # nobody is left to answer them
+            answer.append(done(None, f"{self.name} {describe_exit(self.returncode)}"))
+            answered.set()
         self._answers.clear()
 
     async def listen(self) -> None:
@@ -115,28 +122,29 @@ class Process:
                 return
             if message is None:
                 return
-            event = message.get("event")
-            if event == "heartbeat":
+            event = event_of(message)
+            if event == Event.HEARTBEAT:
                 self.heartbeats += 1
                 self.last_heartbeat = time.monotonic()
+                self.counts = StatusCounts.of(message)
                 self.stats = message.get("stats", {})
-            elif event == "ready":
+            elif event == Event.READY:
                 self.ready.set()
-            elif event == "draining":
+            elif event == Event.DRAINING:
                 self.draining.set()
-            elif event == "done" and message.get("id") in self._answers:
-                done, answer = self._answers.pop(message["id"])
+            elif event == Event.DONE and message.get("id") in self._answers:
+                answered, answer = self._answers.pop(message["id"])
                 answer.append(message)
-                done.set()
+                answered.set()
 
-    async def request(self, command: str, **args) -> dict:
-        """Send a command; wait for the child's answer ({"event": "done", ...}), or its exit."""
+    async def request(self, name: Command, **args) -> dict:
+        """Send a command; wait for the child's answer (Event.DONE, with "error" if it failed), or its exit."""
         if self.returncode is not None:
-            return {"event": "done", "error": f"{self.name} {describe_exit(self.returncode)}"}
+            return done(None, f"{self.name} {describe_exit(self.returncode)}")
         number = next(self._requests)
-        done, answer = self._answers[number] = trio.Event(), []
-        self.channel.send({"command": command, "id": number, **args})
-        await done.wait()
+        answered, answer = self._answers[number] = trio.Event(), []
+        self.channel.send(command(name, id=number, **args))
+        await answered.wait()
         return answer[0]
 
     async def wait(self) -> int:
@@ -152,6 +160,36 @@ class Process:
             return await self.wait()
         self.send_signal(signal.SIGKILL)
         return await self.wait()
+
+
+async def drain_hubs(hubs: Iterable[Process], alert: Callable[[], Awaitable[None]],
+                     limits: SupervisorConfig) -> dict[Process, int]:
+    """End hub generations without losing a request; the exit status of each that was running.
+
+    Each is told to drain (one draining already goes on as it was) and gets stop_timeout to
+    close its listener and say so. Then ``alert()``, once for them all: the quit alert sends
+    their sessions elsewhere, and a session that reconnects reaches only a hub that listens.
+    Each then gets drain_timeout + stop_timeout to answer what it has and exit; past that, SIGKILL.
+    """
+    hubs = [hub for hub in hubs if hub.running]
+    if not hubs:
+        return {}
+    for hub in hubs:
+        hub.alerted = True  # from now on: neither the pmon nor its exit raises the alert again
+        hub.channel.send(command(Command.DRAIN))
+    with trio.move_on_after(limits.stop_timeout):
+        for hub in hubs:
+            await hub.draining.wait()
+    await alert()
+    exits: dict[Process, int] = {}
+
+    async def drained(hub: Process) -> None:
+        exits[hub] = await hub.stop(limits.drain_timeout + limits.stop_timeout, signum=None)
+
+    async with trio.open_nursery() as nursery:
+        for hub in hubs:
+            nursery.start_soon(drained, hub)
+    return exits
 
 
 def describe_exit(returncode: int) -> str:

@@ -1,19 +1,19 @@
-"""The supervisor: `dcod run`, the service's main process (DESIGN §1, §4, §5).
+"""The supervisor: `dcod run`, the service's main process (docs/ARCHITECTURE.md).
 
 It owns every listening socket: the Oracle-facing one (from systemd, else bound here)
 and one per managed worker instance. Children inherit them, so a restarted child serves
 on the same socket and no connection attempt is ever refused. Each child sits in a slot
-that restarts it with backoff when it fails, within a restart budget (Tuxedo's MAXGEN
-within GRACE); past the budget the slot stays down and says why.
+(dcod.supervisor.slot) that restarts it with backoff when it fails, within a restart budget.
 
-A rollout (`dcod reload`) replaces the hub first, overlapping generations on the same
-socket, then each worker instance in turn; the pmon raises the quit alert whenever a hub
-goes away, planned or not, so Oracle sessions reconnect before their next send.
+A rollout (`dcod reload`, dcod.supervisor.rollout) replaces the hub first, overlapping
+generations on the same socket, then each worker instance in turn; the pmon raises the quit
+alert whenever a hub goes away, planned or not, so Oracle sessions reconnect before their next send.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -30,190 +30,34 @@ import trio
 
 from dcod import config as configuration
 from dcod.net import sockets
+from dcod.net.channel import Control, StatusCounts, command_of
 from dcod.supervisor import control
 from dcod.supervisor.notify import Notifier
 from dcod.supervisor.alert import Alerter
 from dcod.config import Config
-from dcod.supervisor.process import Process, describe_exit
+from dcod.supervisor.process import Process, describe_exit, drain_hubs
+from dcod.supervisor.rollout import Key, Rollout, RolloutError, WorkerSpec
+from dcod.supervisor.slot import Slot
 
 log = logging.getLogger("dcod.supervisor")
 
-BACKOFF_MIN = 0.1  # seconds before restarting a failed child; doubles up to:
-BACKOFF_MAX = 5.0
 HUB_SOCKET_NAME = "hub"  # FileDescriptorName= in dco-hub.socket
 UNCLEAN_MARKER = "hub.running"  # in state_dir while a hub runs; left behind by an unclean stop
 ALERT_HEAD_START = 0.2  # seconds the quit alert may take before a new hub is started anyway
 CONFIG_COPIES = "config-*.toml"  # in the runtime dir: the configurations the children read (_config_copy)
 
 
-class RolloutError(Exception):
-    """A rollout could not be done; the generation that was serving goes on serving."""
-
-
-class Slot:
-    """A place for one child, the hub or one worker instance, that keeps a process running in it."""
-
-    def __init__(self, supervisor: Supervisor, name: str, argv: list[str], passed: dict[str, socket.socket],
-                 proxy_id: int | None = None, instance: int | None = None) -> None:
-        self.supervisor = supervisor
-        self.name = name
-        self.argv = argv
-        self.passed = passed
-        self.proxy_id = proxy_id
-        self.instance = instance
-        self.process: Process | None = None
-        # Every process started here that has not exited: the current one and, in the hub's
-        # slot, older generations a rollout is replacing or draining, or a new one it is stopping.
-        self.alive: list[Process] = []
-        self.generation = 0
-        self.state = "starting"
-        self.last_exit = ""  # how the previous process ended, for `dcod status`
-        self.restarts = 0
-        self.failures: list[float] = []  # when its processes exited unplanned: the restart budget
-        self.stopping = False
-
-    @property
-    def is_hub(self) -> bool:
-        return self.proxy_id is None
-
-    @property
-    def foreign(self) -> bool:
-        """A worker launched from a `command`, not dcod's own runtime."""
-        return not self.is_hub and self.argv[:3] != [sys.executable, "-m", "dcod"]
-
-    def launch(self) -> Process:
-        """Start a new generation in this slot (the previous one, if any, is the caller's business)."""
-        process = self.spawn(self.argv)
-        self.process = process
-        self.state = "starting"
-        return process
-
-    def spawn(self, argv: list[str]) -> Process:
-        """Start a new generation, and watch it, without making it the slot's process (yet)."""
-        if self.supervisor.stopping:
-            # A rollout that resumes before the stop cancels it: the stop must not find a
-            # process it did not know of behind it.
-            raise RolloutError("the service is stopping")
-        self.generation += 1
-        process = Process.start(self.name, argv, self.passed)
-        process.generation = self.generation
-        if self.foreign:
-            # A command in another language does not speak our channel: it is ready when the
-            # hub connects to it, which the hub's own readiness and `release` wait for.
-            process.ready.set()
-        self.alive.append(process)
-        log.info("%s started: pid %d, generation %d", self.name, process.pid, self.generation)
-        self.supervisor.nursery.start_soon(self._watch, process)
-        return process
-
-    async def _watch(self, process: Process) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(process.reap)
-            nursery.start_soon(process.channel.writer)
-            nursery.start_soon(process.listen)
-            nursery.start_soon(self._mark_ready, process)
-            if self.is_hub:
-                nursery.start_soon(self._on_draining, process)
-            returncode = await process.wait()
-            nursery.cancel_scope.cancel()
-        self.alive.remove(process)
-        process.channel.close()
-        how = describe_exit(returncode)
-        self.last_exit = f"{how} at {time.strftime('%H:%M:%S')}" + \
-            (" (replaced)" if process.retiring and not self.stopping else "")
-        if process is not self.process:
-            log.info("%s generation %d (pid %d) %s", self.name, process.generation, process.pid, how)
-            return
-        if process.retiring or self.stopping:
-            self.state = "stopped"  # whoever retired it reports how it ended
-            return
-        await self._failed(process, how)
-
-    async def _mark_ready(self, process: Process) -> None:
-        await process.ready.wait()
-        # A hub told to drain while it connected to its workers may say ready after draining.
-        if process is self.process and not process.draining.is_set():
-            self.state = "ready"
-
-    async def _on_draining(self, process: Process) -> None:
-        """A hub that has closed its listener only finishes what it has: its slot says so. If
-        neither a rollout nor a stop asked it to drain (SIGTERM from outside), raise the quit
-        alert now, so that its sessions leave, not at its exit, which then restarts it as any
-        unplanned exit does."""
-        await process.draining.wait()
-        if process is not self.process:
-            return  # replaced by a rollout, which raises the alert, or never served: not the slot's state
-        self.state = "draining"
-        sup = self.supervisor
-        if process.alerted or sup.stopping:
-            return  # stopped: the stop raises the alert; or it is raised already
-        process.alerted = True
-        await sup.alert_hub_gone(f"hub (pid {process.pid}) is draining, not asked to")
-        # The pmon leaves an alerted hub alone: if its drain hangs, kill it as a rollout would.
-        await process.stop(sup.config.supervisor.drain_timeout + sup.config.supervisor.stop_timeout, signum=None)
-
-    async def _failed(self, process: Process, how: str) -> None:
-        """An unplanned exit: alert if it was the hub, restart with backoff within the budget,
-        unless the service is stopping."""
-        sup = self.supervisor
-        limits = sup.config.supervisor
-        self.restarts += 1
-        if self.is_hub:
-            await sup.alert_hub_gone(f"hub (pid {process.pid}) {how}", already=process.alerted)
-        if sup.stopping:
-            self.state = "stopped"
-            log.warning("%s (pid %d) %s; the service is stopping: not restarted", self.name, process.pid, how)
-            return
-        # Only failures count: the generations reloads start are no reason to give up on it.
-        now = time.monotonic()
-        self.failures = recent = [*(t for t in self.failures if now - t <= limits.restart_window), now]
-        if len(recent) >= limits.restart_max:
-            self.state = "failed"
-            self.last_exit += f"; {len(recent)} failures within {limits.restart_window:g}s, left down"
-            log.error("%s (pid %d) %s; %d failures within %gs: leaving it down", self.name, process.pid, how,
-                      len(recent), limits.restart_window)
-            return
-        backoff = 0.0 if len(recent) <= 1 else min(BACKOFF_MIN * 2 ** (len(recent) - 2), BACKOFF_MAX)
-        self.state = "backoff"
-        log.warning("%s (pid %d) %s; restarting%s", self.name, process.pid, how,
-                    f" in {backoff:.1f}s" if backoff else "")
-        await trio.sleep(backoff)
-        if not self.stopping and not sup.stopping and self.process is process:
-            self.launch()
-
-    async def ready(self, timeout: float, process: Process | None = None) -> None:
-        """Wait until the process (by default the current one) is ready; RolloutError if it exits
-        or takes too long."""
-        process = process or self.process
-        with trio.move_on_after(timeout):
-            async with trio.open_nursery() as nursery:
-                async def exited() -> None:
-                    await process.wait()
-                    nursery.cancel_scope.cancel()
-                nursery.start_soon(exited)
-                await process.ready.wait()
-                nursery.cancel_scope.cancel()
-        if not process.ready.is_set():
-            reason = describe_exit(process.returncode) if process.returncode is not None else \
-                f"not ready within {timeout:g}s"
-            raise RolloutError(f"{self.name} generation {process.generation} (pid {process.pid}): {reason}")
-
-    async def stop(self, timeout: float) -> None:
-        self.stopping = True
-        process = self.process
-        if process is not None and process.running:
-            process.retiring = True
-            log.info("%s (pid %d) %s", self.name, process.pid, describe_exit(await process.stop(timeout)))
-
-
 class Supervisor:
+    """The service's main process: the slots of the hub and of each worker instance, the pmon,
+    the control socket, rollouts (dcod.supervisor.rollout) and the orderly stop."""
+
     def __init__(self, config: Config, hub_listener: socket.socket) -> None:
         self.config = config
         self.hub_listener = hub_listener
         self.notifier = Notifier()
         self.alerter = Alerter.from_config(config)
         self.started = time.monotonic()
-        self.workers: dict[tuple[int, int], Slot] = {}
+        self.workers: dict[Key, Slot] = {}
         self.runtime_dir = config.runtime_dir  # ours until a restart, whatever a reload says
         for stale in self.runtime_dir.glob(CONFIG_COPIES):  # a previous run's; its children are gone with it
             stale.unlink()
@@ -247,25 +91,25 @@ class Supervisor:
             partial.replace(path)
         return str(path)
 
-    def _worker_slots(self, config: Config) -> dict[tuple[int, int], tuple[str, list[str]]]:
-        """(proxy id, instance) -> (name, argv) of every managed worker instance in a config."""
+    def worker_slots(self, config: Config) -> dict[Key, WorkerSpec]:
+        """Every managed worker instance in a config, by (proxy id, instance)."""
         slots = {}
         for proxy in config.proxies:
             if proxy.managed:
                 for i in range(proxy.instances):
                     argv = list(proxy.command) or \
                         self._argv(config, "worker", "--proxy", str(proxy.id), "--instance", str(i))
-                    slots[proxy.id, i] = (f"worker {proxy.id}#{i}", argv)
+                    slots[proxy.id, i] = WorkerSpec(f"worker {proxy.id}#{i}", argv)
         return slots
 
-    def _add_worker(self, config: Config, key: tuple[int, int], name: str, argv: list[str]) -> Slot:
+    def add_worker(self, config: Config, key: Key, name: str, argv: list[str]) -> Slot:
         sock = sockets.bind(str(config.worker_socket(*key)))
         slot = self.workers[key] = Slot(self, name, argv, {"worker": sock}, *key)
         return slot
 
-    async def _remove_worker(self, slot: Slot) -> None:
+    async def remove_worker(self, slot: Slot) -> None:
         """Stop the instance, then give up its socket, on which nothing will be started again (and
-        its path, which _add_worker made under the runtime dir)."""
+        its path, which add_worker made under the runtime dir)."""
         await slot.stop(self.config.supervisor.stop_timeout)
         # Not before: a stop that cancels the rollout meanwhile must wait for it.
         del self.workers[slot.proxy_id, slot.instance]
@@ -290,8 +134,8 @@ class Supervisor:
                 self.nursery = nursery
                 nursery.start_soon(self.notifier.run)
                 await self._check_unclean_stop()
-                for key, (name, argv) in self._worker_slots(self.config).items():
-                    self._add_worker(self.config, key, name, argv).launch()
+                for key, (name, argv) in self.worker_slots(self.config).items():
+                    self.add_worker(self.config, key, name, argv).launch()
                 self.hub.launch()
                 self._mark_hub_running()
                 nursery.start_soon(self._announce_ready)
@@ -355,34 +199,19 @@ class Supervisor:
         stopping; older ones draining. Each serves sessions and forwards their requests to the
         workers: each drains, and is gone, before a worker is stopped.
         """
-        sup = self.config.supervisor
         self.hub.stopping = True  # what ends now ends by the stop: not a failure, not "replaced"
         if self._rollout is not None:
             self._rollout.cancel()  # no new generation may start now
-        hubs = [hub for hub in self.hub.alive if hub.running]
-        for hub in hubs:
+        for hub in self.hub.alive:
             hub.retiring = True  # it may drain and exit before we wait for it: planned
-            hub.channel.send({"command": "drain"})  # one draining already goes on as it was
-        # As in a rollout: once their listeners are closed, the alert sends sessions elsewhere.
-        with trio.move_on_after(sup.stop_timeout):
-            for hub in hubs:
-                await hub.draining.wait()
-        if hubs:
-            await self.alerter.signal(self.config.hub.advertise)
-        async with trio.open_nursery() as nursery:
-            for hub in hubs:
-                nursery.start_soon(self._stop_hub, hub)
+        exits = await drain_hubs(self.hub.alive, functools.partial(self.alerter.signal, self.config.hub.advertise),
+                                 self.config.supervisor)
+        if self.hub.process in exits:  # Slot._watch reports the end of older generations
+            log.info("hub (pid %d) %s", self.hub.process.pid, describe_exit(exits[self.hub.process]))
         self.notify("STATUS=stopping: workers")
         async with trio.open_nursery() as nursery:
             for slot in self.workers.values():
-                nursery.start_soon(slot.stop, sup.stop_timeout)
-
-    async def _stop_hub(self, hub: Process) -> None:
-        """Wait for a hub told to drain; SIGKILL it past drain_timeout + stop_timeout."""
-        sup = self.config.supervisor
-        how = describe_exit(await hub.stop(sup.drain_timeout + sup.stop_timeout, signum=None))
-        if hub is self.hub.process:  # Slot._watch reports the end of older generations
-            log.info("hub (pid %d) %s", hub.pid, how)
+                nursery.start_soon(slot.stop, self.config.supervisor.stop_timeout)
 
     # ------------------------------------------------------------ pmon and the quit alert
 
@@ -453,7 +282,8 @@ class Supervisor:
     # ------------------------------------------------------------ rollout
 
     async def rollout(self, progress: Callable[[str], None]) -> None:
-        """Re-read the config and replace the hub, then each worker instance (DESIGN §4).
+        """Re-read the config and replace the hub, then each worker instance, one
+        rollout at a time, reporting each step to ``progress`` and sd_notify.
 
         Raises RolloutError, whose message says what stays: before the new hub serves, nothing
         changed; after, what was done (the new configuration is in effect).
@@ -473,7 +303,7 @@ class Supervisor:
             self.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
             try:
                 with trio.CancelScope() as self._rollout:
-                    await self._replace_all(step)
+                    await Rollout(self, step).run()
                 if self._rollout.cancelled_caught:
                     raise RolloutError("the service is stopping")
             except RolloutError as e:
@@ -484,126 +314,6 @@ class Supervisor:
             self.last_rollout = f"done at {time.strftime('%H:%M:%S')} in {time.monotonic() - started:.1f}s"
             step(f"done in {time.monotonic() - started:.1f}s")
 
-    async def _replace_all(self, step: Callable[[str], None]) -> None:
-        source = None if self.config.source == configuration.BUILTIN else self.config.source
-        try:
-            new = configuration.load(source)
-        except configuration.ConfigError as e:
-            raise RolloutError(f"invalid configuration, nothing changed: {e}") from None
-        self._warn_unappliable(new)
-        old_slots, new_slots = set(self.workers), self._worker_slots(new)
-        added = [k for k in new_slots if k not in old_slots]
-        removed = [k for k in old_slots if k not in new_slots]
-        kept = [k for k in new_slots if k in old_slots]
-        step(f"configuration {new.source}: proxies {', '.join(str(p.id) for p in new.proxies) or 'none'}; "
-             f"{len(new_slots)} worker instances ({len(added)} added, {len(removed)} removed)")
-        # Until the new hub serves, the previous configuration is in effect: a failure before that
-        # stops what this rollout started, and leaves everything as it was.
-        try:
-            for key in added:
-                slot = self._add_worker(new, key, *new_slots[key])
-                slot.launch()
-                await slot.ready(new.supervisor.ready_timeout)
-                step(f"{slot.name}: added, ready")
-            hub_argv = self._argv(new, "hub")
-            hub = await self._start_hub(hub_argv, new, step)
-        except RolloutError as e:
-            for slot in [self.workers[key] for key in added if key in self.workers]:
-                await self._remove_worker(slot)
-                step(f"{slot.name}: stopped, not added")
-            raise RolloutError(f"{e}; nothing changed: the previous configuration stays in effect") from None
-        # The new hub serves: the new configuration is in effect, for every process started from
-        # now on. A failure from here on keeps what was done, and says what still runs the previous one.
-        old = self.hub.process
-        self.config = new
-        self.hub.argv, self.hub.process, self.hub.state = hub_argv, hub, "ready"
-        previous = {key: self.workers[key].process for key in kept}
-        for key in kept:
-            self.workers[key].name, self.workers[key].argv = new_slots[key]
-        await self._retire_hub(old, step)
-        for key in removed:
-            slot = self.workers[key]
-            await self._remove_worker(slot)
-            step(f"{slot.name}: removed")
-        try:
-            for key in kept:
-                await self._replace_worker(self.workers[key], step)
-        except RolloutError as e:
-            left = [self.workers[key].name for key in kept if self.workers[key].process is previous[key]]
-            raise RolloutError(f"{e}; the new configuration stays in effect (the hub runs it, as will every "
-                               f"process started from now on)" +
-                               (f"; still running the previous one: {', '.join(left)}" if left else "")) from None
-
-    def _warn_unappliable(self, new: Config) -> None:
-        """Some settings belong to the supervisor's own start; say so rather than pretend."""
-        if new.hub.listen != self.config.hub.listen:
-            log.warning("hub.listen changed: the listening socket is kept; restart the service to apply it")
-        if (new.runtime_dir, new.state_dir) != (self.config.runtime_dir, self.config.state_dir):
-            log.warning("runtime_dir or state_dir changed: restart the service to apply it")
-
-    async def _start_hub(self, argv: list[str], config: Config, step: Callable[[str], None]) -> Process:
-        """The next hub generation, run by ``argv`` with ``config``, on the same socket, once it is ready.
-
-        Until then the one serving stays the slot's process (the pmon watches it; if it dies, it
-        is restarted as it was); if the new one is not ready in time, it is stopped."""
-        new = self.hub.spawn(argv)
-        step(f"hub: generation {new.generation} (pid {new.pid}) starting")
-        try:
-            await self.hub.ready(config.supervisor.ready_timeout, new)
-        except RolloutError:
-            new.retiring = True
-            await new.stop(config.supervisor.stop_timeout)
-            step(f"hub: generation {new.generation} stopped")
-            raise
-        return new
-
-    async def _retire_hub(self, old: Process, step: Callable[[str], None]) -> None:
-        """The hub generation that served until now drains (the new one serves), and the alert is raised."""
-        sup = self.config.supervisor
-        step(f"hub: generation {self.hub.process.generation} ready; generation {old.generation} draining")
-        if not old.running:
-            return
-        old.retiring = True
-        old.channel.send({"command": "drain"})
-        with trio.move_on_after(sup.stop_timeout):
-            await old.draining.wait()
-        # Its listener is closed: sessions that reconnect reach the new generation only.
-        await self.alerter.signal(self.config.hub.advertise)
-        step(f"quit alert {self.config.alert.name} raised for {self.config.hub.advertise}")
-        returncode = await old.stop(sup.drain_timeout + sup.stop_timeout, signum=None)
-        step(f"hub: generation {old.generation} (pid {old.pid}) drained, {describe_exit(returncode)}")
-
-    async def _replace_worker(self, slot: Slot, step: Callable[[str], None]) -> None:
-        """Hold the instance in the hub, let its replies come in, restart it, release it."""
-        sup = self.config.supervisor
-        hub = self.hub.process
-        if hub is None or not hub.running:
-            raise RolloutError(f"{slot.name}: no hub is running to hold it")
-        answer = await hub.request("hold", proxy=slot.proxy_id, instance=slot.instance)
-        if "error" in answer:
-            raise RolloutError(f"{slot.name}: the hub cannot hold it: {answer['error']}")
-        old = slot.process
-        if old is not None and old.running:
-            old.retiring = True
-            returncode = await old.stop(sup.stop_timeout)
-            how = describe_exit(returncode)
-        else:
-            how = "was not running"
-        slot.launch()
-        try:
-            await slot.ready(sup.ready_timeout)
-        except RolloutError:
-            # The rollout ends here, the instance stays (and is restarted if it exits, as any
-            # worker): the hub must not hold it for good, but use it once it is ready.
-            self.nursery.start_soon(functools.partial(self.hub.process.request, "release", proxy=slot.proxy_id,
-                                                      instance=slot.instance))
-            raise
-        hub = self.hub.process  # the one that held it may have died meanwhile and been replaced
-        answer = await hub.request("release", proxy=slot.proxy_id, instance=slot.instance)
-        if "error" in answer:
-            raise RolloutError(f"{slot.name}: the hub cannot release it: {answer['error']}")
-        step(f"{slot.name}: generation {slot.generation - 1} {how}; generation {slot.generation} serving")
-
     # ------------------------------------------------------------ control socket
 
     async def _serve_control(self) -> None:
@@ -612,10 +322,10 @@ class Supervisor:
         await control.serve(listener, self._on_command, group=self.config.supervisor.control_group)
 
     async def _on_command(self, message: dict, reply: Callable[[dict], None]) -> None:
-        command = message.get("command")
-        if command == "status":
+        command = command_of(message)
+        if command == Control.STATUS:
             reply({"ok": True, "status": self.snapshot()})
-        elif command == "reload":
+        elif command == Control.RELOAD:
             try:
                 await self.rollout(lambda line: reply({"progress": line}))
             except RolloutError as e:
@@ -623,11 +333,11 @@ class Supervisor:
                 reply({"ok": False, "error": str(e)})
             else:
                 reply({"ok": True})
-        elif command == "stop":
+        elif command == Control.STOP:
             reply({"ok": True})
             self.request_stop()
         else:
-            reply({"ok": False, "error": f"unknown command {command!r} (status, reload, stop)"})
+            reply({"ok": False, "error": f"unknown command {command!r} ({', '.join(Control)})"})
 
     def snapshot(self) -> dict:
         """Everything `dcod status` shows."""
@@ -648,24 +358,14 @@ class Supervisor:
 
 
 def _process_row(slot: Slot, process: Process | None, state: str | None = None) -> dict:
-    stats = process.stats if process is not None else {}
-    if slot.is_hub:
-        proxies = stats.get("proxies", {}).values()
-        done = sum(p.get("replies", 0) + p.get("oneway", 0) for p in proxies)
-        counts = {"done": done, "inflight": stats.get("inflight", 0),
-                  "queued": sum(p.get("queued_now", 0) for p in proxies),
-                  "spooled": sum(p.get("spooled_bytes", 0) for p in proxies),
-                  "errors": sum(p.get("errors", 0) + p.get("error_replies", 0) for p in proxies)}
-    else:
-        counts = {"done": stats.get("replies", 0) + stats.get("oneway", 0), "inflight": stats.get("in_flight", 0),
-                  "queued": 0, "spooled": 0, "errors": stats.get("errors", 0)}
     running = process is not None and process.running
     return {"name": slot.name, "role": "hub" if slot.is_hub else "worker", "proxy": slot.proxy_id,
             "instance": slot.instance, "pid": process.pid if running else None,
             "generation": process.generation if process is not None else 0,
             "state": state or slot.state, "uptime": process.uptime if running else 0.0,
             **(_resources(process.psutil) if running else {"rss": 0, "cpu_percent": 0.0}),
-            **counts, "restarts": slot.restarts, "last_exit": slot.last_exit}
+            **dataclasses.asdict(process.counts if process is not None else StatusCounts()),
+            "restarts": slot.restarts, "last_exit": slot.last_exit}
 
 
 def _resources(proc) -> dict:

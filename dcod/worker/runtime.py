@@ -107,7 +107,7 @@ class _Counts:
     replies: int = 0  # sync requests answered with a reply
     acks: int = 0  # one-way requests acknowledged to a hub that asked for it
     errors: int = 0  # handler failures: error replies sent, and failed one-way requests
-    in_flight: int = 0
+    inflight: int = 0
     protocol_errors: int = 0  # hub connections closed for breaking the protocol
     abandoned: int = 0  # requests cut short when stop_timeout passed
 
@@ -130,6 +130,12 @@ class Worker:
 
     def stats(self) -> dict[str, int]:
         return {**dataclasses.asdict(self._counts), "hubs": len(self._hubs)}
+
+    def report(self) -> tuple[control.StatusCounts, dict[str, int]]:
+        """Its heartbeat: its row in `dcod status`, and its stats()."""
+        counts = self._counts
+        return control.StatusCounts(done=counts.replies + counts.oneway, inflight=counts.inflight,
+                                    errors=counts.errors), self.stats()
 
     def stop(self, reason: str = "stop requested") -> None:
         """Stop gracefully. Called again: stop reading from hubs (requests in flight still finish)."""
@@ -236,7 +242,7 @@ class Worker:
         counts.requests += 1
         if not req.sync:
             counts.oneway += 1
-        counts.in_flight += 1
+        counts.inflight += 1
         try:
             body = self._reply_body(await _in_own_context(self.handler.handle(req)))
         except Exception as e:
@@ -254,7 +260,7 @@ class Worker:
                 conn.send(reply(audsid, rseq, body))
                 counts.replies += 1
         finally:
-            counts.in_flight -= 1
+            counts.inflight -= 1
             self._slots.release()
         if ack and not req.sync:
             conn.send(reply(audsid, rseq, b""))
@@ -451,8 +457,8 @@ async def _run(worker: Worker, listener: socket.socket, heartbeat_interval: floa
             if channel is not None:
                 # Serving (init() done): tell the supervisor, then heartbeat until the end.
                 nursery.start_soon(channel.writer)
-                channel.send({"event": "ready"})
-                nursery.start_soon(control.heartbeat, channel, worker.stats, heartbeat_interval)
+                channel.send(control.event(control.Event.READY))
+                nursery.start_soon(control.heartbeat, channel, worker.report, heartbeat_interval)
                 nursery.start_soon(control.obey, channel, worker.stop)
     return 0 if outcome and outcome[0] else 1
 
