@@ -211,6 +211,16 @@ def test_spools_of_gone_hubs_are_taken_over_in_order(tmp_path):
     assert not (tmp_path / "proxy-1.222.spool").exists() and (tmp_path / "proxy-2.222.spool").exists()
 
 
+def test_a_file_that_cannot_be_taken_over_is_reported_once(tmp_path, caplog):
+    (tmp_path / "proxy-1.444.spool").mkdir()  # cannot be opened as a file, on every pass
+    spools = spool_dir(tmp_path)
+    ours = spools.open(1)
+    for _ in range(3):
+        assert spools.adopt(ours, 1) == ([], 0)
+    assert len(warnings(caplog)) == 1 and "cannot take over proxy-1.444.spool" in warnings(caplog)[0]
+    assert ours.durable
+
+
 # ---------------------------------------------------------------- damage: it costs only what it touched
 
 RECORD = RECORD_HEADER.size + 10  # bytes of one record of the files below

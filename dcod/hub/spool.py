@@ -20,8 +20,8 @@ record checks out, logs each skipped range with its offsets, and keeps a copy of
 aside (``<name>.damaged-<time>``) before it changes anything. A header that contradicts the
 file (head past the end or inside a record, mark out of place) is logged, and every record
 from the first is queued again, all counted as possible duplicates. A torn tail (an append
-cut short by a crash) is cut. A record a PDU carries inside itself could be taken for one when
-resynchronizing within a damaged record; it could hold nothing its session could not have sent.
+cut short by a crash) is cut. Resynchronizing inside a damaged record could take a PDU that
+holds a record-shaped copy for a record: it could only hold what its session could send anyway.
 
 When the file cannot be written (a full disk, a read-only or inaccessible state directory,
 a failed fsync), the spool is not ``durable``: it says why (``not_durable_reason``) and keeps
@@ -129,9 +129,12 @@ def _aside_path(path: Path, why: str) -> Path:
 class Spool:
     """FIFO of PDUs for one proxy, durable in ``path`` while it can be (see ``durable``).
 
-    Never raises OSError: trouble with the file makes it not durable instead."""
+    Opening it, queueing and forwarding never raise OSError: trouble with the file makes it not
+    durable instead; ``must_open`` (for the files of gone hubs) raises it if the file cannot be
+    opened and recovered."""
 
-    def __init__(self, path: Path, *, memory_limit: int, size_limit: int, max_record: int) -> None:
+    def __init__(self, path: Path, *, memory_limit: int, size_limit: int, max_record: int,
+                 must_open: bool = False) -> None:
         self.path = path
         self.memory_limit = memory_limit
         self.size_limit = size_limit
@@ -164,6 +167,8 @@ class Spool:
         try:
             self._open()
         except OSError as e:
+            if must_open:
+                raise
             self._lose_durability(f"cannot open it: {e}")
 
     # ------------------------------------------------------------ state
@@ -681,7 +686,7 @@ class SpoolDir:
                 spool.damaged_copies += orphan.damaged_copies
                 spool.torn_bytes += orphan.torn_bytes
             try:
-                if spool.size + orphan.size > spool.size_limit:
+                if spool.size + orphan.size > spool.size_limit:  # known before reading it
                     raise SpoolFull(f"{orphan.size} bytes would pass spool_max")
                 records = list(orphan.scan())
                 spool.extend(records)
@@ -731,14 +736,13 @@ class SpoolDir:
     def _open_gone(self, path: Path) -> Spool | None:
         """The spool in a file whose hub is gone, or None (its hub runs, or it cannot be opened)."""
         try:
-            orphan = Spool(path, memory_limit=0, size_limit=self.limits["size_limit"],
-                           max_record=self.limits["max_record"])
+            return Spool(path, memory_limit=0, size_limit=self.limits["size_limit"],
+                         max_record=self.limits["max_record"], must_open=True)
         except SpoolBusy:
             return None  # its hub still runs, or another hub took it first
-        if not orphan.durable:
-            self._report(path, f"cannot take over {path.name} yet: {orphan.not_durable_reason}")
+        except OSError as e:
+            self._report(path, f"cannot take over {path.name} yet: {e}")
             return None
-        return orphan
 
     def _report(self, path: Path, message: str) -> None:
         if self._reported.get(path) != message:
