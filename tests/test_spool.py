@@ -19,7 +19,7 @@ import dcod
 from conftest import wait_for
 from dcod.hub.spool import FILE_HEADER, MAGIC, RECORD_HEADER, Spool, SpoolBusy, SpoolDir, SpoolFull
 from mounts import fill, remount, tmpfs
-from peers import OracleSession, WorkerPeer, read_pdu, reply_pdu, request_pdu, send_all
+from peers import OracleSession, WorkerPeer, read_pdu, reply_pdu, send_all
 
 
 def open_spool(path, memory_limit=1 << 20, size_limit=1 << 30):

@@ -427,7 +427,7 @@ class Spool:
         try:
             written = os.pwrite(self._fd, data, offset)
             if written != len(data):
-                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (short write, {written} of {len(data)} bytes)")
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (wrote {written} of {len(data)} bytes)")
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, offset)  # back to the last whole record: shrinking needs no space
