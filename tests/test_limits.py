@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 
 from conftest import wait_for
 from dcod.hub.spool import Spool
+from mounts import remount, tmpfs
 from peers import OracleSession, WorkerPeer, closed_by_peer, open_raw, read_pdu, reply_pdu, request_pdu, send_all
 
 ECHO1 = '[[proxy]]\nid = 1\nhandler = "echo"\n'
@@ -69,29 +67,47 @@ async def test_a_peer_stalling_before_a_whole_pdu_is_closed(make_config, start_h
     assert hub.totals["stalled"] == 1
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs to fill needs root")
-async def test_disk_full_while_spooling_refuses_and_corrupts_nothing(make_config, start_hub, tmp_path):
-    state = tmp_path / "tiny"
-    state.mkdir()
-    subprocess.run(["mount", "-n", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(state)], check=True)
-    try:
-        hub, address = await start_hub(make_config(ECHO1, state_dir=state))  # no worker: all queues
+async def test_a_full_disk_holds_requests_in_memory_then_refuses_and_corrupts_nothing(make_config, start_hub, tmp_path):
+    with tmpfs(tmp_path / "tiny") as state:
+        # No worker: everything queues. 16 KiB of memory for what the disk cannot take.
+        hub, address = await start_hub(make_config(ECHO1, state_dir=state, queue_memory=16384))
         session = await OracleSession.connect(address, audsid=8)
         body = b"q" * 4000
-        counters = hub.proxies[1].counters
-        for rseq in range(1, 40):  # 40 x 4 KB cannot fit in 64 KB
+        proxy = hub.proxies[1]
+        for rseq in range(1, 40):  # 40 x 4 KB fit neither in 64 KB of disk nor in 16 KB of memory
             await session.send(1, rseq, body)
-            await wait_for(lambda: counters.requests == rseq)
-            if counters.refused:
+            await wait_for(lambda: proxy.counters.requests == rseq)
+            if proxy.counters.refused:
                 break
         length, _, refused, text = await session.read()
-        assert length < 0 and text.startswith(b"DCO-0004 ") and counters.refused == 1
-        assert len(hub.proxies[1].spool) == refused - 1
-        # The file is whole: a copy opened as the next hub would open it holds every accepted record.
+        assert length < 0 and text.startswith(b"DCO-0004 ") and proxy.counters.refused == 1
+        spool = proxy.spool
+        assert not spool.durable and "No space left" in spool.not_durable_reason
+        assert len(spool) == refused - 1 and 0 < spool.memory_only <= 4
+        # The file is whole: a copy opened as the next hub would open it holds every record written.
         copy = tmp_path / "copy.spool"
-        copy.write_bytes(hub.proxies[1].spool.path.read_bytes())
+        copy.write_bytes(spool.path.read_bytes())
         again = Spool(copy, memory_limit=1 << 20, size_limit=1 << 30, max_record=1 << 20)
-        assert (again.recovered, again.torn_bytes) == (refused - 1, 0)
+        assert (again.recovered, again.torn_bytes, again.damaged_ranges) == (refused - 1 - spool.memory_only, 0, 0)
         assert all(pdu[12:] == body for _, pdu in again.scan())
-    finally:
-        subprocess.run(["umount", "-n", "-l", str(state)])
+        # Held in memory or on disk, they go out in order once a worker is there.
+        worker = await WorkerPeer(str(hub.config.worker_socket(1, 0))).listen()
+        hub_side = await worker.accept()
+        assert [(await read_pdu(hub_side))[2] for _ in range(refused - 1)] == list(range(1, refused))
+
+
+async def test_a_read_only_state_directory_does_not_stop_the_hub(make_config, start_hub, tmp_path):
+    with tmpfs(tmp_path / "ro") as state:
+        remount(state, "ro")
+        config = make_config(ECHO1, state_dir=state)
+        hub, address = await start_hub(config)
+        assert not hub.proxies[1].spool.durable
+        session = await OracleSession.connect(address, audsid=9)
+        await session.send(1, 1, b"queued in memory", oneway=True)
+        await session.send(1, 2, b"queued in memory too")
+        await wait_for(lambda: len(hub.proxies[1].spool) == 2)
+        worker = await WorkerPeer(str(config.worker_socket(1, 0))).listen()
+        hub_side = await worker.accept()
+        assert [(await read_pdu(hub_side))[2] for _ in range(2)] == [1, 2]
+        await send_all(hub_side, reply_pdu(9, 2, b"answered"))
+        assert await session.read() == (20, 9, 2, b"answered")
