@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 import trio
 
 from conftest import free_port, wait_for
+from dcod.client import Session
 from kext_call import ExtHub, KExtCall, OracleError, exthub
 from runs import ECHO
 from test_rollout import dcod_async, handler_module, slow_echo  # noqa: F401 (fixtures)
@@ -171,10 +173,10 @@ async def test_unknown_proxy_then_good_calls(run):
     await in_thread(unknown_proxy_then_good_calls, r.config.hub.advertise)
 
 
-@pytest.mark.skipif(NODE is None, reason="node (Node.js) not found on PATH: Noradle's hub stand-in needs it")
-def test_unknown_proxy_then_good_calls_on_noradles_hub(make_config, tmp_path):
-    """The reference: Noradle's hub drops the request, the session's timeout decides, the 50 come back."""
-    make_config('[[proxy]]\nid = 1\nhandler = "echo"\n')
+@contextlib.contextmanager
+def noradle_hub(tmp_path: Path):
+    """The Node.js stand-in for Noradle's hub, its proxy 1 a dcod echo worker (configured in
+    tmp_path/dcod.toml); yields the hub's host:port once it is connected to the worker."""
     port = free_port()
     logs = tmp_path / "noradle.log"
     with contextlib.ExitStack() as stack:
@@ -195,7 +197,28 @@ def test_unknown_proxy_then_good_calls_on_noradles_hub(make_config, tmp_path):
                 break
         else:
             raise AssertionError(f"Noradle's hub ended: {events}\n{logs.read_text()}")
-        unknown_proxy_then_good_calls(f"127.0.0.1:{events['listening']['port']}")
+        yield f"127.0.0.1:{events['listening']['port']}"
+
+
+needs_node = pytest.mark.skipif(NODE is None, reason="node (Node.js) not found on PATH: Noradle's hub stand-in needs it")
+
+
+@needs_node
+def test_unknown_proxy_then_good_calls_on_noradles_hub(make_config, tmp_path):
+    """The reference: Noradle's hub drops the request, the session's timeout decides, the 50 come back."""
+    make_config('[[proxy]]\nid = 1\nhandler = "echo"\n')
+    with noradle_hub(tmp_path) as address:
+        unknown_proxy_then_good_calls(address)
+
+
+@needs_node
+async def test_dcods_client_announcing_its_capabilities_works_on_noradles_hub(make_config, tmp_path):
+    make_config('[[proxy]]\nid = 1\nhandler = "echo"\n')
+    with contextlib.ExitStack() as stack:
+        address = await in_thread(stack.enter_context, noradle_hub(tmp_path))
+        async with Session(address, audsid=6006, serial=os.getpid()) as session:
+            for n in range(20):
+                assert await session.call_sync(1, b"call %d" % n, timeout=REPLY_WAIT) == b"call %d" % n
 
 
 @PHASE2
