@@ -11,6 +11,7 @@ stops); they turn green with the fixes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -79,36 +80,48 @@ class Sessions:
         self.unanswered: list[str] = []  # read_response returned false
         self.failed: list[str] = []  # an Oracle error
         self.sessions: list[KExtCall] = []
-        self._stop = threading.Event()
+        self._stopping = trio.Event()
+        self._stop = threading.Event()  # what the threads look at
         self._changed = threading.Condition()
+        self._done = trio.Event()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Until stop(); started once every session is connected."""
+        """Until stop() or cancelled; started once every session is connected."""
         async with trio.open_nursery() as nursery:
-            for n in range(self.count):
-                self.sessions.append(await in_thread(lambda: KExtCall(
-                    self.exthubs, audsid=900 + n, alert_file=self.alert_file, retry_interval=RETRY)))
+            nursery.start_soon(self._stop_threads)
+            for audsid in range(900, 900 + self.count):
+                self.sessions.append(await in_thread(functools.partial(
+                    KExtCall, self.exthubs, audsid=audsid, alert_file=self.alert_file, retry_interval=RETRY)))
             for session in self.sessions:
                 nursery.start_soon(in_thread, self._calls, session)
             task_status.started()
+        self._done.set()
+
+    async def _stop_threads(self) -> None:
+        try:
+            await self._stopping.wait()
+        finally:  # also when a failed test cancels us: the threads cannot be cancelled
+            self._stop.set()
 
     def _calls(self, session: KExtCall) -> None:
         number = 0
-        while not self._stop.is_set():
-            number += 1
-            body = b"%d:%d" % (session.audsid, number)
-            try:
-                reply = session.call(1, body, REPLY_WAIT)
-            except OracleError as e:
-                self._note(self.failed, f"audsid {session.audsid} call {number}: {e}")
-                return
-            if reply is None:
-                self._note(self.unanswered, f"audsid {session.audsid} call {number}")
-            elif reply != body:
-                self._note(self.wrong, f"audsid {session.audsid} call {number}: {reply[:40]!r}")
-            else:
-                self._note(None, "")
-        session.close()
+        try:
+            while not self._stop.is_set():
+                number += 1
+                body = b"%d:%d" % (session.audsid, number)
+                try:
+                    reply = session.call(1, body, REPLY_WAIT)
+                except OracleError as e:
+                    self._note(self.failed, f"audsid {session.audsid} call {number}: {e}")
+                    return
+                if reply is None:
+                    self._note(self.unanswered, f"audsid {session.audsid} call {number}")
+                elif reply != body:
+                    self._note(self.wrong, f"audsid {session.audsid} call {number}: {reply[:40]!r}")
+                else:
+                    self._note(None, "")
+        finally:
+            session.close()
 
     def _note(self, outcome: list[str] | None, text: str) -> None:
         with self._changed:
@@ -127,8 +140,10 @@ class Sessions:
         await in_thread(wait)
         assert not self.failed, self.failed
 
-    def stop(self) -> None:
-        self._stop.set()
+    async def stop(self) -> None:
+        """Let each session finish its call, and wait for them."""
+        self._stopping.set()
+        await self._done.wait()
 
     def check(self) -> None:
         assert (self.failed, self.wrong, self.unanswered) == ([], [], [])
@@ -267,7 +282,7 @@ async def test_rolling_reload_under_16_sessions_through_the_quit_alert(run, nurs
     result = await dcod_async(r.config, "reload")
     assert result.returncode == 0, result.stdout + result.stderr
     await load.progress(400)
-    load.stop()
+    await load.stop()
     load.check()
     # Each session heard the alert (its hub's host:port), read what it was owed and reconnected.
     assert all("quit alert" in s.reconnects for s in load.sessions), [s.reconnects for s in load.sessions]
@@ -291,7 +306,7 @@ async def test_one_of_two_hubs_stopped_under_load_its_sessions_move_to_the_other
     await load.progress(200)
     assert await in_thread(first.stop) == 0
     await load.progress(400)
-    load.stop()
+    await load.stop()
     load.check()
     assert {s.hub for s in load.sessions} == {second.config.hub.advertise}
 
