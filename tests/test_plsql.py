@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ import trio
 
 from conftest import free_port, wait_for
 from dcod.client import Session
-from kext_call import ExtHub, KExtCall, OracleError, exthub
+from kext_call import ExtHub, KExtCall, OracleError, exthub, oracle_floor, oracle_mod
 from runs import ECHO
 from test_rollout import dcod_async, handler_module, slow_echo  # noqa: F401 (fixtures)
 
@@ -158,6 +159,21 @@ async def started(run, proxies: str = ECHO, **hub):
 # ---------------------------------------------------------------- the client's basic patterns
 
 
+def test_the_stand_in_reads_as_the_plsql_does(tmp_path):
+    # An error reply's v_len is negative: FLOOR gives no 8132-byte piece, MOD (the dividend's sign) no rest.
+    assert (oracle_floor(-20, 8132), oracle_mod(-20, 8132)) == (-1, -20)
+    assert (oracle_floor(2 * 8132 + 1, 8132), oracle_mod(2 * 8132 + 1, 8132)) == (2, 1)
+    # A quit alert whose message (a hub.advertise) is over 30 bytes fails the flush: hence the config check.
+    alert_file = tmp_path / "Noradle-DCO-EXTHUB-QUIT"
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        session = KExtCall([ExtHub("127.0.0.1", listener.getsockname()[1], 1)], audsid=1, alert_file=alert_file)
+        alert_file.write_text(f"1 {'h' * 26}:1523\n")
+        session.send_request(1, b"", buffered=True)
+        with pytest.raises(OracleError, match="ORA-06502"):
+            session.flush()
+        session.close()
+
+
 async def test_300_buffered_requests_one_flush(run):
     r = await started(run)
 
@@ -195,17 +211,18 @@ def noradle_hub(tmp_path: Path):
     port = free_port()
     logs = tmp_path / "noradle.log"
     with contextlib.ExitStack() as stack:
-        children = []
-        for argv in ([sys.executable, "-m", "dcod", "worker", "--config", str(tmp_path / "dcod.toml"), "--proxy", "1",
-                      "--listen", f"127.0.0.1:{port}"],
-                     [NODE, str(EXT_HUB), "0", f"1=127.0.0.1:{port}"]):
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        def start(argv: list[str], stdout: int) -> subprocess.Popen:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout,
                                      stderr=stack.enter_context(open(logs, "ab")), text=True)
             stack.callback(child.wait)
             stack.callback(child.kill)
-            children.append(child)
+            return child
+
+        start([sys.executable, "-m", "dcod", "worker", "--config", str(tmp_path / "dcod.toml"), "--proxy", "1",
+               "--listen", f"127.0.0.1:{port}"], subprocess.DEVNULL)
+        hub = start([NODE, str(EXT_HUB), "0", f"1=127.0.0.1:{port}"], subprocess.PIPE)
         events = {}
-        for line in children[1].stdout:  # the hub's events, one JSON object a line
+        for line in hub.stdout:  # its events, one JSON object a line
             event = json.loads(line)
             events[event["event"]] = event
             if "listening" in events and "worker_connected" in events:
@@ -215,7 +232,7 @@ def noradle_hub(tmp_path: Path):
         yield f"127.0.0.1:{events['listening']['port']}"
 
 
-needs_node = pytest.mark.skipif(NODE is None, reason="node (Node.js) not found on PATH: Noradle's hub stand-in needs it")
+needs_node = pytest.mark.skipif(NODE is None, reason="node (Node.js) not on PATH: Noradle's hub stand-in needs it")
 
 
 @needs_node
