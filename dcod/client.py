@@ -1,7 +1,8 @@
 """The Oracle side of DCO: a session that talks to the ext-hub as the PL/SQL ``dco`` package does.
 
 A Session is one Oracle session (DESIGN §6): one connection to a hub, the first of its list
-that answers; the 16-byte handshake; a request counter (rseq) that starts at 1 and is never
+that answers; the 16-byte handshake, announcing that it understands error replies (the
+capability word in the sid field: dcod.protocol); a request counter (rseq) that starts at 1 and is never
 reset, not even by a reconnect; requests built with ``write``/``line`` and sent at once or
 queued until ``flush``; and a reply cache, so replies can be read in any order. Before every
 send it checks the quit alert (DESIGN §5): when the alert names its hub, it first reads the
@@ -103,7 +104,8 @@ class Session:
 
     ``hubs`` are tried in order ("host:port" or a Unix socket path). ``drain_timeout`` bounds
     the wait for a quitting hub's last replies, ``reconnect_timeout`` the retries of the hub
-    list after a quit alert or a lost connection.
+    list after a quit alert or a lost connection. The handshake's sid field carries the
+    session's capabilities; ``serial`` is free to identify it (``dcod call`` sends its pid).
     """
 
     def __init__(
@@ -111,7 +113,6 @@ class Session:
         hubs: list[str] | str,
         *,
         audsid: int,
-        sid: int = 0,
         serial: int = 0,
         alert_file: Path | None = None,
         max_pdu: int = protocol.DEFAULT_MAX_PDU,
@@ -122,7 +123,6 @@ class Session:
         if not self.hubs:
             raise ValueError("a session needs at least one hub address")
         self.audsid = audsid
-        self.sid = sid
         self.serial = serial
         self.max_pdu = max_pdu
         self.drain_timeout = drain_timeout
@@ -323,7 +323,7 @@ class Session:
                     continue
                 conn = Connection(sock, address)
                 self._conn, self.address = conn, address
-                conn.send(protocol.oracle_handshake(self.sid, self.serial, self.audsid))
+                conn.send(protocol.client_handshake(self.audsid, self.serial))
                 self._nursery.start_soon(self._write, conn)
                 self._nursery.start_soon(self._read, conn)
                 return
@@ -405,7 +405,7 @@ async def call(config: Config, proxy_id: int, text: str, *, oneway: bool = False
     Returns the exit status: 0 done, 1 an error reply or no reply in time, 2 no hub reached.
     """
     # A random audsid: this session must not collide with another one on the hub.
-    session = Session(hub or config.hub.advertise, audsid=random.randrange(1, 1 << 32), sid=os.getpid(),
+    session = Session(hub or config.hub.advertise, audsid=random.randrange(1, 1 << 32), serial=os.getpid(),
                       alert_file=config.alert_file, max_pdu=config.hub.max_pdu)
     try:
         async with session:

@@ -137,6 +137,9 @@ def _default_dir(systemd_var: str, system_dir: str, user_dir: str) -> str:
     return system_dir if os.geteuid() == 0 else user_dir
 
 
+ALERT_MESSAGE_MAX = 30  # bytes: Noradle's PL/SQL (k_ext_call) keeps the quit alert's message in a VARCHAR2(30)
+
+
 def _user_runtime() -> str:
     base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/dcod-{os.getuid()}"
     return os.path.join(base, "dcod") if os.environ.get("XDG_RUNTIME_DIR") else base
@@ -288,6 +291,10 @@ class _Validator:
     def check(self, hub: HubConfig, sup: SupervisorConfig, proxies: tuple[ProxyConfig, ...]) -> None:
         self.address("hub.listen", hub.listen)
         self.address("hub.advertise", hub.advertise)
+        if len(hub.advertise.encode()) > ALERT_MESSAGE_MAX:
+            raise self.fail("hub.advertise", f"must be at most {ALERT_MESSAGE_MAX} bytes, not "
+                            f"{len(hub.advertise.encode())} ({hub.advertise!r}): Noradle's PL/SQL keeps the quit "
+                            f"alert's message in a VARCHAR2({ALERT_MESSAGE_MAX}) and fails on a longer one")
         for net in hub.allow:
             try:
                 ipaddress.ip_network(net, strict=False)

@@ -5,6 +5,26 @@ Every integer on the wire is a big-endian int32. A PDU is a 12-byte header
 carries meaning (negative: a one-way request, or an error reply). ``field2`` is the
 proxy id in a request from Oracle and the session's audsid everywhere after the hub.
 The audsid travels as the same four bytes it arrived in; we read it unsigned.
+
+Capabilities (issue 15). Noradle's PL/SQL client (k_ext_call) cannot parse an error reply: it
+reads ``length - 12`` body bytes, none for a negative length, so the error's text stays in the
+stream and its next read takes it for a header. A session therefore says at connect what it
+understands beyond Noradle's protocol, and the hub sends error replies only to one that said so.
+The handshake is unchanged (16 bytes, magic 197610262) except the sid field, which a session
+with capabilities fills with a capability word: ``0xDC0D`` in the high 16 bits, flags in the
+low 16 (``CAP_ERROR_REPLIES``, bit 0: error replies, negative length and "DCO-nnnn" text).
+
+- Not a magic of our own: the protocol has no handshake reply, so a client learns that a hub
+  refused its magic only when the hub closes the connection, as Noradle's hub does (its first
+  chunk must start with 197610262) and dcod's did before this. Falling back would mean waiting
+  for a close that may never come before sending anything, and losing whatever went with the
+  refused handshake; an acknowledgement from the hub would cost a round trip per connect.
+- The sid field: hubs route by audsid and use neither sid nor serial (Noradle's hub reads only
+  the magic and the audsid), so a dcod client works unchanged on Noradle's hub and on older dcod
+  hubs (which send error replies to everyone, as before). An Oracle SID is a positive number
+  far below 2**31: a word with the top bit set never comes from k_ext_call, so every PL/SQL
+  session is known for one. A hub ignores flags it does not know; later capabilities take the
+  next bits, and nothing is negotiated: the hub uses only those both sides know.
 """
 
 from __future__ import annotations
@@ -16,7 +36,7 @@ ORACLE_MAGIC = 197610262  # first int of the 16-byte handshake Oracle -> hub
 HUB_MAGIC = 197610263  # the 4-byte handshake hub -> worker
 HEADER_SIZE = 12
 
-ORACLE_HANDSHAKE = struct.Struct(">iiiI")  # magic, sid, serial, audsid
+ORACLE_HANDSHAKE = struct.Struct(">iiiI")  # magic, sid (or a capability word), serial, audsid
 HUB_HANDSHAKE = struct.pack(">i", HUB_MAGIC)
 REQUEST_HEADER = struct.Struct(">iii")  # length, proxy_id, rseq (from Oracle)
 ROUTED_HEADER = struct.Struct(">iIi")  # length, audsid, rseq (hub <-> worker, hub -> Oracle)
@@ -37,6 +57,10 @@ NORADLE_QUIT_LENGTH = 6
 ACK_ONEWAY = ROUTED_HEADER.pack(HEADER_SIZE, 0, -1)
 
 DEFAULT_MAX_PDU = 16 * 1024 * 1024
+
+CAPABILITY_MARK = 0xDC0D  # the high 16 bits of the sid field of a session that announces capabilities
+CAP_ERROR_REPLIES = 0x0001  # it parses error replies
+CLIENT_CAPABILITIES = CAP_ERROR_REPLIES  # what dcod's client (dcod call, dcod bench) understands
 
 
 class ProtocolError(Exception):
@@ -59,7 +83,26 @@ class ErrorCode(enum.IntEnum):
 
 
 def oracle_handshake(sid: int, serial: int, audsid: int) -> bytes:
+    """The handshake as Oracle's PL/SQL sends it: no capabilities."""
     return ORACLE_HANDSHAKE.pack(ORACLE_MAGIC, sid, serial, audsid)
+
+
+def capability_word(capabilities: int) -> int:
+    """The sid field (a signed int32) that announces ``capabilities``."""
+    if not 0 <= capabilities <= 0xFFFF:
+        raise ValueError(f"capabilities must fit in 16 bits, not {capabilities:#x}")
+    return ((CAPABILITY_MARK << 16) | capabilities) - (1 << 32)
+
+
+def client_handshake(audsid: int, serial: int = 0, capabilities: int = CLIENT_CAPABILITIES) -> bytes:
+    """The handshake of a session that announces ``capabilities`` (dcod's client)."""
+    return ORACLE_HANDSHAKE.pack(ORACLE_MAGIC, capability_word(capabilities), serial, audsid)
+
+
+def capabilities(sid: int) -> int:
+    """The capabilities a handshake's sid field announces: 0 for an Oracle session's SID."""
+    word = sid & 0xFFFFFFFF
+    return word & 0xFFFF if word >> 16 == CAPABILITY_MARK else 0
 
 
 def request(proxy_id: int, rseq: int, body: bytes, *, oneway: bool = False) -> bytes:

@@ -25,10 +25,12 @@ def free_port() -> int:
 
 @pytest.fixture
 def make_config(tmp_path: Path):
-    """make_config(proxies_toml, **hub_keys) -> Config with runtime/state dirs under tmp_path."""
+    """make_config(proxies_toml, **hub_keys) -> Config with runtime/state dirs under tmp_path (or
+    ``directory``, for a second service in the same test)."""
 
     def make(proxies: str = "", *, supervisor: str = "", state_dir: Path | None = None,
-             **hub) -> configuration.Config:
+             directory: Path | None = None, **hub) -> configuration.Config:
+        base = directory or tmp_path
         port = free_port()
         hub_lines = "\n".join(f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{k} = {v}"
                               for k, v in hub.items())
@@ -38,13 +40,13 @@ def make_config(tmp_path: Path):
             advertise = "127.0.0.1:{port}"
             {hub_lines}
             [supervisor]
-            runtime_dir = "{tmp_path / 'run'}"
-            state_dir = "{state_dir or tmp_path / 'state'}"
+            runtime_dir = "{base / 'run'}"
+            state_dir = "{state_dir or base / 'state'}"
             {supervisor}
             """) + textwrap.dedent(proxies)
-        path = tmp_path / "dcod.toml"
+        (base / "run").mkdir(parents=True, exist_ok=True)
+        path = base / "dcod.toml"
         path.write_text(text)
-        (tmp_path / "run").mkdir(exist_ok=True)
         return configuration.load(path)
 
     return make
@@ -74,7 +76,7 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:
 
 @pytest.fixture
 def run(make_config, tmp_path):
-    """run(proxies_toml, listen_socket=None, **hub_keys) -> a started `dcod run` (Run); killed at the end."""
+    """run(proxies_toml, listen_socket=None, **make_config_keys) -> a started `dcod run` (Run); killed at the end."""
     runs = []
 
     def start(proxies=ECHO, listen_socket=None, **kw):

@@ -22,7 +22,8 @@ from dcod.config import AlertConfig, Config
 
 ORACLE_MAGIC = 197610262
 AUDSID = 3_000_000_001  # above 2**31: the audsid travels unsigned
-SID, SERIAL = 17, 4242
+ERROR_REPLIES = 0xDC0D0001  # the handshake's sid field: "I parse error replies" (issue 15)
+SERIAL = 4242
 DEADLINE = 5.0  # no test may hang: each session block fails after this
 
 
@@ -65,8 +66,8 @@ class Peer:
             await self._changed.wait()
 
     async def handshake(self) -> tuple[int, int, int, int]:
-        """(magic, sid, serial, audsid)."""
-        magic, sid, serial, self.audsid = struct.unpack(">iiiI", await self.take(16))
+        """(magic, sid field read unsigned, serial, audsid)."""
+        magic, sid, serial, self.audsid = struct.unpack(">iIiI", await self.take(16))
         return magic, sid, serial, self.audsid
 
     async def request(self) -> tuple[int, int, int, bytes]:
@@ -150,14 +151,14 @@ def refused_address() -> str:
 @contextlib.asynccontextmanager
 async def open_session(hubs, alert_file: Path, **options):
     with trio.fail_after(DEADLINE):
-        async with Session(hubs, audsid=AUDSID, sid=SID, serial=SERIAL, alert_file=alert_file, **options) as session:
+        async with Session(hubs, audsid=AUDSID, serial=SERIAL, alert_file=alert_file, **options) as session:
             yield session
 
 
-async def test_handshake_is_magic_sid_serial_audsid(fake_hub, alert_file):
+async def test_handshake_is_magic_capabilities_serial_audsid(fake_hub, alert_file):
     async with open_session(fake_hub.address, alert_file):
         peer = await fake_hub.connection()
-        expected = bytes.fromhex("0bc74b16") + struct.pack(">iiI", SID, SERIAL, AUDSID)
+        expected = bytes.fromhex("0bc74b16") + struct.pack(">IiI", ERROR_REPLIES, SERIAL, AUDSID)
         assert await peer.take(16) == expected
 
 
@@ -286,7 +287,7 @@ async def test_quit_alert_reads_owed_replies_then_moves_to_the_next_hub(make_fak
 
         await old_peer.closed()
         new_peer = await new.connection()
-        assert await new_peer.handshake() == (ORACLE_MAGIC, SID, SERIAL, AUDSID)
+        assert await new_peer.handshake() == (ORACLE_MAGIC, ERROR_REPLIES, SERIAL, AUDSID)
         assert await new_peer.request() == (17, 1, 2, b"after")
         assert session.address == new.address
         assert await session.read_response(1) == b"owed"
@@ -384,15 +385,19 @@ async def test_call_prints_the_reply(fake_hub, nursery, tmp_path, capsys, body, 
     assert capsys.readouterr() == (printed, "")
 
 
-async def test_call_reports_an_error_reply(fake_hub, nursery, tmp_path, capsys):
+async def test_call_announces_error_replies_and_reports_one(fake_hub, nursery, tmp_path, capsys):
+    handshakes = []
+
     async def refuse():
-        peer = await fake_hub.accept()
+        peer = await fake_hub.connection()
+        handshakes.append(await peer.handshake())
         await peer.request()
         await peer.reply(1, b"DCO-0001 unknown proxy 4", error=True)
 
     nursery.start_soon(refuse)
     assert await call(config_with_alerts_in(tmp_path), 4, "ping", hub=fake_hub.address, timeout=DEADLINE) == 1
     assert capsys.readouterr() == ("", "dcod call: DCO-0001 unknown proxy 4\n")
+    assert [h[:3] for h in handshakes] == [(ORACLE_MAGIC, ERROR_REPLIES, os.getpid())]
 
 
 async def test_call_oneway_returns_at_once(fake_hub, tmp_path, capsys):

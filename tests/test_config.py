@@ -33,6 +33,9 @@ def test_conf_file_is_the_builtin_default():
      "proxy[1].id: 1 is already proxy[0]"),
     ("[supervisor]\nheartbeat_timeout = 0.1\n", "supervisor.heartbeat_timeout: must be longer"),
     ("[hub\n", "not valid TOML"),
+    # Noradle's PL/SQL keeps the quit alert's message (hub.advertise) in a VARCHAR2(30).
+    ("[hub]\nadvertise = \"dco-hub-1.prod.example.com:1523\"\n",
+     "hub.advertise: must be at most 30 bytes, not 31 ('dco-hub-1.prod.example.com:1523'): Noradle's PL/SQL"),
 ])
 def test_invalid_config_names_file_key_and_reason(tmp_path, text, message):
     path = tmp_path / "bad.toml"
@@ -41,6 +44,15 @@ def test_invalid_config_names_file_key_and_reason(tmp_path, text, message):
         config.load(path)
     assert str(e.value).startswith(f"{path}: ")
     assert message in str(e.value)
+
+
+def test_advertise_and_alert_name_of_30_bytes_are_accepted(tmp_path, capsys):
+    path = tmp_path / "ok.toml"
+    path.write_text('[hub]\nadvertise = "dco-hub-1.prod.example.co:1523"\n'
+                    '[alert]\nname = "Noradle-DCO-EXTHUB-QUIT-\u00e9\u00e9\u00e9"\n')
+    loaded = config.load(path)
+    assert len(loaded.hub.advertise) == 30 and len(loaded.alert.name.encode()) == 30
+    assert cli.main(["config", "--check", "--config", str(path)]) == 0, capsys.readouterr().err
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
@@ -63,7 +75,12 @@ def test_config_check_refuses_what_an_alert_backend_refuses(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     for alert, message in [('backends = ["pager"]', "alert.backends: unknown backend 'pager'"),
                            ('backends = ["command"]', "alert.command: needed by the command backend"),
-                           ('backends = ["file", "oracle"]', "alert.oracle_dsn: needed by the oracle backend")]:
+                           ('backends = ["file", "oracle"]', "alert.oracle_dsn: needed by the oracle backend"),
+                           # DBMS_ALERT names are at most 30 bytes, whichever backends raise the alert.
+                           ('name = "Noradle-DCO-EXTHUB-QUIT-REGION2"', "alert.name: must be at most 30 bytes for "
+                                                                        "DBMS_ALERT, not 31"),
+                           ('name = "Noradle-DCO-EXTHUB-QUIT-\u00e9\u00e9\u00e9\u00e9"',
+                            "alert.name: must be at most 30 bytes for DBMS_ALERT, not 32")]:
         bad.write_text(f"[alert]\n{alert}\n")
         config.load(bad)  # the configuration itself is well-formed
         assert cli.main(["config", "--check", "--config", str(bad)]) == 1

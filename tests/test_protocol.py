@@ -29,6 +29,28 @@ def test_encoders_match_the_spec_layout():
         struct.pack(">iIi", -(12 + len(text)), 8, 4) + text
 
 
+def test_capabilities_ride_in_the_sid_field_of_noradles_handshake():
+    # Noradle's magic and layout; the sid field is 0xDC0D in its high half, the flags in its low half.
+    assert protocol.client_handshake(303, 202) == struct.pack(">iIiI", 197610262, 0xDC0D0001, 202, 303)
+    assert protocol.client_handshake(303, capabilities=0x8001) == struct.pack(">iIiI", 197610262, 0xDC0D8001, 0, 303)
+    with pytest.raises(ValueError):
+        protocol.capability_word(0x10000)
+
+
+@pytest.mark.parametrize("sid_field, announced", [
+    (0xDC0D0001, protocol.CAP_ERROR_REPLIES),
+    (0xDC0D8001, 0x8001),  # flags a hub does not know yet are kept (and ignored)
+    (0xDC0D0000, 0),
+    (0xDC0E0001, 0),  # not the mark
+    (0, 0), (17, 0), (0xFFFF, 0), (0xDC0D, 0), (0x7FFFFFFF, 0),  # an Oracle SID: positive, below 2**31
+])
+def test_capabilities_read_from_a_handshake(sid_field, announced):
+    handshake = struct.pack(">iIiI", 197610262, sid_field, 4242, 77)
+    magic, sid, serial, audsid = protocol.ORACLE_HANDSHAKE.unpack(handshake)
+    assert protocol.capabilities(sid) == announced
+    assert (magic, serial, audsid) == (protocol.ORACLE_MAGIC, 4242, 77)
+
+
 def test_every_split_point_gives_the_same_pdus():
     stream = HANDSHAKE + b"".join(pdus_by_hand([b"", b"x", b"hello world"]))
     for cut in range(len(stream) + 1):

@@ -646,7 +646,7 @@ async def run_load(plan: LoadPlan, pipe: multiprocessing.connection.Connection, 
     async with contextlib.AsyncExitStack() as stack:
         try:
             sessions = [await stack.enter_async_context(
-                Session(plan.hub, audsid=audsid, sid=os.getpid(), alert_file=plan.alert_file, max_pdu=plan.max_pdu))
+                Session(plan.hub, audsid=audsid, serial=os.getpid(), alert_file=plan.alert_file, max_pdu=plan.max_pdu))
                 for audsid in plan.audsids]
         except ClientError as e:
             pipe.send(("failed", str(e)))

@@ -36,6 +36,8 @@ __all__ = ["BACKENDS", "AlertFailed", "Alerter", "Backend", "check", "read_count
 
 log = logging.getLogger("dcod.supervisor.alert")
 
+ALERT_NAME_MAX = 30  # bytes: DBMS_ALERT's limit
+
 BACKENDS: dict[str, type[Backend]] = {backend.kind: backend for backend in (FileBackend, CommandBackend, OracleBackend)}
 
 
@@ -46,6 +48,10 @@ def check(config: Config) -> None:
     name = alert.name
     if not name or "/" in name or "\0" in name or name in (".", "..") or name != name.strip():
         raise invalid(config, "alert.name", f"must be a file name (no '/', no surrounding blanks), not {name!r}")
+    if len(name.encode()) > ALERT_NAME_MAX:
+        # Whichever backends raise it, Noradle's sessions wait on it with DBMS_ALERT.
+        raise invalid(config, "alert.name", f"must be at most {ALERT_NAME_MAX} bytes for DBMS_ALERT, not "
+                      f"{len(name.encode())} ({name!r})")
     known = ", ".join(BACKENDS)
     if not alert.backends:
         raise invalid(config, "alert.backends", f"needs at least one of {known}")

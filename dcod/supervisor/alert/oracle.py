@@ -23,7 +23,6 @@ from dcod.supervisor.alert.base import AlertFailed, Backend, invalid
 log = logging.getLogger("dcod.supervisor.alert")
 
 ORACLEDB_MISSING = "the oracle backend needs python-oracledb, which is not installed (pip install 'dcod[oracle]')"
-ALERT_NAME_MAX = 30  # bytes: DBMS_ALERT's limit
 
 
 def credential_name(password_file: str) -> str | None:
@@ -85,8 +84,6 @@ class OracleBackend(Backend):
             if not getattr(alert, key):
                 raise invalid(config, f"alert.{key}", "needed by the oracle backend")
         name = alert.name
-        if len(name.encode()) > ALERT_NAME_MAX:
-            raise invalid(config, "alert.name", f"must be at most {ALERT_NAME_MAX} bytes for DBMS_ALERT, not {name!r}")
         if name.upper().startswith("ORA$"):
             raise invalid(config, "alert.name", f"names starting with ORA$ are reserved by Oracle, not {name!r}")
         credential = credential_name(alert.oracle_password_file)
