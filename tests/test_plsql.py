@@ -4,8 +4,7 @@ hub (tests/noradle/ext_hub.js).
 
 Nothing dcod sends may break that client, and replies never cross sessions. The tests marked
 PHASE2 fail today because of the hub (error replies the PL/SQL cannot parse, replies routed by
-audsid), PHASE2_SUPERVISOR because of the supervisor (it keeps its listening socket open while it
-stops); they turn green with the fixes.
+audsid); they turn green with the fixes.
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ from runs import ECHO
 from test_rollout import dcod_async, handler_module, slow_echo  # noqa: F401 (fixtures)
 
 PHASE2 = pytest.mark.xfail(strict=True, reason="issue 15: hub fix in phase 2")
-PHASE2_SUPERVISOR = pytest.mark.xfail(strict=True, reason="issue 15: a stopping supervisor keeps accepting on its "
-                                      "listening socket (phase 2)")
 NODE = shutil.which("node")
 EXT_HUB = Path(__file__).parent / "noradle" / "ext_hub.js"
 REPLY_WAIT = 11.0  # the timeout each read_response gets, as an application would pass it
@@ -305,11 +302,10 @@ async def test_rolling_reload_under_16_sessions_through_the_quit_alert(run, nurs
     assert all("quit alert" in s.reconnects for s in load.sessions), [s.reconnects for s in load.sessions]
 
 
-@PHASE2_SUPERVISOR
 async def test_one_of_two_hubs_stopped_under_load_its_sessions_move_to_the_other(run, nursery, tmp_path):
-    # Fails today: the first hub's supervisor keeps its listening socket open while it stops, so the
-    # sessions that follow the alert reconnect to the first row again (the kernel accepts them into
-    # a backlog nobody serves) and are reset when it exits (ORA-29260), never reaching the second.
+    # The stopping supervisor must let go of its listening socket: else the sessions that follow the
+    # alert reconnect to the first row again (the kernel accepts them into a backlog nobody serves)
+    # and are reset when it exits (ORA-29260), never reaching the second.
     # Two services, one DBMS_ALERT: both raise the same alert, each with its own host:port.
     alerts = f'[alert]\ndir = "{tmp_path / "alerts"}"\n'
     first = run(alerts + ECHO, directory=tmp_path / "first")

@@ -204,6 +204,11 @@ class Supervisor:
             self._rollout.cancel()  # no new generation may start now
         for hub in self.hub.alive:
             hub.retiring = True  # it may drain and exit before we wait for it: planned
+        # No generation starts from now on: our copy of the listening socket would only keep the
+        # kernel accepting sessions that the alert sends elsewhere into a backlog nobody serves.
+        # (Under systemd the socket unit holds it too, and starts the service again on the next
+        # connection: stop dco-hub.socket to take a host out of rotation.)
+        self.hub_listener.close()
         exits = await drain_hubs(self.hub.alive, functools.partial(self.alerter.signal, self.config.hub.advertise),
                                  self.config.supervisor)
         if self.hub.process in exits:  # Slot._watch reports the end of older generations
