@@ -49,7 +49,7 @@ async def test_sync_requests_past_the_session_limit_get_an_error_reply(make_conf
     assert (await session.read())[2] == 1
     await session.send(1, 5, b"room again")
     assert (await read_pdu(worker))[2] == 5
-    assert hub.totals["overloaded"] == 1
+    assert hub.router.totals["overloaded"] == 1
 
 
 @pytest.mark.parametrize("sent", [b"", b"\x0b\xc7\x4b\x16\x00\x00", "half a PDU"])
@@ -78,7 +78,7 @@ async def test_disk_full_while_spooling_refuses_and_corrupts_nothing(make_config
         hub, address = await start_hub(make_config(ECHO1, state_dir=state))  # no worker: all queues
         session = await OracleSession.connect(address, audsid=8)
         body = b"q" * 4000
-        counters = hub.proxies[1].counters
+        counters = hub.router.proxies[1].counters
         for rseq in range(1, 40):  # 40 x 4 KB cannot fit in 64 KB
             await session.send(1, rseq, body)
             await wait_for(lambda: counters.requests == rseq)
@@ -86,10 +86,10 @@ async def test_disk_full_while_spooling_refuses_and_corrupts_nothing(make_config
                 break
         length, _, refused, text = await session.read()
         assert length < 0 and text.startswith(b"DCO-0004 ") and counters.refused == 1
-        assert len(hub.proxies[1].spool) == refused - 1
+        assert len(hub.router.proxies[1].spool) == refused - 1
         # The file is whole: a copy opened as the next hub would open it holds every accepted record.
         copy = tmp_path / "copy.spool"
-        copy.write_bytes(hub.proxies[1].spool.path.read_bytes())
+        copy.write_bytes(hub.router.proxies[1].spool.path.read_bytes())
         again = Spool(copy, memory_limit=1 << 20, size_limit=1 << 30, max_record=1 << 20)
         assert (again.recovered, again.torn_bytes) == (refused - 1, 0)
         assert all(pdu[12:] == body for _, pdu in again.scan())
