@@ -123,7 +123,8 @@ async def test_least_outstanding_instance_first(hub_with_workers):
 
 async def test_ordered_proxy_keeps_a_session_on_one_instance(hub_with_workers):
     hub, address, sides = await hub_with_workers(proxies(instances=2, ordered=True))
-    await wait_for(lambda: hub.router.workers_connected() and all(i.state == "up" for i in hub.router.proxies[1].instances))
+    instances = hub.router.proxies[1].instances
+    await wait_for(lambda: hub.router.workers_connected() and all(i.state == "up" for i in instances))
     session = await OracleSession.connect(address, audsid=4)
     for rseq in range(1, 6):
         await session.send(1, rseq, b"n")

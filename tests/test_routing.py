@@ -102,7 +102,8 @@ def routed(audsid: int, rseq: int, oneway: bool = False) -> bytes:
 def make_proxy(proxy_id: int = 1, instances: int = 1, *, ordered: bool = False, handler: str = "echo",
                queue=None) -> Proxy:
     config = ProxyConfig(id=proxy_id, handler=handler, instances=instances, ordered=ordered)
-    return Proxy(config, [f"worker {proxy_id}#{i}" for i in range(instances)], MemoryQueue() if queue is None else queue)
+    addresses = [f"worker {proxy_id}#{i}" for i in range(instances)]
+    return Proxy(config, addresses, MemoryQueue() if queue is None else queue)
 
 
 class Hub:

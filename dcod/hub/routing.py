@@ -454,8 +454,8 @@ class Router:
         if instance.inflight:
             log.warning("worker %s went away with %d sync requests in flight; answering them with errors",
                         instance.name, len(instance.inflight))
-        proxy.counters.worker_lost += self.fail(
-            instance, ErrorCode.WORKER_LOST, f"worker {instance.name} of proxy {proxy.config.id} went away before replying")
+        detail = f"worker {instance.name} of proxy {proxy.config.id} went away before replying"
+        proxy.counters.worker_lost += self.fail(instance, ErrorCode.WORKER_LOST, detail)
 
     def fail(self, instance: Instance, code: ErrorCode, detail: str) -> int:
         """Answer the instance's sync requests in flight with errors; returns how many."""

@@ -67,11 +67,11 @@ class Hub:
                              reply_timeout=config.hub.reply_timeout, max_inflight=config.hub.max_inflight_per_session,
                              clock=clock, wake_pump=self._wake_pump)
         self.connections = 0
-        self.totals = collections.Counter()  # the shell's: protocol errors, refused connections... (and the router's)
+        self.totals = collections.Counter()  # the shell's (protocol errors, refused connections...); see stats()
         self.draining = False
         self.reactor: Reactor | None = None  # reads every session and worker connection; made by run()
-        self._incomplete: dict[Session, tuple[float, protocol.Framer]] = {}  # sessions mid-PDU or before their
-        # handshake: since when, and their framer
+        # Sessions mid-PDU or before their handshake: since when, and their framer.
+        self._incomplete: dict[Session, tuple[float, protocol.Framer]] = {}
         self._nursery: trio.Nursery | None = None
         self._listeners: list[socket.socket] = []
 
