@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -450,3 +452,9 @@ def test_workers_connected_once_every_proxy_has_an_instance_up():
     assert not hub.router.workers_connected()
     hub.up(0, 2)
     assert hub.router.workers_connected()
+
+
+def test_the_router_imports_no_io():
+    """Sans-IO stays so: importing the router brings in neither trio nor sockets."""
+    code = "import sys, dcod.hub.routing; print(sorted({'trio', 'socket', 'select'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

@@ -13,7 +13,8 @@ request, reply, dispatch, requeue, expire, hold...), passing the time where it m
 (``now``, or the ``clock`` given at construction). What the router sends it hands to
 outboxes: a session's or an instance's ``conn``, any object with ``send(bytes)`` (in the hub,
 a dcod.net.connection.Connection, whose send() only queues). The queue of a proxy is any
-object with append/peek/pop/commit/len (dcod.hub.spool.Spool in the hub).
+object with append/peek/pop/commit and a count of records (Queue; dcod.hub.spool.Spool in
+the hub, which the router's caller opens, syncs and closes).
 """
 
 from __future__ import annotations
