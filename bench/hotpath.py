@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""The hub's own cost per round trip, without the rest of the machine: the real Hub and Reactor
-driven one batch at a time over socket pairs, in one process.
+"""The hub's own cost per round trip, without the rest of the machine: the hub's Router and a
+Reactor driven one batch at a time over socket pairs, in one process.
 
     .venv/bin/python bench/hotpath.py                   # µs of hub time per round trip
     .venv/bin/python bench/hotpath.py --instructions    # instructions per round trip (valgrind)
@@ -10,11 +10,13 @@ generator, so its figures move with whatever else the machine does (they have mo
 factor of two from one day to the next). This measures only the hub's steps: SESSIONS sessions
 each send DEPTH requests in one write; the reactor serves one batch (read, frame, route, write
 to the workers); an echo peer returns every byte; the reactor serves the replies; the sessions
-read them. The time inside the reactor's batches is printed per round trip; the caches are
-warm, so it is a floor under what `dcod bench` shows. --instructions counts instructions
-instead, with valgrind, which do not depend on the machine's load at all: two runs of
-different lengths, the difference divided by the difference in round trips, so that start-up
-does not count. They include the sessions' and the echo peer's few socket calls.
+read them. The reactor's handlers frame what they read and hand the PDUs to the router, as
+the hub's do (without the hub's backpressure and stall checks, a few comparisons per read).
+The time inside the reactor's batches is printed per round trip; the caches are warm, so it
+is a floor under what `dcod bench` shows. --instructions counts instructions instead, with
+valgrind, which do not depend on the machine's load at all: two runs of different lengths,
+the difference divided by the difference in round trips, so that start-up does not count.
+They include the sessions' and the echo peer's few socket calls.
 
 Exit status 1 if a reply is missing.
 """
@@ -34,51 +36,67 @@ from pathlib import Path
 
 import trio
 
-from dcod import config as configuration
 from dcod import protocol
-from dcod.bench import bench_config
+from dcod.config import HubConfig, ProxyConfig
+from dcod.hub.routing import Instance, Proxy, Router, Session
+from dcod.hub.spool import Spool
 from dcod.net.connection import Connection
-from dcod.hub.server import Hub, Session
 from dcod.net.reactor import Reactor
 
 # Every write of a round is made before the hub reads, and the echo peer writes back a whole
 # round at once: it must fit in a socket pair's buffers (about 200 KiB each way).
 ROUND_LIMIT = 128 * 1024
+HUB = HubConfig()  # the hub's default tuning
 
 
-def make_hub(tmp: Path, instances: int) -> Hub:
-    """A hub configured as `dcod bench` configures its own: proxy 1, echo workers."""
-    hub = Hub(bench_config(configuration.load(None), tmp, tmp / "run", 1, instances))
-    hub.reactor = Reactor()
-    return hub
+def make_router(tmp: Path, instances: int) -> Router:
+    """A router configured as `dcod bench` configures its hub: proxy 1, echo workers, a spool in ``tmp``."""
+    config = ProxyConfig(id=1, name="echo", handler="echo", instances=instances)
+    spool = Spool(tmp / "proxy-1.spool", memory_limit=HUB.queue_memory, size_limit=HUB.spool_max,
+                  max_record=HUB.max_pdu)
+    proxy = Proxy(config, [f"echo {i}" for i in range(instances)], spool)
+    return Router([proxy], reply_timeout=HUB.reply_timeout, max_inflight=HUB.max_inflight_per_session)
 
 
 def describe(args: argparse.Namespace) -> str:
     return f"{args.sessions} sessions x {args.depth}, {args.size}-byte bodies, {args.instances} instances"
 
 
-def connect_workers(hub: Hub) -> list[socket.socket]:
+def on_session_data(router: Router, session: Session, framer: protocol.Framer, data: memoryview) -> None:
+    pdus = framer.feed(data)
+    if not session.registered and framer.preamble:
+        router.register(session, framer.preamble)
+    if pdus:
+        router.requests(session, pdus)
+
+
+def on_instance_data(router: Router, instance: Instance, framer: protocol.Framer, data: memoryview) -> None:
+    for pdu in framer.feed(data):
+        router.reply(instance, pdu)
+
+
+def connect_workers(router: Router, reactor: Reactor) -> list[socket.socket]:
     """Each instance of proxy 1 up on one end of a socket pair; returns the workers' ends."""
     far_ends = []
-    for instance in hub.proxies[1].instances:
+    for instance in router.proxies[1].instances:
         near, far = socket.socketpair()
         far.setblocking(False)
-        instance.conn = Connection(near, instance.name)
-        instance.state = "up"
-        framer = protocol.Framer(hub.max_pdu, accept_noradle_quit=True)
-        hub.reactor.add(instance.conn, functools.partial(hub._on_instance_data, instance, framer), lambda reason: None)
+        conn = Connection(near, instance.name)
+        router.connected(instance, conn)
+        framer = protocol.Framer(HUB.max_pdu, accept_noradle_quit=True)
+        reactor.add(conn, functools.partial(on_instance_data, router, instance, framer), lambda reason: None)
         far_ends.append(far)
     return far_ends
 
 
-def connect_sessions(hub: Hub, count: int) -> list[socket.socket]:
-    """``count`` registered sessions; returns the Oracle ends."""
+def connect_sessions(router: Router, reactor: Reactor, count: int) -> list[socket.socket]:
+    """``count`` sessions, their handshakes sent; returns the Oracle ends."""
     oracle_ends = []
     for audsid in range(1, count + 1):
         near, far = socket.socketpair()
-        session = Session(Connection(near, f"session {audsid}"), f"session {audsid}", hub.max_pdu)
-        hub.reactor.add(session.conn, functools.partial(hub._on_session_data, session),
-                        functools.partial(hub._on_session_end, session))
+        session = Session(Connection(near, f"session {audsid}"), f"session {audsid}")
+        framer = protocol.Framer(HUB.max_pdu, preamble=protocol.ORACLE_HANDSHAKE.size, magic=protocol.ORACLE_MAGIC)
+        reactor.add(session.conn, functools.partial(on_session_data, router, session, framer), lambda reason: None)
         far.sendall(protocol.oracle_handshake(audsid, 1, audsid))
         oracle_ends.append(far)
     return oracle_ends
@@ -96,10 +114,10 @@ def echo(far_ends: list[socket.socket]) -> None:
 
 async def measure(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
-        hub = make_hub(Path(tmp), args.instances)
-        workers = connect_workers(hub)
-        sessions = connect_sessions(hub, args.sessions)
-        reactor = hub.reactor
+        router = make_router(Path(tmp), args.instances)
+        reactor = Reactor()
+        workers = connect_workers(router, reactor)
+        sessions = connect_sessions(router, reactor, args.sessions)
         buffer = memoryview(reactor._shared.recv_buffer)
 
         def serve() -> float:
@@ -117,13 +135,13 @@ async def measure(args: argparse.Namespace) -> int:
             spent += serve()
             echo(workers)
             spent += serve()
-            hub.expire(time.monotonic())  # as the hub's sweep does every 50 ms: answered requests let go
+            router.expire(time.monotonic())  # as the hub's sweep does every 50 ms: answered requests let go
             for oracle in sessions:
                 received = 0
                 while received < replies:
                     received += len(oracle.recv(1 << 20))
     round_trips = args.rounds * args.sessions * args.depth
-    answered = hub.proxies[1].counters.replies
+    answered = router.proxies[1].counters.replies
     print(f"{round_trips} round trips ({describe(args)}): {spent / round_trips * 1e6:.2f} µs of hub time each")
     if answered != round_trips:
         print(f"hotpath: only {answered} of {round_trips} replies", file=sys.stderr)

@@ -251,7 +251,7 @@ class HubThread:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._worker, worker)
                 await nursery.start(self.hub.run, [listener])
-                while not self.hub.workers_connected():
+                while not self.hub.router.workers_connected():
                     await trio.sleep(0.01)
                 self._started.set()
 
@@ -446,7 +446,7 @@ def test_hub_serves_or_closes_cleanly_whatever_a_session_sends(live_hub, stream,
 
     def closed_and_counted() -> bool:
         now = live_hub.call(lambda: (live_hub.hub.connections, dict(live_hub.hub.totals),
-                                     audsid in live_hub.hub.sessions))
+                                     audsid in live_hub.hub.router.sessions))
         connections, after, registered = now
         return connections == 0 and not registered and \
             after.get("protocol_errors", 0) == totals.get("protocol_errors", 0) + (1 if error else 0)
@@ -466,7 +466,7 @@ def test_hub_serves_or_closes_cleanly_whatever_a_session_sends(live_hub, stream,
         good.close()
     assert CountingFramer.feeds, "the hub no longer frames with dcod.protocol.Framer: update this check"
     assert CountingFramer.most < HUB_MAX_PDU
-    _wait(lambda: live_hub.call(lambda: live_hub.hub.connections == 0 and live_hub.hub.inflight == 0),
+    _wait(lambda: live_hub.call(lambda: live_hub.hub.connections == 0 and live_hub.hub.router.inflight == 0),
           "the well-behaved session to be gone")
 
 
@@ -479,7 +479,7 @@ def test_a_session_that_never_reads_costs_bounded_hub_memory(live_hub):
     body = b"x" * (HUB_MAX_PDU - 12)
 
     def held() -> int:
-        session = live_hub.hub.sessions.get(audsid)
+        session = live_hub.hub.router.sessions.get(audsid)
         return session.conn.pending_bytes if session is not None else 0
 
     sock = _connect(live_hub.address)

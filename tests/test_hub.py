@@ -57,10 +57,10 @@ async def test_oneway_keeps_negative_length_and_is_tracked_until_acknowledged(hu
     session = await OracleSession.connect(address, audsid=7)
     await session.send(1, 1, b"fire and forget", oneway=True)
     assert await read_pdu(hub_side) == (-27, 7, 1, b"fire and forget")
-    assert hub.inflight == 1
+    assert hub.router.inflight == 1
     await send_all(hub_side, reply_pdu(7, 1, b""))  # the worker's ack: not for the session
-    await wait_for(lambda: hub.inflight == 0)
-    assert (hub.proxies[1].counters.oneway, hub.proxies[1].counters.acked) == (1, 1)
+    await wait_for(lambda: hub.router.inflight == 0)
+    assert (hub.router.proxies[1].counters.oneway, hub.router.proxies[1].counters.acked) == (1, 1)
     await session.send(1, 2, b"ask")
     assert await read_pdu(hub_side) == (15, 7, 2, b"ask")
     await send_all(hub_side, reply_pdu(7, 2, b"answer"))
@@ -69,18 +69,18 @@ async def test_oneway_keeps_negative_length_and_is_tracked_until_acknowledged(hu
 
 async def test_oneway_requests_an_instance_did_not_acknowledge_go_to_another(hub_with_workers):
     hub, address, [first, second] = await hub_with_workers(proxies(instances=2))
-    await wait_for(lambda: all(i.state == "up" for i in hub.proxies[1].instances))
+    await wait_for(lambda: all(i.state == "up" for i in hub.router.proxies[1].instances))
     session = await OracleSession.connect(address, audsid=8)
     for rseq in range(1, 5):
         await session.send(1, rseq, b"o%d" % rseq, oneway=True)
-        await wait_for(lambda: hub.proxies[1].counters.oneway == rseq)  # one read each: they alternate
+        await wait_for(lambda: hub.router.proxies[1].counters.oneway == rseq)  # one read each: they alternate
     by_side = {side: [await read_pdu(side) for _ in range(2)] for side in (first, second)}
     await send_all(first, reply_pdu(8, by_side[first][0][2], b""))  # acks one, then dies
-    await wait_for(lambda: hub.proxies[1].counters.acked == 1)
+    await wait_for(lambda: hub.router.proxies[1].counters.acked == 1)
     first.close()
     unfinished = by_side[first][1]
     assert await read_pdu(second) == unfinished  # sent again to the instance still there
-    counters = hub.proxies[1].counters
+    counters = hub.router.proxies[1].counters
     assert (counters.requeued, counters.duplicates) == (1, 1)  # it may have handled it: a possible duplicate
 
 
@@ -108,14 +108,14 @@ async def test_unknown_proxy_gets_error_reply_and_oneway_is_counted(make_config,
     length, audsid, rseq, text = await session.read()
     assert (audsid, rseq) == (5, 2) and length == -(12 + len(text))
     assert text == b"DCO-0001 unknown proxy 7"
-    assert hub.totals["unknown_proxy"] == 2
+    assert hub.router.totals["unknown_proxy"] == 2
 
 
 async def test_least_outstanding_instance_first(hub_with_workers):
     hub, address, sides = await hub_with_workers(proxies(instances=2))
     session = await OracleSession.connect(address, audsid=3)
     await session.send(1, 1, b"a")
-    await wait_for(lambda: hub.inflight == 1)  # read apart: the requests of one read go to one instance
+    await wait_for(lambda: hub.router.inflight == 1)  # read apart: the requests of one read go to one instance
     await session.send(1, 2, b"b")
     got = sorted([(await read_pdu(sides[0]))[2], (await read_pdu(sides[1]))[2]])
     assert got == [1, 2]  # one each, since the first is still outstanding on its instance
@@ -123,7 +123,8 @@ async def test_least_outstanding_instance_first(hub_with_workers):
 
 async def test_ordered_proxy_keeps_a_session_on_one_instance(hub_with_workers):
     hub, address, sides = await hub_with_workers(proxies(instances=2, ordered=True))
-    await wait_for(lambda: hub.workers_connected() and all(i.state == "up" for i in hub.proxies[1].instances))
+    instances = hub.router.proxies[1].instances
+    await wait_for(lambda: hub.router.workers_connected() and all(i.state == "up" for i in instances))
     session = await OracleSession.connect(address, audsid=4)
     for rseq in range(1, 6):
         await session.send(1, rseq, b"n")
@@ -139,8 +140,8 @@ async def test_reply_timeout_gets_error_reply_and_late_reply_is_dropped(hub_with
     length, _, rseq, text = await session.read()
     assert length < 0 and rseq == 1 and text.startswith(b"DCO-0002 ")
     await send_all(hub_side, reply_pdu(11, 1, b"too late"))
-    await wait_for(lambda: hub.proxies[1].counters.orphan_replies == 1)
-    assert hub.inflight == 0
+    await wait_for(lambda: hub.router.proxies[1].counters.orphan_replies == 1)
+    assert hub.router.inflight == 0
 
 
 async def test_worker_death_answers_its_inflight_sync_requests(hub_with_workers):
@@ -153,7 +154,7 @@ async def test_worker_death_answers_its_inflight_sync_requests(hub_with_workers)
     hub_side.close()
     length, _, rseq, text = await session.read()
     assert length < 0 and rseq == 1 and text.startswith(b"DCO-0003 ")
-    assert hub.proxies[1].counters.worker_lost == 1
+    assert hub.router.proxies[1].counters.worker_lost == 1
 
 
 async def test_requests_queue_while_no_instance_and_arrive_in_order(make_config, start_hub):
@@ -162,14 +163,14 @@ async def test_requests_queue_while_no_instance_and_arrive_in_order(make_config,
     session = await OracleSession.connect(address, audsid=13)
     for rseq in range(1, 5):
         await session.send(1, rseq, b"q%d" % rseq, oneway=rseq % 2 == 0)
-    await wait_for(lambda: len(hub.proxies[1].spool) == 4)
+    await wait_for(lambda: len(hub.router.proxies[1].spool) == 4)
     [worker] = await workers_for(config)  # the worker starts late; the hub reconnects
     hub_side = await worker.accept()
     got = [await read_pdu(hub_side) for _ in range(4)]
     assert [(g[2], g[0] > 0) for g in got] == [(1, True), (2, False), (3, True), (4, False)]
     await send_all(hub_side, reply_pdu(13, 3, b"r3") + reply_pdu(13, 1, b"r1"))
     assert {(await session.read())[2] for _ in range(2)} == {1, 3}
-    await wait_for(lambda: hub.proxies[1].spool.size == 0)
+    await wait_for(lambda: hub.router.proxies[1].spool.size == 0)
 
 
 async def test_full_queue_refuses_with_error_reply(make_config, start_hub):
@@ -180,7 +181,7 @@ async def test_full_queue_refuses_with_error_reply(make_config, start_hub):
     await session.send(1, 2, b"x" * 40)  # does not
     length, _, rseq, text = await session.read()
     assert length < 0 and rseq == 2 and text.startswith(b"DCO-0004 ")
-    assert hub.proxies[1].counters.refused == 1 and len(hub.proxies[1].spool) == 1
+    assert hub.router.proxies[1].counters.refused == 1 and len(hub.router.proxies[1].spool) == 1
 
 
 async def test_empty_reply_is_a_reply_not_a_quit_notice(hub_with_workers):
@@ -190,17 +191,17 @@ async def test_empty_reply_is_a_reply_not_a_quit_notice(hub_with_workers):
     await read_pdu(hub_side)
     await send_all(hub_side, reply_pdu(15, 1, b""))
     assert await session.read() == (12, 15, 1, b"")
-    assert hub.proxies[1].instances[0].state == "up"
+    assert hub.router.proxies[1].instances[0].state == "up"
 
 
 @pytest.mark.parametrize("notice_length", [12, 6])  # 6: what Noradle's own worker wrote
 async def test_quit_notice_stops_dispatch_and_replies_still_flow(hub_with_workers, notice_length):
     hub, address, sides = await hub_with_workers(proxies(instances=2))
-    await wait_for(lambda: all(i.state == "up" for i in hub.proxies[1].instances))
+    await wait_for(lambda: all(i.state == "up" for i in hub.router.proxies[1].instances))
     session = await OracleSession.connect(address, audsid=16)
     await session.send(1, 1, b"in flight when the worker quits")
-    await wait_for(lambda: hub.inflight == 1)
-    busy = next(i for i in hub.proxies[1].instances if i.inflight).index
+    await wait_for(lambda: hub.router.inflight == 1)
+    busy = next(i for i in hub.router.proxies[1].instances if i.inflight).index
     quitting, other = sides[busy], sides[1 - busy]
     assert (await read_pdu(quitting))[2] == 1
 
@@ -209,8 +210,8 @@ async def test_quit_notice_stops_dispatch_and_replies_still_flow(hub_with_worker
         assert await closed_by_peer(quitting)  # the hub half-closed: no more requests for it
     else:
         # Noradle's worker would close on a half-close and lose its replies: none is sent.
-        await wait_for(lambda: hub.proxies[1].instances[busy].state == "quitting")
-    assert hub.proxies[1].instances[busy].state == "quitting"
+        await wait_for(lambda: hub.router.proxies[1].instances[busy].state == "quitting")
+    assert hub.router.proxies[1].instances[busy].state == "quitting"
     await session.send(1, 2, b"after the notice")
     assert (await read_pdu(other))[2] == 2
     await send_all(quitting, reply_pdu(16, 1, b"late but delivered"))
@@ -248,7 +249,7 @@ async def test_session_vanishing_mid_pdu_is_counted(hub_with_workers):
     hub, address, [hub_side] = await hub_with_workers(proxies())
     bad = await OracleSession.connect(address, audsid=24)
     await send_all(bad.sock, request_pdu(1, 1, b"x" * 100)[:50])
-    await wait_for(lambda: hub.sessions.get(24) is not None)
+    await wait_for(lambda: hub.router.sessions.get(24) is not None)
     bad.close()
     await wait_for(lambda: hub.totals["truncated_pdus"] == 1)
     good = await OracleSession.connect(address, audsid=25)
@@ -259,7 +260,7 @@ async def test_session_vanishing_mid_pdu_is_counted(hub_with_workers):
 async def test_reply_for_unknown_session_is_counted_and_harmless(hub_with_workers):
     hub, address, [hub_side] = await hub_with_workers(proxies())
     await send_all(hub_side, reply_pdu(999, 1, b"nobody asked"))
-    await wait_for(lambda: hub.proxies[1].counters.orphan_replies == 1)
+    await wait_for(lambda: hub.router.proxies[1].counters.orphan_replies == 1)
     session = await OracleSession.connect(address, audsid=26)
     await session.send(1, 1, b"ping")
     await read_pdu(hub_side)
@@ -279,7 +280,7 @@ async def test_garbage_from_worker_closes_that_worker_connection_only(make_confi
     assert reconnected is not None
     session = await OracleSession.connect(address, audsid=27)
     await session.send(1, 1, b"ok")
-    await wait_for(lambda: hub.inflight == 1)
+    await wait_for(lambda: hub.router.inflight == 1)
 
 
 async def test_external_worker_over_tcp(make_config, start_hub):
@@ -307,12 +308,12 @@ async def test_connection_from_outside_allow_list_is_refused(make_config, start_
 
 async def test_oneway_requests_spread_over_instances(hub_with_workers):
     hub, address, sides = await hub_with_workers(proxies(instances=2))
-    await wait_for(lambda: all(i.state == "up" for i in hub.proxies[1].instances))
+    await wait_for(lambda: all(i.state == "up" for i in hub.router.proxies[1].instances))
     session = await OracleSession.connect(address, audsid=30)
     for rseq in range(1, 5):
         await session.send(1, rseq, b"o", oneway=True)
         # One read each: the requests of one read all go to one instance.
-        await wait_for(lambda: hub.proxies[1].counters.oneway == rseq)
+        await wait_for(lambda: hub.router.proxies[1].counters.oneway == rseq)
     got = [[(await read_pdu(side))[2] for _ in range(2)] for side in sides]
     assert sorted(got[0] + got[1]) == [1, 2, 3, 4]
 
@@ -326,11 +327,11 @@ async def test_requests_a_dead_worker_never_got_are_queued_again(make_config, st
     body = b"b" * 65536
     for rseq in range(1, 121):  # ~8 MB: more than the socket buffers hold
         await session.send(1, rseq, body, oneway=rseq % 4 != 0)
-    instance = hub.proxies[1].instances[0]
-    await wait_for(lambda: hub.proxies[1].counters.requests == 120 and instance.conn.pending_bytes > 1 << 20)
+    instance = hub.router.proxies[1].instances[0]
+    await wait_for(lambda: hub.router.proxies[1].counters.requests == 120 and instance.conn.pending_bytes > 1 << 20)
     stuck.close()  # the worker dies with the outbox still full
     fresh = await worker.accept()  # the hub reconnects; the requests it never sent come first
-    requeued = hub.proxies[1].counters.requeued
+    requeued = hub.router.proxies[1].counters.requeued
     assert requeued > 0
     got = [await read_pdu(fresh) for _ in range(requeued)]
     rseqs = [g[2] for g in got]

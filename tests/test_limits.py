@@ -47,7 +47,7 @@ async def test_sync_requests_past_the_session_limit_get_an_error_reply(make_conf
     assert (await session.read())[2] == 1
     await session.send(1, 5, b"room again")
     assert (await read_pdu(worker))[2] == 5
-    assert hub.totals["overloaded"] == 1
+    assert hub.router.totals["overloaded"] == 1
 
 
 @pytest.mark.parametrize("sent", [b"", b"\x0b\xc7\x4b\x16\x00\x00", "half a PDU"])
@@ -73,7 +73,7 @@ async def test_a_full_disk_holds_requests_in_memory_then_refuses_and_corrupts_no
         hub, address = await start_hub(make_config(ECHO1, state_dir=state, queue_memory=16384))
         session = await OracleSession.connect(address, audsid=8)
         body = b"q" * 4000
-        proxy = hub.proxies[1]
+        proxy = hub.router.proxies[1]
         for rseq in range(1, 40):  # 40 x 4 KB fit neither in 64 KB of disk nor in 16 KB of memory
             await session.send(1, rseq, body)
             await wait_for(lambda: proxy.counters.requests == rseq)
@@ -101,11 +101,11 @@ async def test_a_read_only_state_directory_does_not_stop_the_hub(make_config, st
         remount(state, "ro")
         config = make_config(ECHO1, state_dir=state)
         hub, address = await start_hub(config)
-        assert not hub.proxies[1].spool.durable
+        assert not hub.router.proxies[1].spool.durable
         session = await OracleSession.connect(address, audsid=9)
         await session.send(1, 1, b"queued in memory", oneway=True)
         await session.send(1, 2, b"queued in memory too")
-        await wait_for(lambda: len(hub.proxies[1].spool) == 2)
+        await wait_for(lambda: len(hub.router.proxies[1].spool) == 2)
         worker = await WorkerPeer(str(config.worker_socket(1, 0))).listen()
         hub_side = await worker.accept()
         assert [(await read_pdu(hub_side))[2] for _ in range(2)] == [1, 2]

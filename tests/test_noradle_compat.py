@@ -173,7 +173,7 @@ def noradle(body: bytes) -> bytes:
 async def test_noradle_worker_behind_dcod_hub(make_config, start_hub, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="dcod.hub")
     hub, ledger, argv = await noradle_behind_hub(make_config, start_hub, tmp_path)
-    proxy = hub.proxies[1]
+    proxy = hub.router.proxies[1]
     async with spawn("worker.js", argv, tmp_path) as worker:
         await worker.expect("listening")
         assert (await worker.expect("handshake"))["first_chunk"] == 4
@@ -207,13 +207,13 @@ async def test_noradle_worker_behind_dcod_hub(make_config, start_hub, tmp_path, 
     assert sorted(ledger.answered) == sorted(set(ledger.sync) - {late[0]})
     counters = proxy.counters
     assert (counters.requests, counters.oneway, counters.replies, counters.worker_lost) == (19, 9, 9, 0)
-    assert counters.orphan_replies == 0 and hub.inflight == 1 and len(proxy.spool) == 2
+    assert counters.orphan_replies == 0 and hub.router.inflight == 1 and len(proxy.spool) == 2
     ledger.session.close()
 
 
 async def test_requests_queued_before_noradle_worker_starts_arrive_intact(make_config, start_hub, tmp_path):
     hub, ledger, argv = await noradle_behind_hub(make_config, start_hub, tmp_path)
-    proxy = hub.proxies[1]
+    proxy = hub.router.proxies[1]
     await ledger.send_sizes()
     await wait_for(lambda: len(proxy.spool) == 8)
     async with spawn("worker.js", argv, tmp_path) as worker:
@@ -224,7 +224,7 @@ async def test_requests_queued_before_noradle_worker_starts_arrive_intact(make_c
             await worker.expect("request", rseq=rseq)
     ledger.check_worker_saw(worker.all("request"), range(1, 9))
     assert sorted(ledger.answered) == sorted(ledger.sync) and len(worker.all("request")) == ledger.rseq == 8
-    assert len(proxy.spool) == 0 and hub.inflight == 0
+    assert len(proxy.spool) == 0 and hub.router.inflight == 0
     ledger.session.close()
 
 

@@ -395,8 +395,8 @@ async def test_a_hub_delivers_all_but_the_damaged_record_of_a_spool_it_takes_ove
     hub_side = await worker.accept()
     arrived = [(await read_pdu(hub_side))[2] for _ in range(299)]
     assert arrived == [r for r in range(1, 301) if r != 10]
-    spool = hub.proxies[1].spool
-    assert (spool.damaged_ranges, hub.proxies[1].counters.replayed) == (1, 299)
+    spool = hub.router.proxies[1].spool
+    assert (spool.damaged_ranges, hub.router.proxies[1].counters.replayed) == (1, 299)
     assert [p.name for p in spool.damaged_copies] == [p.name for p in path.parent.glob("*.damaged-*")]
     assert not path.exists()
 

@@ -1,0 +1,509 @@
+"""The hub's routing, sans I/O: sessions, proxies, instances, pending requests, counters.
+
+Each Oracle session sends requests tagged with a proxy id; the router rewrites the proxy id
+into the session's audsid and forwards the PDU to an instance of that proxy (the least busy
+one, or the session's own one for an ``ordered`` proxy). Replies carry the audsid back and go
+to the session that has it. Every sync request is tracked until its reply, error reply or
+timeout; a request that cannot be forwarded at once is queued in the proxy's queue (the
+spool, durable) and forwarded in order when an instance is there.
+
+The router does no I/O and never waits, in the manner of h11: the hub's shell
+(dcod.hub.server) reads the sockets, frames PDUs and calls the steps here (register,
+request, reply, dispatch, requeue, expire, hold...), passing the time where it matters
+(``now``, or the ``clock`` given at construction). What the router sends it hands to
+outboxes: a session's or an instance's ``conn``, any object with ``send(bytes)`` (in the hub,
+a dcod.net.connection.Connection, whose send() only queues). The queue of a proxy is any
+object with append/peek/pop/commit and a count of records (Queue; dcod.hub.spool.Spool in
+the hub, which the router's caller opens, syncs and closes).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from typing import Callable, Iterable, Protocol
+
+from dcod import protocol
+from dcod.config import ProxyConfig
+from dcod.hub.spool import SpoolFull
+from dcod.protocol import ROUTED_HEADER, ErrorCode
+
+log = logging.getLogger("dcod.hub.routing")
+
+Key = tuple[int, int]  # (audsid, rseq): a request, as the worker's reply names it
+
+
+class Outbox(Protocol):
+    """Where the router puts bytes for a peer; send() must not block."""
+
+    def send(self, data: bytes | bytearray | memoryview) -> None: ...
+
+
+class Queue(Protocol):
+    """A proxy's FIFO of request PDUs waiting for an instance (dcod.hub.spool.Spool)."""
+
+    records: int  # how many are queued: an attribute, as len() would cost a Python call per request
+
+    def append(self, pdu: bytes | bytearray) -> None:
+        """Queue a PDU; raises SpoolFull (or OSError) if it cannot."""
+
+    def peek(self) -> tuple[float, bytes] | None:
+        """The oldest (queued_at, pdu), left in the queue."""
+
+    def pop(self) -> None:
+        """Drop the oldest, about to be forwarded."""
+
+    def commit(self) -> None:
+        """The popped ones are forwarded (a batch ends)."""
+
+
+class Pending:
+    """A sync request waiting for its reply."""
+
+    __slots__ = ("key", "proxy", "session", "instance", "deadline", "started", "done")
+
+    def __init__(self, key: Key, proxy: Proxy, deadline: float, started: float,
+                 session: Session | None = None) -> None:
+        self.key = key
+        self.proxy = proxy
+        self.session = session  # None for a request replayed from a spool
+        self.instance: Instance | None = None  # None while queued
+        self.deadline = deadline
+        self.started = started
+        self.done = False  # answered: see Router._finish
+
+
+@dataclasses.dataclass(slots=True)
+class Counters:
+    """What `dcod status` shows for a proxy (and, summed, for the hub)."""
+
+    requests: int = 0
+    oneway: int = 0
+    acked: int = 0
+    replies: int = 0
+    errors: int = 0
+    error_replies: int = 0
+    timeouts: int = 0
+    worker_lost: int = 0
+    refused: int = 0
+    queued: int = 0
+    requeued: int = 0
+    replayed: int = 0
+    expired: int = 0
+    duplicates: int = 0
+    orphan_replies: int = 0
+    latency_sum: float = 0
+    latency_max: float = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+
+class Instance:
+    """One worker instance of a proxy, as the hub sees it: a connection that comes and goes."""
+
+    __slots__ = ("proxy", "index", "address", "conn", "_state", "_held", "inflight", "unacked", "acks", "connects")
+
+    def __init__(self, proxy: Proxy, index: int, address: str) -> None:
+        self.proxy = proxy
+        self.index = index
+        self.address = address
+        self.conn: Outbox | None = None  # while connected
+        self._state = "connecting"  # connecting | up | quitting
+        self._held = False  # the supervisor asked us not to dispatch here (it is being restarted)
+        self.inflight: dict[Key, Pending] = {}
+        # One-way requests sent and not yet acknowledged, in the order sent (only from a worker
+        # running dcod's runtime, which acknowledges them: protocol.ACK_ONEWAY).
+        self.unacked: dict[Key, bytes | bytearray] = {}
+        self.acks = proxy.config.handler != ""
+        self.connects = 0  # counted by the shell, for `dcod status`
+
+    @property
+    def name(self) -> str:
+        return f"{self.proxy.config.id}#{self.index}"
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, state: str) -> None:
+        self._state = state
+        self.proxy.update_available()
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    @held.setter
+    def held(self, held: bool) -> None:
+        self._held = held
+        self.proxy.update_available()
+
+    @property
+    def available(self) -> bool:
+        return self._state == "up" and not self._held
+
+
+class Proxy:
+    """A proxy id: its instances, its queue, its counters."""
+
+    def __init__(self, config: ProxyConfig, addresses: list[str], spool: Queue) -> None:
+        self.config = config
+        self.available: list[Instance] = []  # the instances to dispatch to; kept by update_available()
+        self.instances = [Instance(self, i, a) for i, a in enumerate(addresses)]
+        self.spool = spool
+        self.waiting: dict[Key, Pending] = {}  # queued sync requests
+        self.counters = Counters()
+        self._turn = 0  # where the round-robin among equally busy instances starts
+        self._last_read = 0  # pick(): the session read it last picked for, and what
+        self._last_pick: Instance | None = None
+
+    def update_available(self) -> None:
+        """An instance's state changed: recompute ``available``, so that pick() need not."""
+        self.available = [i for i in self.instances if i.available]
+        self._last_read = 0  # pick() chooses afresh
+
+    def pick(self, audsid: int, read: int = 0) -> Instance | None:
+        """The instance for a request: least outstanding first, or by session for ordered proxies.
+
+        Ties go round-robin, so that one-way requests (never outstanding) spread too. The
+        requests of one read from a session (``read`` numbers it) go to the same instance:
+        their replies then come back together and reach the session in one write, and the
+        session's next requests come together too.
+        """
+        available = self.available
+        count = len(available)
+        if count < 2:
+            return available[0] if count else None
+        if self.config.ordered:
+            return available[audsid % count]
+        if read and read == self._last_read:
+            return self._last_pick
+        self._turn = turn = (self._turn + 1) % count
+        best = available[turn]
+        for k in range(1, count):
+            instance = available[(turn + k) % count]
+            if len(instance.inflight) < len(best.inflight):
+                best = instance
+        self._last_read, self._last_pick = read, best
+        return best
+
+
+class Session:
+    """An Oracle session, as the router sees it: where its replies go, and its sync requests in flight."""
+
+    __slots__ = ("conn", "peer", "audsid", "sid", "serial", "registered", "inflight")
+
+    def __init__(self, conn: Outbox, peer: str) -> None:
+        self.conn = conn
+        self.peer = peer
+        self.audsid = self.sid = self.serial = 0  # audsid 0 is a real one (SYS): see registered
+        self.registered = False
+        self.inflight = 0  # its sync requests not answered yet
+
+
+class Router:
+    """The hub's routing state and its synchronous steps; no I/O (see the module's docstring).
+
+    ``wake_pump(proxy)`` is called when a proxy's queue may be forwarded (a request was queued,
+    an instance came up or was released, records were adopted): the caller then calls
+    ``dispatch(proxy, ...)`` until the queue is empty or dispatch returns None.
+    """
+
+    def __init__(self, proxies: Iterable[Proxy], *, reply_timeout: float, max_inflight: int,
+                 clock: Callable[[], float] = time.monotonic,
+                 wake_pump: Callable[[Proxy], None] = lambda proxy: None) -> None:
+        self.proxies = {p.config.id: p for p in proxies}
+        self.reply_timeout = reply_timeout
+        self.max_inflight = max_inflight
+        self.clock = clock
+        self.sessions: dict[int, Session] = {}  # by audsid: where replies go
+        self.timeouts: collections.deque[Pending] = collections.deque()  # in deadline order
+        self.totals: collections.Counter[str] = collections.Counter()  # sessions, unknown_proxy, overloaded...
+        self._wake_pump = wake_pump
+        self._reads = 0  # reads from sessions that brought requests: Proxy.pick() keeps each one's together
+
+    @property
+    def inflight(self) -> int:
+        """Sync requests not answered, queued ones included, and one-way requests not acknowledged."""
+        return sum(len(p.waiting) + sum(len(i.inflight) + len(i.unacked) for i in p.instances)
+                   for p in self.proxies.values())
+
+    def workers_connected(self) -> bool:
+        """Every proxy has at least one instance up: what `ready` waits for."""
+        return all(any(i.state == "up" for i in p.instances) for p in self.proxies.values())
+
+    # ------------------------------------------------------------ sessions
+
+    def register(self, session: Session, handshake: bytes) -> None:
+        """A session's 16-byte handshake is in: replies for its audsid go to it from now on."""
+        _, session.sid, session.serial, session.audsid = protocol.ORACLE_HANDSHAKE.unpack(handshake)
+        session.registered = True
+        self.totals["sessions"] += 1
+        if self.sessions.get(session.audsid) is not None:
+            log.info("audsid %d connected again from %s; replies go to the new connection", session.audsid,
+                     session.peer)
+        self.sessions[session.audsid] = session
+
+    def unregister(self, session: Session) -> None:
+        """The session's connection is gone."""
+        if session.registered and self.sessions.get(session.audsid) is session:
+            del self.sessions[session.audsid]
+
+    def requests(self, session: Session, pdus: list[bytearray]) -> None:
+        """The request PDUs of one read from a session (they go to one instance where they can)."""
+        self._reads += 1
+        read = self._reads
+        for pdu in pdus:
+            self.request(session, pdu, read)
+
+    def request(self, session: Session, pdu: bytearray, read: int = 0) -> None:
+        """A request PDU from a session: its header rewritten in place, then forwarded or queued."""
+        length, proxy_id, rseq = protocol.REQUEST_HEADER.unpack_from(pdu)
+        audsid = session.audsid
+        proxy = self.proxies.get(proxy_id)
+        if proxy is None:
+            self.totals["unknown_proxy"] += 1
+            if length > 0:
+                self._send_error(session, rseq, ErrorCode.UNKNOWN_PROXY, f"unknown proxy {proxy_id}")
+            else:
+                log.warning("one-way request for unknown proxy %d from audsid %d dropped", proxy_id, audsid)
+            return
+        ROUTED_HEADER.pack_into(pdu, 0, length, audsid, rseq)
+        key = (audsid, rseq)
+        counters = proxy.counters
+        counters.requests += 1
+        pending = None
+        if length > 0:
+            if session.inflight >= self.max_inflight:
+                counters.refused += 1
+                self.totals["overloaded"] += 1
+                self._send_error(session, rseq, ErrorCode.OVERLOADED,
+                                 f"{self.max_inflight} requests in flight for this session")
+                return
+            now = self.clock()
+            pending = Pending(key, proxy, now + self.reply_timeout, now, session)
+            session.inflight += 1
+            self.timeouts.append(pending)
+        else:
+            counters.oneway += 1
+        if not proxy.spool.records:  # nothing queued ahead of it
+            instance = proxy.pick(audsid, read)
+            if instance is not None:
+                self.forward(instance, pdu, key, pending)
+                return
+        self.enqueue(proxy, pdu, pending)
+
+    def forward(self, instance: Instance, pdu: bytes | bytearray, key: Key, pending: Pending | None) -> None:
+        """Send a request to an instance that is up, and track it there."""
+        if pending is not None:
+            pending.instance = instance
+            instance.inflight[key] = pending
+        elif instance.acks:
+            instance.unacked[key] = pdu
+        instance.conn.send(pdu)  # type: ignore[union-attr]  # an instance that is up has one
+
+    def enqueue(self, proxy: Proxy, pdu: bytes | bytearray, pending: Pending | None) -> None:
+        """Queue a request for the proxy's next available instance; refuse it if the queue is full."""
+        try:
+            proxy.spool.append(pdu)
+        except (SpoolFull, OSError) as e:
+            proxy.counters.refused += 1
+            log.warning("proxy %d: request refused: %s", proxy.config.id, e)
+            if pending is not None:
+                self._answer_error(pending, ErrorCode.QUEUE_FULL, f"queue full for proxy {proxy.config.id}")
+            return
+        proxy.counters.queued += 1
+        if pending is not None:
+            proxy.waiting[pending.key] = pending
+        self._wake_pump(proxy)
+
+    def dispatch(self, proxy: Proxy, budget: int) -> Instance | None:
+        """Forward queued requests, in order, while an instance is available, until the queue is
+        empty or more than ``budget`` bytes went out. Returns the instance forwarded to last (the
+        caller lets its connection drain before it calls again), or None if none is available."""
+        spool = proxy.spool
+        instance = None
+        sent = 0
+        while spool.records:
+            _, pdu = spool.peek()  # type: ignore[misc]  # not empty
+            length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
+            instance = proxy.pick(audsid)
+            if instance is None:
+                break
+            spool.pop()
+            pending = proxy.waiting.pop((audsid, rseq), None) if length > 0 else None
+            if length > 0 and pending is None:
+                proxy.counters.expired += 1  # already answered with a timeout error
+                continue
+            self.forward(instance, pdu, (audsid, rseq), pending)
+            sent += len(pdu)
+            if sent > budget:
+                break
+        spool.commit()
+        return instance
+
+    def adopt(self, proxy: Proxy, records: list[tuple[float, bytes]], possible_duplicates: int,
+              wall: float) -> None:
+        """Records of hubs that are gone, now in ``proxy``'s queue (queued_at is wall time, as is
+        ``wall``, the time now): the sync requests still in time wait for their replies again (a
+        session that reconnects to us gets them)."""
+        proxy.counters.replayed += len(records)
+        proxy.counters.duplicates += possible_duplicates  # at most; the spool cannot tell better
+        now = self.clock()
+        adopted = []
+        for queued_at, pdu in records:
+            length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
+            deadline = now + (queued_at + self.reply_timeout - wall)
+            if length > 0 and deadline > now:
+                pending = Pending((audsid, rseq), proxy, deadline, now)
+                proxy.waiting[pending.key] = pending
+                adopted.append(pending)
+        if records:
+            self._wake_pump(proxy)
+        if adopted:
+            self.timeouts = collections.deque(sorted([*self.timeouts, *adopted], key=lambda p: p.deadline))
+
+    # ------------------------------------------------------------ instances
+
+    def connected(self, instance: Instance, conn: Outbox) -> None:
+        """The instance's connection is up (its handshake sent): dispatch to it."""
+        instance.conn = conn
+        instance.state = "up"
+        self._wake_pump(instance.proxy)
+
+    def hold(self, instance: Instance, held: bool = True) -> None:
+        """Stop (or resume) dispatching to an instance: it is about to be restarted."""
+        instance.held = held
+        if not held:
+            self._wake_pump(instance.proxy)
+
+    def reply(self, instance: Instance, pdu: bytearray) -> bool:
+        """A PDU from a worker instance: a reply, an acknowledgement or a quit notice.
+
+        Returns True for a dcod worker's quit notice: the caller half-closes the connection
+        once what was sent to it is written (see _quit)."""
+        length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
+        if not rseq and protocol.is_quit_notice(length, audsid, rseq):  # sessions count rseq from 1
+            return self._quit(instance, half_close=length != protocol.NORADLE_QUIT_LENGTH)
+        counters = instance.proxy.counters
+        pending = instance.inflight.pop((audsid, rseq), None)
+        if pending is None:
+            if instance.unacked.pop((audsid, rseq), None) is not None:
+                counters.acked += 1  # the worker is done with a one-way request
+            else:
+                counters.orphan_replies += 1
+            return False
+        session = self._finish(pending)
+        latency = self.clock() - pending.started
+        counters.latency_sum += latency
+        if latency > counters.latency_max:
+            counters.latency_max = latency
+        if length < 0:
+            counters.error_replies += 1
+        else:
+            counters.replies += 1
+        if session is None:
+            self.totals["replies_without_session"] += 1
+            return False
+        session.conn.send(pdu)
+        return False
+
+    def _quit(self, instance: Instance, half_close: bool) -> bool:
+        """The worker takes no more requests: stop dispatching and keep reading its replies.
+
+        The half-close tells a dcod worker that nothing more is coming. Noradle's own worker
+        (its notice has length 6) would close at once on it and lose its replies: leave it be.
+        """
+        log.info("worker %s is quitting; %d replies outstanding", instance.name, len(instance.inflight))
+        instance.state = "quitting"
+        return half_close
+
+    def requeue(self, instance: Instance, unsent: list) -> None:
+        """The instance's connection is gone. Requests it never got, or never finished, go back to
+        the queue in the order they were sent; its sync requests in flight are answered with
+        WORKER_LOST errors.
+
+        ``unsent`` is the request PDUs that never left us (the kernel took nothing of them):
+        sync and one-way requests alike go again. Of what the kernel took, one-way requests not
+        acknowledged go again too (the instance may have handled some of them: counted as
+        possible duplicates); sync ones are answered with errors (the worker may have acted on
+        them: only the session can tell whether to ask again).
+        """
+        instance.state = "connecting"
+        instance.conn = None
+        proxy = instance.proxy
+        headers = [ROUTED_HEADER.unpack_from(pdu) for pdu in unsent]
+        unacked, instance.unacked = instance.unacked, {}
+        for _, audsid, rseq in headers:
+            unacked.pop((audsid, rseq), None)
+        for pdu in unacked.values():  # all sent before anything in unsent
+            self.enqueue(proxy, pdu, None)
+        for pdu, (length, audsid, rseq) in zip(unsent, headers):
+            pending = instance.inflight.pop((audsid, rseq), None) if length > 0 else None
+            if pending is not None:
+                pending.instance = None
+            self.enqueue(proxy, pdu, pending)
+        proxy.counters.requeued += len(unacked) + len(unsent)
+        proxy.counters.duplicates += len(unacked)  # at most
+        if unacked or unsent:
+            log.info("worker %s went away: %d one-way requests it did not finish and %d requests it never got "
+                     "are queued again", instance.name, len(unacked), len(unsent))
+        if instance.inflight:
+            log.warning("worker %s went away with %d sync requests in flight; answering them with errors",
+                        instance.name, len(instance.inflight))
+        detail = f"worker {instance.name} of proxy {proxy.config.id} went away before replying"
+        proxy.counters.worker_lost += self.fail(instance, ErrorCode.WORKER_LOST, detail)
+
+    def fail(self, instance: Instance, code: ErrorCode, detail: str) -> int:
+        """Answer the instance's sync requests in flight with errors; returns how many."""
+        lost, instance.inflight = instance.inflight, {}
+        for pending in lost.values():
+            self._answer_error(pending, code, detail)
+        return len(lost)
+
+    # ------------------------------------------------------------ timeouts
+
+    def expire(self, now: float) -> None:
+        """Answer with an error the sync requests whose deadline has passed, and let go of the
+        answered ones ahead of them."""
+        timeouts = self.timeouts
+        while timeouts and (timeouts[0].done or timeouts[0].deadline <= now):
+            pending = timeouts.popleft()
+            if pending.done:
+                continue
+            proxy = pending.proxy
+            if pending.instance is not None:
+                pending.instance.inflight.pop(pending.key, None)
+            else:
+                proxy.waiting.pop(pending.key, None)
+            proxy.counters.timeouts += 1
+            self._answer_error(pending, ErrorCode.REPLY_TIMEOUT,
+                               f"no reply from proxy {proxy.config.id} within {self.reply_timeout:g}s")
+
+    # ------------------------------------------------------------ where answers go
+
+    def _finish(self, pending: Pending) -> Session | None:
+        """A sync request is answered (reply, error reply or timeout): it no longer counts against
+        its session. Returns the session the answer goes to, None if it is gone: this is where
+        that is decided, for replies and error replies alike."""
+        pending.done = True
+        session = pending.session
+        if session is not None:
+            session.inflight -= 1
+            pending.session = None
+        return self.sessions.get(pending.key[0])
+
+    def _answer_error(self, pending: Pending, code: ErrorCode, detail: str) -> None:
+        """Answer a sync request with an error reply."""
+        session = self._finish(pending)
+        pending.proxy.counters.errors += 1
+        if session is not None:
+            self._send_error(session, pending.key[1], code, detail)
+
+    def _send_error(self, session: Session, rseq: int, code: ErrorCode, detail: str) -> None:
+        """Every error reply the hub makes goes out here."""
+        session.conn.send(protocol.error_reply(session.audsid, rseq, code, detail))

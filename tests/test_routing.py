@@ -1,0 +1,460 @@
+"""The hub's Router alone: no sockets, no trio; outboxes are lists, the clock is a number, the queue
+a deque (or a real Spool). PDUs are built and read with struct, from the spec, not with dcod's code."""
+
+from __future__ import annotations
+
+import collections
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from dcod.config import ProxyConfig
+from dcod.hub.routing import Proxy, Router, Session
+from dcod.hub.spool import Spool, SpoolFull
+from dcod.protocol import ErrorCode
+
+ORACLE_MAGIC = 197610262
+REPLY_TIMEOUT = 5.0
+
+
+# ---------------------------------------------------------------- fakes
+
+
+class Outbox:
+    """A connection as the router sees it: what was sent, as PDUs."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, data) -> None:
+        self.sent.append(bytes(data))  # the router may hand over a buffer it reuses: copy it now
+
+    def take(self) -> list[tuple[int, int, int, bytes]]:
+        """(length, audsid, rseq, body) of each PDU sent since the last take()."""
+        pdus = []
+        for data in self.sent:
+            length, audsid, rseq = struct.unpack_from(">iIi", data)
+            assert abs(length) == len(data), "one PDU per send()"
+            pdus.append((length, audsid, rseq, data[12:]))
+        self.sent.clear()
+        return pdus
+
+    def rseqs(self) -> list[int]:
+        return [rseq for _, _, rseq, _ in self.take()]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class MemoryQueue:
+    """The queue interface the router uses, in memory, with a bound on the records it holds."""
+
+    def __init__(self, limit: int = 1000) -> None:
+        self.items: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.records = 0
+        self.limit = limit
+        self.commits = 0
+
+    def append(self, pdu) -> None:
+        if self.records >= self.limit:
+            raise SpoolFull("full")
+        self.items.append((0.0, bytes(pdu)))
+        self.records += 1
+
+    def peek(self):
+        return self.items[0] if self.items else None
+
+    def pop(self) -> None:
+        self.items.popleft()
+        self.records -= 1
+
+    def commit(self) -> None:
+        self.commits += 1
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def request(proxy_id: int, rseq: int, body: bytes = b"x", oneway: bool = False) -> bytearray:
+    size = 12 + len(body)
+    return bytearray(struct.pack(">iii", -size if oneway else size, proxy_id, rseq) + body)
+
+
+def reply(audsid: int, rseq: int, body: bytes = b"ok") -> bytearray:
+    return bytearray(struct.pack(">iIi", 12 + len(body), audsid, rseq) + body)
+
+
+def ack(audsid: int, rseq: int) -> bytearray:
+    """A dcod worker is done with a one-way request."""
+    return bytearray(struct.pack(">iIi", 12, audsid, rseq))
+
+
+def routed(audsid: int, rseq: int, oneway: bool = False) -> bytes:
+    """A request as the hub forwards (and queues) it: the proxy id replaced with the audsid."""
+    return struct.pack(">iIi", -13 if oneway else 13, audsid, rseq) + b"x"
+
+
+def make_proxy(proxy_id: int = 1, instances: int = 1, *, ordered: bool = False, handler: str = "echo",
+               queue=None) -> Proxy:
+    config = ProxyConfig(id=proxy_id, handler=handler, instances=instances, ordered=ordered)
+    addresses = [f"worker {proxy_id}#{i}" for i in range(instances)]
+    return Proxy(config, addresses, MemoryQueue() if queue is None else queue)
+
+
+class Hub:
+    """A Router with fake outboxes for its instances and sessions, and the proxies it woke."""
+
+    def __init__(self, *proxies: Proxy, max_inflight: int = 100) -> None:
+        self.clock = Clock()
+        self.woken: list[int] = []
+        self.router = Router(proxies or [make_proxy()], reply_timeout=REPLY_TIMEOUT, max_inflight=max_inflight,
+                             clock=self.clock, wake_pump=lambda proxy: self.woken.append(proxy.config.id))
+
+    def instance(self, index: int = 0, proxy_id: int = 1):
+        return self.router.proxies[proxy_id].instances[index]
+
+    def up(self, index: int = 0, proxy_id: int = 1) -> Outbox:
+        """Connect an instance; returns its outbox."""
+        outbox = Outbox()
+        self.router.connected(self.instance(index, proxy_id), outbox)
+        return outbox
+
+    def session(self, audsid: int) -> tuple[Session, Outbox]:
+        outbox = Outbox()
+        session = Session(outbox, f"session {audsid}")
+        self.router.register(session, struct.pack(">iiiI", ORACLE_MAGIC, 1, 2, audsid))
+        return session, outbox
+
+    def dispatch(self, proxy_id: int = 1, budget: int = 1 << 30):
+        return self.router.dispatch(self.router.proxies[proxy_id], budget)
+
+
+def error_code(pdu: tuple[int, int, int, bytes]) -> bytes:
+    length, _, _, text = pdu
+    assert length < 0, "an error reply has a negative length"
+    return text[:8]
+
+
+# ---------------------------------------------------------------- requests and replies
+
+
+def test_request_is_rewritten_to_the_audsid_and_the_reply_reaches_its_session():
+    hub = Hub()
+    worker = hub.up()
+    session, oracle = hub.session(0xFEDCBA98)  # above 2^31: read unsigned
+    hub.router.requests(session, [request(1, 7, b"hello")])
+    assert worker.take() == [(17, 0xFEDCBA98, 7, b"hello")]
+    assert session.inflight == 1
+    hub.clock.now += 0.25
+    assert hub.router.reply(hub.instance(), reply(0xFEDCBA98, 7, b"world")) is False
+    assert oracle.take() == [(17, 0xFEDCBA98, 7, b"world")]
+    counters = hub.router.proxies[1].counters
+    assert (counters.requests, counters.replies, counters.latency_max, session.inflight) == (1, 1, 0.25, 0)
+    assert hub.router.inflight == 0
+
+
+def test_a_reply_goes_to_the_connection_that_has_the_audsid_now():
+    hub = Hub()
+    worker = hub.up()
+    first, first_out = hub.session(5)
+    hub.router.requests(first, [request(1, 1), request(1, 2)])
+    worker.take()
+    again, again_out = hub.session(5)  # reconnected
+    hub.router.unregister(first)  # the old connection closes after: the new one keeps the audsid
+    hub.router.reply(hub.instance(), reply(5, 1))
+    assert (first_out.rseqs(), again_out.rseqs()) == ([], [1])
+    hub.router.unregister(again)
+    hub.router.reply(hub.instance(), reply(5, 2))
+    assert hub.router.totals["replies_without_session"] == 1
+
+
+def test_oneway_requests_are_tracked_until_acknowledged_by_a_dcod_worker():
+    hub = Hub(make_proxy(1), make_proxy(2, handler=""))  # proxy 2: a worker not running dcod's runtime
+    ours, foreign = hub.up(0, 1), hub.up(0, 2)
+    session, oracle = hub.session(3)
+    hub.router.requests(session, [request(1, 1, oneway=True), request(2, 2, oneway=True)])
+    assert [pdu[0] for pdu in ours.take() + foreign.take()] == [-13, -13]
+    assert (hub.router.inflight, list(hub.instance(0, 1).unacked)) == (1, [(3, 1)])
+    hub.router.reply(hub.instance(0, 1), ack(3, 1))
+    assert (hub.router.inflight, hub.router.proxies[1].counters.acked, oracle.take()) == (0, 1, [])
+
+
+def test_unknown_proxy_answers_sync_requests_and_drops_oneway_ones():
+    hub = Hub()
+    hub.up()
+    session, oracle = hub.session(9)
+    hub.router.requests(session, [request(7, 1), request(7, 2, oneway=True)])
+    [answer] = oracle.take()
+    assert answer[1:3] == (9, 1) and error_code(answer) == b"DCO-0001"
+    assert hub.router.totals["unknown_proxy"] == 2 and session.inflight == 0
+
+
+def test_orphan_replies_are_counted_and_go_nowhere():
+    hub = Hub()
+    worker = hub.up()
+    session, oracle = hub.session(4)
+    hub.router.requests(session, [request(1, 1)])
+    hub.router.reply(hub.instance(), reply(4, 99))  # never asked
+    hub.router.reply(hub.instance(), reply(4, 1))
+    hub.router.reply(hub.instance(), reply(4, 1))  # twice
+    assert oracle.rseqs() == [1]
+    assert hub.router.proxies[1].counters.orphan_replies == 2 and len(worker.take()) == 1
+
+
+def test_sync_requests_past_max_inflight_per_session_are_refused():
+    hub = Hub(max_inflight=2)
+    worker = hub.up()
+    session, oracle = hub.session(6)
+    other, _ = hub.session(7)
+    hub.router.requests(session, [request(1, 1), request(1, 2), request(1, 3), request(1, 4, oneway=True)])
+    hub.router.requests(other, [request(1, 1)])  # the limit is per session
+    [refused] = oracle.take()
+    assert refused[2] == 3 and error_code(refused) == b"DCO-0007"
+    assert worker.rseqs() == [1, 2, 4, 1]
+    hub.router.reply(hub.instance(), reply(6, 1))
+    hub.router.requests(session, [request(1, 5)])  # room again
+    assert worker.rseqs() == [5]
+    assert (hub.router.totals["overloaded"], hub.router.proxies[1].counters.refused) == (1, 1)
+
+
+# ---------------------------------------------------------------- pick
+
+
+def test_least_outstanding_instance_first():
+    hub = Hub(make_proxy(instances=3))
+    workers = [hub.up(i) for i in range(3)]
+    session, _ = hub.session(1)
+    hub.router.requests(session, [request(1, 1), request(1, 2)])  # one read: both to one instance
+    busy = next(i for i, w in enumerate(workers) if w.take())
+    for rseq in range(3, 7):  # each in a read of its own: never to the busy one, 2 each to the others
+        hub.router.requests(session, [request(1, rseq)])
+    assert [len(w.take()) for w in workers] == [0 if i == busy else 2 for i in range(3)]
+
+
+def test_ties_go_round_robin_so_oneway_requests_spread():
+    hub = Hub(make_proxy(instances=3, handler=""))  # no acknowledgements: one-way requests are never outstanding
+    workers = [hub.up(i) for i in range(3)]
+    session, _ = hub.session(1)
+    for rseq in range(1, 10):
+        hub.router.requests(session, [request(1, rseq, oneway=True)])
+    got = [w.rseqs() for w in workers]
+    assert sorted(len(g) for g in got) == [3, 3, 3]
+    assert all(len({rseq % 3 for rseq in g}) == 1 for g in got)  # in turn: every third to the same one
+
+
+def test_a_reads_requests_go_to_one_instance():
+    hub = Hub(make_proxy(instances=2))
+    workers = [hub.up(i) for i in range(2)]
+    session, _ = hub.session(1)
+    hub.router.requests(session, [request(1, 1)])
+    hub.router.requests(session, [request(1, rseq) for rseq in range(2, 6)])  # the other is less busy after one
+    assert sorted(w.rseqs() for w in workers) == [[1], [2, 3, 4, 5]]
+
+
+def test_ordered_proxy_keeps_each_session_on_one_instance():
+    hub = Hub(make_proxy(instances=2, ordered=True))
+    workers = [hub.up(i) for i in range(2)]
+    sessions = [hub.session(audsid)[0] for audsid in (10, 11)]
+    for rseq in range(1, 5):
+        for session in sessions:
+            hub.router.requests(session, [request(1, rseq)])  # however busy its instance is
+    assert [[pdu[1] for pdu in w.take()] for w in workers] == [[10] * 4, [11] * 4]  # audsid % 2
+
+
+# ---------------------------------------------------------------- the queue
+
+
+def test_queued_requests_keep_their_order_and_later_ones_do_not_overtake(tmp_path):
+    spool = Spool(tmp_path / "proxy-1.spool", memory_limit=1 << 20, size_limit=1 << 30, max_record=1 << 20)
+    hub = Hub(make_proxy(queue=spool))
+    session, oracle = hub.session(2)
+    hub.router.requests(session, [request(1, 1), request(1, 2, oneway=True)])
+    hub.router.requests(session, [request(1, 3)])
+    assert len(spool) == 3 and hub.woken == [1, 1, 1] and hub.dispatch() is None
+    worker = hub.up()
+    assert hub.woken == [1] * 4  # the pump may go; before it runs, a new request must queue behind the others
+    hub.router.requests(session, [request(1, 4)])
+    assert worker.take() == [] and len(spool) == 4
+    assert hub.dispatch() is hub.instance() and len(spool) == 0
+    assert worker.rseqs() == [1, 2, 3, 4]
+    hub.router.requests(session, [request(1, 5)])  # the queue is empty: straight to the instance
+    assert worker.rseqs() == [5]
+    hub.router.reply(hub.instance(), reply(2, 1))
+    assert oracle.rseqs() == [1]
+
+
+def test_dispatch_stops_past_its_budget_and_goes_on_when_called_again():
+    hub = Hub()
+    session, _ = hub.session(2)
+    hub.router.requests(session, [request(1, rseq, b"x" * 88) for rseq in range(1, 6)])  # 100 bytes each
+    worker = hub.up()
+    assert hub.dispatch(budget=250) is hub.instance()
+    assert worker.rseqs() == [1, 2, 3]
+    hub.dispatch(budget=250)
+    assert worker.rseqs() == [4, 5]
+
+
+def test_a_full_queue_refuses_with_an_error_reply():
+    hub = Hub(make_proxy(queue=MemoryQueue(limit=1)))
+    session, oracle = hub.session(8)
+    hub.router.requests(session, [request(1, 1), request(1, 2), request(1, 3, oneway=True)])
+    [refused] = oracle.take()
+    assert refused[2] == 2 and error_code(refused) == b"DCO-0004"
+    assert hub.router.proxies[1].counters.refused == 2 and session.inflight == 1
+
+
+def test_adopted_sync_requests_wait_for_replies_until_their_original_deadline():
+    proxy = make_proxy()
+    hub = Hub(proxy)
+    wall = 1_000_000.0
+    records = [(wall - 1, routed(3, 1)), (wall - 10, routed(3, 2)),  # 10 s old: past reply_timeout
+               (wall - 1, routed(3, 3, oneway=True)), (wall - 2, routed(3, 4))]
+    for _, pdu in records:
+        proxy.spool.append(pdu)  # the shell moved them into our queue
+    hub.router.adopt(proxy, records, 1, wall)
+    assert list(proxy.waiting) == [(3, 1), (3, 4)] and hub.woken == [1]
+    counters = proxy.counters
+    assert (counters.replayed, counters.duplicates) == (4, 1)
+    worker = hub.up()
+    hub.dispatch()
+    assert worker.rseqs() == [1, 3, 4] and counters.expired == 1
+    _, oracle = hub.session(3)  # the session reconnects to us
+    hub.router.reply(hub.instance(), reply(3, 1))
+    assert oracle.rseqs() == [1]
+    hub.router.expire(hub.clock.now + REPLY_TIMEOUT - 2.001)
+    assert oracle.take() == []
+    hub.router.expire(hub.clock.now + REPLY_TIMEOUT - 2)  # rseq 4 was queued 2 s ago
+    [timeout] = oracle.take()
+    assert timeout[2] == 4 and error_code(timeout) == b"DCO-0002" and counters.timeouts == 1
+
+
+# ---------------------------------------------------------------- timeouts
+
+
+def test_expire_answers_requests_past_their_deadline_and_no_others():
+    hub = Hub()
+    worker = hub.up()
+    session, oracle = hub.session(1)
+    hub.router.requests(session, [request(1, 1)])
+    hub.clock.now += 1
+    hub.router.requests(session, [request(1, 2)])
+    hub.router.expire(hub.clock.now + REPLY_TIMEOUT - 1.001)
+    assert oracle.take() == []
+    hub.router.expire(hub.clock.now + REPLY_TIMEOUT - 1)
+    [timeout] = oracle.take()
+    assert timeout[2] == 1 and error_code(timeout) == b"DCO-0002"
+    hub.router.reply(hub.instance(), reply(1, 1))  # too late: nobody waits for it any more
+    hub.router.reply(hub.instance(), reply(1, 2))
+    assert oracle.rseqs() == [2]
+    counters = hub.router.proxies[1].counters
+    assert (counters.timeouts, counters.orphan_replies, counters.replies, session.inflight) == (1, 1, 1, 0)
+    assert len(worker.take()) == 2
+    hub.router.expire(hub.clock.now)
+    assert not hub.router.timeouts  # the answered ones are let go
+
+
+def test_a_queued_request_that_times_out_is_never_forwarded():
+    hub = Hub()
+    session, oracle = hub.session(1)
+    hub.router.requests(session, [request(1, 1), request(1, 2, oneway=True)])
+    hub.router.expire(hub.clock.now + REPLY_TIMEOUT)
+    assert error_code(oracle.take()[0]) == b"DCO-0002"
+    worker = hub.up()
+    hub.dispatch()
+    assert worker.rseqs() == [2] and hub.router.proxies[1].counters.expired == 1
+
+
+# ---------------------------------------------------------------- an instance goes
+
+
+def test_requeue_when_an_instance_goes():
+    hub = Hub(make_proxy(instances=2))
+    gone = hub.up(0)
+    session, oracle = hub.session(1)
+    hub.router.requests(session, [request(1, 1), request(1, 2, oneway=True), request(1, 3, oneway=True),
+                                  request(1, 4), request(1, 5, oneway=True), request(1, 6)])
+    sent = gone.sent[:]
+    assert len(sent) == 6
+    hub.router.reply(hub.instance(0), ack(1, 2))
+    # The kernel took 1..3; 4..6 were still in the connection's outbox.
+    hub.router.requeue(hub.instance(0), [bytearray(pdu) for pdu in sent[3:]])
+    [lost] = oracle.take()
+    assert lost[2] == 1 and error_code(lost) == b"DCO-0003"  # sent: the worker may have acted on it
+    assert hub.instance(0).state == "connecting" and hub.instance(0).conn is None
+    other = hub.up(1)
+    hub.dispatch()
+    assert other.rseqs() == [3, 4, 5, 6]  # the unacknowledged one-way request first: it was sent first
+    for rseq in (4, 6):
+        hub.router.reply(hub.instance(1), reply(1, rseq))
+    assert oracle.rseqs() == [4, 6]
+    counters = hub.router.proxies[1].counters
+    assert (counters.requeued, counters.duplicates, counters.worker_lost) == (4, 1, 1)
+
+
+def test_fail_answers_every_request_in_flight_with_the_code_given():
+    hub = Hub()
+    hub.up()
+    session, oracle = hub.session(1)
+    hub.router.requests(session, [request(1, 1), request(1, 2)])
+    assert hub.router.fail(hub.instance(), ErrorCode.DRAINING, "hub stopped") == 2
+    assert [error_code(pdu) for pdu in oracle.take()] == [b"DCO-0005"] * 2
+    assert hub.router.inflight == 0 and session.inflight == 0
+
+
+# ---------------------------------------------------------------- hold, quit
+
+
+def test_a_held_instance_gets_nothing_until_released():
+    hub = Hub(make_proxy(instances=2))
+    workers = [hub.up(i) for i in range(2)]
+    session, _ = hub.session(1)
+    hub.router.hold(hub.instance(0))
+    for rseq in range(1, 5):
+        hub.router.requests(session, [request(1, rseq)])
+    assert [len(w.take()) for w in workers] == [0, 4]
+    hub.router.hold(hub.instance(1))
+    hub.router.requests(session, [request(1, 5)])
+    assert [len(w.take()) for w in workers] == [0, 0] and hub.dispatch() is None
+    assert hub.router.inflight == 5  # the queued one counted once, not once per instance
+    hub.woken.clear()
+    hub.router.hold(hub.instance(0), held=False)
+    assert hub.woken == [1]  # the pump: the queue can go now
+    hub.dispatch()
+    assert workers[0].rseqs() == [5]
+
+
+@pytest.mark.parametrize("length, half_close", [(12, True), (6, False)])  # 6: Noradle's worker
+def test_a_quit_notice_stops_dispatch_but_its_replies_still_arrive(length, half_close):
+    hub = Hub(make_proxy(instances=2))
+    workers = [hub.up(i) for i in range(2)]
+    session, oracle = hub.session(1)
+    hub.router.requests(session, [request(1, 1)])
+    quitting = next(i for i, w in enumerate(workers) if w.take())
+    assert hub.router.reply(hub.instance(quitting), bytearray(struct.pack(">iii", length, 0, 0))) is half_close
+    assert hub.instance(quitting).state == "quitting"
+    for rseq in range(2, 5):
+        hub.router.requests(session, [request(1, rseq)])
+    assert workers[quitting].take() == [] and len(workers[1 - quitting].take()) == 3
+    hub.router.reply(hub.instance(quitting), reply(1, 1))
+    assert oracle.rseqs() == [1]
+
+
+def test_workers_connected_once_every_proxy_has_an_instance_up():
+    hub = Hub(make_proxy(1, instances=2), make_proxy(2))
+    hub.up(0, 1)
+    assert not hub.router.workers_connected()
+    hub.up(0, 2)
+    assert hub.router.workers_connected()
+
+
+def test_the_router_imports_no_io():
+    """Sans-IO stays so: importing the router brings in neither trio nor sockets."""
+    code = "import sys, dcod.hub.routing; print(sorted({'trio', 'socket', 'select'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
