@@ -36,7 +36,7 @@ import trio
 
 from dcod import config as configuration
 from dcod import protocol
-from dcod.bench import bench_config
+from dcod.bench.target import bench_config
 from dcod.net.connection import Connection
 from dcod.hub.server import Hub, Session
 from dcod.net.reactor import Reactor
