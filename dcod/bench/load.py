@@ -24,6 +24,7 @@ import trio
 from dcod import log
 from dcod.bench.target import BenchError, Target
 from dcod.client import ClientError, DcoError, Session
+from dcod.supervisor.process import describe_exit
 
 TAG_SIZE = 22  # b"%010d %010d " % (audsid, request number): how a reply is matched to its request
 REPLY_GRACE = 5.0  # seconds after the end for outstanding replies; those still missing are lost
@@ -230,7 +231,11 @@ class LoadProcess:
                 return payload
         if not ready:
             raise BenchError(f"load process {self.plan.index}: no {expected} message within {timeout:g} s")
-        raise BenchError(f"load process {self.plan.index} exited with status {self.process.exitcode}")
+        raise self.exited()
+
+    def exited(self) -> BenchError:
+        """What to raise when the process has exited before its time."""
+        return BenchError(f"load process {self.plan.index} {describe_exit(self.process.exitcode)}")
 
 
 def shares(total: int, parts: int) -> list[int]:

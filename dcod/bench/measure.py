@@ -16,7 +16,7 @@ import psutil
 from dcod.bench.accounting import Measured, dcod_processes, newcomers, spool_bytes
 from dcod.bench.load import REPLY_GRACE, LoadProcess, Schedule, random_audsids, shares, start_loads, stop_loads
 from dcod.bench.scenarios import DISRUPTION_TIMEOUT, plan_disruption, weigh_idle_sessions
-from dcod.bench.target import START_TIMEOUT, BenchError, Target
+from dcod.bench.target import START_TIMEOUT, Target
 
 POLL_INTERVAL = 0.02  # the parent's clock tick: progress, end of a --count run
 PROGRESS_INTERVAL = 1.0  # seconds between progress lines (4 per second on a terminal)
@@ -63,7 +63,7 @@ def _follow(loads: list[LoadProcess], counters, progress: Progress, phase: str, 
             return
         for load in loads:
             if not load.process.is_alive() and not load.pipe.poll():  # died without its result
-                raise BenchError(f"load process {load.plan.index} exited with status {load.process.exitcode}")
+                raise load.exited()
         progress.show(now, phase, sum(counters[0::2]))
         time.sleep(POLL_INTERVAL if until is None else min(POLL_INTERVAL, until - now))
 

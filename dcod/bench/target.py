@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ import trio
 
 from dcod import config as configuration
 from dcod.config import Config, ProxyConfig
+from dcod.net import sockets
+from dcod.supervisor.process import describe_exit
 
 START_TIMEOUT = 30.0  # seconds for `dcod run` to be ready, for a load process to connect, for idle sessions
 SPOOL_READY_TIMEOUT = 1.0  # a --spool hub reaches no worker, so never says "ready": READY=1 comes after this
@@ -73,12 +76,6 @@ def bench_proxy(proxy_id: int, instances: int, spool: bool) -> ProxyConfig:
     return ProxyConfig(id=proxy_id, name="echo", handler="echo", instances=instances)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def python_build() -> str:
     """The Python that ran the bench and the private hub: how it was built changes the hub's
     figures by a fifth (BENCHMARKS.md), so a report says which one it was."""
@@ -106,9 +103,8 @@ def own_hub(base: Config, proxy_id: int, instances: int, *, spool: bool = False)
         directory = Path(tmp)
         config = bench_config(base, directory, Path(runtime), proxy_id, instances, spool=spool)
         log_path = directory / "run.log"
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify, open(log_path, "wb") as run_log:
-            notify.bind(str(directory / "notify.sock"))
-            env = {**os.environ, "NOTIFY_SOCKET": str(directory / "notify.sock")}
+        with NotifySocket(directory / "notify.sock") as notify, open(log_path, "wb") as run_log:
+            env = {**os.environ, **notify.env}
             run = subprocess.Popen([sys.executable, "-m", "dcod", "run", "--config", config.source], env=env,
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=run_log)
             try:
@@ -118,17 +114,13 @@ def own_hub(base: Config, proxy_id: int, instances: int, *, spool: bool = False)
                 _stop(run, config.supervisor.drain_timeout + config.supervisor.stop_timeout)
 
 
-def _wait_ready(notify: socket.socket, run: subprocess.Popen, log_path: Path) -> None:
+def _wait_ready(notify: NotifySocket, run: subprocess.Popen, log_path: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while (left := deadline - time.monotonic()) > 0:
-        notify.settimeout(min(left, 0.2))
-        try:
-            if "READY=1" in notify.recv(4096).decode().split("\n"):
-                return
-        except TimeoutError:
-            pass
+        if notify.wait("READY=1", min(left, 0.2)) is not None:
+            return
         if run.poll() is not None:
-            raise BenchError(f"dcod run exited with status {run.returncode}:\n{_tail(log_path)}")
+            raise BenchError(f"dcod run {describe_exit(run.returncode)}:\n{_tail(log_path)}")
     raise BenchError(f"dcod run not ready within {START_TIMEOUT:g} s:\n{_tail(log_path)}")
 
 
@@ -145,3 +137,97 @@ def _stop(run: subprocess.Popen, timeout: float) -> None:
         run.wait()
 
 
+
+
+# ---------------------------------------------------------------- starting a `dcod run`, for tests/ and bench/ too
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NotifySocket:
+    """A private NOTIFY_SOCKET (put ``env`` in the environment of a `dcod run`), read as systemd reads its own:
+    every sd_notify datagram at once, by a thread, so that the sender never waits on us. ``wait`` or, from trio,
+    ``notification`` return the messages with a given field one after the other."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.messages: list[str] = []
+        self._returned = 0  # the first message a wait may return: those before were returned or passed over
+        self._arrived = threading.Condition()
+        self._closed = False
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.bind(str(path))
+        threading.Thread(target=self._read, name=f"notify {path}", daemon=True).start()
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"NOTIFY_SOCKET": str(self.path)}
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._socket.recv(65536).decode()
+            except OSError:
+                return
+            with self._arrived:
+                if self._closed:
+                    return  # close() woke the recv
+                self.messages.append(message)
+                self._arrived.notify_all()
+
+    def wait(self, field: str, timeout: float) -> str | None:
+        """The next message, after those already returned, with ``field`` (e.g. "READY=1") among its lines;
+        None if none comes within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while True:
+                for i in range(self._returned, len(self.messages)):
+                    if field in self.messages[i].split("\n"):
+                        self._returned = i + 1
+                        return self.messages[i]
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._arrived.wait(left):
+                    return None
+
+    def pass_over(self) -> None:
+        """From now on, ``wait`` returns only messages that arrive later: those of a process started next."""
+        with self._arrived:
+            self._returned = len(self.messages)
+
+    async def notification(self, field: str, timeout: float) -> str | None:
+        """``wait`` for trio code: a cancellation is seen within a second (the thread waits that long at most)."""
+        with trio.move_on_after(timeout):
+            while (message := await trio.to_thread.run_sync(self.wait, field, min(timeout, 1.0))) is None:
+                pass
+            return message
+        return None
+
+    def close(self) -> None:
+        with self._arrived:
+            self._closed = True
+        self._socket.shutdown(socket.SHUT_RDWR)  # wakes the thread's recv, which close() alone would not
+        self._socket.close()
+
+    def __enter__(self) -> NotifySocket:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+# Moves the socket passed at fd argv[1] to fd 3 and closes the original (or every child of `dcod run` would
+# inherit it), then execs the rest of argv: the product's LISTEN_PID shim, then `dcod run`.
+_TO_FD3 = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd == 3 or os.close(fd); "
+           "os.execv(sys.argv[2], sys.argv[2:])")
+
+
+def socket_activated(argv: list[str], listener: socket.socket, env=os.environ) -> tuple[list[str], dict]:
+    """``argv`` and the options of subprocess.Popen or trio's open_process that start it as systemd starts a
+    socket-activated service: ``listener`` at fd 3, named "hub", LISTEN_PID set to the process's own pid."""
+    fd = listener.fileno()
+    shimmed = [sys.executable, "-c", _TO_FD3, str(fd), *sockets.LISTEN_PID_SHIM, *argv]
+    return shimmed, {"env": sockets.child_environment(["hub"], env), "pass_fds": (fd,)}
