@@ -53,7 +53,11 @@ from pathlib import Path
 import psutil
 import trio
 
+from dcod.bench.accounting import role_of
+from dcod.bench.target import NotifySocket, socket_activated
 from dcod.client import ClientError, DcoError, DcoTimeout, HubLost, HubUnavailable, Session
+from dcod.net import sockets
+from dcod.supervisor.process import describe_exit
 
 SYNC_PROXY, ONEWAY_PROXY = 1, 2
 # The production heartbeat_timeout: with 1.0 s a loaded machine makes the pmon kill hubs that are
@@ -206,61 +210,45 @@ class Service:
         self.ready = trio.Event()  # set when the current `dcod run` said READY=1
         self.stopping = False
         self.restarting = trio.Lock()  # one supervisor fault at a time
-        self.notify_path = workdir / "notify.sock"
-        self.notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notifications: list[str] = []
-        self.env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path),
+        self.notify = NotifySocket(workdir / "notify.sock")
+        self.env = {**os.environ, **self.notify.env,
                     "PYTHONPATH": os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Keep `dcod run` running until stop(); started once it is first ready."""
-        await self.notify.bind(str(self.notify_path))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read_notifications)
             nursery.start_soon(self._reap_orphans)
             first = True
             while True:
+                self.notify.pass_over()  # the READY=1 of a reload of the previous `dcod run` is not this one's
                 await self._start()
-                with trio.move_on_after(60) as waiting:
-                    await self.ready.wait()
-                if waiting.cancelled_caught:
+                if await self.notify.notification("READY=1", 60) is None:
                     self.rec.anomalies.append(f"dcod run (pid {self.proc.pid}) not ready within 60 s")
+                else:
+                    self.ready.set()
                 if first:
                     task_status.started()
                     first = False
                 returncode = await self.proc.wait()
                 self.ready = trio.Event()
-                self.rec.supervisor_exits.append(_describe(returncode))
-                await self._wait_for_tree(f"supervisor pid {self.proc.pid} {_describe(returncode)}")
+                self.rec.supervisor_exits.append(describe_exit(returncode))
+                await self._wait_for_tree(f"supervisor pid {self.proc.pid} {describe_exit(returncode)}")
                 if self.stopping:
                     if returncode != 0:
-                        self.rec.anomalies.append(f"final stop: dcod run {_describe(returncode)}")
+                        self.rec.anomalies.append(f"final stop: dcod run {describe_exit(returncode)}")
                     break
                 await trio.sleep(RESTART_SEC)
             nursery.cancel_scope.cancel()
+        self.notify.close()
 
     async def _start(self) -> None:
-        fd = self.listener.fileno()
-        # As systemd: the socket at fd 3 only (the original fd closed, or every child would inherit it),
-        # LISTEN_PID set to the process's own pid.
-        shim = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd == 3 or os.close(fd); "
-                "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.argv[2], sys.argv[2:])")
-        argv = [sys.executable, "-c", shim, str(fd), sys.executable, "-m", "dcod", "run",
-                "--config", str(self.config_path)]
-        env = {**self.env, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "hub"}
+        argv, options = socket_activated([sys.executable, "-m", "dcod", "run", "--config", str(self.config_path)],
+                                         self.listener, self.env)
         self.rec.supervisor_starts += 1
         log = open(self.workdir / f"supervisor-{self.rec.supervisor_starts}.log", "wb")
-        self.proc = await trio.lowlevel.open_process(argv, env=env, pass_fds=(fd,), stdin=subprocess.DEVNULL,
-                                                     stdout=log, stderr=log)
+        self.proc = await trio.lowlevel.open_process(argv, **options, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         log.close()
         self.ours.add(self.proc.pid)
-
-    async def _read_notifications(self) -> None:
-        while True:
-            message = (await self.notify.recv(65536)).decode()
-            self.notifications.append(message)
-            if "READY=1" in message.split("\n"):
-                self.ready.set()
 
     async def _wait_for_tree(self, why: str) -> None:
         """As systemd after the main process exited (KillMode=mixed): wait until the rest of the
@@ -335,27 +323,12 @@ class Service:
 
 
 def _role(p: psutil.Process) -> str:
+    """A process's role ("hub", "worker 1#0", ...); "" for one gone or still in the LISTEN_PID shim."""
     try:
         cmd = p.cmdline()
     except psutil.Error:
         return ""
-    if not cmd or cmd[0] == "/bin/sh":
-        return ""  # the LISTEN_PID shim, just before its exec
-    for i, arg in enumerate(cmd[:-1]):
-        if arg == "dcod" and i and cmd[i - 1] == "-m":
-            role = cmd[i + 1]
-            if role == "worker":
-                return f"worker {cmd[cmd.index('--proxy') + 1]}#{cmd[cmd.index('--instance') + 1]}"
-            return "supervisor" if role == "run" else role
-    return ""
-
-
-def _describe(returncode: int | None) -> str:
-    if returncode is None:
-        return "running"
-    if returncode < 0:
-        return f"killed by {signal.Signals(-returncode).name}"
-    return f"exited with status {returncode}"
+    return "" if not cmd or cmd[0] == "/bin/sh" else role_of(cmd)
 
 
 # ---------------------------------------------------------------- faults
@@ -675,10 +648,7 @@ def seen_at_workers(workdir: Path) -> list[tuple[bytes, int, float]]:
 async def chaos(args, workdir: Path) -> dict:
     rng = random.Random(args.seed)
     rec = Recorder()
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1024)
+    listener = sockets.bind("127.0.0.1:0")
     port = listener.getsockname()[1]
     config_path = write_config(workdir, port)
     service = Service(workdir, config_path, listener, rec)

@@ -24,7 +24,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from dcod.bench import free_port
+from dcod.bench.target import free_port
 
 HUB_JS = Path(__file__).resolve().parent.parent / "tests" / "noradle" / "ext_hub.js"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import textwrap
 from pathlib import Path
 
@@ -12,15 +11,10 @@ import pytest
 import trio
 
 from dcod import config as configuration
+from dcod.bench.target import free_port
 from dcod.net import sockets
 from dcod.hub.server import Hub
 from runs import ECHO, Run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

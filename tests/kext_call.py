@@ -38,7 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ORACLE_MAGIC = 197610262
+from peers import ORACLE_MAGIC
+
 HANDSHAKE = struct.Struct(">iiiI")  # magic, sid, serial, audsid
 HEADER = struct.Struct(">iii")  # length, proxy id, rseq (request); length, audsid, rseq (reply)
 INT = struct.Struct(">i")

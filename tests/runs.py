@@ -8,10 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 
 import psutil
-import trio
+
+from dcod.bench.target import NotifySocket, socket_activated
 
 _numbers = itertools.count()
 ECHO = '[[proxy]]\nid = 1\nhandler = "echo"\ninstances = 2\n'
@@ -22,52 +22,20 @@ class Run:
 
     def __init__(self, config, tmp_path, listen_socket: socket.socket | None = None) -> None:
         self.config = config
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify_path = tmp_path / f"notify-{next(_numbers)}.sock"
-        self.notify.bind(str(notify_path))
-        self.notifications: list[str] = []
-        self._seen = 0
-        self._arrived = threading.Condition()
-        threading.Thread(target=self._read_notifications, daemon=True).start()
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+        self.notify = NotifySocket(notify_path)
+        env = {**os.environ, **self.notify.env}
         argv = [sys.executable, "-m", "dcod", "run", "--config", config.source]
-        pass_fds = ()
+        options = {"env": env}
         if listen_socket is not None:
-            # As systemd would: the socket at fd 3, LISTEN_PID set to the process's own pid.
-            fd = listen_socket.fileno()
-            env.update(LISTEN_FDS="1", LISTEN_FDNAMES="hub")
-            shim = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
-                    "os.execv(sys.argv[2], sys.argv[2:])")
-            argv = [sys.executable, "-c", shim, str(fd), *argv]
-            pass_fds = (fd,)
+            argv, options = socket_activated(argv, listen_socket, env)
         self.stderr_path = notify_path.with_suffix(".log")
-        self.proc = subprocess.Popen(argv, env=env, pass_fds=pass_fds, stdin=subprocess.DEVNULL,
-                                     stderr=open(self.stderr_path, "wb"))
-
-    def _read_notifications(self) -> None:
-        """Read every datagram at once, as systemd does, so the supervisor never waits on us."""
-        while True:
-            try:
-                message = self.notify.recv(4096).decode()
-            except OSError:
-                return
-            with self._arrived:
-                self.notifications.append(message)
-                self._arrived.notify_all()
+        self.proc = subprocess.Popen(argv, **options, stdin=subprocess.DEVNULL, stderr=open(self.stderr_path, "wb"))
 
     async def notification(self, field: str, timeout: float = 15.0) -> str:
         """The next sd_notify message (after those already returned) containing field, e.g. "READY=1"."""
-        def wait() -> str | None:
-            with self._arrived:
-                while True:
-                    for i in range(self._seen, len(self.notifications)):
-                        if field in self.notifications[i].split("\n"):
-                            self._seen = i + 1
-                            return self.notifications[i]
-                    if not self._arrived.wait(timeout):
-                        return None
-        message = await trio.to_thread.run_sync(wait)
-        assert message is not None, f"no {field} within {timeout}s; got {self.notifications[self._seen:]}"
+        message = await self.notify.notification(field, timeout)
+        assert message is not None, f"no {field} within {timeout}s; got {self.notify.messages}"
         return message
 
     def children(self) -> list[psutil.Process]:

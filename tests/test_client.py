@@ -1,15 +1,13 @@
-"""The Oracle-session client against a fake hub written byte by byte from DESIGN §2.
+"""The Oracle-session client against a fake hub written byte by byte from the wire protocol.
 
-The fake hub uses trio sockets and struct only, never dcod's own protocol code, so these
+The fake hub (tests/peers.py) uses trio sockets and struct only, never dcod's own protocol code, so these
 tests hold the client to the spec rather than to itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import socket
 import struct
 from pathlib import Path
 
@@ -17,100 +15,15 @@ import pytest
 import trio
 import trio.testing
 
+from dcod.bench.target import free_port
 from dcod.client import ClientError, DcoError, DcoTimeout, HubLost, HubUnavailable, Session, call
 from dcod.config import AlertConfig, Config
+from peers import ORACLE_MAGIC, FakeHub
 
-ORACLE_MAGIC = 197610262
 AUDSID = 3_000_000_001  # above 2**31: the audsid travels unsigned
 ERROR_REPLIES = 0xDC0D0001  # the handshake's sid field: "I parse error replies" (issue 15)
 SERIAL = 4242
 DEADLINE = 5.0  # no test may hang: each session block fails after this
-
-
-class Peer:
-    """A session's connection as the fake hub sees it: the bytes received so far, and replies."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.received = bytearray()
-        self.eof = False
-        self.audsid: int | None = None
-        self._changed = trio.Event()
-
-    async def pump(self) -> None:
-        try:
-            while data := await self.stream.receive_some():
-                self.received += data
-                self._wake()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        self.eof = True
-        self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def take(self, size: int) -> bytes:
-        while len(self.received) < size:
-            if self.eof:
-                raise EOFError(f"the session closed with {bytes(self.received)!r} unread")
-            await self._changed.wait()
-        data = bytes(self.received[:size])
-        del self.received[:size]
-        return data
-
-    async def closed(self) -> None:
-        """Wait until the session closes the connection."""
-        while not self.eof:
-            await self._changed.wait()
-
-    async def handshake(self) -> tuple[int, int, int, int]:
-        """(magic, sid field read unsigned, serial, audsid)."""
-        magic, sid, serial, self.audsid = struct.unpack(">iIiI", await self.take(16))
-        return magic, sid, serial, self.audsid
-
-    async def request(self) -> tuple[int, int, int, bytes]:
-        """(length, proxy_id, rseq, body) of the next request."""
-        length, proxy_id, rseq = struct.unpack(">iii", await self.take(12))
-        return length, proxy_id, rseq, await self.take(abs(length) - 12)
-
-    async def reply(self, rseq: int, body: bytes, *, error: bool = False) -> None:
-        length = 12 + len(body)
-        await self.stream.send_all(struct.pack(">iIi", -length if error else length, self.audsid, rseq) + body)
-
-
-class FakeHub:
-    """Accepts sessions on 127.0.0.1 and hands each one to the test as a Peer."""
-
-    def __init__(self, listener: trio.SocketListener) -> None:
-        self.listener = listener
-        self.address = "127.0.0.1:%d" % listener.socket.getsockname()[1]
-        self.accepted = 0
-        self._new_peers, self._peers = trio.open_memory_channel(math.inf)
-
-    async def serve(self, nursery: trio.Nursery) -> None:
-        try:
-            while True:
-                peer = Peer(await self.listener.accept())
-                self.accepted += 1
-                nursery.start_soon(peer.pump)
-                self._new_peers.send_nowait(peer)
-        except trio.ClosedResourceError:
-            pass  # stopped listening, as a quitting hub does
-
-    async def connection(self) -> Peer:
-        """The next session that connected, nothing read yet."""
-        return await self._peers.receive()
-
-    async def accept(self) -> Peer:
-        """The next session that connected, its handshake read."""
-        peer = await self.connection()
-        assert (await peer.handshake())[0] == ORACLE_MAGIC
-        return peer
-
-    async def stop_listening(self) -> None:
-        await self.listener.aclose()
 
 
 @pytest.fixture
@@ -143,9 +56,7 @@ def raise_alert(path: Path, counter: int, message: str) -> None:
 
 def refused_address() -> str:
     """A local port nobody listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return "127.0.0.1:%d" % s.getsockname()[1]
+    return f"127.0.0.1:{free_port()}"
 
 
 @contextlib.asynccontextmanager

@@ -7,7 +7,7 @@ preamble; the max_pdu bounds, exactly; and the memory it holds after any feed() 
 one PDU (so a connection costs at most max_pdu + one recv).
 
 The hub: a real Hub on real sockets, in a trio loop of its own thread (hypothesis and
-pytest-trio fixtures do not mix), with a byte-level echo worker. Whatever a session sends, the
+pytest-trio fixtures do not mix), with a byte-level echo worker (tests/peers.py). Whatever a session sends, the
 session is either served (every valid request forwarded, every sync one answered) or closed
 with one protocol error counted in hub.totals; no exception escapes the hub's tasks, it keeps
 serving a well-behaved session afterwards, and it keeps no per-connection state once closed.
@@ -31,9 +31,8 @@ from dcod import protocol
 from dcod.net import sockets
 from dcod.hub.server import Hub
 from dcod.protocol import Framer, ProtocolError
+from peers import ORACLE_MAGIC, WorkerPeer, handshake, read_pdu, reply_pdu, request_pdu, send_all
 
-ORACLE_MAGIC = 197610262  # the spec's numbers, not dcod's constants
-HUB_MAGIC = 197610263
 INT32 = st.integers(min_value=-(1 << 31), max_value=(1 << 31) - 1)
 HUB_MAX_PDU = 4096
 KNOWN_PROXY = 1
@@ -243,9 +242,7 @@ class HubThread:
         self._token = trio.lowlevel.current_trio_token()
         listener = sockets.bind("127.0.0.1:0")
         self.address = "127.0.0.1:%d" % listener.getsockname()[1]
-        worker = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await worker.bind(str(self.config.worker_socket(KNOWN_PROXY, 0)))
-        worker.listen(16)
+        worker = await WorkerPeer(str(self.config.worker_socket(KNOWN_PROXY, 0))).listen()
         self.hub = Hub(self.config)
         with trio.CancelScope() as self._cancel:
             async with trio.open_nursery() as nursery:
@@ -255,35 +252,24 @@ class HubThread:
                     await trio.sleep(0.01)
                 self._started.set()
 
-    async def _worker(self, listener) -> None:
+    async def _worker(self, worker: WorkerPeer) -> None:
         async with trio.open_nursery() as nursery:
             while True:
-                sock, _ = await listener.accept()
-                nursery.start_soon(self._serve_hub, sock)
+                nursery.start_soon(self._serve_hub, await worker.accept())
 
     async def _serve_hub(self, sock) -> None:
+        """Echo sync requests; record one-way requests and acknowledge them (the hub asked, on connecting)."""
         with sock:
-            buf = b""
-            while len(buf) < 4:
-                buf += await sock.recv(4 - len(buf))
-            assert struct.unpack(">i", buf)[0] == HUB_MAGIC
-            buf = b""
-            while data := await sock.recv(65536):
-                buf += data
-                while len(buf) >= 12:
-                    length, audsid, rseq = struct.unpack_from(">iIi", buf)
-                    if len(buf) < abs(length):
-                        break
-                    body, buf = buf[12:abs(length)], buf[abs(length):]
-                    if (length, audsid, rseq) == (12, 0, -1):
-                        continue  # the hub asks a dcod worker to acknowledge one-way requests
-                    if length > 0:
-                        reply = struct.pack(">iIi", length, audsid, rseq) + body
-                    else:
-                        self.oneway[audsid].append((rseq, body))
-                        reply = struct.pack(">iIi", 12, audsid, rseq)  # the acknowledgement
-                    while reply:
-                        reply = reply[await sock.send(reply):]
+            while True:
+                try:
+                    length, audsid, rseq, body = await read_pdu(sock)
+                except EOFError:
+                    return
+                if length > 0:
+                    await send_all(sock, reply_pdu(audsid, rseq, body))
+                else:
+                    self.oneway[audsid].append((rseq, body))
+                    await send_all(sock, reply_pdu(audsid, rseq))  # the acknowledgement
 
 
 @pytest.fixture(scope="module")
@@ -459,8 +445,7 @@ def test_hub_serves_or_closes_cleanly_whatever_a_session_sends(live_hub, stream,
     assert live_hub.crash is None, f"an exception escaped the hub: {live_hub.crash!r}"
     good = _connect(live_hub.address)
     try:
-        good.sendall(struct.pack(">iiiI", ORACLE_MAGIC, 1, 1, WELL_BEHAVED) + struct.pack(">iii", 14, KNOWN_PROXY, 1)
-                     + b"ok")
+        good.sendall(handshake(WELL_BEHAVED, 1, 1) + request_pdu(KNOWN_PROXY, 1, b"ok"))
         assert _read_pdus(good, 1)[0] == [(14, WELL_BEHAVED, 1, b"ok")]
     finally:
         good.close()
@@ -487,11 +472,11 @@ def test_a_session_that_never_reads_costs_bounded_hub_memory(live_hub):
     sock.settimeout(1.0)
     most = sent = 0
     try:
-        sock.sendall(struct.pack(">iiiI", ORACLE_MAGIC, 1, 1, audsid))
+        sock.sendall(handshake(audsid, 1, 1))
         started = looked = time.monotonic()
         while time.monotonic() - started < 10 and most < bound:
             try:
-                sock.sendall(struct.pack(">iii", HUB_MAX_PDU, KNOWN_PROXY, sent + 1) + body)
+                sock.sendall(request_pdu(KNOWN_PROXY, sent + 1, body))
             except (socket.timeout, BrokenPipeError, ConnectionResetError):
                 break  # the hub stopped reading us, or closed us: bounded either way
             sent += 1

@@ -9,7 +9,8 @@ import pytest
 import trio
 
 from conftest import wait_for
-from peers import OracleSession, WorkerPeer, closed_by_peer, open_raw, read_pdu, reply_pdu, request_pdu, send_all
+from peers import (HUB_HANDSHAKE, OracleSession, WorkerPeer, closed_by_peer, handshake, open_raw, read_pdu,
+                   recv_exactly, reply_pdu, request_pdu, send_all)
 
 ONE_PROXY = """
 [[proxy]]
@@ -88,7 +89,7 @@ async def test_pdus_split_and_coalesced_at_any_boundary(hub_with_workers):
     hub, address, [hub_side] = await hub_with_workers(proxies())
     for audsid in range(1, 3 * 15 + 16 + 2):
         # The handshake and three PDUs as one byte string, sent in two writes cut at every offset.
-        stream = struct.pack(">iiiI", 197610262, 1, 2, audsid) + b"".join(request_pdu(1, n, b"abc") for n in (1, 2, 3))
+        stream = handshake(audsid, 1, 2) + b"".join(request_pdu(1, n, b"abc") for n in (1, 2, 3))
         cut = audsid - 1
         raw = await open_raw(address)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -292,7 +293,7 @@ async def test_external_worker_over_tcp(make_config, start_hub):
     listener.listen()
     hub, address = await start_hub(config)
     hub_side, _ = await listener.accept()
-    assert struct.unpack(">i", await hub_side.recv(4))[0] == 197610263
+    assert await recv_exactly(hub_side, 4) == HUB_HANDSHAKE
     session = await OracleSession.connect(address, audsid=28)
     await session.send(2, 1, b"tcp")
     assert await read_pdu(hub_side) == (15, 28, 1, b"tcp")

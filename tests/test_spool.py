@@ -19,7 +19,7 @@ import dcod
 from conftest import wait_for
 from dcod.hub.spool import FILE_HEADER, MAGIC, RECORD_HEADER, Spool, SpoolBusy, SpoolDir, SpoolFull
 from mounts import fill, remount, tmpfs
-from peers import OracleSession, WorkerPeer, read_pdu, reply_pdu, send_all
+from peers import OracleSession, WorkerPeer, forwarded_pdu, read_pdu, reply_pdu, send_all
 
 
 def open_spool(path, memory_limit=1 << 20, size_limit=1 << 30):
@@ -379,7 +379,7 @@ def test_spools_of_the_previous_release_are_taken_over(tmp_path):
 
 def routed(rseq: int, body: bytes) -> bytes:
     """A one-way request as the hub spools it (the proxy id replaced by the session's audsid)."""
-    return struct.pack(">iIi", -(12 + len(body)), 77, rseq) + body
+    return forwarded_pdu(77, rseq, body, oneway=True)
 
 
 async def test_a_hub_delivers_all_but_the_damaged_record_of_a_spool_it_takes_over(make_config, start_hub, caplog):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import signal
-import socket
 
 import psutil
 import trio
 
+from dcod.net import sockets
 from conftest import wait_for
 from peers import OracleSession
 from runs import ECHO
@@ -37,9 +37,7 @@ async def test_run_is_ready_serves_and_stops_in_order(run):
 
 
 async def test_socket_from_systemd_is_used(run):
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
+    listener = sockets.bind("127.0.0.1:0")
     address = "127.0.0.1:%d" % listener.getsockname()[1]
     r = run(listen_socket=listener)
     await r.notification("READY=1")

@@ -1,5 +1,5 @@
-"""The worker runtime, driven from the hub's side of the wire by a byte-level peer written from
-DESIGN §2 (struct and raw sockets, not dcod.protocol), on real Unix sockets.
+"""The worker runtime, driven from the hub's side of the wire by a byte-level peer (tests/peers.py:
+struct and raw sockets, not dcod.protocol), on real Unix sockets.
 
 Where a test needs "the worker has read everything sent so far", it uses
 trio.testing.wait_all_tasks_blocked(): the worker runs in the test's own trio run, and on a
@@ -26,68 +26,7 @@ from trio.testing import wait_all_tasks_blocked
 
 from dcod.net import sockets
 from dcod.worker.runtime import Handler, HandlerError, Request, Worker, load_handler
-
-HUB_MAGIC = struct.pack(">i", 197610263)
-ORACLE_MAGIC = struct.pack(">i", 197610262)
-HEADER = struct.Struct(">iIi")  # length (whole PDU, signed), audsid (unsigned), rseq
-QUIT_NOTICE = HEADER.pack(12, 0, 0)
-ACK_ONEWAY = HEADER.pack(12, 0, -1)  # our extension: a dcod hub asks for acks of one-way requests
-
-
-def request(audsid: int, rseq: int, body: bytes = b"", *, oneway: bool = False) -> bytes:
-    size = 12 + len(body)
-    return HEADER.pack(-size if oneway else size, audsid, rseq) + body
-
-
-def reply(audsid: int, rseq: int, body: bytes = b"", *, error: bool = False) -> bytes:
-    size = 12 + len(body)
-    return HEADER.pack(-size if error else size, audsid, rseq) + body
-
-
-class HubEnd:
-    """The hub's end of one connection to the worker, at byte level."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self._buf = bytearray()
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def half_close(self) -> None:
-        await self.stream.send_eof()
-
-    async def read_pdu(self) -> bytes | None:
-        """The next whole PDU as sent, or None if the worker closed the connection (EOF or reset)."""
-        while True:
-            if len(self._buf) >= 12:
-                size = abs(HEADER.unpack_from(self._buf)[0])
-                if len(self._buf) >= size:
-                    pdu = bytes(self._buf[:size])
-                    del self._buf[:size]
-                    return pdu
-            try:
-                data = await self.stream.receive_some()
-            except trio.BrokenResourceError:
-                data = b""
-            if not data:
-                assert not self._buf, f"connection closed in the middle of a PDU: {bytes(self._buf)!r}"
-                return None
-            self._buf += data
-
-    async def pdus_until_closed(self) -> list[bytes]:
-        pdus = []
-        while (pdu := await self.read_pdu()) is not None:
-            pdus.append(pdu)
-        return pdus
-
-
-@asynccontextmanager
-async def connected_hub(path: str, magic: bytes = HUB_MAGIC):
-    stream = await trio.open_unix_socket(path)
-    async with stream:
-        await stream.send_all(magic)
-        yield HubEnd(stream)
+from peers import ACK_ONEWAY, HEADER, HUB_HANDSHAKE, ORACLE_MAGIC, QUIT_NOTICE, connected_hub, forwarded_pdu, reply_pdu
 
 
 @dataclass
@@ -96,7 +35,7 @@ class Served:
     path: str
     clean: bool | None = None  # what serve() returned, once it has
 
-    def hub(self, magic: bytes = HUB_MAGIC):
+    def hub(self, magic: bytes = HUB_HANDSHAKE):
         return connected_hub(self.path, magic)
 
 
@@ -143,13 +82,13 @@ class Gate:
 async def test_sync_request_gets_its_body_back_byte_exact(tmp_path):
     body = bytes(range(256)) * 3
     async with serving(tmp_path, echo) as served, served.hub() as hub:
-        await hub.send(request(3_000_000_000, 2**31 - 1, body))  # an audsid beyond int32 travels unsigned
-        assert await hub.read_pdu() == reply(3_000_000_000, 2**31 - 1, body)
+        await hub.send(forwarded_pdu(3_000_000_000, 2**31 - 1, body))  # an audsid beyond int32 travels unsigned
+        assert await hub.read_pdu() == reply_pdu(3_000_000_000, 2**31 - 1, body)
 
 
 async def test_empty_body_gets_an_empty_reply_not_a_quit_notice(tmp_path):
     async with serving(tmp_path, echo) as served, served.hub() as hub:
-        await hub.send(request(77, 1, b""))
+        await hub.send(forwarded_pdu(77, 1, b""))
         assert await hub.read_pdu() == HEADER.pack(12, 77, 1)
 
 
@@ -160,8 +99,8 @@ async def test_handler_results_become_reply_bodies(tmp_path, result, body):
         return result
 
     async with serving(tmp_path, handle) as served, served.hub() as hub:
-        await hub.send(request(5, 9, b"anything"))
-        assert await hub.read_pdu() == reply(5, 9, body)
+        await hub.send(forwarded_pdu(5, 9, b"anything"))
+        assert await hub.read_pdu() == reply_pdu(5, 9, body)
 
 
 @pytest.mark.parametrize("acked", [False, True])
@@ -174,11 +113,12 @@ async def test_oneway_request_runs_and_gets_no_reply_only_an_ack_if_asked(tmp_pa
 
     async with serving(tmp_path, handle) as served:
         async with served.hub() as hub:
-            await hub.send((ACK_ONEWAY if acked else b"") + request(8, 1, b"fire", oneway=True) + request(8, 2, b"ask"))
+            await hub.send((ACK_ONEWAY if acked else b"") + forwarded_pdu(8, 1, b"fire", oneway=True)
+                           + forwarded_pdu(8, 2, b"ask"))
             await hub.half_close()
             # The worker answers all it read before closing: a reply to the one-way would be here.
             assert sorted(await hub.pdus_until_closed()) == \
-                sorted([reply(8, 2, b"not for a one-way request"), *([reply(8, 1)] if acked else [])])
+                sorted([reply_pdu(8, 2, b"not for a one-way request"), *([reply_pdu(8, 1)] if acked else [])])
         # The ack request is not a request: the handler never sees it.
         assert sorted(seen) == [(8, 1, b"fire", False), (8, 2, b"ask", True)]
         stats = served.worker.stats()
@@ -197,13 +137,15 @@ async def test_oneway_requests_are_acked_once_handled(tmp_path):
         return req.body
 
     async with serving(tmp_path, handle) as served, served.hub() as hub:
-        await hub.send(ACK_ONEWAY + b"".join(request(audsid, rseq, b"fire", oneway=True) for audsid, rseq in oneway))
+        await hub.send(ACK_ONEWAY + b"".join(forwarded_pdu(audsid, rseq, b"fire", oneway=True)
+                                             for audsid, rseq in oneway))
         await wait_all_tasks_blocked()  # all read, all held in the handler
         # This reply comes out after anything sent so far: an ack on receipt would be first.
-        await hub.send(request(3, 4, b"ask"))
-        assert await hub.read_pdu() == reply(3, 4, b"ask")
+        await hub.send(forwarded_pdu(3, 4, b"ask"))
+        assert await hub.read_pdu() == reply_pdu(3, 4, b"ask")
         release.set()
-        assert sorted([await hub.read_pdu() for _ in oneway]) == sorted(reply(audsid, rseq) for audsid, rseq in oneway)
+        assert sorted([await hub.read_pdu() for _ in oneway]) == \
+            sorted(reply_pdu(audsid, rseq) for audsid, rseq in oneway)
         assert sorted(handled) == sorted(oneway)
         assert sorted(seen) == sorted([*oneway, (3, 4)])
         assert served.worker.stats()["acks"] == len(oneway)
@@ -212,16 +154,17 @@ async def test_oneway_requests_are_acked_once_handled(tmp_path):
 async def test_ack_request_counts_only_as_the_first_pdu(tmp_path):
     # Later, it is no more than a request (an empty one, with an rseq no session sends).
     async with serving(tmp_path, echo) as served, served.hub() as hub:
-        await hub.send(request(5, 1, b"first") + ACK_ONEWAY + request(5, 2, b"fire", oneway=True))
+        await hub.send(forwarded_pdu(5, 1, b"first") + ACK_ONEWAY + forwarded_pdu(5, 2, b"fire", oneway=True))
         await hub.half_close()
-        assert sorted(await hub.pdus_until_closed()) == sorted([reply(5, 1, b"first"), reply(0, -1)])
+        assert sorted(await hub.pdus_until_closed()) == sorted([reply_pdu(5, 1, b"first"), reply_pdu(0, -1)])
 
 
 async def test_pdus_split_at_every_byte_or_coalesced_are_all_served(tmp_path):
-    requests = [request(4, 1, b"first"), request(4, 2), request(4, 3, b"x" * 300),
-                request(4, 4, b"one-way", oneway=True), request(4, 5, b"last")]
-    expected = sorted([reply(4, 1, b"first"), reply(4, 2), reply(4, 3, b"x" * 300), reply(4, 5, b"last")])
-    stream = HUB_MAGIC + b"".join(requests)
+    requests = [forwarded_pdu(4, 1, b"first"), forwarded_pdu(4, 2), forwarded_pdu(4, 3, b"x" * 300),
+                forwarded_pdu(4, 4, b"one-way", oneway=True), forwarded_pdu(4, 5, b"last")]
+    expected = sorted([reply_pdu(4, 1, b"first"), reply_pdu(4, 2), reply_pdu(4, 3, b"x" * 300),
+                       reply_pdu(4, 5, b"last")])
+    stream = HUB_HANDSHAKE + b"".join(requests)
     async with serving(tmp_path, echo) as served:
         async with served.hub(magic=b"") as byte_by_byte, served.hub(magic=b"") as coalesced:
             for i in range(len(stream)):
@@ -236,8 +179,8 @@ async def test_pdus_split_at_every_byte_or_coalesced_are_all_served(tmp_path):
 async def test_pdu_of_exactly_max_pdu_is_served(tmp_path):
     body = b"m" * (1024 - 12)
     async with serving(tmp_path, echo, max_pdu=1024) as served, served.hub() as hub:
-        await hub.send(request(1, 1, body))
-        assert await hub.read_pdu() == reply(1, 1, body)
+        await hub.send(forwarded_pdu(1, 1, body))
+        assert await hub.read_pdu() == reply_pdu(1, 1, body)
 
 
 # ---------------------------------------------------------------- failures
@@ -262,8 +205,8 @@ async def _return_too_much(req):
 ])
 async def test_failed_sync_request_gets_an_error_reply(tmp_path, handle, text):
     async with serving(tmp_path, handle, max_pdu=1024) as served, served.hub() as hub:
-        await hub.send(request(6, 3, b"please"))
-        assert await hub.read_pdu() == reply(6, 3, text, error=True)
+        await hub.send(forwarded_pdu(6, 3, b"please"))
+        assert await hub.read_pdu() == reply_pdu(6, 3, text, error=True)
         assert served.worker.stats()["errors"] == 1
 
 
@@ -271,22 +214,22 @@ async def test_failed_sync_request_gets_an_error_reply(tmp_path, handle, text):
 async def test_failed_oneway_request_is_logged_counted_and_acked_if_asked(tmp_path, caplog, acked):
     async with serving(tmp_path, _raise_value_error) as served:
         async with served.hub() as hub:
-            await hub.send((ACK_ONEWAY if acked else b"") + request(7, 2, b"quietly", oneway=True))
+            await hub.send((ACK_ONEWAY if acked else b"") + forwarded_pdu(7, 2, b"quietly", oneway=True))
             await hub.half_close()
             # Acked all the same: sent again, it would fail again.
-            assert await hub.pdus_until_closed() == ([reply(7, 2)] if acked else [])
+            assert await hub.pdus_until_closed() == ([reply_pdu(7, 2)] if acked else [])
         assert served.worker.stats()["errors"] == 1
     assert "one-way request (audsid 7, rseq 2) failed: ValueError: boom: quietly" in caplog.text
 
 
 async def test_bad_magic_closes_only_that_connection(tmp_path):
     async with serving(tmp_path, echo) as served:
-        async with served.hub() as good, served.hub(magic=ORACLE_MAGIC) as bad:
-            await good.send(request(1, 1, b"before"))
-            assert await good.read_pdu() == reply(1, 1, b"before")
+        async with served.hub() as good, served.hub(magic=struct.pack(">i", ORACLE_MAGIC)) as bad:
+            await good.send(forwarded_pdu(1, 1, b"before"))
+            assert await good.read_pdu() == reply_pdu(1, 1, b"before")
             assert await bad.pdus_until_closed() == []
-            await good.send(request(1, 2, b"after"))
-            assert await good.read_pdu() == reply(1, 2, b"after")
+            await good.send(forwarded_pdu(1, 2, b"after"))
+            assert await good.read_pdu() == reply_pdu(1, 2, b"after")
         assert served.worker.stats()["protocol_errors"] == 1
 
 
@@ -296,8 +239,8 @@ async def test_pdu_length_out_of_bounds_closes_only_that_connection(tmp_path, le
         async with served.hub() as good, served.hub() as bad:
             await bad.send(HEADER.pack(length, 1, 1) + b"x" * 20)
             assert await bad.pdus_until_closed() == []
-            await good.send(request(1, 1, b"unaffected"))
-            assert await good.read_pdu() == reply(1, 1, b"unaffected")
+            await good.send(forwarded_pdu(1, 1, b"unaffected"))
+            assert await good.read_pdu() == reply_pdu(1, 1, b"unaffected")
         assert served.worker.stats()["protocol_errors"] == 1
 
 
@@ -308,15 +251,15 @@ async def test_concurrency_limit_is_shared_by_all_hubs(tmp_path):
     gate = Gate()
     async with serving(tmp_path, gate.handle, concurrency=3) as served:
         async with served.hub() as old, served.hub() as new:
-            await old.send(b"".join(request(1, rseq, b"old") for rseq in range(1, 6)))
-            await new.send(b"".join(request(2, rseq, b"new") for rseq in range(1, 6)))
+            await old.send(b"".join(forwarded_pdu(1, rseq, b"old") for rseq in range(1, 6)))
+            await new.send(b"".join(forwarded_pdu(2, rseq, b"new") for rseq in range(1, 6)))
             await wait_all_tasks_blocked()
             assert gate.running == 3
             assert served.worker.stats()["inflight"] == 3
             gate.opened.set()
             for hub, audsid, body in ((old, 1, b"old"), (new, 2, b"new")):
                 assert sorted([await hub.read_pdu() for _ in range(5)]) == \
-                    sorted(reply(audsid, rseq, body) for rseq in range(1, 6))
+                    sorted(reply_pdu(audsid, rseq, body) for rseq in range(1, 6))
     assert gate.peak == 3
 
 
@@ -328,8 +271,8 @@ async def test_handlers_that_never_wait_share_one_task(tmp_path):
         return req.body
 
     async with serving(tmp_path, handle) as served, served.hub() as hub:
-        await hub.send(b"".join(request(1, rseq, b"x") for rseq in range(1, 11)))
-        assert [await hub.read_pdu() for _ in range(10)] == [reply(1, rseq, b"x") for rseq in range(1, 11)]
+        await hub.send(b"".join(forwarded_pdu(1, rseq, b"x") for rseq in range(1, 11)))
+        assert [await hub.read_pdu() for _ in range(10)] == [reply_pdu(1, rseq, b"x") for rseq in range(1, 11)]
     assert len(tasks) == 10 and len(set(tasks)) == 1  # no task spawned per request
 
 
@@ -343,9 +286,9 @@ async def test_each_request_runs_in_a_context_of_its_own(tmp_path):
         return before + b" " + seen.get()
 
     async with serving(tmp_path, handle) as served, served.hub() as hub:
-        await hub.send(b"".join(request(1, rseq, b"r%d" % rseq) for rseq in range(1, 4)))
+        await hub.send(b"".join(forwarded_pdu(1, rseq, b"r%d" % rseq) for rseq in range(1, 4)))
         assert sorted([await hub.read_pdu() for _ in range(3)]) == \
-            sorted(reply(1, rseq, b"unset r%d" % rseq) for rseq in range(1, 4))
+            sorted(reply_pdu(1, rseq, b"unset r%d" % rseq) for rseq in range(1, 4))
 
 
 async def test_saturated_worker_stops_reading(tmp_path):
@@ -356,7 +299,7 @@ async def test_saturated_worker_stops_reading(tmp_path):
         sent_all = trio.Event()
 
         async def send_requests():
-            await hub.send(b"".join(request(1, rseq) for rseq in range(1, count + 1)))
+            await hub.send(b"".join(forwarded_pdu(1, rseq) for rseq in range(1, count + 1)))
             sent_all.set()
 
         async with trio.open_nursery() as nursery:
@@ -366,7 +309,7 @@ async def test_saturated_worker_stops_reading(tmp_path):
             assert not sent_all.is_set()
             assert served.worker.stats()["requests"] == 1
             gate.opened.set()
-            assert [await hub.read_pdu() for _ in range(count)] == [reply(1, rseq) for rseq in range(1, count + 1)]
+            assert [await hub.read_pdu() for _ in range(count)] == [reply_pdu(1, rseq) for rseq in range(1, count + 1)]
     assert gate.peak == 1
 
 
@@ -374,10 +317,10 @@ async def test_two_hubs_get_their_own_replies(tmp_path):
     async with serving(tmp_path, echo) as served:
         async with served.hub() as old, served.hub() as new:
             # During a rollout both hubs may carry the same session: same audsid, same rseq.
-            await old.send(request(9, 1, b"via old"))
-            await new.send(request(9, 1, b"via new"))
-            assert await new.read_pdu() == reply(9, 1, b"via new")
-            assert await old.read_pdu() == reply(9, 1, b"via old")
+            await old.send(forwarded_pdu(9, 1, b"via old"))
+            await new.send(forwarded_pdu(9, 1, b"via new"))
+            assert await new.read_pdu() == reply_pdu(9, 1, b"via new")
+            assert await old.read_pdu() == reply_pdu(9, 1, b"via old")
             assert served.worker.stats()["hubs"] == 2
 
 
@@ -401,8 +344,8 @@ async def test_init_before_serving_and_done_after_the_last_request(tmp_path):
     async with serving(tmp_path, Handler(handle, init, done)) as served:
         assert events == ["init"]
         async with served.hub() as hub:
-            await hub.send(request(1, 1, b"x"))
-            assert await hub.read_pdu() == reply(1, 1, b"x")
+            await hub.send(forwarded_pdu(1, 1, b"x"))
+            assert await hub.read_pdu() == reply_pdu(1, 1, b"x")
     assert events == ["init", "handle", "done"]
 
 
@@ -419,15 +362,15 @@ async def test_second_stop_stops_reading_but_finishes_requests_in_flight(tmp_pat
     gate = Gate()
     async with serving(tmp_path, gate.handle) as served:
         async with served.hub() as hub:
-            await hub.send(request(5, 1, b"in flight"))
+            await hub.send(forwarded_pdu(5, 1, b"in flight"))
             await wait_all_tasks_blocked()
             served.worker.stop()
             assert await hub.read_pdu() == QUIT_NOTICE
             served.worker.stop()
-            await hub.send(request(5, 2, b"never read"))
+            await hub.send(forwarded_pdu(5, 2, b"never read"))
             gate.opened.set()
             # No half-close from this hub, yet the worker answers and closes.
-            assert await hub.pdus_until_closed() == [reply(5, 1, b"in flight")]
+            assert await hub.pdus_until_closed() == [reply_pdu(5, 1, b"in flight")]
     assert served.clean is True
 
 
@@ -437,7 +380,7 @@ async def test_stop_timeout_gives_up_on_requests_in_flight(tmp_path):
 
     async with serving(tmp_path, handle, stop_timeout=0.2) as served:
         async with served.hub() as hub:
-            await hub.send(request(5, 1, b"never answered"))
+            await hub.send(forwarded_pdu(5, 1, b"never answered"))
             await wait_all_tasks_blocked()
             served.worker.stop()
             assert await hub.read_pdu() == QUIT_NOTICE
@@ -453,8 +396,9 @@ async def test_oneway_request_cut_short_at_stop_timeout_is_not_acked(tmp_path):
 
     async with serving(tmp_path, handle, stop_timeout=0.2) as served:
         async with served.hub() as hub:
-            await hub.send(ACK_ONEWAY + request(5, 1, b"quick", oneway=True) + request(5, 2, b"forever", oneway=True))
-            assert await hub.read_pdu() == reply(5, 1)
+            await hub.send(ACK_ONEWAY + forwarded_pdu(5, 1, b"quick", oneway=True)
+                           + forwarded_pdu(5, 2, b"forever", oneway=True))
+            assert await hub.read_pdu() == reply_pdu(5, 1)
             await wait_all_tasks_blocked()
             served.worker.stop()
             assert await hub.read_pdu() == QUIT_NOTICE
@@ -521,15 +465,15 @@ async def test_sigterm_drains_hubs_and_exits_0(tmp_path):
             await stderr.wait_for("worker 1#0: INFO: serving on ")
             assert "init() called" in stderr.text
             async with connected_hub(str(runtime_dir / "worker-1-0.sock")) as hub:
-                await hub.send(request(11, 1, b"gate"))
+                await hub.send(forwarded_pdu(11, 1, b"gate"))
                 await stderr.wait_for("gate entered")
                 process.send_signal(signal.SIGTERM)
                 assert await hub.read_pdu() == QUIT_NOTICE
-                await hub.send(request(11, 2, b"crossed the quit notice"))
+                await hub.send(forwarded_pdu(11, 2, b"crossed the quit notice"))
                 await hub.half_close()
                 await process.stdin.send_all(b"go")
-                assert sorted(await hub.pdus_until_closed()) == [reply(11, 1, b"gate"),
-                                                                 reply(11, 2, b"crossed the quit notice")]
+                assert sorted(await hub.pdus_until_closed()) == [reply_pdu(11, 1, b"gate"),
+                                                                 reply_pdu(11, 2, b"crossed the quit notice")]
             assert await process.wait() == 0
             assert "done() called" in await stderr.rest()
     finally:

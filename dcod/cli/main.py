@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return trio.run(functools.partial(client.call, config, args.proxy, args.text, oneway=args.oneway,
                                           hub=args.hub, timeout=args.timeout))
     if args.command == "bench":
-        from dcod import bench
+        from dcod.bench import cli as bench
 
         log.setup("bench", level)
         return bench.main(config, args)
