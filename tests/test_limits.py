@@ -96,7 +96,7 @@ async def test_a_full_disk_holds_requests_in_memory_then_refuses_and_corrupts_no
         assert [(await read_pdu(hub_side))[2] for _ in range(refused - 1)] == list(range(1, refused))
 
 
-async def test_a_read_only_state_directory_does_not_stop_the_hub(make_config, start_hub, tmp_path):
+async def test_a_read_only_state_directory_does_not_stop_the_hub_and_it_writes_again_when_it_can(make_config, start_hub, tmp_path):
     with tmpfs(tmp_path / "ro") as state:
         remount(state, "ro")
         config = make_config(ECHO1, state_dir=state)
@@ -105,7 +105,15 @@ async def test_a_read_only_state_directory_does_not_stop_the_hub(make_config, st
         session = await OracleSession.connect(address, audsid=9)
         await session.send(1, 1, b"queued in memory", oneway=True)
         await session.send(1, 2, b"queued in memory too")
-        await wait_for(lambda: len(hub.router.proxies[1].spool) == 2)
+        proxy = hub.router.proxies[1]
+        await wait_for(lambda: len(proxy.spool) == 2)
+        assert proxy.counters.not_durable == 2
+        stats = hub.stats()["proxies"][1]
+        assert stats["durable"] is False and "Read-only" in stats["not_durable_reason"]
+        # The disk is back: the hub writes what it holds, and the spool is durable again.
+        remount(state, "rw")
+        await wait_for(lambda: proxy.spool.durable)
+        assert proxy.spool.memory_only == 0 and hub.stats()["proxies"][1]["durable"] is True
         worker = await WorkerPeer(str(config.worker_socket(1, 0))).listen()
         hub_side = await worker.accept()
         assert [(await read_pdu(hub_side))[2] for _ in range(2)] == [1, 2]

@@ -59,6 +59,7 @@ class MemoryQueue:
     def __init__(self, limit: int = 1000) -> None:
         self.items: collections.deque[tuple[float, bytes]] = collections.deque()
         self.records = 0
+        self.durable = True
         self.limit = limit
         self.commits = 0
 

@@ -107,6 +107,13 @@ def render_status(status: dict) -> str:
                          f"{avg:.2f}",
                          f"{1000 * p['latency_max']:.2f}", f"{up}/{len(p['instances'])} up"))
         lines += _table(rows)
+    for pid, p in sorted(proxies.items(), key=lambda kv: int(kv[0])):
+        if p.get("durable") is False:
+            lines.append(f"proxy {pid}: queue NOT DURABLE ({p['not_durable_reason']}): {p['memory_only']} requests "
+                         "held in memory only")
+        if p.get("damaged_ranges"):
+            lines.append(f"proxy {pid}: {p['damaged_ranges']} damaged ranges ({p['damaged_bytes']} bytes) skipped in "
+                         f"its spool; copies kept: {', '.join(p['damaged_copies']) or 'none'}")
     totals = status.get("hub", {}).get("totals", {})
     if totals:
         lines += ["", "hub totals: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(totals.items()))]

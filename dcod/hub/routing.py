@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Protocol
 from dcod import protocol
 from dcod.config import ProxyConfig
 from dcod.hub.spool import SpoolFull
+from dcod.log import Throttle
 from dcod.protocol import ROUTED_HEADER, ErrorCode
 
 log = logging.getLogger("dcod.hub.routing")
@@ -45,12 +46,14 @@ class Queue(Protocol):
     """A proxy's FIFO of request PDUs waiting for an instance (dcod.hub.spool.Spool)."""
 
     records: int  # how many are queued: an attribute, as len() would cost a Python call per request
+    durable: bool  # False while what is queued is held in memory only (the disk refuses it)
 
     def append(self, pdu: bytes | bytearray) -> None:
-        """Queue a PDU; raises SpoolFull (or OSError) if it cannot."""
+        """Queue a PDU; raises SpoolFull if it cannot."""
 
     def peek(self) -> tuple[float, bytes] | None:
-        """The oldest (queued_at, pdu), left in the queue."""
+        """The oldest (queued_at, pdu), left in the queue; None if there is none (or what was left
+        turned out damaged)."""
 
     def pop(self) -> None:
         """Drop the oldest, about to be forwarded."""
@@ -89,6 +92,7 @@ class Counters:
     worker_lost: int = 0
     refused: int = 0
     queued: int = 0
+    not_durable: int = 0  # queued while the spool could not write: held in memory only
     requeued: int = 0
     replayed: int = 0
     expired: int = 0
@@ -215,8 +219,9 @@ class Router:
 
     def __init__(self, proxies: Iterable[Proxy], *, reply_timeout: float, max_inflight: int,
                  clock: Callable[[], float] = time.monotonic,
-                 wake_pump: Callable[[Proxy], None] = lambda proxy: None) -> None:
+                 wake_pump: Callable[[Proxy], None] = lambda proxy: None, warnings: Throttle | None = None) -> None:
         self.proxies = {p.config.id: p for p in proxies}
+        self.warnings = warnings or Throttle(log)
         self.reply_timeout = reply_timeout
         self.max_inflight = max_inflight
         self.clock = clock
@@ -270,7 +275,8 @@ class Router:
             if length > 0:
                 self._send_error(session, rseq, ErrorCode.UNKNOWN_PROXY, f"unknown proxy {proxy_id}")
             else:
-                log.warning("one-way request for unknown proxy %d from audsid %d dropped", proxy_id, audsid)
+                self.warnings.warn("unknown proxy", "one-way request for unknown proxy %d from audsid %d dropped",
+                                   proxy_id, audsid)
             return
         ROUTED_HEADER.pack_into(pdu, 0, length, audsid, rseq)
         key = (audsid, rseq)
@@ -308,15 +314,18 @@ class Router:
 
     def enqueue(self, proxy: Proxy, pdu: bytes | bytearray, pending: Pending | None) -> None:
         """Queue a request for the proxy's next available instance; refuse it if the queue is full."""
+        spool = proxy.spool
         try:
-            proxy.spool.append(pdu)
-        except (SpoolFull, OSError) as e:
+            spool.append(pdu)
+        except SpoolFull as e:
             proxy.counters.refused += 1
-            log.warning("proxy %d: request refused: %s", proxy.config.id, e)
+            self.warnings.warn(f"refused {proxy.config.id}", "proxy %d: request refused: %s", proxy.config.id, e)
             if pending is not None:
                 self._answer_error(pending, ErrorCode.QUEUE_FULL, f"queue full for proxy {proxy.config.id}")
             return
         proxy.counters.queued += 1
+        if not spool.durable:
+            proxy.counters.not_durable += 1  # held in memory only: a hub crash would lose it
         if pending is not None:
             proxy.waiting[pending.key] = pending
         self._wake_pump(proxy)
@@ -329,7 +338,10 @@ class Router:
         instance = None
         sent = 0
         while spool.records:
-            _, pdu = spool.peek()  # type: ignore[misc]  # not empty
+            record = spool.peek()
+            if record is None:  # what was left turned out damaged when read back (counted by the spool)
+                break
+            pdu = record[1]
             length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
             instance = proxy.pick(audsid)
             if instance is None:

@@ -27,6 +27,7 @@ from typing import Callable
 import trio
 
 from dcod import protocol
+from dcod.log import Throttle
 from dcod.net import channel as control, sockets
 from dcod.config import Config
 from dcod.net.connection import Connection, ConnectionClosed, accept, connect
@@ -58,14 +59,14 @@ class Hub:
         self.config = config
         self.clock = clock
         self.max_pdu = config.hub.max_pdu
-        self._warned: dict[str, tuple[float, int]] = {}  # kind -> (last warned, suppressed since)
+        self.warnings = Throttle(log, WARN_EVERY, clock)  # for what a flood of bad peers could repeat
         self.allow = [ipaddress.ip_network(n, strict=False) for n in config.hub.allow]
         self.spools = SpoolDir(config.state_dir / "spool", memory_limit=config.hub.queue_memory,
                                size_limit=config.hub.spool_max, max_record=config.hub.max_pdu)
         self._pump_wanted = {p.id: trio.Event() for p in config.proxies}
         self.router = Router([Proxy(p, config.worker_addresses(p), self.spools.open(p.id)) for p in config.proxies],
                              reply_timeout=config.hub.reply_timeout, max_inflight=config.hub.max_inflight_per_session,
-                             clock=clock, wake_pump=self._wake_pump)
+                             clock=clock, wake_pump=self._wake_pump, warnings=self.warnings)
         self.connections = 0
         self.totals = collections.Counter()  # the shell's (protocol errors, refused connections...); see stats()
         self.draining = False
@@ -100,6 +101,7 @@ class Hub:
         finally:
             for proxy in proxies:
                 proxy.spool.close()
+            self.spools.close()
 
     def close_listeners(self) -> None:
         """Stop accepting sessions (the first step of a drain)."""
@@ -120,12 +122,12 @@ class Hub:
             peer = _peer_name(sock.family, addr)
             if not self._allowed(sock.family, addr):
                 self.totals["refused_connections"] += 1
-                self._warn("allow", "refused a connection from %s: not in hub.allow", peer)
+                self.warnings.warn("allow", "refused a connection from %s: not in hub.allow", peer)
                 sock.close()
                 continue
             if self.connections >= self.config.hub.max_connections:
                 self.totals["refused_connections"] += 1
-                self._warn("max_connections", "refused a connection from %s: hub.max_connections (%d) reached",
+                self.warnings.warn("max_connections", "refused a connection from %s: hub.max_connections (%d) reached",
                            peer, self.config.hub.max_connections)
                 sock.close()
                 continue
@@ -135,18 +137,6 @@ class Hub:
             self._incomplete[session] = (self.clock(), framer)  # until its handshake is in
             self.reactor.add(session.conn, functools.partial(self._on_session_data, session, framer),
                              functools.partial(self._on_session_end, session, framer))
-
-    def _warn(self, kind: str, message: str, *args) -> None:
-        """A warning that a flood of bad peers could repeat: at most one per kind every WARN_EVERY s."""
-        now = self.clock()
-        last, suppressed = self._warned.get(kind, (-WARN_EVERY, 0))
-        if now - last < WARN_EVERY:
-            self._warned[kind] = (last, suppressed + 1)
-            return
-        if suppressed:
-            message += f" ({suppressed} more like it in the last {WARN_EVERY:g}s)"
-        log.warning(message, *args)
-        self._warned[kind] = (now, 0)
 
     def _allowed(self, family: int, addr) -> bool:
         if family not in (socket.AF_INET, socket.AF_INET6):
@@ -231,7 +221,10 @@ class Hub:
         while True:
             await trio.sleep(interval or SWEEP_INTERVAL)
             for proxy in self.router.proxies.values():
-                if proxy.spool.dirty:
+                if not proxy.spool.durable:
+                    # In the loop's thread: it rewrites the queue's bookkeeping, which the router reads.
+                    proxy.spool.retry_durable()
+                elif proxy.spool.dirty:
                     await trio.to_thread.run_sync(proxy.spool.sync)
 
     # ------------------------------------------------------------ worker side
@@ -314,13 +307,14 @@ class Hub:
             now = self.clock()
             self.router.expire(now)
             self._close_stalled(now)
+            self.warnings.flush()
 
     def _close_stalled(self, now: float) -> None:
         stall_timeout = self.config.hub.stall_timeout
         stalled = [(s, framer) for s, (since, framer) in self._incomplete.items() if now - since >= stall_timeout]
         for session, framer in stalled:
             self.totals["stalled"] += 1
-            self._warn("stalled", "session %s: stalled for %gs before a whole PDU (%d bytes); closing it",
+            self.warnings.warn("stalled", "session %s: stalled for %gs before a whole PDU (%d bytes); closing it",
                        session.peer, stall_timeout, framer.buffered)
             session.conn.close()
 
@@ -331,7 +325,11 @@ class Hub:
         proxies = {}
         for p in router.proxies.values():
             c = p.counters.as_dict()
-            c.update(queued_now=len(p.spool), spooled_bytes=p.spool.size, waiting=len(p.waiting),
+            spool = p.spool
+            c.update(queued_now=len(spool), spooled_bytes=spool.size, waiting=len(p.waiting),
+                     durable=spool.durable, not_durable_reason=spool.not_durable_reason, memory_only=spool.memory_only,
+                     damaged_ranges=spool.damaged_ranges, damaged_bytes=spool.damaged_bytes,
+                     torn_bytes=spool.torn_bytes, damaged_copies=[str(path) for path in spool.damaged_copies],
                      inflight=sum(len(i.inflight) for i in p.instances), unacked=sum(len(i.unacked) for i in p.instances),
                      instances=[{"index": i.index, "address": i.address, "state": i.state, "held": i.held,
                                  "inflight": len(i.inflight), "unacked": len(i.unacked), "connects": i.connects}
