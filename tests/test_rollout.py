@@ -181,6 +181,34 @@ async def test_reload_applies_added_and_removed_proxies(run):
             raise AssertionError("proxy 3 was removed")
 
 
+async def test_a_removed_proxys_queue_is_set_aside_said_where_and_not_taken_by_a_later_one(run):
+    nowhere = free_port()  # proxy 2's worker is down: its requests wait in the queue
+    remote = f'[[proxy]]\nid = 2\naddress = "127.0.0.1:{nowhere}"\n'
+    r = run(ECHO + remote, supervisor="ready_timeout = 2.0")
+    await r.notification("READY=1")  # once ready_timeout has passed: proxy 2 never connects
+    from dcod.client import Session
+    async with Session(r.config.hub.advertise, audsid=9) as session:
+        for _ in range(3):
+            await session.send_request(2, oneway=True)
+    while status(r.config)["hub"]["proxies"]["2"]["queued_now"] < 3:
+        await trio.sleep(0.05)
+    path = Path(r.config.source)
+    path.write_text(path.read_text().replace(remote, ""))
+    result = await dcod_async(r.config, "reload")
+    assert result.returncode == 0, result.stdout + result.stderr
+    kept = [line for line in result.stdout.splitlines() if "proxy 2: removed with 3 requests queued; kept in " in line]
+    assert len(kept) == 1, result.stdout
+    aside = Path(kept[0].rsplit(" kept in ", 1)[1])
+    assert aside.exists() and "removed" in aside.name
+    # The same id added again starts with an empty queue: the old requests stay aside.
+    path.write_text(path.read_text() + '[[proxy]]\nid = 2\nhandler = "echo"\n')
+    result = await dcod_async(r.config, "reload")
+    assert result.returncode == 0, result.stdout + result.stderr
+    proxy = status(r.config)["hub"]["proxies"]["2"]
+    assert (proxy["queued_now"], proxy["replayed"]) == (0, 0)
+    assert aside.exists()
+
+
 async def test_second_reload_at_once_is_refused(run):
     r = run(ECHO)
     await r.notification("READY=1")

@@ -22,6 +22,7 @@ from dcod import config as configuration
 from dcod.config import Config
 from dcod.net.channel import Command
 from dcod.supervisor import alert
+from dcod.hub.spool import SpoolDir
 from dcod.supervisor.process import Process, describe_exit, drain_hubs
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ class Rollout:
         # The new hub serves: the new configuration is in effect, for every process started from
         # now on. A failure from here on keeps what was done, and says what still runs the previous one.
         old = sup.hub.process
+        removed_proxies = sorted({p.id for p in sup.config.proxies} - {p.id for p in new.proxies})
         sup.config = new
         sup.hub.argv, sup.hub.process, sup.hub.state = hub_argv, hub, "ready"
         previous = {key: sup.workers[key].process for key in todo.replaced}
@@ -130,6 +132,8 @@ class Rollout:
             slot = sup.workers[key]
             await sup.remove_worker(slot)
             step(f"{slot.name}: removed")
+        for proxy_id in removed_proxies:
+            self._set_aside_queue(new, proxy_id)
         try:
             for key in todo.replaced:
                 await self._replace_worker(sup.workers[key])
@@ -138,6 +142,21 @@ class Rollout:
             raise RolloutError(f"{e}; the new configuration stays in effect (the hub runs it, as will every "
                                f"process started from now on)" +
                                (f"; still running the previous one: {', '.join(left)}" if left else "")) from None
+
+    def _set_aside_queue(self, config: Config, proxy_id: int) -> None:
+        """A removed proxy's requests that the retired hub left queued: kept aside, under a name no
+        proxy added later with that id takes over, and said where."""
+        spools = SpoolDir(config.state_dir / "spool", memory_limit=0, size_limit=config.hub.spool_max,
+                          max_record=config.hub.max_pdu)
+        try:
+            aside = spools.set_aside(proxy_id)
+        except OSError as e:
+            self.step(f"proxy {proxy_id}: removed; its queue could not be set aside: {e}")
+            return
+        finally:
+            spools.close()
+        for path, records in aside:
+            self.step(f"proxy {proxy_id}: removed with {records} requests queued; kept in {path}")
 
     async def _start_hub(self, argv: list[str], config: Config) -> Process:
         """The next hub generation, run by ``argv`` with ``config``, on the same socket, once it is ready.
