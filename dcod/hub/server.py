@@ -789,6 +789,8 @@ async def _ready_when_connected(hub: Hub, channel: control.Channel) -> None:
     """Tell the supervisor once every proxy has an instance connected."""
     while not hub.workers_connected():
         await trio.sleep(RECONNECT_MIN)
+    # What it has now first: once the hub is ready, `dcod status` shows its instances connected.
+    control.send_heartbeat(channel, functools.partial(_report, hub))
     channel.send(control.event(control.Event.READY))
 
 
@@ -816,10 +818,14 @@ async def _hold(hub: Hub, channel: control.Channel, message: dict) -> None:
         channel.send(control.done(message.get("id"), f"no instance {message.get('proxy')}#{message.get('instance')}"))
         return
     held = control.command_of(message) == control.Command.HOLD
-    hub.hold(instance.proxy.config.id, instance.index, held)
-    # Held: wait until its replies and acks are in. Released: until we are connected to it again.
+    if held:
+        hub.hold(instance.proxy.config.id, instance.index)
+    # Held: wait until its replies and acks are in. Released: until we are connected to it again,
+    # and only then not held, so that `dcod status` never sees it down unless it is.
     while (instance.inflight or instance.unacked if held else instance.state != "up"):
         await trio.sleep(SWEEP_INTERVAL)
+    if not held:
+        hub.hold(instance.proxy.config.id, instance.index, False)
     channel.send(control.done(message.get("id")))
 
 
