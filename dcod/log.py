@@ -17,15 +17,23 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
 
 
 class _JournalFormatter(logging.Formatter):
+    """journald makes an entry of each line: each line of a record (a traceback has many) gets the
+    priority and the role, so that each entry says whose it is and how grave."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__("%(message)s")
+        self.role = role
+
     def format(self, record: logging.LogRecord) -> str:
-        return f"<{_PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+        prefix = f"<{_PRIORITY.get(record.levelno, 6)}>{self.role}: "
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
 
 
 def setup(role: str, level: int = logging.INFO) -> None:
     """Send all dcod logging to stderr, each line prefixed with the process role ("hub", "worker 1#0")."""
     handler = logging.StreamHandler(sys.stderr)
     if os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(_JournalFormatter(f"{role}: %(message)s"))
+        handler.setFormatter(_JournalFormatter(role))
     else:
         handler.setFormatter(logging.Formatter(f"%(asctime)s {role}: %(levelname)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()

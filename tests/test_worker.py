@@ -9,7 +9,9 @@ consumed them.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import hashlib
 import os
 import signal
 import socket
@@ -23,6 +25,8 @@ from pathlib import Path
 import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
+
+from peers import OracleSession
 
 from dcod.net import sockets
 from dcod.worker.runtime import Handler, HandlerError, Request, Worker, load_handler
@@ -220,6 +224,40 @@ async def test_failed_oneway_request_is_logged_counted_and_acked_if_asked(tmp_pa
             assert await hub.pdus_until_closed() == ([reply_pdu(7, 2)] if acked else [])
         assert served.worker.stats()["errors"] == 1
     assert "one-way request (audsid 7, rseq 2) failed: ValueError: boom: quietly" in caplog.text
+
+
+async def test_failed_sync_request_is_logged_with_its_key_and_the_traceback(tmp_path, caplog):
+    async with serving(tmp_path, _raise_value_error) as served, served.hub() as hub:
+        await hub.send(forwarded_pdu(8, 4, b"loudly"))
+        assert await hub.read_pdu() == reply_pdu(8, 4, b"DCO-0006 ValueError: boom: loudly", error=True)
+    [record] = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert record.getMessage() == "sync request (audsid 8, rseq 4) failed: ValueError: boom: loudly"
+    assert record.exc_info[0] is ValueError  # the traceback goes to the log, not to the session
+
+
+async def test_handler_failure_in_the_journal_names_the_instance_and_request_on_each_line(run, tmp_path,
+                                                                                           monkeypatch):
+    """Under systemd (JOURNAL_STREAM set) each line of the traceback is an entry of its own: each
+    carries the priority and the instance's name."""
+    (tmp_path / "failing.py").write_text("async def handle(req):\n    return parse(req.body)\n\n\n"
+                                         "def parse(body):\n    raise ValueError(f'cannot parse {body!r}')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("JOURNAL_STREAM", "0:0")
+    r = run('[[proxy]]\nid = 1\nhandler = "failing:handle"\ninstances = 1\n')
+    await r.notification("READY=1")
+    session = await OracleSession.connect(r.config.hub.listen, audsid=31)
+    try:
+        await session.send(1, 7, b"x")
+        length, _, rseq, body = await session.read()
+    finally:
+        session.close()
+    assert (length < 0, rseq, body) == (True, 7, b"DCO-0006 ValueError: cannot parse b'x'")
+    lines = r.log.splitlines()
+    start = lines.index("<4>worker 1#0: sync request (audsid 31, rseq 7) failed: ValueError: cannot parse b'x'")
+    traceback = lines[start + 1:start + 1 + lines[start + 1:].index("<4>worker 1#0: ValueError: cannot parse b'x'")]
+    assert traceback[0] == "<4>worker 1#0: Traceback (most recent call last):"
+    assert all(line.startswith("<4>worker 1#0: ") for line in traceback)
+    assert any(line.endswith(", in parse") for line in traceback), traceback
 
 
 async def test_bad_magic_closes_only_that_connection(tmp_path):
@@ -481,6 +519,47 @@ async def test_sigterm_drains_hubs_and_exits_0(tmp_path):
         await process.wait()
         await process.stdin.aclose()
         await process.stderr.aclose()
+
+
+# ---------------------------------------------------------------- the README's advice to handler authors
+
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def readme_section(title: str) -> str:
+    readme = README.read_text()
+    start = readme.index(f"## {title}\n")
+    return readme[start:readme.index("\n## ", start + 1)]
+
+
+def readme_handler(name: str) -> str:
+    """The code block of the README's handler section that starts with ``# mycompany/<name>.py``."""
+    section = readme_section("Writing a worker handler")
+    start = section.index(f"```python\n# mycompany/{name}.py") + len("```python\n")
+    return section[start:section.index("```", start)]
+
+
+async def test_readme_handler_calls_blocking_and_asyncio_code_as_it_says(tmp_path, monkeypatch):
+    (tmp_path / "mycompany").mkdir()
+    (tmp_path / "mycompany" / "report.py").write_text(readme_handler("report"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    expected = b"DCOD " + hashlib.sha256(b"dcod").hexdigest()[:16].encode()
+    async with serving(tmp_path, load_handler("mycompany.report:handle")) as served, served.hub() as hub:
+        for rseq in range(1, 4):  # at once, each asyncio call on a loop of its own (replies in any order)
+            await hub.send(forwarded_pdu(9, rseq, b"dcod"))
+        assert sorted([await hub.read_pdu() for _ in range(3)]) == [reply_pdu(9, rseq, expected) for rseq in range(1, 4)]
+
+
+async def _await_asyncio(req):
+    await asyncio.sleep(0.01)
+
+
+async def test_asyncio_awaited_in_a_handler_fails_as_the_readme_says(tmp_path):
+    async with serving(tmp_path, _await_asyncio) as served, served.hub() as hub:
+        await hub.send(forwarded_pdu(9, 1, b""))
+        assert await hub.read_pdu() == reply_pdu(9, 1, b"DCO-0006 RuntimeError: no running event loop", error=True)
+    assert "`RuntimeError: no running event loop`" in readme_section("Writing a worker handler")
 
 
 # ---------------------------------------------------------------- loading handlers

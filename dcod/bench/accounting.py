@@ -130,7 +130,7 @@ def the_hub(supervisor_pid: int) -> psutil.Process:
 def hub_stats(config: Config) -> dict:
     """The hub's counters as `dcod status` shows them (from its last heartbeat)."""
     answer = next(control.request(config.control_socket, {"command": "status"}, timeout=10), {})
-    return answer.get("status", {}).get("hub", {})
+    return answer.get("status", {}).get("hub") or {}  # null before the first hub starts
 
 
 def spool_bytes(config: Config, proxy_id: int) -> int:

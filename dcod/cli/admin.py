@@ -1,27 +1,34 @@
 """`dcod status`, `dcod reload`, `dcod stop`: the supervisor's control socket, for operators.
 
 `status` is a table in the spirit of Tuxedo's `tmadmin psr`/`pq`: every process with its
-generation, state and counters, then the hub's totals per proxy.
+generation, state and counters, then the hub's totals per proxy, then what is degraded; its
+exit status says whether all is up (0) or not (3), as `systemctl status` does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import select
 import sys
 import time
 
+from dcod.config import Config
 from dcod.net.channel import Control, command
 from dcod.supervisor import control
-from dcod.config import Config
+from dcod.supervisor.process import describe_exit
 
 EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 3
+EXIT_DEGRADED = 3  # as `systemctl status` and supervisorctl say a unit or program is not running well
 
 
-def _ask(config: Config, name: Control, timeout: float | None = None):
-    """The answer lines of a control command; raises SystemExit with a clear message if unreachable."""
+@contextlib.contextmanager
+def _connected(config: Config, timeout: float | None = None):
+    """A ControlClient connected to the supervisor; SystemExit with a clear message if unreachable."""
     path = config.control_socket
     try:
-        yield from control.request(path, command(name), timeout=timeout)
+        client = control.ControlClient(path, timeout=timeout)
     except FileNotFoundError:
         raise _unreachable(f"no supervisor is running (no control socket {path})") from None
     except ConnectionRefusedError:
@@ -29,6 +36,8 @@ def _ask(config: Config, name: Control, timeout: float | None = None):
     except PermissionError:
         raise _unreachable(f"permission denied on {path}: run as root or as a member of group "
                            f"{config.supervisor.control_group}") from None
+    with client:
+        yield client
 
 
 def _unreachable(message: str) -> SystemExit:
@@ -44,30 +53,103 @@ def _final(answer: dict) -> int:
 
 
 def status(config: Config, *, as_json: bool = False) -> int:
-    answer = next(_ask(config, Control.STATUS, timeout=10), {})
+    """0 if everything is up, 3 if something is degraded (problems()) or no supervisor answers."""
+    with _connected(config, timeout=10) as client:
+        answer = next(client.ask(command(Control.STATUS)), {})
     if not answer.get("ok"):
         return _final(answer)
     if as_json:
         print(json.dumps(answer["status"], indent=2))
     else:
         print(render_status(answer["status"]))
-    return EXIT_OK
+    return EXIT_DEGRADED if problems(answer["status"]) else EXIT_OK
+
+
+def problems(status: dict) -> list[str]:
+    """What is degraded: a process restarting after a failure or left down, a worker instance the
+    hub is not connected to (unless held for a rollout), a queue that cannot write to disk, a quit-alert
+    backend whose last attempt failed."""
+    found = [f"{p['name']} {p['state']}" for p in status["processes"] if p["state"] in ("backoff", "failed")]
+    for proxy_id, proxy in sorted((status.get("hub") or {}).get("proxies", {}).items(), key=lambda kv: int(kv[0])):
+        found += [f"proxy {proxy_id} instance {proxy_id}#{i['index']} ({i['address']}) {i['state']}"
+                  for i in proxy["instances"] if i["state"] != "up" and not i["held"]]
+        if proxy.get("durable") is False:
+            found.append(f"proxy {proxy_id} queue not durable ({proxy['not_durable_reason']}): "
+                         f"{proxy['memory_only']} requests held in memory only")
+    for backend, stats in status["supervisor"].get("alerts", {}).items():
+        failed, sent = stats["last_failed"], stats["last_sent"]
+        if failed is not None and (sent is None or failed > sent):
+            found.append(f"quit alert backend {backend} failing: {stats['last_error']}")
+    return found
 
 
 def reload(config: Config) -> int:
     """The whole rollout, synchronously: one line per step; 0 only if it completed."""
     print("reload: asking the supervisor", flush=True)
-    for answer in _ask(config, Control.RELOAD):
-        if "progress" in answer:
-            print(f"reload: {answer['progress']}", flush=True)
-        else:
-            return _final(answer)
+    with _connected(config) as client:
+        for answer in client.ask(command(Control.RELOAD)):
+            if "progress" in answer:
+                print(f"reload: {answer['progress']}", flush=True)
+            else:
+                return _final(answer)
     print("dcod: the supervisor went away during the reload", file=sys.stderr)
     return EXIT_FAILED
 
 
 def stop(config: Config) -> int:
-    return _final(next(_ask(config, Control.STOP, timeout=10), {}))
+    """The whole stop, synchronously: one line per step; 0 once the supervisor has exited.
+
+    The supervisor answers just before it exits. That it has exited the kernel tells: a pidfd of the
+    control socket's peer, opened while our connection proves it is the supervisor. Without the final
+    answer (the connection ended: a crash, a SIGKILL), its exit is success all the same, for it stops
+    its children first or they stop when it goes (dcod.net.channel); a supervisor that ends the
+    connection and stays is a failure.
+    """
+    print("stop: asking the supervisor", flush=True)
+    with _connected(config) as client:
+        supervisor = _pidfd(client.peer_pid)
+        final = None
+        for answer in client.ask(command(Control.STOP)):
+            if "progress" not in answer:
+                final = answer
+                break
+            print(f"stop: {answer['progress']}", flush=True)
+    if final is not None and not final.get("ok"):
+        return _final(final)
+    grace = config.supervisor.stop_timeout
+    if supervisor is None:  # not in our pid namespace: its word is all we have
+        if final is None:
+            print("dcod: the supervisor ended the connection without an answer", file=sys.stderr)
+            return EXIT_FAILED
+        print("stop: done", flush=True)
+        return EXIT_OK
+    if _exits(supervisor, grace):
+        print(f"stop: the supervisor (pid {client.peer_pid}) has exited", flush=True)
+        return EXIT_OK
+    said = "said it stopped" if final is not None else "ended the connection without an answer"
+    print(f"dcod: the supervisor {said}, but it still runs (pid {client.peer_pid}) after {grace:g}s",
+          file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd of ``pid``: -1 if it has exited already, None if we cannot know (pid 0: another pid namespace)."""
+    if pid <= 0:
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return -1
+
+
+def _exits(pidfd: int, timeout: float) -> bool:
+    """Whether the process of ``pidfd`` (from _pidfd()) exits within ``timeout`` seconds; closes it."""
+    if pidfd < 0:
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])  # readable once it has exited
+    finally:
+        os.close(pidfd)
 
 
 # ---------------------------------------------------------------- the table
@@ -79,19 +161,21 @@ def render_status(status: dict) -> str:
         f"dcod supervisor pid {sup['pid']}, up {_duration(sup['uptime'])}, RSS {_mib(sup['rss'])}, "
         f"config {sup['config']}",
         f"  {sup['status']}",
-        f"  last reload: {sup['rollout']}",
+        f"  last reload: {_rollout(sup['rollout'])}",
+        *(f"  DEGRADED: {problem}" for problem in problems(status)),
         "",
     ]
     header = ("PROCESS", "PID", "GEN", "STATE", "UPTIME", "RSS", "CPU%", "DONE", "INFLIGHT", "QUEUED", "SPOOLED",
               "ERRORS", "RESTARTS", "LAST EXIT")
     rows = [header]
     for p in status["processes"]:
-        rows.append((p["name"], str(p["pid"] or "-"), str(p["generation"]), p["state"], _duration(p["uptime"]),
-                     _mib(p["rss"]), f"{p['cpu_percent']:.1f}", str(p["done"]), str(p["inflight"]),
-                     str(p["queued"]), _mib(p["spooled"]) if p["spooled"] else "0", str(p["errors"]),
-                     str(p["restarts"]), p["last_exit"] or "-"))
+        rows.append((p["name"], _or_dash(p["pid"]), _or_dash(p["generation"]), p["state"], _duration(p["uptime"]),
+                     _mib(p["rss"]), "-" if p["cpu_percent"] is None else f"{p['cpu_percent']:.1f}", str(p["done"]),
+                     str(p["inflight"]), str(p["queued"]), _mib(p["spooled"]) if p["spooled"] else "0",
+                     str(p["errors"]), str(p["restarts"]), _last_exit(p)))
     lines += _table(rows)
-    proxies = status.get("hub", {}).get("proxies", {})
+    hub = status["hub"] or {}
+    proxies = hub.get("proxies", {})
     if proxies:
         lines.append("")
         header = ("PROXY", "REQUESTS", "ONEWAY", "REPLIES", "ERRORS", "TIMEOUTS", "LOST", "REFUSED", "QUEUED",
@@ -108,19 +192,46 @@ def render_status(status: dict) -> str:
                          f"{1000 * p['latency_max']:.2f}", f"{up}/{len(p['instances'])} up"))
         lines += _table(rows)
     for pid, p in sorted(proxies.items(), key=lambda kv: int(kv[0])):
-        if p.get("durable") is False:
-            lines.append(f"proxy {pid}: queue NOT DURABLE ({p['not_durable_reason']}): {p['memory_only']} requests "
-                         "held in memory only")
         if p.get("damaged_ranges"):
             lines.append(f"proxy {pid}: {p['damaged_ranges']} damaged ranges ({p['damaged_bytes']} bytes) skipped in "
                          f"its spool; copies kept: {', '.join(p['damaged_copies']) or 'none'}")
-    totals = status.get("hub", {}).get("totals", {})
+    totals = hub.get("totals", {})
     if totals:
         lines += ["", "hub totals: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(totals.items()))]
     alerts = sup.get("alerts")
     if alerts:
         lines.append("quit alert: " + ", ".join(f"{name}: {_alert_summary(a)}" for name, a in alerts.items()))
     return "\n".join(lines)
+
+
+def _rollout(rollout: dict | None) -> str:
+    if rollout is None:
+        return "none yet"
+    started = _clock(rollout["started"])
+    if rollout["state"] == "running":
+        return f"running since {started}"
+    text = f"{rollout['state']}, started at {started}, took {rollout['seconds']:.1f}s"
+    return text + (f": {rollout['error']}" if rollout["error"] else "")
+
+
+def _last_exit(process: dict) -> str:
+    last = process["last_exit"]
+    if last is None:
+        return "-"
+    text = f"{describe_exit(last['returncode'])} at {_clock(last['time'])}"
+    if last["replaced"]:
+        text += " (replaced)"
+    if process["state"] == "failed":
+        text += f"; left down after {process['failures']} failures"
+    return text
+
+
+def _clock(wall_time: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(wall_time))
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
 
 
 def _alert_summary(stats: dict) -> str:
@@ -137,7 +248,9 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
 
 
-def _duration(seconds: float) -> str:
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
     seconds = int(seconds)
     if seconds < 60:
         return f"{seconds}s"
@@ -148,5 +261,5 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
-def _mib(n: int) -> str:
+def _mib(n: int | None) -> str:
     return f"{n / 1048576:.1f}M" if n else "-"

@@ -1,13 +1,14 @@
-"""The `dcod` command."""
+"""The `dcod` command: its argument parser, which is also the source of the man page and of the
+bash completion (dcod.cli.reference writes them when the package is built), and its dispatch."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import textwrap
 
-from dcod import __version__, config as configuration
-from dcod import log
+from dcod import __version__
 
 DESCRIPTION = """\
 dcod runs the Noradle DCO ("direct call out") tier: the ext-hub that Oracle sessions
@@ -15,48 +16,124 @@ connect to, the worker proxies that make the out-calls, and a supervisor that ke
 them running and restarts them without losing a request.
 """
 
-EPILOG = """\
-configuration: --config FILE, else $DCOD_CONFIG, else /etc/dcod/dcod.toml if it exists,
-else the built-in default (a hub on 127.0.0.1:1523 and an echo proxy, id 1, 2 instances).
+CONFIGURATION = """\
+--config FILE, else $DCOD_CONFIG, else /etc/dcod/dcod.toml if it exists, else the built-in
+default (a hub on 127.0.0.1:1523 and an echo proxy, id 1, 2 instances). --config and -v may come
+before or after the command."""
 
-examples:
-  dcod run                       start hub and workers in the foreground
-  dcod call 1 hello              send "hello" to proxy 1 and print the reply
-  dcod call 1 --oneway hi        send a one-way request, do not wait
-  dcod status                    what runs: processes, generations, counters, queues
-  systemctl reload dco-hub       roll out new code and config (runs `dcod reload`)
-  dcod config --check            validate the configuration and exit
-  dcod bench --duration 10       measure round trips/s and hub CPU per round trip
-  dcod bench --reload-at 4       the same, with a `dcod reload` 4 s into the window
-"""
+# The sections that --help ends with and the man page has, each a list of (term, what).
+EXIT_STATUS = [
+    ("0", "success; `status`: everything is up"),
+    ("1", "failure: an invalid configuration, a reload or stop that failed, a command the supervisor "
+          "refused (permission), an error reply or no reply in time (`call`), a request lost, refused or "
+          "answered wrongly (`bench`)"),
+    ("2", "bad arguments; `call`: no hub reached; `bench`: the bench could not run"),
+    ("3", "`status`, `reload`, `stop`: no supervisor is running (LSB: program is not running); "
+          "`status`: degraded: a worker instance or hub down, restarting after a failure (backoff) or "
+          "left down (failed), or a quit-alert backend whose last attempt failed"),
+]
+SIGNALS = [
+    ("SIGHUP", "to `dcod run`: a reload, as `dcod reload` (its steps and outcome go to the log)"),
+    ("SIGTERM, SIGINT", "to `dcod run`: stop, as `dcod stop`: every hub generation drains (the quit alert is "
+                        "raised), then the workers stop; exit status 0"),
+]
+ENVIRONMENT = [
+    ("DCOD_CONFIG", "the configuration file when --config is not given"),
+    ("RUNTIME_DIRECTORY, STATE_DIRECTORY", "set by systemd: the defaults of supervisor.runtime_dir and "
+                                           "supervisor.state_dir"),
+    ("LISTEN_FDS, LISTEN_FDNAMES, NOTIFY_SOCKET, WATCHDOG_USEC", "set by systemd: the socket passed to "
+                                                                "`dcod run`, sd_notify, the watchdog"),
+]
+FILES = [
+    ("/etc/dcod/dcod.toml", "the configuration; it documents every key"),
+    ("/run/dcod/", "the runtime directory (supervisor.runtime_dir): control.sock, the control socket of "
+                   "`dcod status|reload|stop` (root and group dcod); worker-ID-N.sock, the worker instances' "
+                   "sockets; config-*.toml, the configuration the children run"),
+    ("/run/dcod/alerts/Noradle-DCO-EXTHUB-QUIT", "the quit alert file (alert.dir, alert.name): one line "
+                                                  "\"COUNTER HOST:PORT\", replaced whenever a hub goes away"),
+    ("/var/lib/dcod/", "the state directory (supervisor.state_dir): spool/, the durable queue of requests "
+                       "waiting for a worker instance; hub.running, left behind by an unclean stop"),
+]
+EXAMPLES = [
+    ("dcod run", "start hub and workers in the foreground"),
+    ("dcod call 1 hello", "send \"hello\" to proxy 1 and print the reply"),
+    ("dcod call 1 --oneway hi", "send a one-way request, do not wait"),
+    ("dcod status", "what runs: processes, generations, counters, queues"),
+    ("systemctl reload dco-hub", "roll out new code and config (runs `dcod reload`)"),
+    ("dcod --config x.toml config --check", "validate a configuration and exit"),
+    ("dcod bench --duration 10", "measure round trips/s and hub CPU per round trip"),
+    ("dcod bench --reload-at 4", "the same, with a `dcod reload` 4 s into the window"),
+]
+SECTIONS = {"exit status": EXIT_STATUS, "signals": SIGNALS, "environment": ENVIRONMENT, "files": FILES,
+            "examples": EXAMPLES}
+
+
+TERM_WIDTH = 24  # a longer term in --help has a line of its own
+
+
+def _epilog() -> str:
+    parts = ["configuration:\n" + textwrap.indent(CONFIGURATION, "  ")]
+    for title, items in SECTIONS.items():
+        width = max(len(term) for term, _ in items if len(term) <= TERM_WIDTH) + 2
+        lines = [f"{title}:"]
+        for term, what in items:
+            text = textwrap.wrap(what, 96 - width, break_on_hyphens=False)
+            lead = f"  {term:<{width}}"
+            if len(term) > width - 2:  # too long to share a line with its text
+                lines.append(f"  {term}")
+                lead = " " * (width + 2)
+            lines += [lead + text[0], *(" " * (width + 2) + line for line in text[1:])]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _add_common(parser: argparse.ArgumentParser, default) -> None:
+    """--config and -v, which every command takes, before the command or after it. After it, an
+    absent option must not overwrite the value given before it: its default is SUPPRESS."""
+    parser.add_argument("--config", metavar="FILE", default=default,  # FILE: completed with file names
+                        help="configuration file (TOML); default: $DCOD_CONFIG, else /etc/dcod/dcod.toml if it "
+                             "exists, else the built-in one")
+    parser.add_argument("-v", "--verbose", action="store_true", default=False if default is None else default,
+                        help="log debug messages")
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="configuration file (TOML)")
-    common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    _add_common(common, argparse.SUPPRESS)
 
-    parser = argparse.ArgumentParser(prog="dcod", description=DESCRIPTION, epilog=EPILOG,
+    parser = argparse.ArgumentParser(prog="dcod", description=DESCRIPTION, epilog=_epilog(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dcod {__version__}")
+    _add_common(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
     sub.add_parser("run", parents=[common], help="run the supervisor: hub and workers (the service's main process)",
                    description="Run the hub and the managed worker proxies and keep them running. Takes the "
                                "Oracle-facing socket from systemd (socket activation) or binds hub.listen.")
 
     p = sub.add_parser("status", parents=[common], help="show processes, generations, in-flight, queues, memory",
                        description="Ask the running supervisor what runs: every process with pid, generation, "
-                                   "state, uptime, memory, CPU and counters; then the hub's totals per proxy. "
-                                   "Exit status 3 if no supervisor answers.")
-    p.add_argument("--json", action="store_true", help="print JSON for machines")
+                                   "state, uptime, memory, CPU and counters; then the hub's totals per proxy, and "
+                                   "what is degraded. Exit status 0 when everything is up; 3 when something is "
+                                   "degraded (a worker instance or hub down, restarting after a failure or left "
+                                   "down, a quit-alert backend whose last attempt failed), or when no supervisor "
+                                   "answers; 1 if the supervisor refuses.")
+    p.add_argument("--json", action="store_true",
+                   help="print the status as JSON, data only: numbers, wall times in seconds since the epoch, "
+                        "null where a value is absent")
     sub.add_parser("reload", parents=[common], help="roll out: re-read the config, restart hub and workers one by one",
                    description="Re-read and validate the configuration, then replace the hub (new generation "
                                "first, the old one drains) and each worker instance in turn, without losing a "
                                "request. Prints one line per step and exits 0 only when the rollout is done; "
                                "if it fails, the old generation keeps serving. This is ExecReload= of "
                                "dco-hub.service.")
-    sub.add_parser("stop", parents=[common], help="stop the supervisor: drain the hub, then stop the workers")
+    sub.add_parser("stop", parents=[common], help="stop the supervisor: drain the hub, then stop the workers",
+                   description="Stop the service's processes in order: every hub generation drains (the quit "
+                               "alert is raised; its sessions' requests are answered), then the workers stop, "
+                               "then the supervisor. Prints one line per step, and what it waits for, and exits "
+                               "0 once the supervisor has exited; 1 if the stop failed, 3 if no supervisor runs. "
+                               "The same as SIGTERM to `dcod run`. Under systemd, prefer `systemctl stop dco-hub`: "
+                               "`dcod stop` leaves the socket listening, and the next connection starts the "
+                               "service again.")
 
     p = sub.add_parser("hub", parents=[common], help="run only the ext-hub (for debugging)")
     p.add_argument("--listen", metavar="ADDR", help="host:port or unix socket path (default: hub.listen)")
@@ -122,9 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    path = configuration.config_path(args.config)
+    from dcod import config as configuration, log  # not before: the parser alone needs only the standard library
     from dcod.supervisor import alert
 
+    path = configuration.config_path(args.config)
     try:
         config = configuration.load(path)
         alert.check(config)  # each alert backend checks its own settings

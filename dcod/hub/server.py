@@ -427,6 +427,8 @@ async def _ready_when_connected(hub: Hub, channel: control.Channel) -> None:
     """Tell the supervisor once every proxy has an instance connected."""
     while not hub.router.workers_connected():
         await trio.sleep(RECONNECT_MIN)
+    # What it has now first: once the hub is ready, `dcod status` shows its instances connected.
+    control.send_heartbeat(channel, functools.partial(_report, hub))
     channel.send(control.event(control.Event.READY))
 
 
@@ -454,10 +456,14 @@ async def _hold(hub: Hub, channel: control.Channel, message: dict) -> None:
         channel.send(control.done(message.get("id"), f"no instance {message.get('proxy')}#{message.get('instance')}"))
         return
     held = control.command_of(message) == control.Command.HOLD
-    hub.router.hold(instance, held)
-    # Held: wait until its replies and acks are in. Released: until we are connected to it again.
+    if held:
+        hub.router.hold(instance, True)
+    # Held: wait until its replies and acks are in. Released: until we are connected to it again,
+    # and only then not held, so that `dcod status` never sees it down unless it is.
     while (instance.inflight or instance.unacked if held else instance.state != "up"):
         await trio.sleep(SWEEP_INTERVAL)
+    if not held:
+        hub.router.hold(instance, False)
     channel.send(control.done(message.get("id")))
 
 

@@ -151,12 +151,16 @@ def child_channel(environ=os.environ) -> Channel | None:
     return Channel(socket.socket(fileno=int(fd)), "supervisor")
 
 
+def send_heartbeat(channel: Channel, report: Callable[[], tuple[StatusCounts, dict]]) -> None:
+    """Send what ``report()`` says now: the child's counts for `dcod status` and its own detail (stats)."""
+    counts, stats = report()
+    channel.send(event(Event.HEARTBEAT, counts=dataclasses.asdict(counts), stats=stats))
+
+
 async def heartbeat(channel: Channel, report: Callable[[], tuple[StatusCounts, dict]], interval: float) -> None:
-    """Every ``interval`` seconds, send what ``report()`` says: the child's counts for `dcod status`
-    and its own detail (stats)."""
+    """Every ``interval`` seconds, send_heartbeat()."""
     while True:
-        counts, stats = report()
-        channel.send(event(Event.HEARTBEAT, counts=dataclasses.asdict(counts), stats=stats))
+        send_heartbeat(channel, report)
         await trio.sleep(interval)
 
 

@@ -11,6 +11,7 @@ import logging
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -25,6 +26,15 @@ log = logging.getLogger("dcod.supervisor")
 
 BACKOFF_MIN = 0.1  # seconds before restarting a failed child; doubles up to:
 BACKOFF_MAX = 5.0
+
+
+@dataclass(frozen=True)
+class LastExit:
+    """How a slot's previous process ended, for `dcod status`."""
+
+    returncode: int  # negative: killed by that signal
+    time: float  # wall time (time.time())
+    replaced: bool  # a rollout replaced it: planned
 
 
 class Slot:
@@ -44,7 +54,7 @@ class Slot:
         self.alive: list[Process] = []
         self.generation = 0
         self.state = "starting"
-        self.last_exit = ""  # how the previous process ended, for `dcod status`
+        self.last_exit: LastExit | None = None  # how the previous process ended
         self.restarts = 0
         self.failures: list[float] = []  # when its processes exited unplanned: the restart budget
         self.stopping = False
@@ -96,8 +106,7 @@ class Slot:
         self.alive.remove(process)
         process.channel.close()
         how = describe_exit(returncode)
-        self.last_exit = f"{how} at {time.strftime('%H:%M:%S')}" + \
-            (" (replaced)" if process.retiring and not self.stopping else "")
+        self.last_exit = LastExit(returncode, time.time(), replaced=process.retiring and not self.stopping)
         if process is not self.process:
             log.info("%s generation %d (pid %d) %s", self.name, process.generation, process.pid, how)
             return
@@ -145,7 +154,6 @@ class Slot:
         self.failures = recent = [*(t for t in self.failures if now - t <= limits.restart_window), now]
         if len(recent) >= limits.restart_max:
             self.state = "failed"
-            self.last_exit += f"; {len(recent)} failures within {limits.restart_window:g}s, left down"
             log.error("%s (pid %d) %s; %d failures within %gs: leaving it down", self.name, process.pid, how,
                       len(recent), limits.restart_window)
             return
@@ -174,9 +182,13 @@ class Slot:
                 f"not ready within {timeout:g}s"
             raise RolloutError(f"{self.name} generation {process.generation} (pid {process.pid}): {reason}")
 
-    async def stop(self, timeout: float) -> None:
+    async def stop(self, timeout: float) -> int | None:
+        """Stop its process (SIGTERM, after ``timeout`` SIGKILL) for good; its exit status, None if none ran."""
         self.stopping = True
         process = self.process
-        if process is not None and process.running:
-            process.retiring = True
-            log.info("%s (pid %d) %s", self.name, process.pid, describe_exit(await process.stop(timeout)))
+        if process is None or not process.running:
+            return None
+        process.retiring = True
+        returncode = await process.stop(timeout)
+        log.info("%s (pid %d) %s", self.name, process.pid, describe_exit(returncode))
+        return returncode

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import logging
 import os
@@ -45,6 +44,8 @@ HUB_SOCKET_NAME = "hub"  # FileDescriptorName= in dco-hub.socket
 UNCLEAN_MARKER = "hub.running"  # in state_dir while a hub runs; left behind by an unclean stop
 ALERT_HEAD_START = 0.2  # seconds the quit alert may take before a new hub is started anyway
 CONFIG_COPIES = "config-*.toml"  # in the runtime dir: the configurations the children read (_config_copy)
+CONTROL_LAST_ANSWERS = 1.0  # seconds control clients get to read their last answers before the supervisor exits
+WAITING_REPORT_INTERVAL = 1.0  # seconds between the stop's reports of what it still waits for
 
 
 class Supervisor:
@@ -64,9 +65,11 @@ class Supervisor:
         self.hub = Slot(self, "hub", self._argv(config, "hub"), {HUB_SOCKET_NAME: hub_listener})
         self.rollout_lock = trio.Lock()
         self._rollout: trio.CancelScope | None = None  # of the rollout under way
-        self.last_rollout = ""
+        self.last_rollout: dict | None = None  # the latest rollout, for `dcod status`: see rollout()
         self.nursery: trio.Nursery | None = None
         self._stop = trio.Event()
+        self._stopped = trio.Event()  # every child has exited: the supervisor is about to exit
+        self._stop_watchers: list[Callable[[str], None]] = []  # `dcod stop` clients: each step of the stop
         self._me = psutil.Process()
 
     # ------------------------------------------------------------ processes
@@ -129,28 +132,34 @@ class Supervisor:
     # ------------------------------------------------------------ life cycle
 
     async def run(self) -> None:
+        listener = sockets.bind(str(self.config.control_socket), mode=0o660)
+        control_server = control.ControlServer(listener, self._on_command, group=self.config.supervisor.control_group)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                nursery.start_soon(self.notifier.run)
-                await self._check_unclean_stop()
-                for key, (name, argv) in self.worker_slots(self.config).items():
-                    self.add_worker(self.config, key, name, argv).launch()
-                self.hub.launch()
-                self._mark_hub_running()
-                nursery.start_soon(self._announce_ready)
-                nursery.start_soon(self._pmon)
-                nursery.start_soon(self._watchdog)
-                nursery.start_soon(self._serve_control)
-                nursery.start_soon(self._on_signals, signals)
-                await self._stop.wait()
-                self.notify("STOPPING=1", "STATUS=stopping: draining the hub")
-                await self._stop_children()
-                await self.notifier.flush()
-                nursery.cancel_scope.cancel()
-        await self.alerter.aclose()
-        (self.config.state_dir / UNCLEAN_MARKER).unlink(missing_ok=True)
-        log.info("stopped")
+            # The control socket outlives the rest: `dcod stop` gets its last answer once all is done.
+            async with trio.open_nursery() as outer:
+                outer.start_soon(control_server.serve)
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    nursery.start_soon(self.notifier.run)
+                    await self._check_unclean_stop()
+                    for key, (name, argv) in self.worker_slots(self.config).items():
+                        self.add_worker(self.config, key, name, argv).launch()
+                    self.hub.launch()
+                    self._mark_hub_running()
+                    nursery.start_soon(self._announce_ready)
+                    nursery.start_soon(self._pmon)
+                    nursery.start_soon(self._watchdog)
+                    nursery.start_soon(self._on_signals, signals)
+                    await self._stop.wait()
+                    self.notify("STOPPING=1", "STATUS=stopping: draining the hub")
+                    await self._stop_children()
+                    await self.notifier.flush()
+                    nursery.cancel_scope.cancel()
+                await self.alerter.aclose()
+                (self.config.state_dir / UNCLEAN_MARKER).unlink(missing_ok=True)
+                log.info("stopped")
+                self._stopped.set()
+                await control_server.close(CONTROL_LAST_ANSWERS)
 
     async def _on_signals(self, signals) -> None:
         async for signum in signals:
@@ -192,7 +201,7 @@ class Supervisor:
         return line + (f"; DOWN: {', '.join(failed)}" if failed else "")
 
     async def _stop_children(self) -> None:
-        """Every hub generation alive first, then the workers together.
+        """Every hub generation alive first, then the workers together; each step reported (_stop_step).
 
         Besides the slot's current hub, a rollout may have others alive: the generation it is
         replacing, which serves every session until the new one is ready; a new one it is
@@ -202,21 +211,65 @@ class Supervisor:
         self.hub.stopping = True  # what ends now ends by the stop: not a failure, not "replaced"
         if self._rollout is not None:
             self._rollout.cancel()  # no new generation may start now
-        for hub in self.hub.alive:
+        hubs = [hub for hub in self.hub.alive if hub.running]
+        for hub in hubs:
             hub.retiring = True  # it may drain and exit before we wait for it: planned
+            self._stop_step(f"{_label(hub)} draining")
         # No generation starts from now on: our copy of the listening socket would only keep the
         # kernel accepting sessions that the alert sends elsewhere into a backlog nobody serves.
         # (Under systemd the socket unit holds it too, and starts the service again on the next
         # connection: stop dco-hub.socket to take a host out of rotation.)
         self.hub_listener.close()
-        exits = await drain_hubs(self.hub.alive, functools.partial(self.alerter.signal, self.config.hub.advertise),
-                                 self.config.supervisor)
-        if self.hub.process in exits:  # Slot._watch reports the end of older generations
-            log.info("hub (pid %d) %s", self.hub.process.pid, describe_exit(exits[self.hub.process]))
+        advertise = self.config.hub.advertise
+
+        async def alert_sessions() -> None:
+            await self.alerter.signal(advertise)
+            self._stop_step(f"quit alert {self.config.alert.name} raised for {advertise}")
+
+        async with self._reporting_waits(hubs):
+            exits = await drain_hubs(hubs, alert_sessions, self.config.supervisor)
+        for hub, returncode in exits.items():
+            if hub is self.hub.process:  # Slot._watch reports the end of older generations
+                log.info("hub (pid %d) %s", hub.pid, describe_exit(returncode))
+            self._stop_step(f"{_label(hub)} {describe_exit(returncode)}")
+        workers = [slot.process for slot in self.workers.values() if slot.process is not None and slot.process.running]
         self.notify("STATUS=stopping: workers")
-        async with trio.open_nursery() as nursery:
+        self._stop_step("workers stopping: " + (", ".join(map(_label, workers)) or "none running"))
+
+        async def stop_worker(slot: Slot) -> None:
+            process = slot.process
+            returncode = await slot.stop(self.config.supervisor.stop_timeout)
+            if returncode is not None:
+                self._stop_step(f"{_label(process)} {describe_exit(returncode)}")
+
+        async with self._reporting_waits(workers), trio.open_nursery() as nursery:
             for slot in self.workers.values():
-                nursery.start_soon(slot.stop, self.config.supervisor.stop_timeout)
+                nursery.start_soon(stop_worker, slot)
+        self._stop_step("every process has exited; the supervisor exits")
+
+    def _stop_step(self, line: str) -> None:
+        """A step of the stop: to each `dcod stop` waiting for it, and to systemd's STATUS."""
+        self.notify(f"STATUS=stopping: {line}")
+        for watcher in self._stop_watchers:
+            watcher(line)
+
+    @contextlib.asynccontextmanager
+    async def _reporting_waits(self, processes: list[Process]):
+        """While the body waits for ``processes`` to exit, report every WAITING_REPORT_INTERVAL what each
+        still has, as its heartbeats say."""
+        async def report() -> None:
+            while True:
+                await trio.sleep(WAITING_REPORT_INTERVAL)
+                for p in processes:
+                    if p.running:
+                        sessions = p.stats.get("sessions", 0)  # a hub's: its sessions yet to reconnect
+                        self._stop_step(f"waiting for {_count(p.counts.inflight, 'request')} on {_label(p)}" +
+                                        (f", {_count(sessions, 'session')} connected" if sessions else ""))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(report)
+            yield
+            nursery.cancel_scope.cancel()
 
     # ------------------------------------------------------------ pmon and the quit alert
 
@@ -296,10 +349,11 @@ class Supervisor:
         if self._stop.is_set():
             raise RolloutError("the service is stopping")
         if self.rollout_lock.locked():
-            raise RolloutError(f"a rollout is already running ({self.last_rollout}); try again when it is done")
+            since = time.strftime("%H:%M:%S", time.localtime(self.last_rollout["started"]))
+            raise RolloutError(f"a rollout is already running (since {since}); try again when it is done")
         async with self.rollout_lock:
             started = time.monotonic()
-            self.last_rollout = f"started at {time.strftime('%H:%M:%S')}"
+            self.last_rollout = {"state": "running", "started": time.time(), "seconds": None, "error": None}
 
             def step(line: str) -> None:
                 self.notify(f"STATUS=reload: {line}")
@@ -312,19 +366,14 @@ class Supervisor:
                 if self._rollout.cancelled_caught:
                     raise RolloutError("the service is stopping")
             except RolloutError as e:
-                self.last_rollout = f"failed at {time.strftime('%H:%M:%S')}: {e}"
+                self.last_rollout.update(state="failed", seconds=time.monotonic() - started, error=str(e))
                 raise
             finally:
                 self.notify("READY=1", f"STATUS={self.status_line()}")
-            self.last_rollout = f"done at {time.strftime('%H:%M:%S')} in {time.monotonic() - started:.1f}s"
+            self.last_rollout.update(state="done", seconds=time.monotonic() - started)
             step(f"done in {time.monotonic() - started:.1f}s")
 
     # ------------------------------------------------------------ control socket
-
-    async def _serve_control(self) -> None:
-        path = self.config.control_socket
-        listener = sockets.bind(str(path), mode=0o660)
-        await control.serve(listener, self._on_command, group=self.config.supervisor.control_group)
 
     async def _on_command(self, message: dict, reply: Callable[[dict], None]) -> None:
         command = command_of(message)
@@ -339,13 +388,17 @@ class Supervisor:
             else:
                 reply({"ok": True})
         elif command == Control.STOP:
-            reply({"ok": True})
+            # Each step of the stop, and its end: answered just before we exit.
+            self._stop_watchers.append(lambda line: reply({"progress": line}))
             self.request_stop()
+            await self._stopped.wait()
+            reply({"ok": True})
         else:
             reply({"ok": False, "error": f"unknown command {command!r} ({', '.join(Control)})"})
 
     def snapshot(self) -> dict:
-        """Everything `dcod status` shows."""
+        """Everything `dcod status` shows, as data: null where a value is absent, wall times in seconds
+        since the epoch."""
         rows = [_process_row(slot, slot.process) for slot in self.slots]
         # Other hub generations: one a rollout is starting, older ones draining.
         rows += [_process_row(self.hub, p, state="draining" if p.retiring or p.draining.is_set() else
@@ -355,22 +408,35 @@ class Supervisor:
         return {
             "supervisor": {"pid": os.getpid(), "uptime": time.monotonic() - self.started, **me,
                            "config": self.config.source, "advertise": self.config.hub.advertise,
-                           "rollout": self.last_rollout or "none yet", "status": self.status_line(),
+                           "rollout": self.last_rollout, "status": self.status_line(),
                            "alerts": self.alerter.stats()},
             "processes": rows,
-            "hub": self.hub.process.stats if self.hub.process is not None else {},
+            "hub": self.hub.process.stats if self.hub.process is not None else None,
         }
+
+
+def _label(process: Process) -> str:
+    """Like "hub generation 3 (pid 4711)", "worker 1#0 generation 2 (pid 4712)"."""
+    return f"{process.name} generation {process.generation} (pid {process.pid})"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+UNKNOWN_RESOURCES = {"rss": None, "cpu_percent": None}
 
 
 def _process_row(slot: Slot, process: Process | None, state: str | None = None) -> dict:
     running = process is not None and process.running
     return {"name": slot.name, "role": "hub" if slot.is_hub else "worker", "proxy": slot.proxy_id,
             "instance": slot.instance, "pid": process.pid if running else None,
-            "generation": process.generation if process is not None else 0,
-            "state": state or slot.state, "uptime": process.uptime if running else 0.0,
-            **(_resources(process.psutil) if running else {"rss": 0, "cpu_percent": 0.0}),
+            "generation": process.generation if process is not None else None,
+            "state": state or slot.state, "uptime": process.uptime if running else None,
+            **(_resources(process.psutil) if running else UNKNOWN_RESOURCES),
             **dataclasses.asdict(process.counts if process is not None else StatusCounts()),
-            "restarts": slot.restarts, "last_exit": slot.last_exit}
+            "restarts": slot.restarts, "failures": len(slot.failures),
+            "last_exit": dataclasses.asdict(slot.last_exit) if slot.last_exit is not None else None}
 
 
 def _resources(proc) -> dict:
@@ -381,7 +447,7 @@ def _resources(proc) -> dict:
             alive = max(time.time() - proc.create_time(), 1e-3)
             return {"rss": proc.memory_info().rss, "cpu_percent": 100 * (cpu.user + cpu.system) / alive}
     except Exception:  # psutil.Error, or no psutil handle: figures unknown
-        return {"rss": 0, "cpu_percent": 0.0}
+        return UNKNOWN_RESOURCES
 
 
 def hub_listener(config: Config) -> socket.socket:

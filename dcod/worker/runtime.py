@@ -1,4 +1,4 @@
-"""The worker runtime: one instance of a worker proxy, serving its handler to every hub (DESIGN §6).
+"""The worker runtime: one instance of a worker proxy, serving its handler to every hub.
 
 Hubs connect to the instance's listening socket, send the 4-byte magic, then request PDUs
 (``len, audsid, rseq, body``); each request runs the handler, concurrently with the others
@@ -56,12 +56,12 @@ Result = bytes | bytearray | str | None
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """What a handler gets: one request from one Oracle session."""
+    """What a handler gets: one request from one Oracle session (see dcod.worker for the rules)."""
 
-    audsid: int
-    rseq: int
+    audsid: int  # the Oracle session's AUDSID
+    rseq: int  # the request's number in that session: with audsid, the request's key
     body: bytes
-    sync: bool  # the session waits for a reply; False for a one-way request
+    sync: bool  # the session waits for a reply; False for a one-way request (delivered at least once)
 
 
 @dataclass(frozen=True)
@@ -248,10 +248,12 @@ class Worker:
         except Exception as e:
             counts.errors += 1
             detail = f"{type(e).__name__}: {e}"[:MAX_ERROR_DETAIL]
+            # The journal's line starts with this instance's name ("worker 1#0: "): with the audsid
+            # and rseq, the request's key; then the traceback, which the session never sees.
+            log.warning("%s request (audsid %d, rseq %d) failed: %s", "sync" if req.sync else "one-way", audsid,
+                        rseq, detail, exc_info=True)
             if req.sync:
                 conn.send(error_reply(audsid, rseq, ErrorCode.HANDLER_FAILED, detail))
-            else:
-                log.warning("one-way request (audsid %d, rseq %d) failed: %s", audsid, rseq, detail)
         except BaseException:
             counts.abandoned += 1
             raise  # unacked: the hub sends it again
