@@ -1,11 +1,11 @@
 """The Oracle side of DCO: a session that talks to the ext-hub as the PL/SQL ``dco`` package does.
 
-A Session is one Oracle session (DESIGN §6): one connection to a hub, the first of its list
+A Session is one Oracle session: one connection to a hub, the first of its list
 that answers; the 16-byte handshake, announcing that it understands error replies (the
 capability word in the sid field: dcod.protocol); a request counter (rseq) that starts at 1 and is never
 reset, not even by a reconnect; requests built with ``write``/``line`` and sent at once or
 queued until ``flush``; and a reply cache, so replies can be read in any order. Before every
-send it checks the quit alert (DESIGN §5): when the alert names its hub, it first reads the
+send it checks the quit alert (docs/ARCHITECTURE.md §5): when the alert names its hub, it first reads the
 replies that hub still owes it, then reconnects.
 
 Lifetime: ``async with Session(hubs, audsid=...) as session:`` connects, and runs the

@@ -1,6 +1,6 @@
 // A test peer that emulates the on-the-wire behaviour of Noradle's DCO ext-hub (ext_hub.js),
 // quirks included, so dcod's worker can be tested behind it. Written from the protocol
-// description in dcod's DESIGN.md §2 and notes on how the original behaved; it contains no
+// description in dcod's docs/ARCHITECTURE.md §2 and notes on how the original behaved; it contains no
 // Noradle code.
 //
 //   node ext_hub.js PORT ID=HOST:PORT ... [--log-pdus]     (PORT 0: any free port; it is printed)

@@ -1,6 +1,6 @@
 // A test peer that emulates the on-the-wire behaviour of Noradle's DCO worker proxy
 // (dco_proxy.js), quirks included, so dcod's hub can be tested against it. Written from
-// the protocol description in dcod's DESIGN.md §2 and notes on how the original behaved;
+// the protocol description in dcod's docs/ARCHITECTURE.md §2 and notes on how the original behaved;
 // it contains no Noradle code.
 //
 //   node worker.js PORT
