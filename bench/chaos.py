@@ -209,8 +209,7 @@ class Service:
         self.notify_path = workdir / "notify.sock"
         self.notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notifications: list[str] = []
-        self.env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path),
-                    "PYTHONPATH": os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        self.env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path)}
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Keep `dcod run` running until stop(); started once it is first ready."""
@@ -342,7 +341,8 @@ def _role(p: psutil.Process) -> str:
     if not cmd or cmd[0] == "/bin/sh":
         return ""  # the LISTEN_PID shim, just before its exec
     for i, arg in enumerate(cmd[:-1]):
-        if arg == "dcod" and i and cmd[i - 1] == "-m":
+        # `python -I -m dcod ...`, or `python -I -c ... /checkout/dcod ...` (a dcod from PYTHONPATH)
+        if i and os.path.basename(arg) == "dcod":
             role = cmd[i + 1]
             if role == "worker":
                 return f"worker {cmd[cmd.index('--proxy') + 1]}#{cmd[cmd.index('--instance') + 1]}"
@@ -636,6 +636,7 @@ def write_config(workdir: Path, port: int) -> Path:
         [[proxy]]
         id = {ONEWAY_PROXY}
         handler = "chaoscount:handle"
+        handler_path = ["{workdir}"]
         instances = 2
         """))
     return path

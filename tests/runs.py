@@ -15,22 +15,27 @@ import trio
 
 _numbers = itertools.count()
 ECHO = '[[proxy]]\nid = 1\nhandler = "echo"\ninstances = 2\n'
+DCOD = (sys.executable, "-m", "dcod")
 
 
 class Run:
     """A `dcod run` process with a private NOTIFY_SOCKET, so tests wait on its real sd_notify."""
 
-    def __init__(self, config, tmp_path, listen_socket: socket.socket | None = None) -> None:
+    def __init__(self, config, tmp_path, listen_socket: socket.socket | None = None, *,
+                 command: tuple[str, ...] = DCOD, cwd=None, env: dict[str, str] | None = None) -> None:
+        """``command`` runs dcod (e.g. its console script, or as another user), in ``cwd`` with ``env``
+        added to ours."""
         self.config = config
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify_path = tmp_path / f"notify-{next(_numbers)}.sock"
         self.notify.bind(str(notify_path))
+        os.chmod(notify_path, 0o666)  # a `dcod run` as another user may send to it too
         self.notifications: list[str] = []
         self._seen = 0
         self._arrived = threading.Condition()
         threading.Thread(target=self._read_notifications, daemon=True).start()
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
-        argv = [sys.executable, "-m", "dcod", "run", "--config", config.source]
+        env = {**os.environ, **(env or {}), "NOTIFY_SOCKET": str(notify_path)}
+        argv = [*command, "run", "--config", config.source]
         pass_fds = ()
         if listen_socket is not None:
             # As systemd would: the socket at fd 3, LISTEN_PID set to the process's own pid.
@@ -41,7 +46,7 @@ class Run:
             argv = [sys.executable, "-c", shim, str(fd), *argv]
             pass_fds = (fd,)
         self.stderr_path = notify_path.with_suffix(".log")
-        self.proc = subprocess.Popen(argv, env=env, pass_fds=pass_fds, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(argv, env=env, pass_fds=pass_fds, stdin=subprocess.DEVNULL, cwd=cwd,
                                      stderr=open(self.stderr_path, "wb"))
 
     def _read_notifications(self) -> None:

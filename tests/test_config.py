@@ -34,6 +34,10 @@ def test_conf_file_is_the_builtin_default():
     ("[alert]\nbackends = [\"pager\"]\n", "alert.backends: unknown backend 'pager'"),
     ("[supervisor]\nheartbeat_timeout = 0.1\n", "supervisor.heartbeat_timeout: must be longer"),
     ("[hub\n", "not valid TOML"),
+    ("[[proxy]]\nid = 1\nhandler = \"mine:handle\"\nhandler_path = [\"handlers\"]\n",
+     "proxy[0].handler_path: must be absolute paths (the workers run in no particular directory), not 'handlers'"),
+    ("[[proxy]]\nid = 1\ncommand = [\"/bin/true\"]\nhandler_path = [\"/opt/h\"]\n",
+     "proxy[0].handler_path: is for a handler; this proxy has none"),
 ])
 def test_invalid_config_names_file_key_and_reason(tmp_path, text, message):
     path = tmp_path / "bad.toml"
@@ -57,3 +61,31 @@ def test_config_command_checks_and_prints(tmp_path, capsys):
     assert cli.main(["config", "--config", str(REPO / "conf" / "dcod.toml")]) == 0
     printed = capsys.readouterr().out
     assert 'handler = "echo"' in printed and "reply_timeout = 30.0" in printed
+
+
+@pytest.fixture
+def no_directories_from_the_environment(monkeypatch, tmp_path):
+    """No systemd, no XDG variables; HOME is tmp_path."""
+    for var in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY", "XDG_RUNTIME_DIR", "XDG_STATE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+
+def test_default_directories_are_the_users_own_never_shared_nor_the_services(no_directories_from_the_environment,
+                                                                              tmp_path):
+    """Also for root (the tests run as root): not /run/dcod and /var/lib/dcod, which belong to the
+    packaged service, nor a predictable name in /tmp."""
+    builtin = config.load(None)
+    assert builtin.state_dir == tmp_path / ".local/state/dcod"
+    assert builtin.runtime_dir == tmp_path / ".local/state/dcod/run"
+
+
+def test_default_directories_from_xdg_and_systemd(no_directories_from_the_environment, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    builtin = config.load(None)
+    assert (builtin.runtime_dir, builtin.state_dir) == (Path("/run/user/1000/dcod"), tmp_path / "state/dcod")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/dcod")
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/dcod:/var/lib/other")
+    builtin = config.load(None)
+    assert (builtin.runtime_dir, builtin.state_dir) == (Path("/run/dcod"), Path("/var/lib/dcod"))

@@ -64,7 +64,8 @@ class Spool:
         self.torn_bytes = 0  # bytes of a torn tail cut off at open
         self.possible_duplicates = 0  # of those, records a crash may have caught being forwarded
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Never through a symlink: a spool is written to, and one left by a gone hub is adopted.
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             # Held while this process lives (the kernel lets go even on SIGKILL): a spool whose
             # lock can be taken belongs to a hub that is gone.
