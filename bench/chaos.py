@@ -211,8 +211,7 @@ class Service:
         self.stopping = False
         self.restarting = trio.Lock()  # one supervisor fault at a time
         self.notify = NotifySocket(workdir / "notify.sock")
-        self.env = {**os.environ, **self.notify.env,
-                    "PYTHONPATH": os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        self.env = {**os.environ, **self.notify.env}
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Keep `dcod run` running until stop(); started once it is first ready."""
@@ -609,6 +608,7 @@ def write_config(workdir: Path, port: int) -> Path:
         [[proxy]]
         id = {ONEWAY_PROXY}
         handler = "chaoscount:handle"
+        handler_path = ["{workdir}"]
         instances = 2
         """))
     return path

@@ -74,6 +74,7 @@ class ProxyConfig:
     id: int
     name: str = ""
     handler: str = ""  # built-in name or "package.module:function"
+    handler_path: tuple[str, ...] = ()  # directories the handler's modules are imported from (absolute)
     address: str = ""  # an external worker proxy "host:port", not launched by dcod
     command: tuple[str, ...] = ()  # a worker in any language, launched with its socket
     instances: int = 1
@@ -102,11 +103,11 @@ class Config:
 
     @property
     def runtime_dir(self) -> Path:
-        return Path(self.supervisor.runtime_dir or _default_dir("RUNTIME_DIRECTORY", "/run/dcod", _user_runtime()))
+        return Path(self.supervisor.runtime_dir or _default_dir("RUNTIME_DIRECTORY", _user_runtime()))
 
     @property
     def state_dir(self) -> Path:
-        return Path(self.supervisor.state_dir or _default_dir("STATE_DIRECTORY", "/var/lib/dcod", _user_state()))
+        return Path(self.supervisor.state_dir or _default_dir("STATE_DIRECTORY", _user_state()))
 
     @property
     def alert_dir(self) -> Path:
@@ -130,19 +131,24 @@ class Config:
         return [str(self.worker_socket(proxy.id, i)) for i in range(proxy.instances)]
 
 
-def _default_dir(systemd_var: str, system_dir: str, user_dir: str) -> str:
-    # systemd's RuntimeDirectory=/StateDirectory= may list several paths, colon-separated.
+def _default_dir(systemd_var: str, user_dir: str) -> str:
+    """The directory systemd made for the service (RuntimeDirectory=/StateDirectory=, which may
+    list several, colon-separated), else one of the user's own: for root too, so that a `dcod run`
+    in a terminal never takes the packaged service's /run/dcod and /var/lib/dcod."""
     if os.environ.get(systemd_var):
         return os.environ[systemd_var].split(":")[0]
-    return system_dir if os.geteuid() == 0 else user_dir
+    return user_dir
 
 
 ALERT_MESSAGE_MAX = 30  # bytes: Noradle's PL/SQL (k_ext_call) keeps the quit alert's message in a VARCHAR2(30)
 
 
 def _user_runtime() -> str:
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/dcod-{os.getuid()}"
-    return os.path.join(base, "dcod") if os.environ.get("XDG_RUNTIME_DIR") else base
+    # Without $XDG_RUNTIME_DIR (sudo, su, a container): under the state directory, never a
+    # predictable name in a directory that others may write to, such as /tmp.
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "dcod")
+    return os.path.join(_user_state(), "run")
 
 
 def _user_state() -> str:
@@ -279,6 +285,12 @@ class _Validator:
             raise self.fail(prefix + "instances", "an external proxy (address) is one instance; list it once per address")
         if proxy.address:
             self.address(prefix + "address", proxy.address)
+        if proxy.handler_path and not proxy.handler:
+            raise self.fail(prefix + "handler_path", "is for a handler; this proxy has none")
+        for directory in proxy.handler_path:
+            if not os.path.isabs(directory):
+                raise self.fail(prefix + "handler_path", f"must be absolute paths (the workers run in no particular "
+                                                          f"directory), not {directory!r}")
         if proxy.concurrency < 1:
             raise self.fail(prefix + "concurrency", f"must be >= 1, not {proxy.concurrency}")
         return proxy if proxy.name else dataclasses.replace(proxy, name=proxy.handler or f"proxy{proxy.id}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import textwrap
 from pathlib import Path
 
@@ -15,6 +16,16 @@ from dcod.bench.target import free_port
 from dcod.net import sockets
 from dcod.hub.server import Hub
 from runs import ECHO, Run
+
+
+def let_others_reach(*paths: Path) -> None:
+    """Let any user traverse every directory above each path (a checkout or a pytest directory in
+    a private place), so that a test may run something there as another user (setpriv)."""
+    for path in paths:
+        for parent in Path(path).parents:
+            if parent == parent.parent:
+                break
+            os.chmod(parent, os.stat(parent).st_mode | 0o001)
 
 
 @pytest.fixture
@@ -70,11 +81,13 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:
 
 @pytest.fixture
 def run(make_config, tmp_path):
-    """run(proxies_toml, listen_socket=None, **make_config_keys) -> a started `dcod run` (Run); killed at the end."""
+    """run(proxies_toml, listen_socket=None, **make_config_keys) -> a started `dcod run` (Run); killed at the end.
+
+    ``config`` runs that configuration instead; ``how`` passes Run's keyword arguments (command, cwd, env)."""
     runs = []
 
-    def start(proxies=ECHO, listen_socket=None, **kw):
-        runs.append(Run(make_config(proxies, **kw), tmp_path, listen_socket))
+    def start(proxies=ECHO, listen_socket=None, *, config=None, how: dict | None = None, **kw):
+        runs.append(Run(config or make_config(proxies, **kw), tmp_path, listen_socket, **(how or {})))
         return runs[-1]
 
     yield start

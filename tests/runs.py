@@ -15,22 +15,28 @@ from dcod.bench.target import NotifySocket, socket_activated
 
 _numbers = itertools.count()
 ECHO = '[[proxy]]\nid = 1\nhandler = "echo"\ninstances = 2\n'
+DCOD = (sys.executable, "-m", "dcod")
 
 
 class Run:
     """A `dcod run` process with a private NOTIFY_SOCKET, so tests wait on its real sd_notify."""
 
-    def __init__(self, config, tmp_path, listen_socket: socket.socket | None = None) -> None:
+    def __init__(self, config, tmp_path, listen_socket: socket.socket | None = None, *,
+                 command: tuple[str, ...] = DCOD, cwd=None, env: dict[str, str] | None = None) -> None:
+        """``command`` runs dcod (e.g. its console script, or as another user), in ``cwd`` with ``env``
+        added to ours."""
         self.config = config
         notify_path = tmp_path / f"notify-{next(_numbers)}.sock"
         self.notify = NotifySocket(notify_path)
-        env = {**os.environ, **self.notify.env}
-        argv = [sys.executable, "-m", "dcod", "run", "--config", config.source]
+        os.chmod(notify_path, 0o666)  # a `dcod run` as another user may send to it too
+        env = {**os.environ, **(env or {}), **self.notify.env}
+        argv = [*command, "run", "--config", config.source]
         options = {"env": env}
         if listen_socket is not None:
             argv, options = socket_activated(argv, listen_socket, env)
         self.stderr_path = notify_path.with_suffix(".log")
-        self.proc = subprocess.Popen(argv, **options, stdin=subprocess.DEVNULL, stderr=open(self.stderr_path, "wb"))
+        self.proc = subprocess.Popen(argv, **options, stdin=subprocess.DEVNULL, cwd=cwd,
+                                     stderr=open(self.stderr_path, "wb"))
 
     async def notification(self, field: str, timeout: float = 15.0) -> str:
         """The next sd_notify message (after those already returned) containing field, e.g. "READY=1"."""

@@ -36,6 +36,10 @@ def test_conf_file_is_the_builtin_default():
     # Noradle's PL/SQL keeps the quit alert's message (hub.advertise) in a VARCHAR2(30).
     ("[hub]\nadvertise = \"dco-hub-1.prod.example.com:1523\"\n",
      "hub.advertise: must be at most 30 bytes, not 31 ('dco-hub-1.prod.example.com:1523'): Noradle's PL/SQL"),
+    ("[[proxy]]\nid = 1\nhandler = \"mine:handle\"\nhandler_path = [\"handlers\"]\n",
+     "proxy[0].handler_path: must be absolute paths (the workers run in no particular directory), not 'handlers'"),
+    ("[[proxy]]\nid = 1\ncommand = [\"/bin/true\"]\nhandler_path = [\"/opt/h\"]\n",
+     "proxy[0].handler_path: is for a handler; this proxy has none"),
 ])
 def test_invalid_config_names_file_key_and_reason(tmp_path, text, message):
     path = tmp_path / "bad.toml"
@@ -85,3 +89,31 @@ def test_config_check_refuses_what_an_alert_backend_refuses(tmp_path, capsys):
         config.load(bad)  # the configuration itself is well-formed
         assert cli.main(["config", "--check", "--config", str(bad)]) == 1
         assert f"bad.toml: {message}" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_directories_from_the_environment(monkeypatch, tmp_path):
+    """No systemd, no XDG variables; HOME is tmp_path."""
+    for var in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY", "XDG_RUNTIME_DIR", "XDG_STATE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+
+def test_default_directories_are_the_users_own_never_shared_nor_the_services(no_directories_from_the_environment,
+                                                                              tmp_path):
+    """Also for root (the tests run as root): not /run/dcod and /var/lib/dcod, which belong to the
+    packaged service, nor a predictable name in /tmp."""
+    builtin = config.load(None)
+    assert builtin.state_dir == tmp_path / ".local/state/dcod"
+    assert builtin.runtime_dir == tmp_path / ".local/state/dcod/run"
+
+
+def test_default_directories_from_xdg_and_systemd(no_directories_from_the_environment, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    builtin = config.load(None)
+    assert (builtin.runtime_dir, builtin.state_dir) == (Path("/run/user/1000/dcod"), tmp_path / "state/dcod")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/dcod")
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/dcod:/var/lib/other")
+    builtin = config.load(None)
+    assert (builtin.runtime_dir, builtin.state_dir) == (Path("/run/dcod"), Path("/var/lib/dcod"))

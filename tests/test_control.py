@@ -21,10 +21,9 @@ from test_rollout import dcod, status
 
 
 @pytest.fixture
-def gate(tmp_path, monkeypatch):
+def gate(tmp_path):
     """The [[proxy]] table of an echo proxy (id 1, 1 instance) whose handler holds a body "hold"
     until tmp_path/release exists, once it has written tmp_path/held."""
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
     (tmp_path / "gate.py").write_text(textwrap.dedent(f"""\
         import os
         import trio
@@ -36,7 +35,7 @@ def gate(tmp_path, monkeypatch):
                     await trio.sleep(0.01)
             return req.body
         """))
-    return '[[proxy]]\nid = 1\nhandler = "gate:handle"\ninstances = 1\n'
+    return f'[[proxy]]\nid = 1\nhandler = "gate:handle"\nhandler_path = ["{tmp_path}"]\ninstances = 1\n'
 
 
 def dcod_stop(config) -> subprocess.Popen:

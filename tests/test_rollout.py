@@ -16,7 +16,7 @@ import psutil
 import pytest
 import trio
 
-from conftest import free_port, wait_for
+from conftest import free_port, let_others_reach, wait_for
 from load import Load
 from runs import ECHO
 
@@ -51,17 +51,24 @@ def row(snapshot: dict, name: str) -> dict:
 
 
 @pytest.fixture
-def handler_module(tmp_path, monkeypatch):
-    """handler_module(name, source): a module of handlers that the workers can import."""
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+def handler_path(tmp_path) -> str:
+    """The line of a [[proxy]] table whose workers import handler modules from tmp_path/handlers
+    (they run isolated: PYTHONPATH does not reach them)."""
+    (tmp_path / "handlers").mkdir()
+    return f'handler_path = ["{tmp_path / "handlers"}"]\n'
+
+
+@pytest.fixture
+def handler_module(tmp_path, handler_path):
+    """handler_module(name, source): a module of handlers in the directory of ``handler_path``."""
 
     def write(name: str, source: str) -> None:
-        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        (tmp_path / "handlers" / f"{name}.py").write_text(textwrap.dedent(source))
     return write
 
 
 @pytest.fixture
-def slow_echo(tmp_path, handler_module) -> str:
+def slow_echo(tmp_path, handler_module, handler_path) -> str:
     """The [[proxy]] table of an echo proxy (id 1, 2 instances) that holds a body starting with
     "slow" for a minute, once it has added a line to tmp_path/held."""
     handler_module("slowecho", f"""\
@@ -74,7 +81,7 @@ def slow_echo(tmp_path, handler_module) -> str:
                 await trio.sleep(60)
             return req.body
         """)
-    return '[[proxy]]\nid = 1\nhandler = "slowecho:handle"\ninstances = 2\n'
+    return '[[proxy]]\nid = 1\nhandler = "slowecho:handle"\ninstances = 2\n' + handler_path
 
 
 @pytest.fixture
@@ -442,11 +449,7 @@ async def test_control_socket_refuses_other_users(run):
     # must also reach our Python and dcod (a checkout in a private directory: mktemp -d).
     os.chmod(sock, 0o666)
     import dcod
-    for path in (sock, Path(sys.executable), Path(dcod.__file__)):
-        for parent in path.parents:
-            if parent == parent.parent:
-                break
-            os.chmod(parent, os.stat(parent).st_mode | 0o001)
+    let_others_reach(sock, Path(sys.executable), Path(dcod.__file__))
     nobody = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
                              "-m", "dcod", "status", "--config", r.config.source], capture_output=True, text=True)
     assert nobody.returncode == 1, nobody.stderr
@@ -497,7 +500,7 @@ async def test_stop_during_a_reload_drains_both_hub_generations_before_the_worke
     assert not [p for p in [old, new, *workers] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-async def test_stop_during_a_reload_waits_for_a_worker_being_removed(run, nursery, handler_module):
+async def test_stop_during_a_reload_waits_for_a_worker_being_removed(run, nursery, handler_module, handler_path):
     """SIGTERM while a reload waits for a removed proxy's worker to exit: the stop waits for it
     too (and SIGKILLs it past stop_timeout), rather than leaving it behind."""
     handler_module("stuck", """\
@@ -509,7 +512,7 @@ async def test_stop_during_a_reload_waits_for_a_worker_being_removed(run, nurser
         async def done():  # a clean-up that never ends: only SIGKILL stops this worker
             await trio.sleep_forever()
         """)
-    stuck_proxy = '[[proxy]]\nid = 2\nhandler = "stuck:handle"\n'
+    stuck_proxy = '[[proxy]]\nid = 2\nhandler = "stuck:handle"\n' + handler_path
     r = run(ECHO + stuck_proxy, supervisor="stop_timeout = 3.0")
     await r.notification("READY=1")
     [stuck] = r.children_with("--proxy 2")
@@ -566,7 +569,7 @@ async def test_children_restarted_after_a_crash_run_the_configuration_in_effect(
 
 
 @pytest.mark.parametrize("failure", ["hub not ready", "added worker not ready"])
-async def test_a_reload_that_fails_before_the_new_hub_serves_changes_nothing(run, slow_init, failure):
+async def test_a_reload_that_fails_before_the_new_hub_serves_changes_nothing(run, slow_init, handler_path, failure):
     """The new hub waits for a proxy nobody serves, or an added worker's init() takes longer than
     ready_timeout: what the reload started is stopped, the previous configuration stays in effect
     (also for restarts), `dcod status` shows the generation that serves, and a later reload works."""
@@ -577,7 +580,7 @@ async def test_a_reload_that_fails_before_the_new_hub_serves_changes_nothing(run
     if failure == "hub not ready":
         changes += f'[[proxy]]\nid = 2\naddress = "127.0.0.1:{free_port()}"\n[[proxy]]\nid = 3\nhandler = "echo"\n'
     else:
-        changes += '[[proxy]]\nid = 3\nhandler = "slowinit:handle"\n'
+        changes += '[[proxy]]\nid = 3\nhandler = "slowinit:handle"\n' + handler_path
     open(r.config.source, "w").write(changes)
     [hub] = r.children_with(" hub")
 
@@ -611,14 +614,14 @@ async def test_a_reload_that_fails_before_the_new_hub_serves_changes_nothing(run
         "worker 1#0": (3, "ready"), "worker 1#1": (2, "ready"), "worker 3#0": (1, "ready")}
 
 
-async def test_a_reload_that_fails_at_a_worker_keeps_what_was_done_and_says_so(run, slow_init):
+async def test_a_reload_that_fails_at_a_worker_keeps_what_was_done_and_says_so(run, slow_init, handler_path):
     """The new hub serves, then worker 1#0's new handler takes longer than ready_timeout in init():
     the new configuration stays in effect, for 1#1's restarts too; the error names what still runs
     the previous one; 1#0 is used once ready (not held for a rollout that is over)."""
     r = run(ECHO, supervisor="ready_timeout = 5.0")
     await r.notification("READY=1")
     good = open(r.config.source).read()
-    open(r.config.source, "w").write(good.replace('handler = "echo"', 'handler = "slowinit:handle"'))
+    open(r.config.source, "w").write(good.replace('handler = "echo"', f'handler = "slowinit:handle"\n{handler_path}'))
 
     result = await dcod_async(r.config, "reload")
     assert result.returncode == 1, result.stdout + result.stderr

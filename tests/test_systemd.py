@@ -152,6 +152,8 @@ def test_install(installed):
     assert sb.run("getent", "group", "dcod").returncode == 0
     assert sb.systemctl("is-enabled", SOCKET).stdout.strip() == "enabled"
     assert sb.show(SOCKET, "ActiveState", "SubState") == {"ActiveState": "active", "SubState": "listening"}
+    # where the shipped configuration says (hub.listen): loopback only
+    assert sb.show(SOCKET, "Listen")["Listen"] == "127.0.0.1:1523 (Stream)"
     assert sb.show(SERVICE, "ActiveState")["ActiveState"] == "inactive", "postinst must not start the service"
     assert "/etc/dcod/dcod.toml" in sb.run("dpkg-query", "-W", "-f=${Conffiles}", "dcod").stdout
     sb.run("dcod", "config", "--check")
@@ -259,6 +261,27 @@ def test_status_for_group_dcod_only(installed):
     assert "Traceback" not in refused.stderr
 
 
+def test_an_interactive_run_is_refused_the_services_directories(installed):
+    """While the service runs, root's `dcod run` (reading /etc/dcod/dcod.toml, which names /run/dcod
+    and /var/lib/dcod) is refused: they are user dcod's; so is user dcod's own second run (the lock).
+    Either names the service's pid, and neither touches the service."""
+    sb = installed
+    props = activate(sb)
+    before = sb.run("sh", "-c", "ls -l --time-style=+%s.%N /run/dcod /run/dcod/alerts").stdout
+    root = sb.run("dcod", "run", check=False, timeout=30)
+    assert root.returncode == 1, root.stderr
+    assert "/run/dcod (owner dcod, mode 0751) does not belong to root, who runs dcod" in root.stderr, root.stderr
+    assert f"A dcod run (pid {props['MainPID']}) uses it" in root.stderr, root.stderr
+    assert "It is the packaged service's (dco-hub.service, user dcod)" in root.stderr, root.stderr
+    as_dcod = sb.run("dcod", "run", user="dcod", check=False, timeout=30)
+    assert as_dcod.returncode == 1, as_dcod.stderr
+    assert f"/run/dcod is in use by another dcod run (pid {props['MainPID']})" in as_dcod.stderr, as_dcod.stderr
+    assert sb.run("sh", "-c", "ls -l --time-style=+%s.%N /run/dcod /run/dcod/alerts").stdout == before
+    after = sb.show(SERVICE, "MainPID", "NRestarts", "ActiveState")
+    assert after == {"MainPID": props["MainPID"], "NRestarts": "0", "ActiveState": "active"}, after
+    assert echo_call(sb, b"still served")[3] == b"still served"
+
+
 def test_reload_under_load(installed):
     """systemctl reload (ExecReload=dcod reload) while sessions keep sending: nothing lost,
     no error reply, the main PID unchanged, the hub and workers replaced."""
@@ -313,7 +336,8 @@ def test_upgrade_restarts_service_keeps_socket(installed, deb):
 
 def test_remove_then_purge(installed):
     """dpkg -r with the service running stops socket and service and keeps config and user;
-    dpkg --purge then leaves no unit, user, group, /var/lib/dcod, /etc/dcod or process behind."""
+    dpkg --purge then leaves no unit, /var/lib/dcod, /etc/dcod, process, nor any file of user
+    dcod behind; the user and group stay, locked (Debian keeps system users: see the postrm)."""
     sb = installed
     activate(sb)
     sb.run("dpkg", "-r", "dcod")
@@ -330,8 +354,13 @@ def test_remove_then_purge(installed):
     left = sb.run("find", "/etc/systemd/system", "/var/lib/systemd/deb-systemd-helper-enabled",
                   "-name", "*dco-hub*", check=False).stdout
     assert not left, f"unit links left behind: {left}"
-    assert sb.run("getent", "passwd", "dcod", check=False).returncode == 2
-    assert sb.run("getent", "group", "dcod", check=False).returncode == 2
+    user = sb.run("getent", "passwd", "dcod").stdout.strip().split(":")
+    assert user[6] in ("/usr/sbin/nologin", "/sbin/nologin"), user
+    assert sb.run("getent", "shadow", "dcod").stdout.split(":")[1].startswith("!"), "the account is not locked"
+    assert sb.run("getent", "group", "dcod").returncode == 0
+    left = sb.run("find", "/etc", "/var", "/run", "/tmp", "/opt", "-xdev", "-user", "dcod", check=False,
+                  timeout=120).stdout
+    assert not left, f"files of user dcod left behind: {left}"
     for unit in UNITS:
         props = sb.show(unit, "LoadState", "ActiveState")
         assert props == {"LoadState": "not-found", "ActiveState": "inactive"}, (unit, props)

@@ -241,9 +241,8 @@ async def test_handler_failure_in_the_journal_names_the_instance_and_request_on_
     carries the priority and the instance's name."""
     (tmp_path / "failing.py").write_text("async def handle(req):\n    return parse(req.body)\n\n\n"
                                          "def parse(body):\n    raise ValueError(f'cannot parse {body!r}')\n")
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
     monkeypatch.setenv("JOURNAL_STREAM", "0:0")
-    r = run('[[proxy]]\nid = 1\nhandler = "failing:handle"\ninstances = 1\n')
+    r = run(f'[[proxy]]\nid = 1\nhandler = "failing:handle"\nhandler_path = ["{tmp_path}"]\ninstances = 1\n')
     await r.notification("READY=1")
     session = await OracleSession.connect(r.config.hub.listen, audsid=31)
     try:
@@ -584,3 +583,36 @@ def test_load_handler_function_with_its_module_hooks():
 def test_load_handler_refuses_what_it_cannot_run(spec, error):
     with pytest.raises(HandlerError, match=error):
         load_handler(spec)
+
+
+@pytest.fixture
+def handler_dir(tmp_path, monkeypatch):
+    """A directory with a handler module ``handler_path_echo``; sys.path restored afterwards."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "handler_path_echo", raising=False)
+    directory = tmp_path / "handlers"
+    directory.mkdir()
+    (directory / "handler_path_echo.py").write_text("async def handle(req):\n    return req.body\n")
+    return directory
+
+
+def test_load_handler_imports_from_handler_path(handler_dir):
+    handler = load_handler("handler_path_echo:handle", [str(handler_dir)])
+    assert handler.handle.__module__ == "handler_path_echo"
+    assert sys.path[0] == str(handler_dir)
+
+
+@pytest.mark.parametrize("change, error", [
+    (lambda d: os.chmod(d, 0o777), r"\(owner \S+, mode 0777\) is writable by its group or others"),
+    pytest.param(lambda d: os.chown(d, 65534, 65534), r"\(owner nobody, mode 0755\) does not belong to root",
+                 marks=pytest.mark.skipif(os.geteuid() != 0, reason="root gives a directory to nobody")),
+])
+def test_load_handler_refuses_a_handler_path_others_may_write_to(handler_dir, change, error):
+    """Its modules run as the worker: a directory that is not root's or ours, or that others may
+    write to, is refused, and nothing is imported from it."""
+    os.chmod(handler_dir, 0o755)
+    change(handler_dir)
+    with pytest.raises(HandlerError, match=rf"handler 'handler_path_echo:handle': handler_path directory {handler_dir} "
+                                           + error):
+        load_handler("handler_path_echo:handle", [str(handler_dir)])
+    assert str(handler_dir) not in sys.path and "handler_path_echo" not in sys.modules

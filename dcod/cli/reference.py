@@ -39,9 +39,16 @@ ERROR_REPLIES = {
 
 SERVICE = """\
 On a Debian system the supervisor runs as dco-hub.service, started by the first connection to \
-dco-hub.socket (TCP port 1523), as user and group dcod. `systemctl reload dco-hub` runs `dcod reload`; \
-`systemctl stop dco-hub` sends SIGTERM. Members of group dcod may use `dcod status`, `dcod reload` and \
-`dcod stop`."""
+dco-hub.socket (TCP 127.0.0.1:1523), as user and group dcod. The socket unit decides where the service \
+listens, not hub.listen: `systemctl edit dco-hub.socket` changes it. `systemctl reload dco-hub` runs \
+`dcod reload`; `systemctl stop dco-hub` sends SIGTERM. Members of group dcod may use `dcod status`, \
+`dcod reload` and `dcod stop`. The hub and the workers run isolated (python3 -I): a handler module of your \
+own is an installed package or lies in its proxy's handler_path.
+
+Outside systemd, `dcod run` uses directories of its own user (root's too): $XDG_RUNTIME_DIR/dcod (else \
+~/.local/state/dcod/run) and ~/.local/state/dcod. It refuses a directory that is not its user's or that \
+others may write to, and locks each (dcod.lock): a second `dcod run` on it exits 1 naming the pid of the \
+first."""
 
 SEE_ALSO = "systemctl(1), journalctl(1), systemd.socket(5); /usr/share/doc/dcod/README.md"
 
@@ -110,7 +117,7 @@ def manpage(parser: argparse.ArgumentParser, date: datetime.date) -> str:
              ".SH SYNOPSIS", ".B dcod", escape("[--config FILE] [-v] COMMAND [OPTIONS]"),
              ".br", ".B dcod", escape("--version | --help")]
     lines += [".SH DESCRIPTION"]
-    for paragraph in [*_paragraphs(parser.description), SERVICE]:
+    for paragraph in [*_paragraphs(parser.description), *_paragraphs(SERVICE)]:
         lines += [escape(paragraph), ".PP"]
     lines[-1:] = []
     lines += [".SH OPTIONS", escape("These come before the command or after it; `dcod COMMAND --help` describes "

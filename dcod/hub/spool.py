@@ -502,7 +502,8 @@ class Spool:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Never through a symlink: a spool is written to, and one left by a gone hub is adopted.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             # Held while this process lives (the kernel lets go even on SIGKILL): a spool whose
             # lock can be taken belongs to a hub that is gone.

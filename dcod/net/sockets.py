@@ -48,6 +48,7 @@ def bind(address: str, *, backlog: int = 1024, mode: int = 0o600) -> socket.sock
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if family == socket.AF_UNIX:
+            # bind() makes the file itself, failing if the path exists: a symlink is never followed.
             _remove_stale_socket(addr)
             old_umask = os.umask(0o777 & ~mode)
             try:
@@ -62,6 +63,12 @@ def bind(address: str, *, backlog: int = 1024, mode: int = 0o600) -> socket.sock
         sock.close()
         raise
     return sock
+
+
+def address_of(sock: socket.socket) -> str:
+    """Where a listening socket is: "host:port", or its path."""
+    address = sock.getsockname()
+    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -13,12 +13,16 @@ service's stop, or a hub that was told to drain by someone else (SIGTERM from ou
 from __future__ import annotations
 
 import fcntl
+import functools
 import itertools
 import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Awaitable, Callable, Iterable
 
 import psutil
@@ -32,6 +36,35 @@ from dcod.net.channel import (CONTROL_FD_VAR, Channel, ChannelError, Command, Ev
 log = logging.getLogger("dcod.supervisor")
 
 FD_PARKING = 64  # fds are dup'ed above this first, so that dup2 onto 3, 4, ... never clobbers a source
+# For a dcod an isolated python does not find: the package's directory is argv[1]; its parent goes
+# first on sys.path. (The argument ends in "/dcod", as `-m dcod` does, for whoever reads `ps`.)
+IMPORT_FROM = ("import os, sys; sys.path.insert(0, os.path.dirname(sys.argv.pop(1))); "
+               "from dcod.cli.main import main; sys.exit(main())")
+
+
+@functools.cache
+def dcod_command() -> tuple[str, ...]:
+    """How the supervisor starts its dcod children: this python, isolated (``-I``: neither the
+    working directory nor PYTHON* variables nor the user's site packages on sys.path, where anyone
+    who can write there, or set them, would have their modules imported as the service), running
+    this very dcod.
+
+    ``python -I -m dcod`` when that imports the dcod running here (installed, or an editable
+    install); else (run from a checkout through PYTHONPATH, or another dcod is installed) the
+    directory this one came from is given explicitly (IMPORT_FROM).
+    """
+    import dcod
+
+    here = Path(dcod.__file__).resolve()
+    try:
+        found = subprocess.run([sys.executable, "-I", "-c", "import dcod; print(dcod.__file__)"], text=True,
+                               capture_output=True, stdin=subprocess.DEVNULL, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        found = ""
+    if found and Path(found).resolve() == here:
+        return (sys.executable, "-I", "-m", "dcod")
+    log.info("the children import dcod from %s (an isolated python finds %s)", here.parent, found or "none")
+    return (sys.executable, "-I", "-c", IMPORT_FROM, str(here.parent))
 
 
 class Process:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from dcod.supervisor.process import Process, describe_exit, drain_hubs
+from dcod.supervisor.process import Process, dcod_command, describe_exit, drain_hubs
 from dcod.supervisor.rollout import RolloutError
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class Slot:
     @property
     def foreign(self) -> bool:
         """A worker launched from a `command`, not dcod's own runtime."""
-        return not self.is_hub and self.argv[:3] != [sys.executable, "-m", "dcod"]
+        return not self.is_hub and tuple(self.argv[:len(dcod_command())]) != dcod_command()
 
     def launch(self) -> Process:
         """Start a new generation in this slot (the previous one, if any, is the caller's business)."""

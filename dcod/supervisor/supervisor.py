@@ -20,21 +20,20 @@ import os
 import resource
 import signal
 import socket
-import sys
 import time
 from typing import Callable
 
 import psutil
 import trio
 
-from dcod import config as configuration
+from dcod import config as configuration, fs
 from dcod.net import sockets
 from dcod.net.channel import Control, StatusCounts, command_of
-from dcod.supervisor import control
+from dcod.supervisor import control, rundir
 from dcod.supervisor.notify import Notifier
 from dcod.supervisor.alert import Alerter
 from dcod.config import Config
-from dcod.supervisor.process import Process, describe_exit, drain_hubs
+from dcod.supervisor.process import Process, dcod_command, describe_exit, drain_hubs
 from dcod.supervisor.rollout import Key, Rollout, RolloutError, WorkerSpec
 from dcod.supervisor.slot import Slot
 
@@ -76,7 +75,7 @@ class Supervisor:
 
     def _argv(self, config: Config, *command: str) -> list[str]:
         """A dcod command that runs with this configuration."""
-        return [sys.executable, "-m", "dcod", command[0], "--config", self._config_copy(config), *command[1:]]
+        return [*dcod_command(), command[0], "--config", self._config_copy(config), *command[1:]]
 
     def _config_copy(self, config: Config) -> str:
         """The file our children read their configuration from: this one, as validated here.
@@ -88,10 +87,8 @@ class Supervisor:
         """
         text = f"# {config.source}, as dcod run applies it (the children read this copy)\n" + configuration.dump(config)
         path = self.runtime_dir / CONFIG_COPIES.replace("*", hashlib.sha256(text.encode()).hexdigest()[:16])
-        if not path.exists():
-            partial = path.with_suffix(".partial")  # a child never reads half of it
-            partial.write_text(text)
-            partial.replace(path)
+        if not fs.is_regular_file(path):
+            fs.write_atomically(path, text.encode())  # a child never reads half of it
         return str(path)
 
     def worker_slots(self, config: Config) -> dict[Key, WorkerSpec]:
@@ -325,7 +322,7 @@ class Supervisor:
 
     def _mark_hub_running(self) -> None:
         marker = self.config.state_dir / UNCLEAN_MARKER
-        marker.write_text(f"{os.getpid()} {self.config.hub.advertise}\n")
+        fs.write_atomically(marker, f"{os.getpid()} {self.config.hub.advertise}\n".encode())
 
     async def _watchdog(self) -> None:
         """WATCHDOG=1 at half the interval systemd asks for, while our event loop runs."""
@@ -455,7 +452,9 @@ def hub_listener(config: Config) -> socket.socket:
     passed = sockets.listen_fds()
     if passed:
         sock = passed.get(HUB_SOCKET_NAME) or next(iter(passed.values()))
-        log.info("using the listening socket passed by systemd (%s)", ", ".join(passed))
+        # The socket unit decides where the hub listens (ListenStream=), not hub.listen.
+        log.info("using the listening socket passed by systemd (%s), on %s; hub.listen (%s) applies only "
+                 "without one", ", ".join(passed), sockets.address_of(sock), config.hub.listen)
         return sock
     return sockets.bind(config.hub.listen)
 
@@ -469,13 +468,19 @@ def _raise_open_files_limit() -> None:
 
 def main(config: Config) -> int:
     _raise_open_files_limit()
-    config.runtime_dir.mkdir(parents=True, exist_ok=True)
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        claim = rundir.claim(config)  # before anything is touched: refused, it touches nothing
+    except rundir.Refused as e:
+        log.error("%s", e)
+        return 1
     try:
         listener = hub_listener(config)
     except OSError as e:
         log.error("cannot listen on %s: %s", config.hub.listen, e.strerror)
         return 1
-    trio.run(Supervisor(config, listener).run)
+    try:
+        trio.run(Supervisor(config, listener).run)
+    finally:
+        claim.release()
     return 0
 

@@ -32,14 +32,18 @@ import importlib
 import inspect
 import itertools
 import logging
+import os
 import signal
 import socket
+import sys
 import types
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from pathlib import Path
+from typing import Awaitable, Callable, Sequence
 
 import trio
 
+from dcod import fs
 from dcod.net import channel as control, sockets
 from dcod.config import Config
 from dcod.net.connection import Connection, ConnectionClosed, accept
@@ -81,12 +85,23 @@ class ReplyTooLarge(Exception):
     """A handler's reply would not fit in one PDU; the session gets an error reply instead."""
 
 
-def load_handler(spec: str) -> Handler:
+def load_handler(spec: str, path: Sequence[str] = ()) -> Handler:
     """``"echo"`` -> the built-in module dcod.worker.handlers.echo; ``"package.module:function"`` -> that function.
 
     A module's ``handle`` (or the named function) must be an async function; its module's
-    ``init()`` and ``done()``, where present, become the hooks. Raises HandlerError.
+    ``init()`` and ``done()``, where present, become the hooks. ``path`` (the proxy's
+    handler_path) goes first on sys.path: the worker runs isolated (python -I), so that only
+    these directories, besides the installed packages, are searched; each must be root's or
+    ours, and writable by nobody else, since its modules run as this worker. Raises HandlerError.
     """
+    for directory in path:
+        try:
+            fs.check_directory(Path(directory), "handler_path directory", owners=frozenset({0, os.geteuid()}))
+        except fs.UntrustedDirectory as e:
+            raise HandlerError(f"handler {spec!r}: {e}") from None
+        except OSError as e:
+            raise HandlerError(f"handler {spec!r}: handler_path directory {directory}: {e.strerror}") from None
+    sys.path[:0] = [directory for directory in path if directory not in sys.path]
     module_name, colon, function = spec.partition(":")
     if not colon:
         module_name, function = f"{BUILTIN_HANDLERS}.{spec}", "handle"
@@ -154,7 +169,7 @@ class Worker:
         stop() and the drain that follows, then done(). Returns False if stop_timeout cut the drain short.
         """
         await _run_hook("init", self.handler.init)
-        log.info("serving on %s", _address_of(listener))
+        log.info("serving on %s", sockets.address_of(listener))
         with trio.CancelScope() as drain:
             async with trio.open_nursery() as hubs:
                 accepting = trio.CancelScope()
@@ -413,7 +428,7 @@ def main(config: Config, proxy_id: int, instance: int = 0, listen: str | None = 
         log.error("proxy %d has no handler (it is %s)", proxy_id, "external" if proxy.address else "a command")
         return 1
     try:
-        handler = load_handler(proxy.handler)
+        handler = load_handler(proxy.handler, proxy.handler_path)
     except HandlerError as e:
         log.error("%s", e)
         return 1
@@ -437,11 +452,6 @@ def _listener(config: Config, proxy_id: int, instance: int, listen: str | None) 
     path = config.worker_socket(proxy_id, instance)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     return sockets.bind(str(path))
-
-
-def _address_of(listener: socket.socket) -> str:
-    address = listener.getsockname()
-    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
 
 
 async def _run(worker: Worker, listener: socket.socket, heartbeat_interval: float) -> int:
