@@ -74,8 +74,8 @@ WINDOW = DRAIN_TIMEOUT + STOP_TIMEOUT + HEARTBEAT_TIMEOUT + 4.0
 # A one-way request can also be lost by a fault after its send, while it waits in a socket buffer
 # or an outbox: at most as long as a process stays SIGSTOPped before it is killed.
 FORWARD = HEARTBEAT_TIMEOUT + 3.0
-CLIENT_TIMEOUT = 60.0
-RELOAD_HANG = 30.0  # a `dcod reload` takes 1-6 s here; one still running after this long is stuck  # a sync request with no outcome after this long breaks invariant 1
+CLIENT_TIMEOUT = 60.0  # a sync request with no outcome after this long breaks invariant 1
+RELOAD_HANG = 30.0  # a `dcod reload` takes 1-6 s here; one still running after this long is stuck
 
 COUNTER_MODULE = '''\
 """One-way counting worker for bench/chaos.py: every request seen, one line, appended at once."""
@@ -92,9 +92,15 @@ async def handle(req):
 
 # kind -> (target, signal); the weights make hub and worker faults the common ones.
 FAULTS = {
-    "hub SIGKILL": 3, "hub SIGSTOP": 3, "hub SIGTERM": 2,
-    "worker SIGKILL": 3, "worker SIGSTOP": 2, "worker SIGTERM": 2,
-    "supervisor SIGKILL": 1.5, "supervisor SIGSTOP": 1, "supervisor SIGTERM": 1,
+    "hub SIGKILL": 3,
+    "hub SIGSTOP": 3,
+    "hub SIGTERM": 2,
+    "worker SIGKILL": 3,
+    "worker SIGSTOP": 2,
+    "worker SIGTERM": 2,
+    "supervisor SIGKILL": 1.5,
+    "supervisor SIGSTOP": 1,
+    "supervisor SIGTERM": 1,
 }
 # Which faults can explain which abnormal outcome (STOP_UNDER_FROZEN_HUB kinds explain the
 # outcomes not in EXPLAINS_ALONE only when they hit while the hub was SIGSTOPped).
@@ -110,9 +116,12 @@ EXPLAINS = {
     "oneway missing": HUB_GOING,
 }
 STOP_UNDER_FROZEN_HUB = {"worker 1 SIGTERM", "worker 2 SIGTERM", "supervisor SIGKILL", "supervisor SIGTERM"}
-EXPLAINS_ALONE = {"worker 1 SIGTERM": set(), "worker 2 SIGTERM": set(),
-                  "supervisor SIGKILL": {"lost", "DCO-0005", "oneway missing"},
-                  "supervisor SIGTERM": {"lost", "DCO-0005", "oneway missing"}}
+EXPLAINS_ALONE = {
+    "worker 1 SIGTERM": set(),
+    "worker 2 SIGTERM": set(),
+    "supervisor SIGKILL": {"lost", "DCO-0005", "oneway missing"},
+    "supervisor SIGTERM": {"lost", "DCO-0005", "oneway missing"},
+}
 
 
 @dataclasses.dataclass
@@ -187,8 +196,12 @@ class Recorder:
 
     def stop_during_reload(self, start: float, end: float) -> bool:
         """A supervisor SIGTERM/SIGKILL in [start - WINDOW, end] that hit a `dcod reload` in progress."""
-        return any(start - WINDOW <= f.at <= end and f.kind in ("supervisor SIGTERM", "supervisor SIGKILL")
-                   and any(a <= f.at <= b for a, b, _ in self.reload_times) for f in self.faults)
+        return any(
+            start - WINDOW <= f.at <= end
+            and f.kind in ("supervisor SIGTERM", "supervisor SIGKILL")
+            and any(a <= f.at <= b for a, b, _ in self.reload_times)
+            for f in self.faults
+        )
 
     def quiet(self, start: float, end: float) -> bool:
         return not any(start - WINDOW <= f.at <= end for f in self.faults)
@@ -241,8 +254,9 @@ class Service:
         self.notify.close()
 
     async def _start(self) -> None:
-        argv, options = socket_activated([sys.executable, "-m", "dcod", "run", "--config", str(self.config_path)],
-                                         self.listener, self.env)
+        argv, options = socket_activated(
+            [sys.executable, "-m", "dcod", "run", "--config", str(self.config_path)], self.listener, self.env
+        )
         self.rec.supervisor_starts += 1
         log = open(self.workdir / f"supervisor-{self.rec.supervisor_starts}.log", "wb")
         self.proc = await trio.lowlevel.open_process(argv, **options, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -258,7 +272,9 @@ class Service:
             return
         for p in self.leftovers():
             try:
-                self.rec.leftovers_killed.append(f"{_role(p)} pid {p.pid} still there {TIMEOUT_STOP_SEC:g} s after {why}")
+                self.rec.leftovers_killed.append(
+                    f"{_role(p)} pid {p.pid} still there {TIMEOUT_STOP_SEC:g} s after {why}"
+                )
                 p.kill()
             except psutil.Error:
                 pass
@@ -285,8 +301,12 @@ class Service:
         current = self.proc.pid if self.proc is not None and self.proc.returncode is None else None
         for p in psutil.process_iter(["cmdline", "status"]):
             try:
-                if p.pid != current and p.info["status"] != psutil.STATUS_ZOMBIE and \
-                        needle in " ".join(p.info["cmdline"] or ()) and p.pid != os.getpid():
+                if (
+                    p.pid != current
+                    and p.info["status"] != psutil.STATUS_ZOMBIE
+                    and needle in " ".join(p.info["cmdline"] or ())
+                    and p.pid != os.getpid()
+                ):
                     found.append(p)
             except psutil.Error:
                 pass
@@ -309,8 +329,12 @@ class Service:
     async def dcod(self, *args: str, timeout: float = 120.0) -> tuple[int, str]:
         with trio.move_on_after(timeout):
             proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "dcod", *args, "--config", str(self.config_path)], env=self.env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                [sys.executable, "-m", "dcod", *args, "--config", str(self.config_path)],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
             self.ours.add(proc.pid)
             output = b""
             async with proc.stdout:
@@ -334,8 +358,19 @@ def _role(p: psutil.Process) -> str:
 
 
 class Chaos:
-    def __init__(self, service: Service, rec: Recorder, rng: random.Random, *, storm: float, calm: float,
-                 interval: float, reload_interval: float, kinds: dict[str, float], cover: bool = False) -> None:
+    def __init__(
+        self,
+        service: Service,
+        rec: Recorder,
+        rng: random.Random,
+        *,
+        storm: float,
+        calm: float,
+        interval: float,
+        reload_interval: float,
+        kinds: dict[str, float],
+        cover: bool = False,
+    ) -> None:
         self.kinds = kinds
         # --cover: the first faults are every kind once, in random order, each waiting for a target
         self.cover = rng.sample(list(kinds), len(kinds)) if cover else []
@@ -494,8 +529,16 @@ class CountingSession(Session):
 
 
 class Load:
-    def __init__(self, address: str, alert_file: Path, rec: Recorder, *, sync_sessions: int,
-                 oneway_sessions: int, oneway_pause: float) -> None:
+    def __init__(
+        self,
+        address: str,
+        alert_file: Path,
+        rec: Recorder,
+        *,
+        sync_sessions: int,
+        oneway_sessions: int,
+        oneway_pause: float,
+    ) -> None:
         self.address = address
         self.alert_file = alert_file
         self.rec = rec
@@ -505,8 +548,14 @@ class Load:
         self.stopping = trio.Event()
 
     def session(self, audsid: int) -> Session:
-        return CountingSession(self.address, audsid=audsid, alert_file=self.alert_file, rec=self.rec,
-                               reconnect_timeout=60.0, drain_timeout=30.0)
+        return CountingSession(
+            self.address,
+            audsid=audsid,
+            alert_file=self.alert_file,
+            rec=self.rec,
+            reconnect_timeout=60.0,
+            drain_timeout=30.0,
+        )
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -581,7 +630,8 @@ class Load:
 def write_config(workdir: Path, port: int) -> Path:
     (workdir / "chaoscount.py").write_text(COUNTER_MODULE.format(path=str(workdir / "oneway-seen.log")))
     path = workdir / "dcod-chaos.toml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         # generated by bench/chaos.py
         [hub]
         listen = "127.0.0.1:{port}"
@@ -589,8 +639,8 @@ def write_config(workdir: Path, port: int) -> Path:
         reply_timeout = {REPLY_TIMEOUT}
 
         [supervisor]
-        runtime_dir = "{workdir / 'run'}"
-        state_dir = "{workdir / 'state'}"
+        runtime_dir = "{workdir / "run"}"
+        state_dir = "{workdir / "state"}"
         heartbeat_interval = {HEARTBEAT_INTERVAL}
         heartbeat_timeout = {HEARTBEAT_TIMEOUT}
         drain_timeout = {DRAIN_TIMEOUT}
@@ -610,7 +660,8 @@ def write_config(workdir: Path, port: int) -> Path:
         handler = "chaoscount:handle"
         handler_path = ["{workdir}"]
         instances = 2
-        """))
+        """)
+    )
     return path
 
 
@@ -653,11 +704,26 @@ async def chaos(args, workdir: Path) -> dict:
     config_path = write_config(workdir, port)
     service = Service(workdir, config_path, listener, rec)
     alert_file = workdir / "run" / "alerts" / "Noradle-DCO-EXTHUB-QUIT"
-    load = Load(f"127.0.0.1:{port}", alert_file, rec, sync_sessions=args.sessions,
-                oneway_sessions=args.oneway_sessions, oneway_pause=args.oneway_pause)
+    load = Load(
+        f"127.0.0.1:{port}",
+        alert_file,
+        rec,
+        sync_sessions=args.sessions,
+        oneway_sessions=args.oneway_sessions,
+        oneway_pause=args.oneway_pause,
+    )
     kinds = {k: w for k, w in FAULTS.items() if not args.faults or k in args.faults}
-    chaos_ = Chaos(service, rec, rng, storm=args.storm, calm=args.calm, interval=args.interval,
-                   reload_interval=args.reload_interval, kinds=kinds, cover=args.cover)
+    chaos_ = Chaos(
+        service,
+        rec,
+        rng,
+        storm=args.storm,
+        calm=args.calm,
+        interval=args.interval,
+        reload_interval=args.reload_interval,
+        kinds=kinds,
+        cover=args.cover,
+    )
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
@@ -728,16 +794,20 @@ def report(args, rec: Recorder, workdir: Path, left: list[str], elapsed: float) 
                 stop_during_reload[outcome] += 1
             else:
                 unexplained[outcome] += 1
-                samples.append(f"sync {key[0]}/{key[1]} sent at {r.sent - rec.started:.3f} {outcome} at "
-                               f"{(r.done or r.sent) - rec.started:.3f}")
+                samples.append(
+                    f"sync {key[0]}/{key[1]} sent at {r.sent - rec.started:.3f} {outcome} at "
+                    f"{(r.done or r.sent) - rec.started:.3f}"
+                )
         if r.done and rec.quiet(r.sent, r.done):
             quiet_requests += 1
             quiet_bad += outcome != "ok"
     for outcome, n in unexplained.items():
         violations.append(f"sync: {n} request(s) {outcome} with no fault to explain it")
     for outcome, n in stop_during_reload.items():
-        violations.append(f"sync: {n} request(s) {outcome} after the supervisor was stopped during a reload "
-                          "(the old hub generation is left unmanaged while the workers stop)")
+        violations.append(
+            f"sync: {n} request(s) {outcome} after the supervisor was stopped during a reload "
+            "(the old hub generation is left unmanaged while the workers stop)"
+        )
     # ---- replies nobody awaited
     late_to_lost = duplicates = duplicates_unexplained = stray = 0
     unclean = [f for f in rec.faults if f.kind == "hub SIGKILL" or (f.kind == "hub SIGSTOP" and "pmon" in f.detail)]
@@ -776,7 +846,7 @@ def report(args, rec: Recorder, workdir: Path, left: list[str], elapsed: float) 
             missing_unexplained += 1
             samples.append(f"one-way {body.decode()} sent at {sent - rec.started:.3f} never seen")
     ow_duplicates = ow_dup_unexplained = 0
-    for body, walls in times.items():
+    for walls in times.values():
         if len(walls) > 1:
             ow_duplicates += len(walls) - 1
             first, last = min(walls), max(walls)
@@ -793,13 +863,16 @@ def report(args, rec: Recorder, workdir: Path, left: list[str], elapsed: float) 
     if missing_unexplained:
         violations.append(f"one-way: {missing_unexplained} requests never reached a worker, no fault to explain it")
     if ow_dup_unexplained:
-        violations.append(f"one-way: {ow_dup_unexplained} duplicates with no unclean hub death or killed instance "
-                          "to explain them")
+        violations.append(
+            f"one-way: {ow_dup_unexplained} duplicates with no unclean hub death or killed instance to explain them"
+        )
     if strangers:
         violations.append(f"one-way: {len(strangers)} requests seen that were never sent")
     if rec.leftovers_killed:
-        violations.append(f"processes: {len(rec.leftovers_killed)} left behind by a dead supervisor: "
-                          + "; ".join(rec.leftovers_killed[:5]))
+        violations.append(
+            f"processes: {len(rec.leftovers_killed)} left behind by a dead supervisor: "
+            + "; ".join(rec.leftovers_killed[:5])
+        )
     if left:
         violations.append(f"processes: left behind at the end: {', '.join(left)}")
     crashes = crashes_in_logs(workdir)
@@ -807,37 +880,66 @@ def report(args, rec: Recorder, workdir: Path, left: list[str], elapsed: float) 
         violations.append(f"crash: {n} unhandled exception(s) in dcod processes: {crash}")
     hung = [(a, b) for a, b, _ in rec.reload_times if b - a > RELOAD_HANG]
     if hung:
-        violations.append(f"reloads: {len(hung)} hung for more than {RELOAD_HANG:g} s (until the supervisor went "
-                          "away or the run's timeout): " + ", ".join(f"{a - rec.started:.0f}-{b - rec.started:.0f} s"
-                                                                    for a, b in hung))
+        violations.append(
+            f"reloads: {len(hung)} hung for more than {RELOAD_HANG:g} s (until the supervisor went "
+            "away or the run's timeout): "
+            + ", ".join(f"{a - rec.started:.0f}-{b - rec.started:.0f} s" for a, b in hung)
+        )
     if rec.reload_failures and not faults:
         violations.append("reloads failed without any fault")
     total_faults = sum(faults.values())
     return {
-        "duration": round(elapsed, 1), "seed": args.seed, "workdir": str(workdir), "code": code_version(),
-        "faults": dict(sorted(faults.items())), "faults_total": total_faults,
+        "duration": round(elapsed, 1),
+        "seed": args.seed,
+        "workdir": str(workdir),
+        "code": code_version(),
+        "faults": dict(sorted(faults.items())),
+        "faults_total": total_faults,
         "hung_hubs_killed_by_pmon": rec.hung_hubs_killed,
-        "reloads": dict(rec.reloads), "reload_failures": rec.reload_failures,
-        "supervisor": {"starts": rec.supervisor_starts, "exits": dict(collections.Counter(rec.supervisor_exits)),
-                       "leftovers_killed": rec.leftovers_killed, "left_at_end": left},
-        "sync": {"sent": sum(n for o, n in outcomes.items() if o != "unsent"), "outcomes": dict(outcomes),
-                 "explained_by": {k: dict(v) for k, v in explained_by.items()},
-                 "unexplained": dict(unexplained), "after_stop_during_reload": dict(stop_during_reload),
-                 "late_replies_to_lost": late_to_lost,
-                 "duplicate_replies": duplicates, "quiet_requests": quiet_requests, "quiet_not_ok": quiet_bad},
-        "oneway": {"sent": len(rec.oneway_sent), "unsent": rec.oneway_unsent, "seen": len(times),
-                   "missing": len(missing), "missing_explained_by": dict(missing_explained),
-                   "missing_unexplained": missing_unexplained, "duplicates": ow_duplicates,
-                   "duplicates_unexplained": ow_dup_unexplained,
-                   "quiet_sent": oneway_quiet_total, "quiet_missing": oneway_quiet_missing},
+        "reloads": dict(rec.reloads),
+        "reload_failures": rec.reload_failures,
+        "supervisor": {
+            "starts": rec.supervisor_starts,
+            "exits": dict(collections.Counter(rec.supervisor_exits)),
+            "leftovers_killed": rec.leftovers_killed,
+            "left_at_end": left,
+        },
+        "sync": {
+            "sent": sum(n for o, n in outcomes.items() if o != "unsent"),
+            "outcomes": dict(outcomes),
+            "explained_by": {k: dict(v) for k, v in explained_by.items()},
+            "unexplained": dict(unexplained),
+            "after_stop_during_reload": dict(stop_during_reload),
+            "late_replies_to_lost": late_to_lost,
+            "duplicate_replies": duplicates,
+            "quiet_requests": quiet_requests,
+            "quiet_not_ok": quiet_bad,
+        },
+        "oneway": {
+            "sent": len(rec.oneway_sent),
+            "unsent": rec.oneway_unsent,
+            "seen": len(times),
+            "missing": len(missing),
+            "missing_explained_by": dict(missing_explained),
+            "missing_unexplained": missing_unexplained,
+            "duplicates": ow_duplicates,
+            "duplicates_unexplained": ow_dup_unexplained,
+            "quiet_sent": oneway_quiet_total,
+            "quiet_missing": oneway_quiet_missing,
+        },
         "crashes": crashes,
-        "timeline": [f"{f.at - rec.started:7.2f} {time.strftime('%H:%M:%S', time.localtime(f.wall))} {f.kind} pid {f.pid}"
-                     + (f" ({f.detail})" if f.detail else "") for f in rec.faults],
+        "timeline": [
+            f"{f.at - rec.started:7.2f} {time.strftime('%H:%M:%S', time.localtime(f.wall))} {f.kind} pid {f.pid}"
+            + (f" ({f.detail})" if f.detail else "")
+            for f in rec.faults
+        ],
         "reload_times": [f"{a - rec.started:.3f}-{b - rec.started:.3f} status {rc}" for a, b, rc in rec.reload_times],
         "unexplained_samples": samples[:40],
-        "by_fault": [f"{what}: {len(offsets)} sent {min(offsets):+.2f}..{max(offsets):+.2f} s from "
-                     f"{faults_by_id[fid].kind} at {faults_by_id[fid].at - rec.started:.2f} ({faults_by_id[fid].detail})"
-                     for (what, fid), offsets in sorted(by_fault.items(), key=lambda kv: faults_by_id[kv[0][1]].at)],
+        "by_fault": [
+            f"{what}: {len(offsets)} sent {min(offsets):+.2f}..{max(offsets):+.2f} s from "
+            f"{faults_by_id[fid].kind} at {faults_by_id[fid].at - rec.started:.2f} ({faults_by_id[fid].detail})"
+            for (what, fid), offsets in sorted(by_fault.items(), key=lambda kv: faults_by_id[kv[0][1]].at)
+        ],
         "violations": violations,
         "verdict": "FAIL" if violations else "OK",
     }
@@ -846,14 +948,19 @@ def report(args, rec: Recorder, workdir: Path, left: list[str], elapsed: float) 
 def code_version() -> str:
     """The commit of the dcod under test, and whether its working tree differs (others may be editing it)."""
     import dcod
+
     repo = Path(dcod.__file__).resolve().parent.parent  # may be a snapshot put first on PYTHONPATH
-    if (repo / "COMMIT").exists():  # a snapshot: `git archive HEAD dcod | tar -x -C DIR; git rev-parse HEAD > DIR/COMMIT`
+    if (
+        repo / "COMMIT"
+    ).exists():  # a snapshot: `git archive HEAD dcod | tar -x -C DIR; git rev-parse HEAD > DIR/COMMIT`
         return f"{(repo / 'COMMIT').read_text().strip()} (snapshot in {repo})"
     try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "dcod"], capture_output=True,
-                               text=True, timeout=10).stdout.split()
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--", "dcod"], capture_output=True, text=True, timeout=10
+        ).stdout.split()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + (f" + uncommitted changes to {', '.join(dirty[1::2])}" if dirty else "")
@@ -873,29 +980,46 @@ def print_report(r: dict) -> None:
     table("faults injected", fault_rows)
     print(f"  (hubs SIGSTOPped long enough for the pmon to kill them as hung: {r['hung_hubs_killed_by_pmon']})")
     sup = r["supervisor"]
-    table("supervisor (dcod run)", [("starts", sup["starts"])] +
-          [(f"exits: {k}", n) for k, n in sup["exits"].items()] +
-          [("children SIGKILLed after its death", len(sup["leftovers_killed"])),
-           ("processes left at the end", len(sup["left_at_end"]))])
+    table(
+        "supervisor (dcod run)",
+        [("starts", sup["starts"])]
+        + [(f"exits: {k}", n) for k, n in sup["exits"].items()]
+        + [
+            ("children SIGKILLed after its death", len(sup["leftovers_killed"])),
+            ("processes left at the end", len(sup["left_at_end"])),
+        ],
+    )
     table("reloads (dcod reload)", [(k, n) for k, n in r["reloads"].items()] or [("none", 0)])
     for failure in r["reload_failures"][:10]:
         print(f"    {failure}")
     s = r["sync"]
     rows = [("sent", s["sent"])] + [(k, n) for k, n in sorted(s["outcomes"].items())]
-    rows += [("late replies to requests reported lost", s["late_replies_to_lost"]),
-             ("duplicate replies", s["duplicate_replies"]),
-             ("with no fault nearby / not ok", f"{s['quiet_requests']} / {s['quiet_not_ok']}")]
+    rows += [
+        ("late replies to requests reported lost", s["late_replies_to_lost"]),
+        ("duplicate replies", s["duplicate_replies"]),
+        ("with no fault nearby / not ok", f"{s['quiet_requests']} / {s['quiet_not_ok']}"),
+    ]
     table("sync requests (proxy 1, echo)", rows)
     for outcome, by in s["explained_by"].items():
         print(f"    {outcome} explained by: " + ", ".join(f"{k} {n}" for k, n in sorted(by.items())))
     o = r["oneway"]
-    table("one-way requests (proxy 2, counted at the worker)", [
-        ("sent", o["sent"]), ("not sent (no hub reachable)", o["unsent"]), ("seen at a worker", o["seen"]),
-        ("missing", o["missing"]), ("missing, unexplained", o["missing_unexplained"]),
-        ("duplicates", o["duplicates"]), ("duplicates, unexplained", o["duplicates_unexplained"]),
-        ("with no fault nearby / missing", f"{o['quiet_sent']} / {o['quiet_missing']}")])
+    table(
+        "one-way requests (proxy 2, counted at the worker)",
+        [
+            ("sent", o["sent"]),
+            ("not sent (no hub reachable)", o["unsent"]),
+            ("seen at a worker", o["seen"]),
+            ("missing", o["missing"]),
+            ("missing, unexplained", o["missing_unexplained"]),
+            ("duplicates", o["duplicates"]),
+            ("duplicates, unexplained", o["duplicates_unexplained"]),
+            ("with no fault nearby / missing", f"{o['quiet_sent']} / {o['quiet_missing']}"),
+        ],
+    )
     if o["missing_explained_by"]:
-        print("    missing explained by: " + ", ".join(f"{k} {n}" for k, n in sorted(o["missing_explained_by"].items())))
+        print(
+            "    missing explained by: " + ", ".join(f"{k} {n}" for k, n in sorted(o["missing_explained_by"].items()))
+        )
     print()
     for v in r["violations"]:
         print(f"VIOLATION: {v}")
@@ -903,8 +1027,9 @@ def print_report(r: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of faults (default 60)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock)")
     parser.add_argument("--sessions", type=int, default=8, help="sync sessions (default 8)")
@@ -913,11 +1038,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storm", type=float, default=8.0, help="mean seconds of a storm of faults (default 8)")
     parser.add_argument("--calm", type=float, default=20.0, help="mean seconds of calm between storms (default 20)")
     parser.add_argument("--interval", type=float, default=0.8, help="mean seconds between faults in a storm")
-    parser.add_argument("--faults", type=lambda text: [k.strip() for k in text.split(",")], default=None,
-                        metavar="KIND,...", help="only these kinds of fault: " + ", ".join(FAULTS))
+    parser.add_argument(
+        "--faults",
+        type=lambda text: [k.strip() for k in text.split(",")],
+        default=None,
+        metavar="KIND,...",
+        help="only these kinds of fault: " + ", ".join(FAULTS),
+    )
     parser.add_argument("--reload-interval", type=float, default=8.0, help="mean seconds between reloads")
-    parser.add_argument("--cover", action="store_true",
-                        help="begin with every kind of fault once (for short runs that must exercise each)")
+    parser.add_argument(
+        "--cover",
+        action="store_true",
+        help="begin with every kind of fault once (for short runs that must exercise each)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, spool, config)")
     args = parser.parse_args(argv)

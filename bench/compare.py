@@ -68,13 +68,14 @@ def table(results: dict[str, list[dict]]) -> str:
     for variant, reports in results.items():
         rates = [r["requests_per_s"] for r in reports]
         p99s = [r["latency_ms"]["p99"] for r in reports]
-        lines.append(f"{variant:<28} {summary([r['hub_us'] for r in reports]):>26} "
-                     f"{min(rates):>7.0f}-{max(rates):<8.0f} {min(p99s):>6.2f}-{max(p99s):<6.2f}")
+        lines.append(
+            f"{variant:<28} {summary([r['hub_us'] for r in reports]):>26} "
+            f"{min(rates):>7.0f}-{max(rates):<8.0f} {min(p99s):>6.2f}-{max(p99s):<6.2f}"
+        )
     lines.append("")
     for ours in DCOD:
         for reference in REFERENCES:
-            lines.append(f"the {reference} cost {summary(ratios(results, ours, reference), 2)} times "
-                         f"as much as {ours}")
+            lines.append(f"the {reference} cost {summary(ratios(results, ours, reference), 2)} times as much as {ours}")
     return "\n".join(lines)
 
 
@@ -99,16 +100,21 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as e:
                 print(f"compare: {e}", file=sys.stderr)
                 return 1
-            print(f"compare: {report['hub_us']:.1f} µs per round trip, {report['requests_per_s']:.0f}/s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"compare: {report['hub_us']:.1f} µs per round trip, {report['requests_per_s']:.0f}/s",
+                file=sys.stderr,
+                flush=True,
+            )
             results[variant].append(report)
     machine.append(wakeup.ping_pong("tcp", WAKEUPS, None))
     if args.json:
         print(json.dumps({"runs": results, "wakeup_before": machine[0], "wakeup_after": machine[1]}, indent=2))
     else:
         first = results[DCOD[0]][0]
-        print(f"{args.rounds} rounds of {args.duration:g} s, {first['sessions']} sessions x {first['depth']} "
-              f"outstanding, {first['size']}-byte bodies; python {first['python']}")
+        print(
+            f"{args.rounds} rounds of {args.duration:g} s, {first['sessions']} sessions x {first['depth']} "
+            f"outstanding, {first['size']}-byte bodies; python {first['python']}"
+        )
         print(table(results))
         print(f"\nwake-ups before: {machine[0]}\nwake-ups after:  {machine[1]}")
     return 0

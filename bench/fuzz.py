@@ -12,9 +12,9 @@ with hypothesis's shrunk counterexample.
 from __future__ import annotations
 
 import argparse
-import logging
 import collections
 import inspect
+import logging
 import sys
 import tempfile
 import time
@@ -57,8 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         fn.hypothesis.inner_test = counting
         # More examples than in CI (hypothesis keeps a test's settings here; @settings twice is refused).
         fn._hypothesis_internal_use_settings = settings(
-            fn._hypothesis_internal_use_settings, max_examples=args.batch, deadline=None, database=None,
-            phases=[Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
+            fn._hypothesis_internal_use_settings,
+            max_examples=args.batch,
+            deadline=None,
+            database=None,
+            phases=[Phase.generate, Phase.shrink],
+            suppress_health_check=list(HealthCheck),
+        )
 
     saved = protocol.Framer
     protocol.Framer = test_fuzz.CountingFramer  # the hub's framers, watched (as the live_hub fixture does)
@@ -89,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in tests:
         print(f"  {name:<{width}}  {cases[name]:>9} cases")
     print(f"  {'total':<{width}}  {sum(cases.values()):>9} cases")
-    print(f"  hub: {test_fuzz.CountingFramer.feeds} framer feeds; most bytes held by one connection's framer "
-          f"after a feed: {test_fuzz.CountingFramer.most} (max_pdu {test_fuzz.HUB_MAX_PDU})")
+    print(
+        f"  hub: {test_fuzz.CountingFramer.feeds} framer feeds; most bytes held by one connection's framer "
+        f"after a feed: {test_fuzz.CountingFramer.most} (max_pdu {test_fuzz.HUB_MAX_PDU})"
+    )
     if failed:
         print(f"FAILED: {failed}")
         return 1

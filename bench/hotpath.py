@@ -52,8 +52,9 @@ HUB = HubConfig()  # the hub's default tuning
 def make_router(tmp: Path, instances: int) -> Router:
     """A router configured as `dcod bench` configures its hub: proxy 1, echo workers, a spool in ``tmp``."""
     config = ProxyConfig(id=1, name="echo", handler="echo", instances=instances)
-    spool = Spool(tmp / "proxy-1.spool", memory_limit=HUB.queue_memory, size_limit=HUB.spool_max,
-                  max_record=HUB.max_pdu)
+    spool = Spool(
+        tmp / "proxy-1.spool", memory_limit=HUB.queue_memory, size_limit=HUB.spool_max, max_record=HUB.max_pdu
+    )
     proxy = Proxy(config, [f"echo {i}" for i in range(instances)], spool)
     return Router([proxy], reply_timeout=HUB.reply_timeout, max_inflight=HUB.max_inflight_per_session)
 
@@ -153,9 +154,18 @@ def count_instructions(args: argparse.Namespace) -> int:
     """Run ourselves under callgrind for --rounds and 3 x --rounds; print instructions per round trip."""
     totals = []
     for rounds in (args.rounds, 3 * args.rounds):
-        argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
-                f"--sessions={args.sessions}", f"--depth={args.depth}", f"--size={args.size}",
-                f"--instances={args.instances}", f"--rounds={rounds}"]
+        argv = [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            __file__,
+            f"--sessions={args.sessions}",
+            f"--depth={args.depth}",
+            f"--size={args.size}",
+            f"--instances={args.instances}",
+            f"--rounds={rounds}",
+        ]
         print(f"hotpath: {rounds} rounds under callgrind...", file=sys.stderr, flush=True)
         # The same hash seed in both runs, so that dicts and sets behave the same.
         run = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})

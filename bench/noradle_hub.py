@@ -43,8 +43,12 @@ def main(argv: list[str]) -> int:
 def run(argv: list[str], log_pdus: bool, pdu_log) -> int:
     worker_address = f"127.0.0.1:{free_port()}"
     worker = subprocess.Popen([sys.executable, "-m", "dcod", "worker", "--proxy", "1", "--listen", worker_address])
-    hub = subprocess.Popen(["node", str(HUB_JS), "0", f"1={worker_address}", *(["--log-pdus"] if log_pdus else [])],
-                           stdout=subprocess.PIPE, stderr=pdu_log if log_pdus else None, text=True)
+    hub = subprocess.Popen(
+        ["node", str(HUB_JS), "0", f"1={worker_address}", *(["--log-pdus"] if log_pdus else [])],
+        stdout=subprocess.PIPE,
+        stderr=pdu_log if log_pdus else None,
+        text=True,
+    )
     try:
         first = json.loads(hub.stdout.readline() or "{}")  # {"event": "listening", "port": N}
         if first.get("event") != "listening":
@@ -52,8 +56,17 @@ def run(argv: list[str], log_pdus: bool, pdu_log) -> int:
             return 2
         # Its later events (a line per worker connection) must not fill the pipe.
         threading.Thread(target=hub.stdout.read, daemon=True).start()
-        bench = [sys.executable, "-m", "dcod", "bench", "--hub", f"127.0.0.1:{first['port']}", "--pid", str(hub.pid),
-                 *argv]
+        bench = [
+            sys.executable,
+            "-m",
+            "dcod",
+            "bench",
+            "--hub",
+            f"127.0.0.1:{first['port']}",
+            "--pid",
+            str(hub.pid),
+            *argv,
+        ]
         return subprocess.run(bench).returncode
     finally:
         for process in (hub, worker):

@@ -75,8 +75,10 @@ def ping_pong(family: str, count: int, cpu: int | None) -> str:
     near.close()
     cpu_time = (after.user - before.user) + (after.system - before.system)
     where = "one core" if cpu is not None else "any core"
-    return (f"{family:4s} {where:8s}  sendmsg {in_sendmsg / count * 1e6:6.1f} µs   "
-            f"writer CPU {cpu_time / count * 1e6:6.1f} µs per exchange")
+    return (
+        f"{family:4s} {where:8s}  sendmsg {in_sendmsg / count * 1e6:6.1f} µs   "
+        f"writer CPU {cpu_time / count * 1e6:6.1f} µs per exchange"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,8 +196,11 @@ def dump(config: Config) -> str:
     """The config as TOML (defaults made explicit): what `dcod config` prints."""
     sections: dict[str, Any] = {
         "hub": dataclasses.asdict(config.hub),
-        "supervisor": {**dataclasses.asdict(config.supervisor),
-                       "runtime_dir": str(config.runtime_dir), "state_dir": str(config.state_dir)},
+        "supervisor": {
+            **dataclasses.asdict(config.supervisor),
+            "runtime_dir": str(config.runtime_dir),
+            "state_dir": str(config.state_dir),
+        },
         "alert": {**dataclasses.asdict(config.alert), "dir": str(config.alert_dir)},
     }
     # Proxies as [[proxy]] tables, as people write them (tomli-w would inline the array).
@@ -282,15 +285,19 @@ class _Validator:
         if proxy.instances < 1:
             raise self.fail(prefix + "instances", f"must be >= 1, not {proxy.instances}")
         if proxy.address and proxy.instances != 1:
-            raise self.fail(prefix + "instances", "an external proxy (address) is one instance; list it once per address")
+            raise self.fail(
+                prefix + "instances", "an external proxy (address) is one instance; list it once per address"
+            )
         if proxy.address:
             self.address(prefix + "address", proxy.address)
         if proxy.handler_path and not proxy.handler:
             raise self.fail(prefix + "handler_path", "is for a handler; this proxy has none")
         for directory in proxy.handler_path:
             if not os.path.isabs(directory):
-                raise self.fail(prefix + "handler_path", f"must be absolute paths (the workers run in no particular "
-                                                          f"directory), not {directory!r}")
+                raise self.fail(
+                    prefix + "handler_path",
+                    f"must be absolute paths (the workers run in no particular directory), not {directory!r}",
+                )
         if proxy.concurrency < 1:
             raise self.fail(prefix + "concurrency", f"must be >= 1, not {proxy.concurrency}")
         return proxy if proxy.name else dataclasses.replace(proxy, name=proxy.handler or f"proxy{proxy.id}")
@@ -304,9 +311,12 @@ class _Validator:
         self.address("hub.listen", hub.listen)
         self.address("hub.advertise", hub.advertise)
         if len(hub.advertise.encode()) > ALERT_MESSAGE_MAX:
-            raise self.fail("hub.advertise", f"must be at most {ALERT_MESSAGE_MAX} bytes, not "
-                            f"{len(hub.advertise.encode())} ({hub.advertise!r}): Noradle's PL/SQL keeps the quit "
-                            f"alert's message in a VARCHAR2({ALERT_MESSAGE_MAX}) and fails on a longer one")
+            raise self.fail(
+                "hub.advertise",
+                f"must be at most {ALERT_MESSAGE_MAX} bytes, not "
+                f"{len(hub.advertise.encode())} ({hub.advertise!r}): Noradle's PL/SQL keeps the quit "
+                f"alert's message in a VARCHAR2({ALERT_MESSAGE_MAX}) and fails on a longer one",
+            )
         for net in hub.allow:
             try:
                 ipaddress.ip_network(net, strict=False)
@@ -320,8 +330,15 @@ class _Validator:
         for key in ("max_connections", "max_inflight_per_session", "stall_timeout"):
             if getattr(hub, key) <= 0:
                 raise self.fail(f"hub.{key}", f"must be > 0, not {getattr(hub, key)}")
-        for key in ("heartbeat_interval", "heartbeat_timeout", "drain_timeout", "stop_timeout", "restart_max",
-                    "restart_window", "ready_timeout"):
+        for key in (
+            "heartbeat_interval",
+            "heartbeat_timeout",
+            "drain_timeout",
+            "stop_timeout",
+            "restart_max",
+            "restart_window",
+            "ready_timeout",
+        ):
             if getattr(sup, key) <= 0:
                 raise self.fail(f"supervisor.{key}", "must be > 0")
         if sup.heartbeat_timeout <= sup.heartbeat_interval:

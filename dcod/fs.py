@@ -49,8 +49,10 @@ def check_directory(path: Path, what: str, *, owners: frozenset[int] | None = No
     for link in (path, *path.parents):
         st = os.lstat(link)
         if stat.S_ISLNK(st.st_mode) and st.st_uid not in (0, me):
-            raise UntrustedDirectory(f"{what} {path}: the symlink {link} belongs to {user_name(st.st_uid)}, "
-                                     f"who may point it elsewhere at any time.")
+            raise UntrustedDirectory(
+                f"{what} {path}: the symlink {link} belongs to {user_name(st.st_uid)}, "
+                f"who may point it elsewhere at any time."
+            )
     real = Path(os.path.realpath(path))
     st = os.stat(real)
     shown = path if real == path else f"{path} (= {real})"
@@ -58,21 +60,29 @@ def check_directory(path: Path, what: str, *, owners: frozenset[int] | None = No
         raise UntrustedDirectory(f"{what} {shown} is not a directory.")
     if st.st_uid not in owners:
         expected = " or ".join(user_name(uid) for uid in sorted(owners))
-        raise UntrustedDirectory(f"{what} {describe(shown, st)} does not belong to {expected}, who runs "
-                                 f"dcod: its owner could change what dcod finds there.")
+        raise UntrustedDirectory(
+            f"{what} {describe(shown, st)} does not belong to {expected}, who runs "
+            f"dcod: its owner could change what dcod finds there."
+        )
     if st.st_mode & WRITABLE_BY_OTHERS:
-        raise UntrustedDirectory(f"{what} {describe(shown, st)} is writable by its group or others, who "
-                                 f"could change what dcod finds there: chmod go-w {real}.")
+        raise UntrustedDirectory(
+            f"{what} {describe(shown, st)} is writable by its group or others, who "
+            f"could change what dcod finds there: chmod go-w {real}."
+        )
     for parent in real.parents:
         st = os.stat(parent)
         if st.st_uid not in (0, me):
-            raise UntrustedDirectory(f"{what} {shown}: the directory above it, {describe(parent, st)}, belongs "
-                                     f"to {user_name(st.st_uid)}, who could move it away and put another in "
-                                     f"its place.")
+            raise UntrustedDirectory(
+                f"{what} {shown}: the directory above it, {describe(parent, st)}, belongs "
+                f"to {user_name(st.st_uid)}, who could move it away and put another in "
+                f"its place."
+            )
         if st.st_mode & WRITABLE_BY_OTHERS and not st.st_mode & stat.S_ISVTX:
-            raise UntrustedDirectory(f"{what} {shown}: the directory above it, {describe(parent, st)}, is "
-                                     f"writable by its group or others (and not sticky), who could move it away "
-                                     f"and put another in its place.")
+            raise UntrustedDirectory(
+                f"{what} {shown}: the directory above it, {describe(parent, st)}, is "
+                f"writable by its group or others (and not sticky), who could move it away "
+                f"and put another in its place."
+            )
 
 
 def make_directory(path: Path, mode: int) -> None:
@@ -105,7 +115,7 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
             os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
         os.replace(temp, path)

@@ -13,8 +13,8 @@ import trio
 
 from dcod import config as configuration
 from dcod.bench.target import free_port
-from dcod.net import sockets
 from dcod.hub.server import Hub
+from dcod.net import sockets
 from runs import ECHO, Run
 
 
@@ -33,20 +33,22 @@ def make_config(tmp_path: Path):
     """make_config(proxies_toml, **hub_keys) -> Config with runtime/state dirs under tmp_path (or
     ``directory``, for a second service in the same test)."""
 
-    def make(proxies: str = "", *, supervisor: str = "", state_dir: Path | None = None,
-             directory: Path | None = None, **hub) -> configuration.Config:
+    def make(
+        proxies: str = "", *, supervisor: str = "", state_dir: Path | None = None, directory: Path | None = None, **hub
+    ) -> configuration.Config:
         base = directory or tmp_path
         port = free_port()
-        hub_lines = "\n".join(f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{k} = {v}"
-                              for k, v in hub.items())
+        hub_lines = "\n".join(
+            f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{k} = {v}" for k, v in hub.items()
+        )
         text = textwrap.dedent(f"""\
             [hub]
             listen = "127.0.0.1:{port}"
             advertise = "127.0.0.1:{port}"
             {hub_lines}
             [supervisor]
-            runtime_dir = "{base / 'run'}"
-            state_dir = "{state_dir or base / 'state'}"
+            runtime_dir = "{base / "run"}"
+            state_dir = "{state_dir or base / "state"}"
             {supervisor}
             """) + textwrap.dedent(proxies)
         (base / "run").mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,9 @@ from dcod.client import ClientError, DcoError, HubLost, Session
 
 
 class Load:
-    def __init__(self, address: str, alert_file: Path, *, sessions: int = 16, proxy: int = 1,
-                 timeout: float = 20.0) -> None:
+    def __init__(
+        self, address: str, alert_file: Path, *, sessions: int = 16, proxy: int = 1, timeout: float = 20.0
+    ) -> None:
         self.address = address
         self.alert_file = alert_file
         self.sessions = sessions

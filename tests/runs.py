@@ -21,8 +21,16 @@ DCOD = (sys.executable, "-m", "dcod")
 class Run:
     """A `dcod run` process with a private NOTIFY_SOCKET, so tests wait on its real sd_notify."""
 
-    def __init__(self, config, tmp_path, listen_socket: socket.socket | None = None, *,
-                 command: tuple[str, ...] = DCOD, cwd=None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config,
+        tmp_path,
+        listen_socket: socket.socket | None = None,
+        *,
+        command: tuple[str, ...] = DCOD,
+        cwd=None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         """``command`` runs dcod (e.g. its console script, or as another user), in ``cwd`` with ``env``
         added to ours."""
         self.config = config
@@ -35,8 +43,9 @@ class Run:
         if listen_socket is not None:
             argv, options = socket_activated(argv, listen_socket, env)
         self.stderr_path = notify_path.with_suffix(".log")
-        self.proc = subprocess.Popen(argv, **options, stdin=subprocess.DEVNULL, cwd=cwd,
-                                     stderr=open(self.stderr_path, "wb"))
+        self.proc = subprocess.Popen(
+            argv, **options, stdin=subprocess.DEVNULL, cwd=cwd, stderr=open(self.stderr_path, "wb")
+        )
 
     async def notification(self, field: str, timeout: float = 15.0) -> str:
         """The next sd_notify message (after those already returned) containing field, e.g. "READY=1"."""

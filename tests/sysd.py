@@ -42,8 +42,13 @@ CGROUP_V2 = Path("/sys/fs/cgroup/unified")  # its cgroup2 hierarchy
 SYSTEMD = Path("/lib/systemd/systemd")
 UNIT_DIR = Path("/lib/systemd/system")
 # Tools run inside get a plain environment: Debian's own binaries and python3, never a venv's.
-INNER_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
-             "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0", "TERM": "dumb"}
+INNER_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "SYSTEMD_PAGER": "",
+    "SYSTEMD_COLORS": "0",
+    "TERM": "dumb",
+}
 # PATH for the namespaces' init: Debian's, not pyenv's or a venv's
 INIT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -122,15 +127,19 @@ def unavailable() -> str | None:
             return f"the kernel has no {ns} namespaces"
     if cgroup_mode() is None:
         return "no usable cgroup hierarchy (need a hybrid name=systemd+cgroup2 or a cgroup2 /sys/fs/cgroup)"
-    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--cgroup", "--net", "true"],
-                           capture_output=True, text=True, env=INNER_ENV)
+    probe = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--cgroup", "--net", "true"],
+        capture_output=True,
+        text=True,
+        env=INNER_ENV,
+    )
     if probe.returncode != 0:
         return f"cannot create namespaces here: {probe.stderr.strip() or probe.returncode}"
     return None
 
 
 def cgroup_mode() -> str | None:
-    """"hybrid" (name=systemd v1 + cgroup2 under unified/, as on this project's machines),
+    """ "hybrid" (name=systemd v1 + cgroup2 under unified/, as on this project's machines),
     "unified" (cgroup2 mounted on /sys/fs/cgroup), else None."""
     mounts = Path("/proc/self/mounts").read_text().splitlines()
     types = {line.split()[1]: line.split()[2] for line in mounts}
@@ -248,10 +257,22 @@ class Sandbox:
         # the stock targets and slices (no *.wants: nothing else is pulled in), journald and dbus,
         # and links to the exposed units. /lib/systemd/system is not searched.
         stock = [p for p in UNIT_DIR.glob("*.target") if p.name != "default.target"]
-        stock += [UNIT_DIR / n for n in ("machine.slice", "user.slice", "systemd-exit.service",
-                                         "systemd-poweroff.service", "systemd-halt.service", "systemd-reboot.service",
-                                         "systemd-journald.service", "systemd-journald.socket",
-                                         "systemd-journald-dev-log.socket", "dbus.service", "dbus.socket")]
+        stock += [
+            UNIT_DIR / n
+            for n in (
+                "machine.slice",
+                "user.slice",
+                "systemd-exit.service",
+                "systemd-poweroff.service",
+                "systemd-halt.service",
+                "systemd-reboot.service",
+                "systemd-journald.service",
+                "systemd-journald.socket",
+                "systemd-journald-dev-log.socket",
+                "dbus.service",
+                "dbus.socket",
+            )
+        ]
         for unit in stock:
             if unit.exists():
                 shutil.copy(unit, units / unit.name)
@@ -272,11 +293,20 @@ class Sandbox:
         procs = " ".join(str(cg / "cgroup.procs") for cg in self._cgroups)
         log = open(self.state / "unshare.log", "wb")
         # the shell moves itself into our cgroups, then becomes unshare, whose child is PID 1 inside
-        script = (f'for f in {procs}; do echo $$ > $f; done; '
-                  f'exec unshare --pid --fork --kill-child --mount --mount-proc --propagation private '
-                  f'--uts --ipc --cgroup --net {inner} {self.state} {self.mode}')
-        self.unshare = subprocess.Popen(["bash", "-c", script], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                        env=INNER_ENV, start_new_session=True, preexec_fn=_die_with_parent)
+        script = (
+            f"for f in {procs}; do echo $$ > $f; done; "
+            f"exec unshare --pid --fork --kill-child --mount --mount-proc --propagation private "
+            f"--uts --ipc --cgroup --net {inner} {self.state} {self.mode}"
+        )
+        self.unshare = subprocess.Popen(
+            ["bash", "-c", script],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=INNER_ENV,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         log.close()
         deadline = time.monotonic() + self.boot_timeout
         children = Path(f"/proc/{self.unshare.pid}/task/{self.unshare.pid}/children")
@@ -300,8 +330,7 @@ class Sandbox:
                 if state in ("running", "degraded"):
                     return
             if time.monotonic() > deadline:
-                raise SandboxError(f"systemd did not come up in {self.boot_timeout}s (state {state!r}): "
-                                   f"{self._logs()}")
+                raise SandboxError(f"systemd did not come up in {self.boot_timeout}s (state {state!r}): {self._logs()}")
             time.sleep(0.02)
 
     def stop(self) -> None:
@@ -309,8 +338,12 @@ class Sandbox:
         if self.unshare is not None and self.unshare.poll() is None:
             if self.pid is not None:
                 try:
-                    subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-p", "systemctl", "exit", "0"],
-                                   capture_output=True, timeout=10, env=INNER_ENV)
+                    subprocess.run(
+                        ["nsenter", "-t", str(self.pid), "-m", "-p", "systemctl", "exit", "0"],
+                        capture_output=True,
+                        timeout=10,
+                        env=INNER_ENV,
+                    )
                 except subprocess.TimeoutExpired:
                     pass
                 try:
@@ -363,15 +396,25 @@ class Sandbox:
             prefix += ["setpriv", "--reuid", user, "--regid", user, "--init-groups", "--"]
         return prefix
 
-    def run(self, *cmd: str, check: bool = True, timeout: float = 60, user: str | None = None,
-            input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        *cmd: str,
+        check: bool = True,
+        timeout: float = 60,
+        user: str | None = None,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess:
         """Run a command inside (as root, or as ``user`` with that user's groups); output as text."""
         argv = self.nsenter(user) + list(cmd)
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input,
-                                env={**INNER_ENV, **(env or {})})
+        result = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, input=input, env={**INNER_ENV, **(env or {})}
+        )
         if check and result.returncode != 0:
-            raise SandboxError(f"{' '.join(cmd)}: exit status {result.returncode}\n"
-                               f"--- stdout\n{result.stdout}--- stderr\n{result.stderr}")
+            raise SandboxError(
+                f"{' '.join(cmd)}: exit status {result.returncode}\n"
+                f"--- stdout\n{result.stdout}--- stderr\n{result.stderr}"
+            )
         return result
 
     def popen(self, *cmd: str, user: str | None = None, **kwargs) -> subprocess.Popen:

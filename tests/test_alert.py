@@ -21,10 +21,10 @@ import pytest
 import trio
 
 from dcod import config as configuration
-from dcod.supervisor.alert import Alerter, Backend, check
-from dcod.supervisor.alert import file as file_backend
 from dcod.client import QuitAlert
 from dcod.config import ConfigError
+from dcod.supervisor.alert import Alerter, Backend, check
+from dcod.supervisor.alert import file as file_backend
 
 NAME = "Noradle-DCO-EXTHUB-QUIT"
 ORACLE_VARS = ("DCOD_TEST_ORACLE_DSN", "DCOD_TEST_ORACLE_USER", "DCOD_TEST_ORACLE_PASSWORD")
@@ -42,12 +42,16 @@ def make_config(tmp_path: Path):
     def make(**alert) -> configuration.Config:
         lines = "\n".join(f"{key} = {toml_value(value)}" for key, value in alert.items())
         path = tmp_path / "dcod.toml"
-        path.write_text(textwrap.dedent(f"""\
+        path.write_text(
+            textwrap.dedent(f"""\
             [supervisor]
-            runtime_dir = "{tmp_path / 'run'}"
-            state_dir = "{tmp_path / 'state'}"
+            runtime_dir = "{tmp_path / "run"}"
+            state_dir = "{tmp_path / "state"}"
             [alert]
-            """) + lines + "\n")
+            """)
+            + lines
+            + "\n"
+        )
         config = configuration.load(path)
         check(config)
         return config
@@ -77,7 +81,9 @@ def script(tmp_path: Path, name: str, body: str) -> str:
 
 
 def warnings_of(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "dcod.supervisor.alert" and r.levelno == logging.WARNING]
+    return [
+        r.getMessage() for r in caplog.records if r.name == "dcod.supervisor.alert" and r.levelno == logging.WARNING
+    ]
 
 
 # ---------------------------------------------------------------- file backend
@@ -224,11 +230,15 @@ async def test_a_message_with_a_line_break_is_refused_by_the_file_backend(make_c
 async def test_command_gets_name_and_message_as_arguments(make_config, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="dcod.supervisor.alert")
     out = tmp_path / "args"
-    command = script(tmp_path, "alert.sh", f"""\
+    command = script(
+        tmp_path,
+        "alert.sh",
+        f"""\
         printf '%s\\n' "$#" "$@" > {out}
         echo "told the pager"
         echo "a note on stderr" >&2
-        """)
+        """,
+    )
     config = make_config(backends=["command"], command=[command, "--extra"])
     alerter = Alerter.from_config(config)
     message = "10.0.0.7:1523 $(touch pwned) *"  # no shell sees it
@@ -242,10 +252,14 @@ async def test_command_gets_name_and_message_as_arguments(make_config, tmp_path,
 
 
 async def test_command_failure_is_logged_and_counted(make_config, tmp_path, caplog):
-    command = script(tmp_path, "fail.sh", """\
+    command = script(
+        tmp_path,
+        "fail.sh",
+        """\
         echo "pager unreachable" >&2
         exit 3
-        """)
+        """,
+    )
     alerter = Alerter.from_config(make_config(backends=["command"], command=[command]))
     await alerter.signal("10.0.0.7:1523")  # does not raise
     stats = alerter.stats()["command"]
@@ -272,11 +286,15 @@ def process_gone(pid: int) -> bool:
 
 async def test_command_timeout_kills_its_process_group_and_is_counted(make_config, tmp_path, caplog):
     pids = tmp_path / "pids"
-    command = script(tmp_path, "hang.sh", f"""\
+    command = script(
+        tmp_path,
+        "hang.sh",
+        f"""\
         sleep 60 &
         echo "$$ $!" > {pids}
         wait
-        """)
+        """,
+    )
     alerter = Alerter.from_config(make_config(backends=["command"], command=[command], command_timeout=0.5))
     with trio.fail_after(10):  # the timeout, not the 60 s of sleep
         await alerter.signal("10.0.0.7:1523")
@@ -340,26 +358,50 @@ async def test_backends_are_raised_concurrently():
 # ---------------------------------------------------------------- configuration
 
 
-@pytest.mark.parametrize("keys, message", [
-    ({"backends": []}, "alert.backends: needs at least one"),
-    ({"backends": ["pager"]}, "alert.backends: unknown backend 'pager' (file, command, oracle)"),
-    ({"backends": ["file", "file"]}, "alert.backends: 'file' is listed twice"),
-    ({"backends": ["command"]}, "alert.command: needed by the command backend"),
-    ({"command_timeout": 0}, "alert.command_timeout: must be > 0"),
-    ({"name": "a/b"}, "alert.name: must be a file name"),
-    ({"name": ""}, "alert.name: must be a file name"),
-    ({"backends": ["oracle"], "oracle_user": "u", "oracle_password_file": "/p"},
-     "alert.oracle_dsn: needed by the oracle backend"),
-    ({"backends": ["oracle"], "oracle_dsn": "db:1521/x", "oracle_password_file": "/p"},
-     "alert.oracle_user: needed by the oracle backend"),
-    ({"backends": ["oracle"], "oracle_dsn": "db:1521/x", "oracle_user": "u"},
-     "alert.oracle_password_file: needed by the oracle backend"),
-    ({"backends": ["oracle"], "oracle_dsn": "db:1521/x", "oracle_user": "u", "oracle_password_file": "credential:"},
-     "alert.oracle_password_file: credential:<name> needs a credential name"),
-    ({"backends": ["oracle"], "oracle_dsn": "db:1521/x", "oracle_user": "u", "oracle_password_file": "/p",
-      "name": "Noradle-DCO-EXTHUB-QUIT-LONGER-NAME"}, "alert.name: must be at most 30 bytes for DBMS_ALERT"),
-    ({"oracle_timeout": -1}, "alert.oracle_timeout: must be > 0"),
-])
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"backends": []}, "alert.backends: needs at least one"),
+        ({"backends": ["pager"]}, "alert.backends: unknown backend 'pager' (file, command, oracle)"),
+        ({"backends": ["file", "file"]}, "alert.backends: 'file' is listed twice"),
+        ({"backends": ["command"]}, "alert.command: needed by the command backend"),
+        ({"command_timeout": 0}, "alert.command_timeout: must be > 0"),
+        ({"name": "a/b"}, "alert.name: must be a file name"),
+        ({"name": ""}, "alert.name: must be a file name"),
+        (
+            {"backends": ["oracle"], "oracle_user": "u", "oracle_password_file": "/p"},
+            "alert.oracle_dsn: needed by the oracle backend",
+        ),
+        (
+            {"backends": ["oracle"], "oracle_dsn": "db:1521/x", "oracle_password_file": "/p"},
+            "alert.oracle_user: needed by the oracle backend",
+        ),
+        (
+            {"backends": ["oracle"], "oracle_dsn": "db:1521/x", "oracle_user": "u"},
+            "alert.oracle_password_file: needed by the oracle backend",
+        ),
+        (
+            {
+                "backends": ["oracle"],
+                "oracle_dsn": "db:1521/x",
+                "oracle_user": "u",
+                "oracle_password_file": "credential:",
+            },
+            "alert.oracle_password_file: credential:<name> needs a credential name",
+        ),
+        (
+            {
+                "backends": ["oracle"],
+                "oracle_dsn": "db:1521/x",
+                "oracle_user": "u",
+                "oracle_password_file": "/p",
+                "name": "Noradle-DCO-EXTHUB-QUIT-LONGER-NAME",
+            },
+            "alert.name: must be at most 30 bytes for DBMS_ALERT",
+        ),
+        ({"oracle_timeout": -1}, "alert.oracle_timeout: must be > 0"),
+    ],
+)
 def test_invalid_alert_config_names_file_key_and_reason(make_config, tmp_path, monkeypatch, keys, message):
     monkeypatch.setitem(sys.modules, "oracledb", types.ModuleType("oracledb"))  # installed or not
     with pytest.raises(ConfigError) as e:
@@ -368,8 +410,12 @@ def test_invalid_alert_config_names_file_key_and_reason(make_config, tmp_path, m
     assert message in str(e.value)
 
 
-ORACLE_KEYS = {"backends": ["file", "oracle"], "oracle_dsn": "dbhost:1521/ORCLPDB1", "oracle_user": "dcod",
-               "oracle_password_file": "credential:dcod-oracle"}
+ORACLE_KEYS = {
+    "backends": ["file", "oracle"],
+    "oracle_dsn": "dbhost:1521/ORCLPDB1",
+    "oracle_user": "dcod",
+    "oracle_password_file": "credential:dcod-oracle",
+}
 
 
 def test_oracle_backend_without_oracledb_is_a_clear_error(make_config, monkeypatch):
@@ -380,8 +426,12 @@ def test_oracle_backend_without_oracledb_is_a_clear_error(make_config, monkeypat
     assert "pip install 'dcod[oracle]'" in str(e.value)
     # A config built some other way is refused as clearly when the Alerter is made.
     config = make_config()
-    config = dataclasses.replace(config, alert=dataclasses.replace(config.alert, **{
-        k: tuple(v) if isinstance(v, list) else v for k, v in ORACLE_KEYS.items()}))
+    config = dataclasses.replace(
+        config,
+        alert=dataclasses.replace(
+            config.alert, **{k: tuple(v) if isinstance(v, list) else v for k, v in ORACLE_KEYS.items()}
+        ),
+    )
     with pytest.raises(ConfigError, match=r"alert.backends: the oracle backend needs python-oracledb"):
         Alerter.from_config(config)
 
@@ -479,10 +529,13 @@ async def test_oracle_backend_signals_and_commits_on_one_kept_connection(make_co
     alerter = Alerter.from_config(config)
     await alerter.signal("10.0.0.7:1523")
     await alerter.signal("10.0.0.8:1523")
-    assert fake_oracle.signals == [("DBMS_ALERT.SIGNAL", [NAME, "10.0.0.7:1523"], True),
-                                   ("DBMS_ALERT.SIGNAL", [NAME, "10.0.0.8:1523"], True)]
-    assert fake_oracle.connects == [{"user": "dcod", "password": SECRET, "dsn": "dbhost:1521/ORCLPDB1",
-                                     "tcp_connect_timeout": 4.0}]
+    assert fake_oracle.signals == [
+        ("DBMS_ALERT.SIGNAL", [NAME, "10.0.0.7:1523"], True),
+        ("DBMS_ALERT.SIGNAL", [NAME, "10.0.0.8:1523"], True),
+    ]
+    assert fake_oracle.connects == [
+        {"user": "dcod", "password": SECRET, "dsn": "dbhost:1521/ORCLPDB1", "tcp_connect_timeout": 4.0}
+    ]
     assert fake_oracle.open[0].call_timeout == 4000
     assert alert_line(config.alert_file)[1] == "10.0.0.8:1523"  # with the file backend
     stats = alerter.stats()
@@ -574,8 +627,9 @@ async def test_oracle_backend_against_a_real_database(make_config, tmp_path):
     password_file = tmp_path / "oracle.password"
     password_file.write_text(password + "\n")
     name = f"DCOD-TEST-{os.getpid()}"  # not the real alert: live sessions must not see it
-    config = make_config(name=name, backends=["oracle"], oracle_dsn=dsn, oracle_user=user,
-                         oracle_password_file=str(password_file))
+    config = make_config(
+        name=name, backends=["oracle"], oracle_dsn=dsn, oracle_user=user, oracle_password_file=str(password_file)
+    )
     watcher = await trio.to_thread.run_sync(lambda: oracledb.connect(user=user, password=password, dsn=dsn))
     try:
         with watcher.cursor() as cursor:

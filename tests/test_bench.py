@@ -34,8 +34,10 @@ def test_bench_reports_figures_without_losses():
     assert report["sent"] >= report["requests"]
     processes = {p["role"]: p for p in report["process_cpu"]}
     assert {"supervisor", "hub", "worker 1#0", "worker 1#1", "load 0"} <= set(processes)
-    assert all(processes[role]["rss_idle_mb"] > 0 and processes[role]["rss_mb"] > 0
-               for role in ("supervisor", "hub", "worker 1#0"))
+    assert all(
+        processes[role]["rss_idle_mb"] > 0 and processes[role]["rss_mb"] > 0
+        for role in ("supervisor", "hub", "worker 1#0")
+    )
     assert report["hub_cpu_us_per_request"] > 0
     assert processes["hub"]["wakeups"] > 0 and processes["hub"]["requests_per_wakeup"] > 0
     assert report["load_cpu_s"] > 0
@@ -78,16 +80,24 @@ def test_bench_scenarios_need_its_own_hub(capsys):
 
 def test_hotpath_bench_answers_every_round_trip():
     # bench/hotpath.py drives the hub's internals; this keeps it working as they change.
-    run = subprocess.run([sys.executable, str(BENCH / "hotpath.py"), "--rounds", "20", "--sessions", "3", "--depth", "5"],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "hotpath.py"), "--rounds", "20", "--sessions", "3", "--depth", "5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("300 round trips (3 sessions x 5, 100-byte bodies, 2 instances): "), run.stdout
 
 
 @pytest.mark.parametrize("log_pdus", [[], ["--log-pdus"]], ids=["quiet", "log-pdus"])
 def test_noradle_reference_bench_measures_the_node_hub(log_pdus):
-    run = subprocess.run([sys.executable, str(BENCH / "noradle_hub.py"), "--duration", "1", *SMALL, *log_pdus],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "noradle_hub.py"), "--duration", "1", *SMALL, *log_pdus],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     logged = re.search(r"the hub logged ([\d,]+) PDUs", run.stderr)
     assert bool(logged) == bool(log_pdus), run.stderr
@@ -100,34 +110,62 @@ def test_noradle_reference_bench_measures_the_node_hub(log_pdus):
 
 
 def test_wakeup_bench_times_both_socket_families_on_any_core_and_one():
-    run = subprocess.run([sys.executable, str(BENCH / "wakeup.py"), "--count", "200"], capture_output=True, text=True,
-                         timeout=60)
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "wakeup.py"), "--count", "200"], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
-    assert [line.split()[:3] for line in lines] == [["tcp", "any", "core"], ["tcp", "one", "core"],
-                                                     ["unix", "any", "core"], ["unix", "one", "core"]], run.stdout
+    assert [line.split()[:3] for line in lines] == [
+        ["tcp", "any", "core"],
+        ["tcp", "one", "core"],
+        ["unix", "any", "core"],
+        ["unix", "one", "core"],
+    ], run.stdout
     assert all("sendmsg" in line and "writer CPU" in line for line in lines), run.stdout
 
 
 def test_compare_alternates_dcod_and_the_node_reference():
-    run = subprocess.run([sys.executable, str(BENCH / "compare.py"), "--rounds", "1", "--duration", "1",
-                          "--sessions", "2", "--depth", "2", "--warmup", "0.5"], capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "compare.py"),
+            "--rounds",
+            "1",
+            "--duration",
+            "1",
+            "--sessions",
+            "2",
+            "--depth",
+            "2",
+            "--warmup",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("1 rounds of 1 s, 2 sessions x 2 outstanding, 100-byte bodies; python "), run.stdout
     rows = {line[:28].strip(): line[28:].split() for line in run.stdout.splitlines()[2:6]}
     assert list(rows) == ["dcod, 1 instance", "Node.js reference", "dcod, 2 instances", "Node.js reference, logging"]
     assert all(float(figures[0]) > 0 for figures in rows.values()), run.stdout
-    ratios = re.findall(r"^the Node.js reference(?:, logging)? cost ([\d.]+) \(.* as much as dcod, \d instances?$",
-                        run.stdout, re.MULTILINE)
+    ratios = re.findall(
+        r"^the Node.js reference(?:, logging)? cost ([\d.]+) \(.* as much as dcod, \d instances?$",
+        run.stdout,
+        re.MULTILINE,
+    )
     assert len(ratios) == 4 and all(float(ratio) > 0 for ratio in ratios), run.stdout
     assert re.search(r"^wake-ups before: tcp  any core  sendmsg +[\d.]+ µs", run.stdout, re.MULTILINE), run.stdout
     assert re.search(r"^wake-ups after: +tcp  any core  sendmsg +[\d.]+ µs", run.stdout, re.MULTILINE), run.stdout
 
 
 def test_compare_stops_at_a_failed_run():
-    run = subprocess.run([sys.executable, str(BENCH / "compare.py"), "--rounds", "1", "--no-such-option"],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "compare.py"), "--rounds", "1", "--no-such-option"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 1
     assert "compare: dcod, 1 instance: exit status 2" in run.stderr and "--no-such-option" in run.stderr, run.stderr
     assert "Node.js" not in run.stderr, run.stderr

@@ -20,20 +20,43 @@ import pytest
 
 CHAOS = Path(__file__).resolve().parent.parent / "bench" / "chaos.py"
 
+
 @pytest.mark.slow
 def test_chaos_run_keeps_every_invariant(tmp_path):
     report = tmp_path / "chaos.json"
     result = subprocess.run(
-        [sys.executable, str(CHAOS), "--duration", "15", "--seed", "20241123", "--cover",
-         "--calm", "1", "--storm", "14", "--interval", "0.8", "--reload-interval", "4", "--json", str(report)],
-        capture_output=True, text=True, timeout=280, env={**os.environ, "TMPDIR": str(tmp_path)})
+        [
+            sys.executable,
+            str(CHAOS),
+            "--duration",
+            "15",
+            "--seed",
+            "20241123",
+            "--cover",
+            "--calm",
+            "1",
+            "--storm",
+            "14",
+            "--interval",
+            "0.8",
+            "--reload-interval",
+            "4",
+            "--json",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
     print(result.stdout[-6000:], result.stderr[-3000:])
     assert report.exists(), "the chaos run did not finish"
     r = json.loads(report.read_text())
     # It really was chaos: every kind of fault, load that went through, reloads tried.
     kinds = {" ".join(k.split()[::2]) if k.startswith("worker") else k for k in r["faults"]}
-    assert kinds == {f"{t} {s}" for t in ("hub", "worker", "supervisor") for s in ("SIGKILL", "SIGSTOP", "SIGTERM")}, \
-        r["faults"]
+    assert kinds == {f"{t} {s}" for t in ("hub", "worker", "supervisor") for s in ("SIGKILL", "SIGSTOP", "SIGTERM")}, r[
+        "faults"
+    ]
     assert r["sync"]["outcomes"].get("ok", 0) > 100 and r["oneway"]["seen"] > 100
     assert sum(r["reloads"].values()) > 0
     assert r["supervisor"]["starts"] >= 3  # started, restarted after SIGKILL, after SIGTERM

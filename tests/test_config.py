@@ -20,27 +20,39 @@ def test_conf_file_is_the_builtin_default():
     assert builtin.hub.listen == "127.0.0.1:1523"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[hub]\nmax_pdu = 4\n", "hub.max_pdu: must be >= 12, not 4"),
-    ("[hub]\nlisten = 1523\n", "hub.listen: must be a string, not 1523"),
-    ("[hub]\nlisten = \"nowhere\"\n", "hub.listen: must be host:port"),
-    ("[hub]\nallow = [\"10.0.0.0/33\"]\n", "hub.allow: '10.0.0.0/33' is not a network"),
-    ("[hub]\ncolour = 1\n", "hub.colour: unknown key"),
-    ("[[proxy]]\nid = 1\nhandler = \"echo\"\ninstances = 0\n", "proxy[0].instances: must be >= 1, not 0"),
-    ("[[proxy]]\nid = 1\n", "proxy[0]: needs exactly one of handler, address, command"),
-    ("[[proxy]]\nhandler = \"echo\"\n", "proxy[0].id: missing"),
-    ("[[proxy]]\nid = 1\nhandler = \"echo\"\n[[proxy]]\nid = 1\nhandler = \"echo\"\n",
-     "proxy[1].id: 1 is already proxy[0]"),
-    ("[supervisor]\nheartbeat_timeout = 0.1\n", "supervisor.heartbeat_timeout: must be longer"),
-    ("[hub\n", "not valid TOML"),
-    # Noradle's PL/SQL keeps the quit alert's message (hub.advertise) in a VARCHAR2(30).
-    ("[hub]\nadvertise = \"dco-hub-1.prod.example.com:1523\"\n",
-     "hub.advertise: must be at most 30 bytes, not 31 ('dco-hub-1.prod.example.com:1523'): Noradle's PL/SQL"),
-    ("[[proxy]]\nid = 1\nhandler = \"mine:handle\"\nhandler_path = [\"handlers\"]\n",
-     "proxy[0].handler_path: must be absolute paths (the workers run in no particular directory), not 'handlers'"),
-    ("[[proxy]]\nid = 1\ncommand = [\"/bin/true\"]\nhandler_path = [\"/opt/h\"]\n",
-     "proxy[0].handler_path: is for a handler; this proxy has none"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[hub]\nmax_pdu = 4\n", "hub.max_pdu: must be >= 12, not 4"),
+        ("[hub]\nlisten = 1523\n", "hub.listen: must be a string, not 1523"),
+        ('[hub]\nlisten = "nowhere"\n', "hub.listen: must be host:port"),
+        ('[hub]\nallow = ["10.0.0.0/33"]\n', "hub.allow: '10.0.0.0/33' is not a network"),
+        ("[hub]\ncolour = 1\n", "hub.colour: unknown key"),
+        ('[[proxy]]\nid = 1\nhandler = "echo"\ninstances = 0\n', "proxy[0].instances: must be >= 1, not 0"),
+        ("[[proxy]]\nid = 1\n", "proxy[0]: needs exactly one of handler, address, command"),
+        ('[[proxy]]\nhandler = "echo"\n', "proxy[0].id: missing"),
+        (
+            '[[proxy]]\nid = 1\nhandler = "echo"\n[[proxy]]\nid = 1\nhandler = "echo"\n',
+            "proxy[1].id: 1 is already proxy[0]",
+        ),
+        ("[supervisor]\nheartbeat_timeout = 0.1\n", "supervisor.heartbeat_timeout: must be longer"),
+        ("[hub\n", "not valid TOML"),
+        # Noradle's PL/SQL keeps the quit alert's message (hub.advertise) in a VARCHAR2(30).
+        (
+            '[hub]\nadvertise = "dco-hub-1.prod.example.com:1523"\n',
+            "hub.advertise: must be at most 30 bytes, not 31 ('dco-hub-1.prod.example.com:1523'): Noradle's PL/SQL",
+        ),
+        (
+            '[[proxy]]\nid = 1\nhandler = "mine:handle"\nhandler_path = ["handlers"]\n',
+            "proxy[0].handler_path: must be absolute paths (the workers run in no particular directory), "
+            "not 'handlers'",
+        ),
+        (
+            '[[proxy]]\nid = 1\ncommand = ["/bin/true"]\nhandler_path = ["/opt/h"]\n',
+            "proxy[0].handler_path: is for a handler; this proxy has none",
+        ),
+    ],
+)
 def test_invalid_config_names_file_key_and_reason(tmp_path, text, message):
     path = tmp_path / "bad.toml"
     path.write_text(text)
@@ -52,8 +64,10 @@ def test_invalid_config_names_file_key_and_reason(tmp_path, text, message):
 
 def test_advertise_and_alert_name_of_30_bytes_are_accepted(tmp_path, capsys):
     path = tmp_path / "ok.toml"
-    path.write_text('[hub]\nadvertise = "dco-hub-1.prod.example.co:1523"\n'
-                    '[alert]\nname = "Noradle-DCO-EXTHUB-QUIT-\u00e9\u00e9\u00e9"\n')
+    path.write_text(
+        '[hub]\nadvertise = "dco-hub-1.prod.example.co:1523"\n'
+        '[alert]\nname = "Noradle-DCO-EXTHUB-QUIT-\u00e9\u00e9\u00e9"\n'
+    )
     loaded = config.load(path)
     assert len(loaded.hub.advertise) == 30 and len(loaded.alert.name.encode()) == 30
     assert cli.main(["config", "--check", "--config", str(path)]) == 0, capsys.readouterr().err
@@ -77,14 +91,17 @@ def test_config_command_checks_and_prints(tmp_path, capsys):
 def test_config_check_refuses_what_an_alert_backend_refuses(tmp_path, capsys):
     """The alert backends check their own settings: `dcod config --check` asks each of them."""
     bad = tmp_path / "bad.toml"
-    for alert, message in [('backends = ["pager"]', "alert.backends: unknown backend 'pager'"),
-                           ('backends = ["command"]', "alert.command: needed by the command backend"),
-                           ('backends = ["file", "oracle"]', "alert.oracle_dsn: needed by the oracle backend"),
-                           # DBMS_ALERT names are at most 30 bytes, whichever backends raise the alert.
-                           ('name = "Noradle-DCO-EXTHUB-QUIT-REGION2"', "alert.name: must be at most 30 bytes for "
-                                                                        "DBMS_ALERT, not 31"),
-                           ('name = "Noradle-DCO-EXTHUB-QUIT-\u00e9\u00e9\u00e9\u00e9"',
-                            "alert.name: must be at most 30 bytes for DBMS_ALERT, not 32")]:
+    for alert, message in [
+        ('backends = ["pager"]', "alert.backends: unknown backend 'pager'"),
+        ('backends = ["command"]', "alert.command: needed by the command backend"),
+        ('backends = ["file", "oracle"]', "alert.oracle_dsn: needed by the oracle backend"),
+        # DBMS_ALERT names are at most 30 bytes, whichever backends raise the alert.
+        ('name = "Noradle-DCO-EXTHUB-QUIT-REGION2"', "alert.name: must be at most 30 bytes for DBMS_ALERT, not 31"),
+        (
+            'name = "Noradle-DCO-EXTHUB-QUIT-\u00e9\u00e9\u00e9\u00e9"',
+            "alert.name: must be at most 30 bytes for DBMS_ALERT, not 32",
+        ),
+    ]:
         bad.write_text(f"[alert]\n{alert}\n")
         config.load(bad)  # the configuration itself is well-formed
         assert cli.main(["config", "--check", "--config", str(bad)]) == 1
@@ -99,8 +116,9 @@ def no_directories_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
 
 
-def test_default_directories_are_the_users_own_never_shared_nor_the_services(no_directories_from_the_environment,
-                                                                              tmp_path):
+def test_default_directories_are_the_users_own_never_shared_nor_the_services(
+    no_directories_from_the_environment, tmp_path
+):
     """Also for root (the tests run as root): not /run/dcod and /var/lib/dcod, which belong to the
     packaged service, nor a predictable name in /tmp."""
     builtin = config.load(None)

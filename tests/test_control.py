@@ -4,7 +4,6 @@ that goes away): the exit statuses, the JSON, the stop's steps, and what the jou
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,7 +23,8 @@ from test_rollout import dcod, status
 def gate(tmp_path):
     """The [[proxy]] table of an echo proxy (id 1, 1 instance) whose handler holds a body "hold"
     until tmp_path/release exists, once it has written tmp_path/held."""
-    (tmp_path / "gate.py").write_text(textwrap.dedent(f"""\
+    (tmp_path / "gate.py").write_text(
+        textwrap.dedent(f"""\
         import os
         import trio
 
@@ -34,13 +34,18 @@ def gate(tmp_path):
                 while not os.path.exists({str(tmp_path / "release")!r}):
                     await trio.sleep(0.01)
             return req.body
-        """))
+        """)
+    )
     return f'[[proxy]]\nid = 1\nhandler = "gate:handle"\nhandler_path = ["{tmp_path}"]\ninstances = 1\n'
 
 
 def dcod_stop(config) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dcod", "stop", "--config", config.source],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dcod", "stop", "--config", config.source],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 async def lines_until(stream, text: str, timeout: float = 20) -> list[str]:
@@ -81,15 +86,18 @@ async def test_stop_says_each_step_and_what_it_waits_for_and_returns_once_all_ha
     assert r.proc.poll() == 0  # the supervisor has exited (and with it everything) when `dcod stop` returns
     assert not [p for p in (hub, worker) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     output = "".join(lines) + out
-    assert in_order(output, "stop: asking the supervisor",
-                    f"stop: hub generation 1 (pid {hub.pid}) draining",
-                    f"stop: quit alert {r.config.alert.name} raised for {r.config.hub.advertise}",
-                    f"stop: waiting for 1 request on hub generation 1 (pid {hub.pid}), 1 session connected",
-                    f"stop: hub generation 1 (pid {hub.pid}) exited with status 0",
-                    f"stop: workers stopping: worker 1#0 generation 1 (pid {worker.pid})",
-                    f"stop: worker 1#0 generation 1 (pid {worker.pid}) exited with status 0",
-                    "stop: every process has exited; the supervisor exits",
-                    f"stop: the supervisor (pid {r.proc.pid}) has exited"), output
+    assert in_order(
+        output,
+        "stop: asking the supervisor",
+        f"stop: hub generation 1 (pid {hub.pid}) draining",
+        f"stop: quit alert {r.config.alert.name} raised for {r.config.hub.advertise}",
+        f"stop: waiting for 1 request on hub generation 1 (pid {hub.pid}), 1 session connected",
+        f"stop: hub generation 1 (pid {hub.pid}) exited with status 0",
+        f"stop: workers stopping: worker 1#0 generation 1 (pid {worker.pid})",
+        f"stop: worker 1#0 generation 1 (pid {worker.pid}) exited with status 0",
+        "stop: every process has exited; the supervisor exits",
+        f"stop: the supervisor (pid {r.proc.pid}) has exited",
+    ), output
     assert "control: stop from pid" in r.log  # a command that changes something is in the journal
 
 
@@ -130,15 +138,25 @@ sys.stdin.read()  # the connection ended, and it stays
 """
 
 
-@pytest.mark.parametrize("behaviour, code, text", [
-    ("exit", 0, "stop: the supervisor (pid {pid}) has exited"),
-    ("stay", 1, "dcod: the supervisor ended the connection without an answer, but it still runs (pid {pid}) "
-                "after 1s"),
-])
+@pytest.mark.parametrize(
+    "behaviour, code, text",
+    [
+        ("exit", 0, "stop: the supervisor (pid {pid}) has exited"),
+        (
+            "stay",
+            1,
+            "dcod: the supervisor ended the connection without an answer, but it still runs (pid {pid}) after 1s",
+        ),
+    ],
+)
 async def test_stop_without_a_final_answer_succeeds_only_if_the_supervisor_exits(make_config, behaviour, code, text):
     config = make_config(supervisor="stop_timeout = 1.0")
-    fake = subprocess.Popen([sys.executable, "-c", FAKE_SUPERVISOR, str(config.control_socket), behaviour],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    fake = subprocess.Popen(
+        [sys.executable, "-c", FAKE_SUPERVISOR, str(config.control_socket), behaviour],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert await trio.to_thread.run_sync(fake.stdout.readline) == "listening\n"
         result = await trio.to_thread.run_sync(dcod, config, "stop")

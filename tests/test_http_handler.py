@@ -13,9 +13,9 @@ import trio
 
 from dcod import protocol
 from dcod.net import sockets
-from dcod.worker.runtime import Request, Worker, load_handler
 from dcod.worker.handlers import http
 from dcod.worker.handlers.http import InvalidOutCall, OutCallFailed, parse_out_call
+from dcod.worker.runtime import Request, Worker, load_handler
 
 GZIPPED_TEXT = b"squeezed " * 100
 
@@ -42,8 +42,12 @@ class Origin(BaseHTTPRequestHandler):
 
     def echo(self):
         content = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        seen = {"method": self.command, "path": self.path, "headers": list(self.headers.items()),
-                "body": content.decode()}
+        seen = {
+            "method": self.command,
+            "path": self.path,
+            "headers": list(self.headers.items()),
+            "body": content.decode(),
+        }
         self.respond(201, [("Content-Type", "application/json")], json.dumps(seen).encode())
 
     def respond(self, status, headers, content):
@@ -119,8 +123,10 @@ async def test_get(origin, out_call):
 
 
 async def test_post_forwards_headers_and_body_but_not_the_timeout(origin, out_call):
-    text = (f"POST {origin}/echo?q=1\r\nContent-Type: text/plain\r\nX-Trace: 42\r\n"
-            f"X-DCO-Timeout: 5\r\n\r\nline one\nline two\r\n")
+    text = (
+        f"POST {origin}/echo?q=1\r\nContent-Type: text/plain\r\nX-Trace: 42\r\n"
+        f"X-DCO-Timeout: 5\r\n\r\nline one\nline two\r\n"
+    )
     status, headers, content = split_reply(await out_call(text))
     assert status == b"HTTP/1.1 201 Created"
     assert (b"Content-Type", b"application/json") in headers
@@ -166,45 +172,60 @@ async def test_worker_replies_with_the_response_or_an_error_text(tmp_path, origi
     async with trio.open_nursery() as nursery:
         await nursery.start(worker.serve, sockets.bind(path))
         async with await trio.open_unix_socket(path) as hub:
-            await hub.send_all(protocol.HUB_HANDSHAKE + routed_request(1, f"GET {origin}/hello\n")
-                               + routed_request(2, f"GET {refusing_url}\n"))
+            await hub.send_all(
+                protocol.HUB_HANDSHAKE
+                + routed_request(1, f"GET {origin}/hello\n")
+                + routed_request(2, f"GET {refusing_url}\n")
+            )
             await hub.send_eof()
             framer = protocol.Framer()
             replies = {}
             while data := await hub.receive_some():
                 for pdu in framer.feed(data):
                     length, _, rseq = protocol.ROUTED_HEADER.unpack_from(pdu)
-                    replies[rseq] = (length, bytes(pdu[protocol.HEADER_SIZE:]))
+                    replies[rseq] = (length, bytes(pdu[protocol.HEADER_SIZE :]))
         worker.stop()
     assert replies[1][0] > 0 and replies[1][1].startswith(b"HTTP/1.1 200 OK\r\n")
     assert replies[2][0] < 0
     assert replies[2][1].startswith(f"DCO-0006 OutCallFailed: GET {refusing_url}: cannot connect: ".encode())
 
 
-@pytest.mark.parametrize("text, method, url, headers, content, timeout", [
-    ("GET http://h/x", "GET", "http://h/x", [], b"", 10.0),
-    ("get http://h/x\n", "GET", "http://h/x", [], b"", 10.0),
-    ("PUT https://h/\r\nA: 1\nB:two words \r\n\r\nbody\n\nmore", "PUT", "https://h/",
-     [(b"A", b"1"), (b"B", b"two words")], b"body\n\nmore", 10.0),
-    ("GET http://h/\nx-dco-timeout: 2.5\n\n", "GET", "http://h/", [], b"", 2.5),
-])
+@pytest.mark.parametrize(
+    "text, method, url, headers, content, timeout",
+    [
+        ("GET http://h/x", "GET", "http://h/x", [], b"", 10.0),
+        ("get http://h/x\n", "GET", "http://h/x", [], b"", 10.0),
+        (
+            "PUT https://h/\r\nA: 1\nB:two words \r\n\r\nbody\n\nmore",
+            "PUT",
+            "https://h/",
+            [(b"A", b"1"), (b"B", b"two words")],
+            b"body\n\nmore",
+            10.0,
+        ),
+        ("GET http://h/\nx-dco-timeout: 2.5\n\n", "GET", "http://h/", [], b"", 2.5),
+    ],
+)
 def test_parse_out_call(text, method, url, headers, content, timeout):
     call = parse_out_call(text.encode())
     assert (call.method, call.url, call.headers, call.content, call.timeout) == (method, url, headers, content, timeout)
 
 
-@pytest.mark.parametrize("text, error", [
-    ("", r"line 1 must be 'METHOD URL', not b''"),
-    ("GET\n", r"line 1 must be 'METHOD URL', not b'GET'"),
-    ("GET http://h/ HTTP/1.1\n", r"line 1 must be 'METHOD URL'"),
-    ("GET /relative\n", r"URL must be absolute http:// or https://, not '/relative'"),
-    ("GET ftp://h/\n", r"URL must be absolute http:// or https://, not 'ftp://h/'"),
-    ("GET http://h:x/\n", r"URL .*'http://h:x/'"),  # httpx >= 0.24 says why; 0.23 only that it is not http
-    ("GET http://h/\nno colon here\n\n", r"line 2 must be a header 'Name: value', not b'no colon here'"),
-    ("GET http://h/\nA: 1\n: empty name\n\n", r"line 3 must be a header 'Name: value'"),
-    ("GET http://h/\nX-DCO-Timeout: soon\n\n", r"X-DCO-Timeout must be a number of seconds > 0, not 'soon'"),
-    ("GET http://h/\nX-DCO-Timeout: 0\n\n", r"X-DCO-Timeout must be a number of seconds > 0, not '0'"),
-])
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("", r"line 1 must be 'METHOD URL', not b''"),
+        ("GET\n", r"line 1 must be 'METHOD URL', not b'GET'"),
+        ("GET http://h/ HTTP/1.1\n", r"line 1 must be 'METHOD URL'"),
+        ("GET /relative\n", r"URL must be absolute http:// or https://, not '/relative'"),
+        ("GET ftp://h/\n", r"URL must be absolute http:// or https://, not 'ftp://h/'"),
+        ("GET http://h:x/\n", r"URL .*'http://h:x/'"),  # httpx >= 0.24 says why; 0.23 only that it is not http
+        ("GET http://h/\nno colon here\n\n", r"line 2 must be a header 'Name: value', not b'no colon here'"),
+        ("GET http://h/\nA: 1\n: empty name\n\n", r"line 3 must be a header 'Name: value'"),
+        ("GET http://h/\nX-DCO-Timeout: soon\n\n", r"X-DCO-Timeout must be a number of seconds > 0, not 'soon'"),
+        ("GET http://h/\nX-DCO-Timeout: 0\n\n", r"X-DCO-Timeout must be a number of seconds > 0, not '0'"),
+    ],
+)
 def test_parse_out_call_refuses_bad_text(text, error):
     with pytest.raises(InvalidOutCall, match=error):
         parse_out_call(text.encode())

@@ -76,7 +76,7 @@ async def test_a_full_disk_holds_requests_in_memory_then_refuses_and_corrupts_no
         proxy = hub.router.proxies[1]
         for rseq in range(1, 40):  # 40 x 4 KB fit neither in 64 KB of disk nor in 16 KB of memory
             await session.send(1, rseq, body)
-            await wait_for(lambda: proxy.counters.requests == rseq)
+            await wait_for(lambda rseq=rseq: proxy.counters.requests == rseq)
             if proxy.counters.refused:
                 break
         length, _, refused, text = await session.read()
@@ -96,7 +96,9 @@ async def test_a_full_disk_holds_requests_in_memory_then_refuses_and_corrupts_no
         assert [(await read_pdu(hub_side))[2] for _ in range(refused - 1)] == list(range(1, refused))
 
 
-async def test_a_read_only_state_directory_does_not_stop_the_hub_and_it_writes_again_when_it_can(make_config, start_hub, tmp_path):
+async def test_a_read_only_state_directory_does_not_stop_the_hub_and_it_writes_again_when_it_can(
+    make_config, start_hub, tmp_path
+):
     with tmpfs(tmp_path / "ro") as state:
         remount(state, "ro")
         config = make_config(ECHO1, state_dir=state)

@@ -79,8 +79,9 @@ class Child:
                         self._taken.add(i)
                         return event
                 if self.eof:
-                    raise AssertionError(f"{self.name} ended without {kind} {fields}: {self.events}\n"
-                                         f"{self.stderr.read_text()}")
+                    raise AssertionError(
+                        f"{self.name} ended without {kind} {fields}: {self.events}\n{self.stderr.read_text()}"
+                    )
                 await self._changed.wait()
 
     def all(self, kind: str) -> list[dict]:
@@ -94,8 +95,9 @@ class Child:
 async def spawn(name: str, argv: list[str], tmp_path: Path, env: dict | None = None):
     stderr = tmp_path / f"{name}.stderr"
     with open(stderr, "wb") as err:
-        process = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                                   env=env)
+        process = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env
+        )
     child = Child(name, process, stderr)
     try:
         async with trio.open_nursery() as nursery:
@@ -272,8 +274,18 @@ async def test_dcod_worker_behind_noradle_hub(make_config, tmp_path):
     make_config('[[proxy]]\nid = 1\nhandler = "held_echo:handle"\n')
     wport = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(handlers), os.environ.get("PYTHONPATH", "")])}
-    worker_argv = [sys.executable, "-m", "dcod", "worker", "--config", str(tmp_path / "dcod.toml"),
-                   "--proxy", "1", "--listen", f"127.0.0.1:{wport}"]
+    worker_argv = [
+        sys.executable,
+        "-m",
+        "dcod",
+        "worker",
+        "--config",
+        str(tmp_path / "dcod.toml"),
+        "--proxy",
+        "1",
+        "--listen",
+        f"127.0.0.1:{wport}",
+    ]
 
     async with spawn("ext_hub.js", [NODE, str(NORADLE / "ext_hub.js"), "0", f"1=127.0.0.1:{wport}"], tmp_path) as hub:
         async with spawn("dcod-worker", worker_argv, tmp_path, env) as worker:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dcod import protocol
 from dcod.protocol import ErrorCode, Framer, ProtocolError
@@ -25,8 +26,10 @@ def test_encoders_match_the_spec_layout():
     assert protocol.reply(0xFFFFFFFF, 3, b"") == struct.pack(">iIi", 12, 0xFFFFFFFF, 3)
     assert protocol.QUIT_NOTICE == struct.pack(">iii", 12, 0, 0)
     text = b"DCO-0001 unknown proxy 7"
-    assert protocol.error_reply(8, 4, ErrorCode.UNKNOWN_PROXY, "unknown proxy 7") == \
-        struct.pack(">iIi", -(12 + len(text)), 8, 4) + text
+    assert (
+        protocol.error_reply(8, 4, ErrorCode.UNKNOWN_PROXY, "unknown proxy 7")
+        == struct.pack(">iIi", -(12 + len(text)), 8, 4) + text
+    )
 
 
 def test_capabilities_ride_in_the_sid_field_of_noradles_handshake():
@@ -37,13 +40,20 @@ def test_capabilities_ride_in_the_sid_field_of_noradles_handshake():
         protocol.capability_word(0x10000)
 
 
-@pytest.mark.parametrize("sid_field, announced", [
-    (0xDC0D0001, protocol.CAP_ERROR_REPLIES),
-    (0xDC0D8001, 0x8001),  # flags a hub does not know yet are kept (and ignored)
-    (0xDC0D0000, 0),
-    (0xDC0E0001, 0),  # not the mark
-    (0, 0), (17, 0), (0xFFFF, 0), (0xDC0D, 0), (0x7FFFFFFF, 0),  # an Oracle SID: positive, below 2**31
-])
+@pytest.mark.parametrize(
+    "sid_field, announced",
+    [
+        (0xDC0D0001, protocol.CAP_ERROR_REPLIES),
+        (0xDC0D8001, 0x8001),  # flags a hub does not know yet are kept (and ignored)
+        (0xDC0D0000, 0),
+        (0xDC0E0001, 0),  # not the mark
+        (0, 0),
+        (17, 0),
+        (0xFFFF, 0),
+        (0xDC0D, 0),
+        (0x7FFFFFFF, 0),  # an Oracle SID: positive, below 2**31
+    ],
+)
 def test_capabilities_read_from_a_handshake(sid_field, announced):
     handshake = struct.pack(">iIiI", 197610262, sid_field, 4242, 77)
     magic, sid, serial, audsid = protocol.ORACLE_HANDSHAKE.unpack(handshake)
@@ -64,7 +74,7 @@ def test_every_split_point_gives_the_same_pdus():
 def test_byte_by_byte_and_all_at_once_agree():
     stream = b"".join(pdus_by_hand([b"a" * n for n in range(20)]))
     framer = Framer()
-    one_by_one = [bytes(p) for i in range(len(stream)) for p in framer.feed(stream[i:i + 1])]
+    one_by_one = [bytes(p) for i in range(len(stream)) for p in framer.feed(stream[i : i + 1])]
     assert one_by_one == [bytes(p) for p in Framer().feed(stream)]
 
 
@@ -94,7 +104,7 @@ def test_large_pdu_is_handed_over_without_a_copy_of_the_buffer():
     framer = Framer()
     out = []
     for i in range(0, len(pdu), 65536):
-        out += framer.feed(pdu[i:i + 65536])
+        out += framer.feed(pdu[i : i + 65536])
     assert len(out) == 1 and bytes(out[0]) == pdu
 
 

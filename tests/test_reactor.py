@@ -57,7 +57,7 @@ async def test_data_arrives_in_order_and_end_of_stream_ends_it_once(nursery):
     await peer.wait(lambda: len(peer.received) == 7)
     view = memoryview(sent)[7:]
     while view:
-        view = view[await theirs.send(view):]
+        view = view[await theirs.send(view) :]
     theirs.shutdown(socket.SHUT_WR)
     await peer.wait(lambda: peer.ended)
     assert bytes(peer.received) == sent

@@ -24,8 +24,9 @@ FAST_PMON = "heartbeat_interval = 0.1\nheartbeat_timeout = 1.0\n"
 
 
 def dcod(config, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dcod", *args, "--config", config.source],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dcod", *args, "--config", config.source], capture_output=True, text=True, timeout=120
+    )
 
 
 async def dcod_async(config, *args: str) -> subprocess.CompletedProcess:
@@ -64,6 +65,7 @@ def handler_module(tmp_path, handler_path):
 
     def write(name: str, source: str) -> None:
         (tmp_path / "handlers" / f"{name}.py").write_text(textwrap.dedent(source))
+
     return write
 
 
@@ -71,7 +73,9 @@ def handler_module(tmp_path, handler_path):
 def slow_echo(tmp_path, handler_module, handler_path) -> str:
     """The [[proxy]] table of an echo proxy (id 1, 2 instances) that holds a body starting with
     "slow" for a minute, once it has added a line to tmp_path/held."""
-    handler_module("slowecho", f"""\
+    handler_module(
+        "slowecho",
+        f"""\
         import trio
 
         async def handle(req):
@@ -80,7 +84,8 @@ def slow_echo(tmp_path, handler_module, handler_path) -> str:
                     held.write("held\\n")
                 await trio.sleep(60)
             return req.body
-        """)
+        """,
+    )
     return '[[proxy]]\nid = 1\nhandler = "slowecho:handle"\ninstances = 2\n' + handler_path
 
 
@@ -88,7 +93,9 @@ def slow_echo(tmp_path, handler_module, handler_path) -> str:
 def slow_init(tmp_path, handler_module) -> Path:
     """Handler "slowinit:handle", an echo whose init() waits until the file returned exists."""
     go = tmp_path / "go"
-    handler_module("slowinit", f"""\
+    handler_module(
+        "slowinit",
+        f"""\
         import os
         import trio
 
@@ -98,7 +105,8 @@ def slow_init(tmp_path, handler_module) -> Path:
 
         async def handle(req):
             return req.body
-        """)
+        """,
+    )
     return go
 
 
@@ -149,14 +157,16 @@ async def test_invalid_config_is_refused_and_the_service_keeps_going(run):
     path = r.config.source
     good = open(path).read()
     with open(path, "a") as f:
-        f.write("[[proxy]]\nid = 2\nhandler = \"echo\"\ninstances = 0\n")
+        f.write('[[proxy]]\nid = 2\nhandler = "echo"\ninstances = 0\n')
     result = await dcod_async(r.config, "reload")  # the command itself refuses it...
     assert result.returncode == 1
     assert f"{path}: proxy[1].instances: must be >= 1, not 0" in result.stderr
     # ...and so does the supervisor, asked directly (as a script or an older dcod might).
     from dcod.supervisor import control
-    answers = await trio.to_thread.run_sync(lambda: list(control.request(r.config.control_socket,
-                                                                         {"command": "reload"})))
+
+    answers = await trio.to_thread.run_sync(
+        lambda: list(control.request(r.config.control_socket, {"command": "reload"}))
+    )
     assert answers[-1]["ok"] is False
     assert f"{path}: proxy[1].instances: must be >= 1, not 0" in answers[-1]["error"]
     open(path, "w").write(good)
@@ -164,6 +174,7 @@ async def test_invalid_config_is_refused_and_the_service_keeps_going(run):
     assert row(snapshot, "hub")["generation"] == 1
     assert "invalid configuration" in snapshot["supervisor"]["rollout"]["error"]
     from peers import OracleSession
+
     session = await OracleSession.connect(r.config.hub.listen, audsid=5)
     await session.send(1, 1, b"still serving")
     assert (await session.read())[3] == b"still serving"
@@ -180,6 +191,7 @@ async def test_reload_applies_added_and_removed_proxies(run):
     names = {p["name"] for p in status(r.config)["processes"]}
     assert names == {"hub", "worker 1#0", "worker 1#1", "worker 4#0", "worker 4#1"}
     from dcod.client import DcoError, Session
+
     async with Session(r.config.hub.advertise, audsid=9) as session:
         assert await session.call_sync(4, b"new", timeout=5) == b"new"
         try:
@@ -196,6 +208,7 @@ async def test_a_removed_proxys_queue_is_set_aside_said_where_and_not_taken_by_a
     r = run(ECHO + remote, supervisor="ready_timeout = 2.0")
     await r.notification("READY=1")  # once ready_timeout has passed: proxy 2 never connects
     from dcod.client import Session
+
     async with Session(r.config.hub.advertise, audsid=9) as session:
         for _ in range(3):
             await session.send_request(2, oneway=True)
@@ -295,6 +308,7 @@ async def test_killed_worker_gets_error_replies_others_work_and_it_comes_back(ru
     r = run(slow_echo)
     await r.notification("READY=1")
     from dcod.client import DcoError, DcoTimeout, Session
+
     async with contextlib.AsyncExitStack() as stack:
         # One request from each of 4 sessions: two on each instance (least outstanding first;
         # one session's requests read together would all go to one instance).
@@ -346,6 +360,7 @@ async def hub_sigtermed_with_a_request_held(r, tmp_path, audsid: int):
     """The hub SIGTERMed from outside while the worker holds a session's request, so that it
     drains until drain_timeout; yields it (psutil) once the supervisor has raised the alert."""
     from dcod.client import Session
+
     async with Session(r.config.hub.advertise, audsid=audsid) as held:
         held.write(b"slow")
         await held.send_request(1)
@@ -377,6 +392,7 @@ async def test_hub_dying_mid_drain_after_sigterm_raises_one_alert(run, slow_echo
             hub.suspend()
         await wait_for(lambda: f"hub (pid {hub.pid}) killed by SIGKILL; restarting" in r.log, timeout=20)
     from dcod.client import Session
+
     async with Session(r.config.hub.advertise, audsid=79) as session:
         assert await session.call_sync(1, b"after", timeout=10) == b"after"
     assert status(r.config)["supervisor"]["alerts"]["file"]["sent"] == 1
@@ -384,7 +400,8 @@ async def test_hub_dying_mid_drain_after_sigterm_raises_one_alert(run, slow_echo
 
 async def test_worker_ignoring_sigterm_is_killed_and_the_rollout_goes_on(run, tmp_path):
     stubborn = tmp_path / "stubborn.py"
-    stubborn.write_text(textwrap.dedent("""\
+    stubborn.write_text(
+        textwrap.dedent("""\
         # A worker that ignores SIGTERM: echo over the socket passed at fd 3.
         import signal, socket, struct, threading
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -404,14 +421,19 @@ async def test_worker_ignoring_sigterm_is_killed_and_the_rollout_goes_on(run, tm
         while True:
             conn, _ = listener.accept()
             threading.Thread(target=serve, args=(conn,), daemon=True).start()
-        """))
-    r = run(ECHO + f'[[proxy]]\nid = 2\ncommand = ["{sys.executable}", "{stubborn}"]\n',
-            supervisor="stop_timeout = 1.0\nready_timeout = 5.0")
+        """)
+    )
+    r = run(
+        ECHO + f'[[proxy]]\nid = 2\ncommand = ["{sys.executable}", "{stubborn}"]\n',
+        supervisor="stop_timeout = 1.0\nready_timeout = 5.0",
+    )
     await r.notification("READY=1")
     result = await dcod_async(r.config, "reload")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert any("worker 2#0: generation 1 killed by SIGKILL; generation 2 serving" in line
-               for line in result.stdout.splitlines()), result.stdout
+    assert any(
+        "worker 2#0: generation 1 killed by SIGKILL; generation 2 serving" in line
+        for line in result.stdout.splitlines()
+    ), result.stdout
 
 
 async def test_unclean_stop_raises_the_alert_at_start(run, make_config):
@@ -449,9 +471,24 @@ async def test_control_socket_refuses_other_users(run):
     # must also reach our Python and dcod (a checkout in a private directory: mktemp -d).
     os.chmod(sock, 0o666)
     import dcod
+
     let_others_reach(sock, Path(sys.executable), Path(dcod.__file__))
-    nobody = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
-                             "-m", "dcod", "status", "--config", r.config.source], capture_output=True, text=True)
+    nobody = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            sys.executable,
+            "-m",
+            "dcod",
+            "status",
+            "--config",
+            r.config.source,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert nobody.returncode == 1, nobody.stderr
     assert "permission denied: only root and group dcod may do that" in nobody.stderr
     assert "refused a control connection" in r.log
@@ -473,8 +510,9 @@ async def test_stop_during_a_reload_drains_both_hub_generations_before_the_worke
         reloads.append(await dcod_async(r.config, "reload"))
 
     nursery.start_soon(reload)
-    await wait_for(lambda: any("hub started" in line and line.endswith("generation 2") for line in r.log.splitlines()),
-                   timeout=20)
+    await wait_for(
+        lambda: any("hub started" in line and line.endswith("generation 2") for line in r.log.splitlines()), timeout=20
+    )
     [new] = [hub for hub in r.children_with(" hub") if hub.pid != old.pid]
     workers = r.children_with("dcod worker")
     assert len(workers) == 2
@@ -503,7 +541,9 @@ async def test_stop_during_a_reload_drains_both_hub_generations_before_the_worke
 async def test_stop_during_a_reload_waits_for_a_worker_being_removed(run, nursery, handler_module, handler_path):
     """SIGTERM while a reload waits for a removed proxy's worker to exit: the stop waits for it
     too (and SIGKILLs it past stop_timeout), rather than leaving it behind."""
-    handler_module("stuck", """\
+    handler_module(
+        "stuck",
+        """\
         import trio
 
         async def handle(req):
@@ -511,7 +551,8 @@ async def test_stop_during_a_reload_waits_for_a_worker_being_removed(run, nurser
 
         async def done():  # a clean-up that never ends: only SIGKILL stops this worker
             await trio.sleep_forever()
-        """)
+        """,
+    )
     stuck_proxy = '[[proxy]]\nid = 2\nhandler = "stuck:handle"\n' + handler_path
     r = run(ECHO + stuck_proxy, supervisor="stop_timeout = 3.0")
     await r.notification("READY=1")
@@ -558,12 +599,15 @@ async def test_children_restarted_after_a_crash_run_the_configuration_in_effect(
     r = run(ECHO)
     await r.notification("READY=1")
     text = open(r.config.source).read()
-    open(r.config.source, "w").write(text.replace("instances = 2\n", "instances = 2\nconcurrency = 7\n") +
-                                     f'[[proxy]]\nid = 2\naddress = "127.0.0.1:{free_port()}"\n')
+    open(r.config.source, "w").write(
+        text.replace("instances = 2\n", "instances = 2\nconcurrency = 7\n")
+        + f'[[proxy]]\nid = 2\naddress = "127.0.0.1:{free_port()}"\n'
+    )
     for child in [*r.children_with(" hub"), *r.children_with("--instance 0")]:
         child.kill()
-    await wait_for(lambda: r.log.count("hub serving proxies") == 2 and r.log.count("worker 1#0: INFO: proxy 1:") == 2,
-                   timeout=20)
+    await wait_for(
+        lambda: r.log.count("hub serving proxies") == 2 and r.log.count("worker 1#0: INFO: proxy 1:") == 2, timeout=20
+    )
     assert r.log.count("hub serving proxies 1 on") == 2, r.log
     assert r.log.count("worker 1#0: INFO: proxy 1: handler echo, 64 requests at a time") == 2, r.log
 
@@ -592,16 +636,22 @@ async def test_a_reload_that_fails_before_the_new_hub_serves_changes_nothing(run
     assert len(r.children_with("dcod worker")) == 2 and not r.children_with("--proxy 3")
     assert not r.config.worker_socket(3, 0).exists()
     snapshot = status(r.config)
-    assert [(p["pid"], p["generation"], p["state"]) for p in snapshot["processes"] if p["name"] == "hub"] == \
-        [(hub.pid, 1, "ready")]
+    assert [(p["pid"], p["generation"], p["state"]) for p in snapshot["processes"] if p["name"] == "hub"] == [
+        (hub.pid, 1, "ready")
+    ]
     assert "hub generation 1 ready, 2/2 worker instances ready" in snapshot["supervisor"]["status"]
     assert snapshot["supervisor"]["rollout"]["state"] == "failed"
 
     # Restarted after a crash, the hub and a worker run the previous configuration.
     for child in [hub, *r.children_with("--instance 0")]:
         child.kill()
-    await wait_for(lambda: r.log.count("hub serving proxies") == 2 + (failure == "hub not ready") and
-                   r.log.count("worker 1#0: INFO: proxy 1:") == 2, timeout=20)
+    await wait_for(
+        lambda: (
+            r.log.count("hub serving proxies") == 2 + (failure == "hub not ready")
+            and r.log.count("worker 1#0: INFO: proxy 1:") == 2
+        ),
+        timeout=20,
+    )
     assert r.log.count("hub serving proxies 1 on") == 2, r.log
     assert r.log.count("worker 1#0: INFO: proxy 1: handler echo, 64 requests at a time") == 2, r.log
 
@@ -611,7 +661,10 @@ async def test_a_reload_that_fails_before_the_new_hub_serves_changes_nothing(run
     snapshot = status(r.config)
     assert {p["name"]: (p["generation"], p["state"]) for p in snapshot["processes"]} == {
         "hub": (4 if failure == "hub not ready" else 3, "ready"),
-        "worker 1#0": (3, "ready"), "worker 1#1": (2, "ready"), "worker 3#0": (1, "ready")}
+        "worker 1#0": (3, "ready"),
+        "worker 1#1": (2, "ready"),
+        "worker 3#0": (1, "ready"),
+    }
 
 
 async def test_a_reload_that_fails_at_a_worker_keeps_what_was_done_and_says_so(run, slow_init, handler_path):
@@ -630,12 +683,20 @@ async def test_a_reload_that_fails_at_a_worker_keeps_what_was_done_and_says_so(r
     assert f"reload failed: {result.stderr.removeprefix('dcod: ').strip()}" in r.log
     snapshot = status(r.config)
     assert {p["name"]: (p["generation"], p["state"]) for p in snapshot["processes"]} == {
-        "hub": (2, "ready"), "worker 1#0": (2, "starting"), "worker 1#1": (1, "ready")}
+        "hub": (2, "ready"),
+        "worker 1#0": (2, "starting"),
+        "worker 1#1": (1, "ready"),
+    }
 
     slow_init.touch()
     await wait_for(lambda: row(status(r.config), "worker 1#0")["state"] == "ready", timeout=20)
-    await wait_for(lambda: [(i["state"], i["held"]) for i in status(r.config)["hub"]["proxies"]["1"]["instances"]]
-                   == [("up", False), ("up", False)], timeout=20)
+    await wait_for(
+        lambda: (
+            [(i["state"], i["held"]) for i in status(r.config)["hub"]["proxies"]["1"]["instances"]]
+            == [("up", False), ("up", False)]
+        ),
+        timeout=20,
+    )
     [old] = r.children_with("--instance 1")
     old.kill()  # restarted with the configuration in effect: the new one
     await wait_for(lambda: r.log.count("worker 1#1: INFO: proxy 1: handler") == 2, timeout=20)
@@ -645,7 +706,10 @@ async def test_a_reload_that_fails_at_a_worker_keeps_what_was_done_and_says_so(r
     result = await dcod_async(r.config, "reload")
     assert result.returncode == 0, result.stdout + result.stderr
     assert {p["name"]: (p["generation"], p["state"]) for p in status(r.config)["processes"]} == {
-        "hub": (3, "ready"), "worker 1#0": (3, "ready"), "worker 1#1": (3, "ready")}
+        "hub": (3, "ready"),
+        "worker 1#0": (3, "ready"),
+        "worker 1#1": (3, "ready"),
+    }
 
 
 async def test_the_hub_serving_during_a_failing_reload_is_still_watched(run):

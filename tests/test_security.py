@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 import dcod
-from dcod import config as configuration
 from conftest import free_port, let_others_reach
+from dcod import config as configuration
 from peers import OracleSession
 from runs import DCOD, ECHO
 
@@ -34,8 +34,10 @@ def service_command() -> tuple[str, ...]:
     reach python too): Debian's python with this checkout on PYTHONPATH, so children get it explicitly."""
     probe = as_nobody("env", f"PYTHONPATH={REPO}", DEBIAN_PYTHON, "-c", "import dcod.supervisor.supervisor")
     if probe.returncode != 0:
-        pytest.skip(f"nobody cannot run dcod with {DEBIAN_PYTHON} (apt-get install python3-trio python3-psutil "
-                    f"python3-sdnotify python3-tomli-w): {probe.stderr.strip()[-200:]}")
+        pytest.skip(
+            f"nobody cannot run dcod with {DEBIAN_PYTHON} (apt-get install python3-trio python3-psutil "
+            f"python3-sdnotify python3-tomli-w): {probe.stderr.strip()[-200:]}"
+        )
     return (*NOBODY, DEBIAN_PYTHON, "-m", "dcod")
 
 
@@ -46,16 +48,19 @@ def as_nobody(*argv: str) -> subprocess.CompletedProcess:
 def config_file(tmp_path: Path, runtime: Path, state: Path, proxies: str = ECHO, name: str = "dcod.toml") -> Path:
     port = free_port()
     path = tmp_path / name
-    path.write_text(f'[hub]\nlisten = "127.0.0.1:{port}"\nadvertise = "127.0.0.1:{port}"\n'
-                    f'[supervisor]\nruntime_dir = "{runtime}"\nstate_dir = "{state}"\n' + proxies)
+    path.write_text(
+        f'[hub]\nlisten = "127.0.0.1:{port}"\nadvertise = "127.0.0.1:{port}"\n'
+        f'[supervisor]\nruntime_dir = "{runtime}"\nstate_dir = "{state}"\n' + proxies
+    )
     os.chmod(path, 0o644)
     return path
 
 
 def refused(path: Path, *, command: tuple[str, ...] = DCOD) -> str:
     """`dcod run --config path`, which must refuse to start (exit 1): its stderr."""
-    proc = subprocess.Popen([*command, "run", "--config", str(path)], stdin=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*command, "run", "--config", str(path)], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         _, err = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
@@ -78,8 +83,12 @@ def snapshot(*directories: Path) -> dict[str, tuple]:
     for directory in directories:
         for path in [directory, *directory.rglob("*")]:
             st = os.lstat(path)
-            files[str(path)] = (st.st_ino, st.st_size, st.st_mtime_ns,
-                                os.readlink(path) if stat.S_ISLNK(st.st_mode) else None)
+            files[str(path)] = (
+                st.st_ino,
+                st.st_size,
+                st.st_mtime_ns,
+                os.readlink(path) if stat.S_ISLNK(st.st_mode) else None,
+            )
     return files
 
 
@@ -130,8 +139,10 @@ async def test_handler_modules_come_from_handler_path_not_from_pythonpath(run, t
     handlers = tmp_path / "handlers"
     handlers.mkdir()
     (handlers / "mine.py").write_text("async def handle(req):\n    return b'mine: ' + req.body\n")
-    proxies = (ECHO + f'[[proxy]]\nid = 2\nhandler = "mine:handle"\nhandler_path = ["{handlers}"]\n'
-               '[[proxy]]\nid = 3\nhandler = "mine:handle"\n')
+    proxies = (
+        ECHO + f'[[proxy]]\nid = 2\nhandler = "mine:handle"\nhandler_path = ["{handlers}"]\n'
+        '[[proxy]]\nid = 3\nhandler = "mine:handle"\n'
+    )
     r = run(proxies, supervisor="restart_max = 1", how={"env": {"PYTHONPATH": str(handlers)}})
     await r.notification("READY=1")
     assert await roundtrip(r.config.hub.listen, 2) == (12 + 10, b"mine: ping")
@@ -190,8 +201,10 @@ def test_a_directory_under_one_others_may_write_to_is_refused(tmp_path):
     assert moved.returncode == 0, moved.stderr
     (open_dir / "moved").rename(runtime)
     err = refused(config_file(tmp_path, runtime, tmp_path / "state"))
-    assert f"the directory above it, {open_dir} (owner root, mode 0777), is writable by its group or others " \
-           f"(and not sticky)" in err, err
+    assert (
+        f"the directory above it, {open_dir} (owner root, mode 0777), is writable by its group or others "
+        f"(and not sticky)" in err
+    ), err
 
 
 def test_a_symlink_of_another_user_on_the_way_is_refused(tmp_path, shared):
@@ -255,8 +268,10 @@ async def test_a_second_run_on_the_same_directories_exits_1_and_touches_nothing(
     second = config_file(tmp_path, config.runtime_dir, config.state_dir, name="second.toml")  # another port
 
     err = refused(second)
-    assert f"runtime directory (supervisor.runtime_dir) {config.runtime_dir} is in use by another dcod run " \
-           f"(pid {first.proc.pid})" in err, err
+    assert (
+        f"runtime directory (supervisor.runtime_dir) {config.runtime_dir} is in use by another dcod run "
+        f"(pid {first.proc.pid})" in err
+    ), err
     assert snapshot(config.runtime_dir, config.state_dir) == before
     assert read_if_there(config.alert_file) == alert
     port = int(second.read_text().split('listen = "127.0.0.1:')[1].split('"')[0])
@@ -269,8 +284,10 @@ async def test_a_second_run_on_the_same_directories_exits_1_and_touches_nothing(
     # The state directory alone is locked too.
     other_runtime = config_file(tmp_path, tmp_path / "other-run", config.state_dir, name="third.toml")
     err = refused(other_runtime)
-    assert f"state directory (supervisor.state_dir) {config.state_dir} is in use by another dcod run " \
-           f"(pid {first.proc.pid})" in err, err
+    assert (
+        f"state directory (supervisor.state_dir) {config.state_dir} is in use by another dcod run "
+        f"(pid {first.proc.pid})" in err
+    ), err
 
     assert first.stop() == 0
     then = run(config=first.config)  # the lock went with the first

@@ -101,8 +101,9 @@ def test_not_a_spool_is_kept_aside_and_started_afresh(tmp_path, content):
 
 
 def start_hub_process(config_path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dcod", "hub", "--config", str(config_path)],
-                            stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dcod", "hub", "--config", str(config_path)], stdin=subprocess.DEVNULL
+    )
 
 
 async def connect_when_listening(address: str, audsid: int) -> OracleSession:
@@ -115,7 +116,7 @@ async def connect_when_listening(address: str, audsid: int) -> OracleSession:
 
 
 async def test_queued_requests_survive_sigkill_of_the_hub(make_config, tmp_path):
-    config = make_config("[[proxy]]\nid = 1\nhandler = \"echo\"\n")
+    config = make_config('[[proxy]]\nid = 1\nhandler = "echo"\n')
     address = config.hub.listen
     spool_dir = config.state_dir / "spool"
     sent = [(rseq, rseq % 3 == 0) for rseq in range(1, 61)]  # (rseq, oneway): 40 sync, 20 one-way
@@ -303,9 +304,16 @@ def set_positions(path, head: int, mark: int = 0) -> None:
         f.write(FILE_HEADER.pack(MAGIC, head, mark))
 
 
-@pytest.mark.parametrize("head, mark", [(record_at(300) + 1000, 0), (record_at(5) + 7, 0), (record_at(5), record_at(2)),
-                                        (record_at(5), record_at(300) + 1)],
-                         ids=["head past the end", "head inside a record", "mark below the head", "mark past the end"])
+@pytest.mark.parametrize(
+    "head, mark",
+    [
+        (record_at(300) + 1000, 0),
+        (record_at(5) + 7, 0),
+        (record_at(5), record_at(2)),
+        (record_at(5), record_at(300) + 1),
+    ],
+    ids=["head past the end", "head inside a record", "mark below the head", "mark past the end"],
+)
 def test_a_header_that_contradicts_the_file_is_logged_and_everything_is_queued_again(tmp_path, caplog, head, mark):
     path = tmp_path / "s"
     records = write_spool(path, 300)
@@ -323,7 +331,7 @@ def test_a_header_that_contradicts_the_file_is_logged_and_everything_is_queued_a
 
 def test_a_head_at_a_damaged_record_is_not_taken_for_a_misaligned_one(tmp_path, caplog):
     path = tmp_path / "s"
-    records = write_spool(path, 300)
+    write_spool(path, 300)
     set_positions(path, record_at(5))  # five forwarded
     flip(path, record_at(5) + 1)
     spool = open_spool(path)
@@ -383,7 +391,7 @@ def routed(rseq: int, body: bytes) -> bytes:
 
 
 async def test_a_hub_delivers_all_but_the_damaged_record_of_a_spool_it_takes_over(make_config, start_hub, caplog):
-    config = make_config("[[proxy]]\nid = 1\nhandler = \"echo\"\n")
+    config = make_config('[[proxy]]\nid = 1\nhandler = "echo"\n')
     path = config.state_dir / "spool" / "proxy-1.999999.spool"  # left by a hub that is gone
     left = open_spool(path)
     for rseq in range(1, 301):
@@ -493,12 +501,19 @@ def test_a_state_directory_the_hub_may_not_write(tmp_path):
     state.mkdir(mode=0o500)
     for reachable in (base, tmp_path, tmp_path.parent):  # for nobody to reach, not to write
         reachable.chmod(0o755)
-    script = ("import sys; from pathlib import Path; from dcod.hub.spool import Spool\n"
-              "s = Spool(Path(sys.argv[1]) / 'spool' / 's', memory_limit=100, size_limit=1000, max_record=100)\n"
-              "s.append(b'x')\n"
-              "print(s.durable, len(s), s.memory_only, s.not_durable_reason)")
-    done = subprocess.run(["/usr/bin/python3", "-c", script, str(state)], user=65534, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(Path(dcod.__file__).parent.parent)})
+    script = (
+        "import sys; from pathlib import Path; from dcod.hub.spool import Spool\n"
+        "s = Spool(Path(sys.argv[1]) / 'spool' / 's', memory_limit=100, size_limit=1000, max_record=100)\n"
+        "s.append(b'x')\n"
+        "print(s.durable, len(s), s.memory_only, s.not_durable_reason)"
+    )
+    done = subprocess.run(
+        ["/usr/bin/python3", "-c", script, str(state)],
+        user=65534,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(Path(dcod.__file__).parent.parent)},
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("False 1 1 cannot open it") and "Permission denied" in done.stdout
 

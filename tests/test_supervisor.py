@@ -7,8 +7,8 @@ import signal
 import psutil
 import trio
 
-from dcod.net import sockets
 from conftest import wait_for
+from dcod.net import sockets
 from peers import OracleSession
 from runs import ECHO
 

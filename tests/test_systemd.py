@@ -46,13 +46,21 @@ def deb(tmp_path_factory) -> Path:
     reason = sysd.unavailable()
     if reason:
         pytest.skip(reason)
-    missing = [t for t in ("dpkg-buildpackage", "dh", "dh_python3", "git") if shutil.which(t, path=sysd.INIT_PATH) is None]
+    missing = [
+        t for t in ("dpkg-buildpackage", "dh", "dh_python3", "git") if shutil.which(t, path=sysd.INIT_PATH) is None
+    ]
     if missing or not Path("/usr/share/perl5/Debian/Debhelper/Buildsystem/pybuild.pm").exists():
-        pytest.skip(f"the Debian build tools are missing ({', '.join(missing) or 'dh-python pybuild'}): "
-                    "apt-get install debhelper dh-python pybuild-plugin-pyproject python3-all (see .ci/run)")
+        pytest.skip(
+            f"the Debian build tools are missing ({', '.join(missing) or 'dh-python pybuild'}): "
+            "apt-get install debhelper dh-python pybuild-plugin-pyproject python3-all (see .ci/run)"
+        )
     work = tmp_path_factory.mktemp("deb")
-    result = subprocess.run([str(BUILD), "--no-lintian", "--out", str(work / "dist"), "--workdir", str(work / "build")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(BUILD), "--no-lintian", "--out", str(work / "dist"), "--workdir", str(work / "build")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if result.returncode == 3:
         pytest.skip(f"cannot build the .deb here: {result.stderr.strip()}")
     assert result.returncode == 0, f"packaging/deb/build.sh failed:\n{result.stdout}\n{result.stderr}"
@@ -85,8 +93,9 @@ def installed(sandbox, deb):
 # ---------------------------------------------------------------- helpers
 
 
-def echo_call(sb: sysd.Sandbox, body: bytes, proxy: int = 1, audsid: int = 4242, rseq: int = 1,
-              timeout: float = 20.0) -> tuple[int, int, int, bytes]:
+def echo_call(
+    sb: sysd.Sandbox, body: bytes, proxy: int = 1, audsid: int = 4242, rseq: int = 1, timeout: float = 20.0
+) -> tuple[int, int, int, bytes]:
     """One request as an Oracle session sends it (raw bytes, from the host through the
     sandbox's netns): the 16-byte handshake, then a PDU; returns the reply PDU."""
     with sb.connect(PORT, timeout=timeout) as sock:
@@ -181,8 +190,9 @@ def test_socket_activation(installed):
     pids = service_pids(sb)
     assert len(pids) >= 4, f"supervisor, hub and two echo workers expected: {pids}"  # the default config
     for pid in pids:
-        uid_line = next(line for line in sb.path(f"/proc/{pid}/status").read_text().splitlines()
-                        if line.startswith("Uid:"))
+        uid_line = next(
+            line for line in sb.path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("Uid:")
+        )
         assert sb.run("id", "-u", "dcod").stdout.strip() == uid_line.split()[1], f"pid {pid}: {uid_line}"
     assert sb.run("dcod", "call", "1", "through the packaged client").stdout == "through the packaged client\n"
     unknown = sb.run("dcod", "call", "9", "nobody", check=False)
@@ -191,8 +201,11 @@ def test_socket_activation(installed):
     assert sb.run("stat", "-c", "%U:%G %a", "/run/dcod").stdout.split() == ["dcod:dcod", "751"]
     assert sb.run("stat", "-c", "%U:%G %a", "/var/lib/dcod").stdout.split() == ["dcod:dcod", "750"]
     # the supervisor pings the watchdog (WatchdogSec=)
-    sb.wait_until(lambda: sb.show(SERVICE, "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"] != "0",
-                  timeout=10, what="a WATCHDOG=1")
+    sb.wait_until(
+        lambda: sb.show(SERVICE, "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"] != "0",
+        timeout=10,
+        what="a WATCHDOG=1",
+    )
     print(f"first reply through socket activation after {first_reply:.2f}s")
 
 
@@ -234,8 +247,10 @@ def test_kill9_restart(installed):
     assert sb.path("/run/dcod/preserved").exists(), "/run/dcod was removed by the restart"
     assert echo_call(sb, b"again")[3] == b"again"
     # the new supervisor saw the unclean stop and raised the quit alert
-    alert = sb.wait_until(lambda: sb.path(ALERT_FILE).exists() and sb.path(ALERT_FILE).read_text(),
-                          what="the quit alert after an unclean stop")
+    alert = sb.wait_until(
+        lambda: sb.path(ALERT_FILE).exists() and sb.path(ALERT_FILE).read_text(),
+        what="the quit alert after an unclean stop",
+    )
     assert re.fullmatch(r"[1-9]\d* 127\.0\.0\.1:1523\n?", alert), alert
     journal = sb.journal(SERVICE)
     assert "status=9/KILL" in journal, journal
@@ -290,8 +305,21 @@ def test_reload_under_load(installed):
         pytest.skip("`dcod reload` does not exist yet")
     props = activate(sb)
     before = set(service_pids(sb)) - {int(props["MainPID"])}
-    bench = sb.popen("dcod", "bench", "--hub", f"127.0.0.1:{PORT}", "--sessions", "8", "--depth", "2",
-                     "--warmup", "0.5", "--duration", "6", "--json")
+    bench = sb.popen(
+        "dcod",
+        "bench",
+        "--hub",
+        f"127.0.0.1:{PORT}",
+        "--sessions",
+        "8",
+        "--depth",
+        "2",
+        "--warmup",
+        "0.5",
+        "--duration",
+        "6",
+        "--json",
+    )
     try:
         time.sleep(2.0)
         t0 = time.monotonic()
@@ -348,18 +376,27 @@ def test_remove_then_purge(installed):
     assert sb.path("/etc/dcod/dcod.toml").exists(), "dpkg -r keeps the conffile"
     assert sb.run("getent", "passwd", "dcod", check=False).returncode == 0
     sb.run("dpkg", "--purge", "dcod")
-    for path in ("/lib/systemd/system/dco-hub.socket", "/lib/systemd/system/dco-hub.service", "/etc/dcod",
-                 "/var/lib/dcod", "/run/dcod", "/usr/bin/dcod", "/usr/lib/sysusers.d/dcod.conf"):
+    for path in (
+        "/lib/systemd/system/dco-hub.socket",
+        "/lib/systemd/system/dco-hub.service",
+        "/etc/dcod",
+        "/var/lib/dcod",
+        "/run/dcod",
+        "/usr/bin/dcod",
+        "/usr/lib/sysusers.d/dcod.conf",
+    ):
         assert not sb.path(path).exists() and not sb.path(path).is_symlink(), f"{path} left behind"
-    left = sb.run("find", "/etc/systemd/system", "/var/lib/systemd/deb-systemd-helper-enabled",
-                  "-name", "*dco-hub*", check=False).stdout
+    left = sb.run(
+        "find", "/etc/systemd/system", "/var/lib/systemd/deb-systemd-helper-enabled", "-name", "*dco-hub*", check=False
+    ).stdout
     assert not left, f"unit links left behind: {left}"
     user = sb.run("getent", "passwd", "dcod").stdout.strip().split(":")
     assert user[6] in ("/usr/sbin/nologin", "/sbin/nologin"), user
     assert sb.run("getent", "shadow", "dcod").stdout.split(":")[1].startswith("!"), "the account is not locked"
     assert sb.run("getent", "group", "dcod").returncode == 0
-    left = sb.run("find", "/etc", "/var", "/run", "/tmp", "/opt", "-xdev", "-user", "dcod", check=False,
-                  timeout=120).stdout
+    left = sb.run(
+        "find", "/etc", "/var", "/run", "/tmp", "/opt", "-xdev", "-user", "dcod", check=False, timeout=120
+    ).stdout
     assert not left, f"files of user dcod left behind: {left}"
     for unit in UNITS:
         props = sb.show(unit, "LoadState", "ActiveState")

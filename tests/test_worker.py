@@ -26,11 +26,19 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from peers import OracleSession
-
 from dcod.net import sockets
 from dcod.worker.runtime import Handler, HandlerError, Request, Worker, load_handler
-from peers import ACK_ONEWAY, HEADER, HUB_HANDSHAKE, ORACLE_MAGIC, QUIT_NOTICE, connected_hub, forwarded_pdu, reply_pdu
+from peers import (
+    ACK_ONEWAY,
+    HEADER,
+    HUB_HANDSHAKE,
+    ORACLE_MAGIC,
+    QUIT_NOTICE,
+    OracleSession,
+    connected_hub,
+    forwarded_pdu,
+    reply_pdu,
+)
 
 
 @dataclass
@@ -46,8 +54,10 @@ class Served:
 @asynccontextmanager
 async def serving(tmp_path: Path, handler, **options):
     """A Worker serving ``handler`` (a Handler or a handle function) on a Unix socket; stopped on exit."""
-    served = Served(Worker(handler if isinstance(handler, Handler) else Handler(handler),
-                           **{"stop_timeout": 5.0, **options}), str(tmp_path / "worker.sock"))
+    served = Served(
+        Worker(handler if isinstance(handler, Handler) else Handler(handler), **{"stop_timeout": 5.0, **options}),
+        str(tmp_path / "worker.sock"),
+    )
 
     async def serve(task_status=trio.TASK_STATUS_IGNORED):
         served.clean = await served.worker.serve(sockets.bind(served.path), task_status=task_status)
@@ -96,8 +106,9 @@ async def test_empty_body_gets_an_empty_reply_not_a_quit_notice(tmp_path):
         assert await hub.read_pdu() == HEADER.pack(12, 77, 1)
 
 
-@pytest.mark.parametrize("result, body", [("h\u00e9llo", "h\u00e9llo".encode()), (None, b""),
-                                          (bytearray(b"ba"), b"ba")])
+@pytest.mark.parametrize(
+    "result, body", [("h\u00e9llo", "h\u00e9llo".encode()), (None, b""), (bytearray(b"ba"), b"ba")]
+)
 async def test_handler_results_become_reply_bodies(tmp_path, result, body):
     async def handle(req):
         return result
@@ -117,12 +128,14 @@ async def test_oneway_request_runs_and_gets_no_reply_only_an_ack_if_asked(tmp_pa
 
     async with serving(tmp_path, handle) as served:
         async with served.hub() as hub:
-            await hub.send((ACK_ONEWAY if acked else b"") + forwarded_pdu(8, 1, b"fire", oneway=True)
-                           + forwarded_pdu(8, 2, b"ask"))
+            await hub.send(
+                (ACK_ONEWAY if acked else b"") + forwarded_pdu(8, 1, b"fire", oneway=True) + forwarded_pdu(8, 2, b"ask")
+            )
             await hub.half_close()
             # The worker answers all it read before closing: a reply to the one-way would be here.
-            assert sorted(await hub.pdus_until_closed()) == \
-                sorted([reply_pdu(8, 2, b"not for a one-way request"), *([reply_pdu(8, 1)] if acked else [])])
+            assert sorted(await hub.pdus_until_closed()) == sorted(
+                [reply_pdu(8, 2, b"not for a one-way request"), *([reply_pdu(8, 1)] if acked else [])]
+            )
         # The ack request is not a request: the handler never sees it.
         assert sorted(seen) == [(8, 1, b"fire", False), (8, 2, b"ask", True)]
         stats = served.worker.stats()
@@ -141,15 +154,17 @@ async def test_oneway_requests_are_acked_once_handled(tmp_path):
         return req.body
 
     async with serving(tmp_path, handle) as served, served.hub() as hub:
-        await hub.send(ACK_ONEWAY + b"".join(forwarded_pdu(audsid, rseq, b"fire", oneway=True)
-                                             for audsid, rseq in oneway))
+        await hub.send(
+            ACK_ONEWAY + b"".join(forwarded_pdu(audsid, rseq, b"fire", oneway=True) for audsid, rseq in oneway)
+        )
         await wait_all_tasks_blocked()  # all read, all held in the handler
         # This reply comes out after anything sent so far: an ack on receipt would be first.
         await hub.send(forwarded_pdu(3, 4, b"ask"))
         assert await hub.read_pdu() == reply_pdu(3, 4, b"ask")
         release.set()
-        assert sorted([await hub.read_pdu() for _ in oneway]) == \
-            sorted(reply_pdu(audsid, rseq) for audsid, rseq in oneway)
+        assert sorted([await hub.read_pdu() for _ in oneway]) == sorted(
+            reply_pdu(audsid, rseq) for audsid, rseq in oneway
+        )
         assert sorted(handled) == sorted(oneway)
         assert sorted(seen) == sorted([*oneway, (3, 4)])
         assert served.worker.stats()["acks"] == len(oneway)
@@ -164,15 +179,21 @@ async def test_ack_request_counts_only_as_the_first_pdu(tmp_path):
 
 
 async def test_pdus_split_at_every_byte_or_coalesced_are_all_served(tmp_path):
-    requests = [forwarded_pdu(4, 1, b"first"), forwarded_pdu(4, 2), forwarded_pdu(4, 3, b"x" * 300),
-                forwarded_pdu(4, 4, b"one-way", oneway=True), forwarded_pdu(4, 5, b"last")]
-    expected = sorted([reply_pdu(4, 1, b"first"), reply_pdu(4, 2), reply_pdu(4, 3, b"x" * 300),
-                       reply_pdu(4, 5, b"last")])
+    requests = [
+        forwarded_pdu(4, 1, b"first"),
+        forwarded_pdu(4, 2),
+        forwarded_pdu(4, 3, b"x" * 300),
+        forwarded_pdu(4, 4, b"one-way", oneway=True),
+        forwarded_pdu(4, 5, b"last"),
+    ]
+    expected = sorted(
+        [reply_pdu(4, 1, b"first"), reply_pdu(4, 2), reply_pdu(4, 3, b"x" * 300), reply_pdu(4, 5, b"last")]
+    )
     stream = HUB_HANDSHAKE + b"".join(requests)
     async with serving(tmp_path, echo) as served:
         async with served.hub(magic=b"") as byte_by_byte, served.hub(magic=b"") as coalesced:
             for i in range(len(stream)):
-                await byte_by_byte.send(stream[i:i + 1])
+                await byte_by_byte.send(stream[i : i + 1])
                 await wait_all_tasks_blocked()  # the worker has read this byte alone
             await coalesced.send(stream)
             for hub in (byte_by_byte, coalesced):
@@ -202,11 +223,14 @@ async def _return_too_much(req):
     return b"r" * 1024
 
 
-@pytest.mark.parametrize("handle, text", [
-    (_raise_value_error, b"DCO-0006 ValueError: boom: please"),
-    (_return_int, b"DCO-0006 TypeError: handler returned int, not bytes, str or None"),
-    (_return_too_much, b"DCO-0006 ReplyTooLarge: reply of 1024 bytes does not fit in max_pdu 1024"),
-])
+@pytest.mark.parametrize(
+    "handle, text",
+    [
+        (_raise_value_error, b"DCO-0006 ValueError: boom: please"),
+        (_return_int, b"DCO-0006 TypeError: handler returned int, not bytes, str or None"),
+        (_return_too_much, b"DCO-0006 ReplyTooLarge: reply of 1024 bytes does not fit in max_pdu 1024"),
+    ],
+)
 async def test_failed_sync_request_gets_an_error_reply(tmp_path, handle, text):
     async with serving(tmp_path, handle, max_pdu=1024) as served, served.hub() as hub:
         await hub.send(forwarded_pdu(6, 3, b"please"))
@@ -235,12 +259,13 @@ async def test_failed_sync_request_is_logged_with_its_key_and_the_traceback(tmp_
     assert record.exc_info[0] is ValueError  # the traceback goes to the log, not to the session
 
 
-async def test_handler_failure_in_the_journal_names_the_instance_and_request_on_each_line(run, tmp_path,
-                                                                                           monkeypatch):
+async def test_handler_failure_in_the_journal_names_the_instance_and_request_on_each_line(run, tmp_path, monkeypatch):
     """Under systemd (JOURNAL_STREAM set) each line of the traceback is an entry of its own: each
     carries the priority and the instance's name."""
-    (tmp_path / "failing.py").write_text("async def handle(req):\n    return parse(req.body)\n\n\n"
-                                         "def parse(body):\n    raise ValueError(f'cannot parse {body!r}')\n")
+    (tmp_path / "failing.py").write_text(
+        "async def handle(req):\n    return parse(req.body)\n\n\n"
+        "def parse(body):\n    raise ValueError(f'cannot parse {body!r}')\n"
+    )
     monkeypatch.setenv("JOURNAL_STREAM", "0:0")
     r = run(f'[[proxy]]\nid = 1\nhandler = "failing:handle"\nhandler_path = ["{tmp_path}"]\ninstances = 1\n')
     await r.notification("READY=1")
@@ -253,7 +278,7 @@ async def test_handler_failure_in_the_journal_names_the_instance_and_request_on_
     assert (length < 0, rseq, body) == (True, 7, b"DCO-0006 ValueError: cannot parse b'x'")
     lines = r.log.splitlines()
     start = lines.index("<4>worker 1#0: sync request (audsid 31, rseq 7) failed: ValueError: cannot parse b'x'")
-    traceback = lines[start + 1:start + 1 + lines[start + 1:].index("<4>worker 1#0: ValueError: cannot parse b'x'")]
+    traceback = lines[start + 1 : start + 1 + lines[start + 1 :].index("<4>worker 1#0: ValueError: cannot parse b'x'")]
     assert traceback[0] == "<4>worker 1#0: Traceback (most recent call last):"
     assert all(line.startswith("<4>worker 1#0: ") for line in traceback)
     assert any(line.endswith(", in parse") for line in traceback), traceback
@@ -295,8 +320,9 @@ async def test_concurrency_limit_is_shared_by_all_hubs(tmp_path):
             assert served.worker.stats()["inflight"] == 3
             gate.opened.set()
             for hub, audsid, body in ((old, 1, b"old"), (new, 2, b"new")):
-                assert sorted([await hub.read_pdu() for _ in range(5)]) == \
-                    sorted(reply_pdu(audsid, rseq, body) for rseq in range(1, 6))
+                assert sorted([await hub.read_pdu() for _ in range(5)]) == sorted(
+                    reply_pdu(audsid, rseq, body) for rseq in range(1, 6)
+                )
     assert gate.peak == 3
 
 
@@ -324,8 +350,9 @@ async def test_each_request_runs_in_a_context_of_its_own(tmp_path):
 
     async with serving(tmp_path, handle) as served, served.hub() as hub:
         await hub.send(b"".join(forwarded_pdu(1, rseq, b"r%d" % rseq) for rseq in range(1, 4)))
-        assert sorted([await hub.read_pdu() for _ in range(3)]) == \
-            sorted(reply_pdu(1, rseq, b"unset r%d" % rseq) for rseq in range(1, 4))
+        assert sorted([await hub.read_pdu() for _ in range(3)]) == sorted(
+            reply_pdu(1, rseq, b"unset r%d" % rseq) for rseq in range(1, 4)
+        )
 
 
 async def test_saturated_worker_stops_reading(tmp_path):
@@ -433,8 +460,9 @@ async def test_oneway_request_cut_short_at_stop_timeout_is_not_acked(tmp_path):
 
     async with serving(tmp_path, handle, stop_timeout=0.2) as served:
         async with served.hub() as hub:
-            await hub.send(ACK_ONEWAY + forwarded_pdu(5, 1, b"quick", oneway=True)
-                           + forwarded_pdu(5, 2, b"forever", oneway=True))
+            await hub.send(
+                ACK_ONEWAY + forwarded_pdu(5, 1, b"quick", oneway=True) + forwarded_pdu(5, 2, b"forever", oneway=True)
+            )
             assert await hub.read_pdu() == reply_pdu(5, 1)
             await wait_all_tasks_blocked()
             served.worker.stop()
@@ -448,6 +476,7 @@ async def test_oneway_request_cut_short_at_stop_timeout_is_not_acked(tmp_path):
 
 # The handler of the subprocess worker below, loaded as f"{__name__}:gated_echo" with this
 # module's init() and done() as its hooks. A body of "gate" waits for a byte on stdin.
+
 
 def init():
     print("init() called", file=sys.stderr, flush=True)
@@ -487,15 +516,19 @@ class Lines:
 async def test_sigterm_drains_hubs_and_exits_0(tmp_path):
     runtime_dir = tmp_path / "run"  # not there yet: the worker creates it
     config_file = tmp_path / "dcod.toml"
-    config_file.write_text(f'[supervisor]\nruntime_dir = "{runtime_dir}"\n\n'
-                           f'[[proxy]]\nid = 1\nhandler = "{__name__}:gated_echo"\n')
-    script = ("import sys; from dcod import config, log; from dcod.worker import runtime as worker; log.setup('worker 1#0'); "
-              "sys.exit(worker.main(config.load(sys.argv[1]), 1))")
+    config_file.write_text(
+        f'[supervisor]\nruntime_dir = "{runtime_dir}"\n\n[[proxy]]\nid = 1\nhandler = "{__name__}:gated_echo"\n'
+    )
+    script = (
+        "import sys; from dcod import config, log; from dcod.worker import runtime as worker; log.setup('worker 1#0'); "
+        "sys.exit(worker.main(config.load(sys.argv[1]), 1))"
+    )
     tests_dir = Path(__file__).parent
     env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
     env["PYTHONPATH"] = os.pathsep.join([str(tests_dir), str(tests_dir.parent), env.get("PYTHONPATH", "")])
-    process = await trio.lowlevel.open_process([sys.executable, "-c", script, str(config_file)],
-                                               stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", script, str(config_file)], stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
     stderr = Lines(process.stderr)
     try:
         with trio.fail_after(10):
@@ -509,8 +542,10 @@ async def test_sigterm_drains_hubs_and_exits_0(tmp_path):
                 await hub.send(forwarded_pdu(11, 2, b"crossed the quit notice"))
                 await hub.half_close()
                 await process.stdin.send_all(b"go")
-                assert sorted(await hub.pdus_until_closed()) == [reply_pdu(11, 1, b"gate"),
-                                                                 reply_pdu(11, 2, b"crossed the quit notice")]
+                assert sorted(await hub.pdus_until_closed()) == [
+                    reply_pdu(11, 1, b"gate"),
+                    reply_pdu(11, 2, b"crossed the quit notice"),
+                ]
             assert await process.wait() == 0
             assert "done() called" in await stderr.rest()
     finally:
@@ -529,14 +564,14 @@ README = Path(__file__).parent.parent / "README.md"
 def readme_section(title: str) -> str:
     readme = README.read_text()
     start = readme.index(f"## {title}\n")
-    return readme[start:readme.index("\n## ", start + 1)]
+    return readme[start : readme.index("\n## ", start + 1)]
 
 
 def readme_handler(name: str) -> str:
     """The code block of the README's handler section that starts with ``# mycompany/<name>.py``."""
     section = readme_section("Writing a worker handler")
     start = section.index(f"```python\n# mycompany/{name}.py") + len("```python\n")
-    return section[start:section.index("```", start)]
+    return section[start : section.index("```", start)]
 
 
 async def test_readme_handler_calls_blocking_and_asyncio_code_as_it_says(tmp_path, monkeypatch):
@@ -547,7 +582,9 @@ async def test_readme_handler_calls_blocking_and_asyncio_code_as_it_says(tmp_pat
     async with serving(tmp_path, load_handler("mycompany.report:handle")) as served, served.hub() as hub:
         for rseq in range(1, 4):  # at once, each asyncio call on a loop of its own (replies in any order)
             await hub.send(forwarded_pdu(9, rseq, b"dcod"))
-        assert sorted([await hub.read_pdu() for _ in range(3)]) == [reply_pdu(9, rseq, expected) for rseq in range(1, 4)]
+        assert sorted([await hub.read_pdu() for _ in range(3)]) == [
+            reply_pdu(9, rseq, expected) for rseq in range(1, 4)
+        ]
 
 
 async def _await_asyncio(req):
@@ -574,12 +611,18 @@ def test_load_handler_function_with_its_module_hooks():
     assert load_handler(f"{__name__}:gated_echo") == Handler(gated_echo, init, done)
 
 
-@pytest.mark.parametrize("spec, error", [
-    ("no_such_builtin", r"handler 'no_such_builtin': cannot import dcod\.worker\.handlers\.no_such_builtin: "
-                        r"ModuleNotFoundError"),
-    (f"{__name__}:missing", rf"handler '{__name__}:missing': {__name__} has no async function 'missing'"),
-    (f"{__name__}:init", rf"handler '{__name__}:init': {__name__} has no async function 'init'"),
-])
+@pytest.mark.parametrize(
+    "spec, error",
+    [
+        (
+            "no_such_builtin",
+            r"handler 'no_such_builtin': cannot import dcod\.worker\.handlers\.no_such_builtin: "
+            r"ModuleNotFoundError",
+        ),
+        (f"{__name__}:missing", rf"handler '{__name__}:missing': {__name__} has no async function 'missing'"),
+        (f"{__name__}:init", rf"handler '{__name__}:init': {__name__} has no async function 'init'"),
+    ],
+)
 def test_load_handler_refuses_what_it_cannot_run(spec, error):
     with pytest.raises(HandlerError, match=error):
         load_handler(spec)
@@ -602,17 +645,24 @@ def test_load_handler_imports_from_handler_path(handler_dir):
     assert sys.path[0] == str(handler_dir)
 
 
-@pytest.mark.parametrize("change, error", [
-    (lambda d: os.chmod(d, 0o777), r"\(owner \S+, mode 0777\) is writable by its group or others"),
-    pytest.param(lambda d: os.chown(d, 65534, 65534), r"\(owner nobody, mode 0755\) does not belong to root",
-                 marks=pytest.mark.skipif(os.geteuid() != 0, reason="root gives a directory to nobody")),
-])
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (lambda d: os.chmod(d, 0o777), r"\(owner \S+, mode 0777\) is writable by its group or others"),
+        pytest.param(
+            lambda d: os.chown(d, 65534, 65534),
+            r"\(owner nobody, mode 0755\) does not belong to root",
+            marks=pytest.mark.skipif(os.geteuid() != 0, reason="root gives a directory to nobody"),
+        ),
+    ],
+)
 def test_load_handler_refuses_a_handler_path_others_may_write_to(handler_dir, change, error):
     """Its modules run as the worker: a directory that is not root's or ours, or that others may
     write to, is refused, and nothing is imported from it."""
     os.chmod(handler_dir, 0o755)
     change(handler_dir)
-    with pytest.raises(HandlerError, match=rf"handler 'handler_path_echo:handle': handler_path directory {handler_dir} "
-                                           + error):
+    with pytest.raises(
+        HandlerError, match=rf"handler 'handler_path_echo:handle': handler_path directory {handler_dir} " + error
+    ):
         load_handler("handler_path_echo:handle", [str(handler_dir)])
     assert str(handler_dir) not in sys.path and "handler_path_echo" not in sys.modules

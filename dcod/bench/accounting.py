@@ -16,7 +16,7 @@ from dcod.supervisor import control
 
 def role_of(cmdline: list[str]) -> str:
     """What a process is, from its command line: "supervisor", "hub", "worker 1#0", else its program."""
-    words = next((cmdline[i + 1:] for i, word in enumerate(cmdline) if os.path.basename(word) == "dcod"), [])
+    words = next((cmdline[i + 1 :] for i, word in enumerate(cmdline) if os.path.basename(word) == "dcod"), [])
     command = next((w for w in words if not w.startswith("-")), None)
     if command == "run":
         return "supervisor"
@@ -26,7 +26,6 @@ def role_of(cmdline: list[str]) -> str:
     if command is not None:
         return command
     return os.path.basename(cmdline[0]) if cmdline else "?"
-
 
 
 @dataclass

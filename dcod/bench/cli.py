@@ -33,15 +33,22 @@ def _check(args: argparse.Namespace, config: Config) -> None:
     if args.processes > min(args.sessions, args.count or args.sessions):
         raise BenchError(f"--processes {args.processes} is more than --sessions (or --count): some would idle")
     if args.size < TAG_SIZE or args.size + HEADER_SIZE > config.hub.max_pdu:
-        raise BenchError(f"--size must be from {TAG_SIZE} (the tag that identifies a reply) "
-                         f"to {config.hub.max_pdu - HEADER_SIZE} (max_pdu), not {args.size}")
+        raise BenchError(
+            f"--size must be from {TAG_SIZE} (the tag that identifies a reply) "
+            f"to {config.hub.max_pdu - HEADER_SIZE} (max_pdu), not {args.size}"
+        )
     if args.pid and not args.hub:
         raise BenchError("--pid goes with --hub (without it, the bench measures the hub it starts)")
-    scenarios = {"--reload-at": args.reload_at is not None, "--kill-hub-at": args.kill_hub_at is not None,
-                 "--idle-sessions": bool(args.idle_sessions), "--spool": args.spool}
+    scenarios = {
+        "--reload-at": args.reload_at is not None,
+        "--kill-hub-at": args.kill_hub_at is not None,
+        "--idle-sessions": bool(args.idle_sessions),
+        "--spool": args.spool,
+    }
     if args.hub and any(scenarios.values()):
-        raise BenchError(f"{', '.join(k for k, on in scenarios.items() if on)}: only on the bench's own hub "
-                         "(without --hub)")
+        raise BenchError(
+            f"{', '.join(k for k, on in scenarios.items() if on)}: only on the bench's own hub (without --hub)"
+        )
     for option, at in (("--reload-at", args.reload_at), ("--kill-hub-at", args.kill_hub_at)):
         if at is not None and (args.count or args.oneway):
             raise BenchError(f"{option} goes with --duration and round trips (its figures are reply latencies)")

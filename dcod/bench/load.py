@@ -15,9 +15,9 @@ import random
 import signal
 import time
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import trio
 
@@ -82,9 +82,16 @@ class Tally:
             self.stopping.set()
 
     def result(self) -> dict:
-        return {"sent": self.sent, "lost": self.lost + self.outstanding, "errors": self.errors,
-                "mismatched": self.mismatched, "measured": self.measured, "latencies": self.latencies,
-                "sent_at": self.sent_at, "window_closed_at": self.window_closed_at}
+        return {
+            "sent": self.sent,
+            "lost": self.lost + self.outstanding,
+            "errors": self.errors,
+            "mismatched": self.mismatched,
+            "measured": self.measured,
+            "latencies": self.latencies,
+            "sent_at": self.sent_at,
+            "window_closed_at": self.window_closed_at,
+        }
 
 
 def request_tag(audsid: int, number: int) -> bytes:
@@ -171,9 +178,14 @@ async def run_load(plan: LoadPlan, pipe: multiprocessing.connection.Connection, 
     """Connect the sessions, say "ready", get the schedule, load the hub, send back the tally."""
     async with contextlib.AsyncExitStack() as stack:
         try:
-            sessions = [await stack.enter_async_context(
-                Session(plan.hub, audsid=audsid, serial=os.getpid(), alert_file=plan.alert_file, max_pdu=plan.max_pdu))
-                for audsid in plan.audsids]
+            sessions = [
+                await stack.enter_async_context(
+                    Session(
+                        plan.hub, audsid=audsid, serial=os.getpid(), alert_file=plan.alert_file, max_pdu=plan.max_pdu
+                    )
+                )
+                for audsid in plan.audsids
+            ]
         except ClientError as e:
             pipe.send(("failed", str(e)))
             return
@@ -251,11 +263,21 @@ def start_loads(target: Target, args: argparse.Namespace, counters, audsids: Ite
     context = multiprocessing.get_context("spawn")
     loads = []
     for index, sessions in enumerate(shares(args.sessions, args.processes)):
-        plan = LoadPlan(index, target.address, args.proxy, tuple(itertools.islice(audsids, sessions)), args.depth,
-                        args.size, args.oneway, target.config.alert_file, target.config.hub.max_pdu)
+        plan = LoadPlan(
+            index,
+            target.address,
+            args.proxy,
+            tuple(itertools.islice(audsids, sessions)),
+            args.depth,
+            args.size,
+            args.oneway,
+            target.config.alert_file,
+            target.config.hub.max_pdu,
+        )
         ours, theirs = context.Pipe()
-        process = context.Process(target=_load_main, args=(plan, theirs, counters), name=f"dcod bench load {index}",
-                                  daemon=True)
+        process = context.Process(
+            target=_load_main, args=(plan, theirs, counters), name=f"dcod bench load {index}", daemon=True
+        )
         process.start()
         theirs.close()
         loads.append(LoadProcess(plan, process, ours))

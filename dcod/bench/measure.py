@@ -53,8 +53,9 @@ class Progress:
             print(file=sys.stderr)
 
 
-def _follow(loads: list[LoadProcess], counters, progress: Progress, phase: str, until: float | None,
-            enough: int | None = None) -> None:
+def _follow(
+    loads: list[LoadProcess], counters, progress: Progress, phase: str, until: float | None, enough: int | None = None
+) -> None:
     """Show progress until ``until`` (a monotonic instant), or until ``enough`` requests were measured;
     BenchError if a load process dies meanwhile."""
     while True:
@@ -127,5 +128,13 @@ def measure(target: Target, args: argparse.Namespace) -> Run:
         results = [load.receive("result", REPLY_GRACE + START_TIMEOUT) for load in loads]
         outcome = (disruption.kind, disruption.outcome(DISRUPTION_TIMEOUT)) if disruption else None
     window_end = end_at if end_at is not None else max(r["window_closed_at"] for r in results)
-    return Run(results, watched, measure_at, window_end - measure_at, sampled_to - sampled_from, outcome, idle,
-               spooled if args.spool else None)
+    return Run(
+        results,
+        watched,
+        measure_at,
+        window_end - measure_at,
+        sampled_to - sampled_from,
+        outcome,
+        idle,
+        spooled if args.spool else None,
+    )

@@ -16,8 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from dcod import protocol
 from dcod.bench.accounting import Measured, hub_stats, the_hub
@@ -56,8 +56,14 @@ def _wait_for_sessions(config: Config, count: int) -> None:
         time.sleep(0.1)
 
 
-def weigh_idle_sessions(stack: contextlib.ExitStack, target: Target, hub: Measured, audsids: Iterator[int],
-                        count: int, note: Callable[[str], None]) -> dict:
+def weigh_idle_sessions(
+    stack: contextlib.ExitStack,
+    target: Target,
+    hub: Measured,
+    audsids: Iterator[int],
+    count: int,
+    note: Callable[[str], None],
+) -> dict:
     """Connect ``count`` idle sessions, which stay until ``stack`` closes; the hub RSS they cost."""
     without = hub.current_rss()
     note(f"idle sessions: connecting {count}")
@@ -66,9 +72,13 @@ def weigh_idle_sessions(stack: contextlib.ExitStack, target: Target, hub: Measur
     with_them = hub.current_rss()
     delta = with_them - without
     note(f"idle sessions: {count} cost the hub {delta / 2**20:.1f} MB of RSS")
-    return {"count": count, "hub_rss_without_mb": without / 2**20, "hub_rss_with_mb": with_them / 2**20,
-            "delta_mb": delta / 2**20, "kb_per_session": delta / 1024 / count}
-
+    return {
+        "count": count,
+        "hub_rss_without_mb": without / 2**20,
+        "hub_rss_with_mb": with_them / 2**20,
+        "delta_mb": delta / 2**20,
+        "kb_per_session": delta / 1024 / count,
+    }
 
 
 class AlertWatch:
@@ -116,7 +126,7 @@ class AlertWatch:
         while offset < len(data):
             _, _, _, length = self.EVENT.unpack_from(data, offset)
             offset += self.EVENT.size
-            names.add(os.fsdecode(data[offset:offset + length].rstrip(b"\0")))
+            names.add(os.fsdecode(data[offset : offset + length].rstrip(b"\0")))
             offset += length
         return names
 
@@ -124,8 +134,13 @@ class AlertWatch:
 def reload_run(target: Target, note: Callable[[str], None]) -> dict:
     """Run the real `dcod reload` against the private `dcod run`, its lines as progress notes."""
     started = time.monotonic()
-    reload = subprocess.Popen([sys.executable, "-m", "dcod", "reload", "--config", target.config.source],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reload = subprocess.Popen(
+        [sys.executable, "-m", "dcod", "reload", "--config", target.config.source],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output = []
     with reload.stdout:
         for line in reload.stdout:
@@ -144,10 +159,21 @@ def kill_hub(target: Target, note: Callable[[str], None]) -> dict:
         killed_at = time.monotonic()
         hub.send_signal(signal.SIGKILL)
         seen_at, counter = watch.wait(ALERT_TIMEOUT) or (None, None)
-    note(f"hub (pid {hub.pid}) killed; " + (f"no quit alert within {ALERT_TIMEOUT:g} s" if seen_at is None else
-                                           f"quit alert after {(seen_at - killed_at) * 1000:.1f} ms"))
-    return {"hub_pid": hub.pid, "killed_at": killed_at, "alerted_at": seen_at, "counter_before": watch.counter,
-            "counter": counter}
+    note(
+        f"hub (pid {hub.pid}) killed; "
+        + (
+            f"no quit alert within {ALERT_TIMEOUT:g} s"
+            if seen_at is None
+            else f"quit alert after {(seen_at - killed_at) * 1000:.1f} ms"
+        )
+    )
+    return {
+        "hub_pid": hub.pid,
+        "killed_at": killed_at,
+        "alerted_at": seen_at,
+        "counter_before": watch.counter,
+        "counter": counter,
+    }
 
 
 class Disruption:
@@ -178,8 +204,9 @@ class Disruption:
         return self.result
 
 
-def plan_disruption(target: Target, args: argparse.Namespace, measure_at: float,
-                    note: Callable[[str], None]) -> Disruption | None:
+def plan_disruption(
+    target: Target, args: argparse.Namespace, measure_at: float, note: Callable[[str], None]
+) -> Disruption | None:
     """The --reload-at or --kill-hub-at of this run, started (it waits for its instant), or None."""
     if args.reload_at is not None:
         return Disruption("reload", measure_at + args.reload_at, lambda: reload_run(target, note))

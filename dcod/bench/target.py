@@ -15,9 +15,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 import trio
@@ -46,8 +46,9 @@ class Target:
     own: bool  # started by the bench
 
 
-def bench_config(base: Config, directory: Path, runtime: Path, proxy_id: int, instances: int, *,
-                 spool: bool = False) -> Config:
+def bench_config(
+    base: Config, directory: Path, runtime: Path, proxy_id: int, instances: int, *, spool: bool = False
+) -> Config:
     """``base``'s tuning with a free port, runtime files in ``runtime``, state in ``directory``, and only
     the proxy under load; written to ``directory``. The alert dir exists from the start, to be watched."""
     address = f"127.0.0.1:{free_port()}"
@@ -85,8 +86,11 @@ def python_build() -> str:
 def filesystem(path: Path) -> str:
     """The type of the filesystem that holds ``path`` ("tmpfs", "ext4", ...), "?" if unknown."""
     real = os.path.realpath(path)
-    mounts = [p for p in psutil.disk_partitions(all=True)
-              if real == p.mountpoint or real.startswith(p.mountpoint.rstrip("/") + "/")]
+    mounts = [
+        p
+        for p in psutil.disk_partitions(all=True)
+        if real == p.mountpoint or real.startswith(p.mountpoint.rstrip("/") + "/")
+    ]
     return max(mounts, key=lambda p: len(p.mountpoint)).fstype if mounts else "?"
 
 
@@ -98,15 +102,22 @@ def _runtime_parent() -> str | None:
 @contextlib.contextmanager
 def own_hub(base: Config, proxy_id: int, instances: int, *, spool: bool = False) -> Iterator[Target]:
     """A private `dcod run`, ready (its READY=1 read from a private NOTIFY_SOCKET); SIGTERM at the end."""
-    with tempfile.TemporaryDirectory(prefix="dcod-bench-") as tmp, \
-            tempfile.TemporaryDirectory(prefix="dcod-bench-run-", dir=_runtime_parent()) as runtime:
+    with (
+        tempfile.TemporaryDirectory(prefix="dcod-bench-") as tmp,
+        tempfile.TemporaryDirectory(prefix="dcod-bench-run-", dir=_runtime_parent()) as runtime,
+    ):
         directory = Path(tmp)
         config = bench_config(base, directory, Path(runtime), proxy_id, instances, spool=spool)
         log_path = directory / "run.log"
         with NotifySocket(directory / "notify.sock") as notify, open(log_path, "wb") as run_log:
             env = {**os.environ, **notify.env}
-            run = subprocess.Popen([sys.executable, "-m", "dcod", "run", "--config", config.source], env=env,
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=run_log)
+            run = subprocess.Popen(
+                [sys.executable, "-m", "dcod", "run", "--config", config.source],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=run_log,
+            )
             try:
                 _wait_ready(notify, run, log_path)
                 yield Target(config.hub.advertise, config, (run.pid,), own=True)
@@ -135,8 +146,6 @@ def _stop(run: subprocess.Popen, timeout: float) -> None:
     except subprocess.TimeoutExpired:
         run.kill()
         run.wait()
-
-
 
 
 # ---------------------------------------------------------------- starting a `dcod run`, for tests/ and bench/ too
@@ -221,8 +230,10 @@ class NotifySocket:
 
 # Moves the socket passed at fd argv[1] to fd 3 and closes the original (or every child of `dcod run` would
 # inherit it), then execs the rest of argv: the product's LISTEN_PID shim, then `dcod run`.
-_TO_FD3 = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd == 3 or os.close(fd); "
-           "os.execv(sys.argv[2], sys.argv[2:])")
+_TO_FD3 = (
+    "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd == 3 or os.close(fd); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
 
 
 def socket_activated(argv: list[str], listener: socket.socket, env=os.environ) -> tuple[list[str], dict]:

@@ -24,39 +24,60 @@ before or after the command."""
 # The sections that --help ends with and the man page has, each a list of (term, what).
 EXIT_STATUS = [
     ("0", "success; `status`: everything is up"),
-    ("1", "failure: an invalid configuration, a reload or stop that failed, a command the supervisor "
-          "refused (permission), an error reply or no reply in time (`call`), a request lost, refused or "
-          "answered wrongly (`bench`)"),
+    (
+        "1",
+        "failure: an invalid configuration, a reload or stop that failed, a command the supervisor "
+        "refused (permission), an error reply or no reply in time (`call`), a request lost, refused or "
+        "answered wrongly (`bench`)",
+    ),
     ("2", "bad arguments; `call`: no hub reached; `bench`: the bench could not run"),
-    ("3", "`status`, `reload`, `stop`: no supervisor is running (LSB: program is not running); "
-          "`status`: degraded: a worker instance or hub down, restarting after a failure (backoff) or "
-          "left down (failed), or a quit-alert backend whose last attempt failed"),
+    (
+        "3",
+        "`status`, `reload`, `stop`: no supervisor is running (LSB: program is not running); "
+        "`status`: degraded: a worker instance or hub down, restarting after a failure (backoff) or "
+        "left down (failed), or a quit-alert backend whose last attempt failed",
+    ),
 ]
 SIGNALS = [
     ("SIGHUP", "to `dcod run`: a reload, as `dcod reload` (its steps and outcome go to the log)"),
-    ("SIGTERM, SIGINT", "to `dcod run`: stop, as `dcod stop`: every hub generation drains (the quit alert is "
-                        "raised), then the workers stop; exit status 0"),
+    (
+        "SIGTERM, SIGINT",
+        "to `dcod run`: stop, as `dcod stop`: every hub generation drains (the quit alert is "
+        "raised), then the workers stop; exit status 0",
+    ),
 ]
 ENVIRONMENT = [
     ("DCOD_CONFIG", "the configuration file when --config is not given"),
-    ("RUNTIME_DIRECTORY, STATE_DIRECTORY", "set by systemd: the defaults of supervisor.runtime_dir and "
-                                           "supervisor.state_dir"),
-    ("LISTEN_FDS, LISTEN_FDNAMES, NOTIFY_SOCKET, WATCHDOG_USEC", "set by systemd: the socket passed to "
-                                                                "`dcod run`, sd_notify, the watchdog"),
+    (
+        "RUNTIME_DIRECTORY, STATE_DIRECTORY",
+        "set by systemd: the defaults of supervisor.runtime_dir and supervisor.state_dir",
+    ),
+    (
+        "LISTEN_FDS, LISTEN_FDNAMES, NOTIFY_SOCKET, WATCHDOG_USEC",
+        "set by systemd: the socket passed to `dcod run`, sd_notify, the watchdog",
+    ),
 ]
 FILES = [
     ("/etc/dcod/dcod.toml", "the configuration; it documents every key"),
-    ("/run/dcod/", "the runtime directory (supervisor.runtime_dir): control.sock, the control socket of "
-                   "`dcod status|reload|stop` (root and group dcod); worker-ID-N.sock, the worker instances' "
-                   "sockets; config-*.toml, the configuration the children run"),
-    ("/run/dcod/alerts/Noradle-DCO-EXTHUB-QUIT", "the quit alert file (alert.dir, alert.name): one line "
-                                                  "\"COUNTER HOST:PORT\", replaced whenever a hub goes away"),
-    ("/var/lib/dcod/", "the state directory (supervisor.state_dir): spool/, the durable queue of requests "
-                       "waiting for a worker instance; hub.running, left behind by an unclean stop"),
+    (
+        "/run/dcod/",
+        "the runtime directory (supervisor.runtime_dir): control.sock, the control socket of "
+        "`dcod status|reload|stop` (root and group dcod); worker-ID-N.sock, the worker instances' "
+        "sockets; config-*.toml, the configuration the children run",
+    ),
+    (
+        "/run/dcod/alerts/Noradle-DCO-EXTHUB-QUIT",
+        'the quit alert file (alert.dir, alert.name): one line "COUNTER HOST:PORT", replaced whenever a hub goes away',
+    ),
+    (
+        "/var/lib/dcod/",
+        "the state directory (supervisor.state_dir): spool/, the durable queue of requests "
+        "waiting for a worker instance; hub.running, left behind by an unclean stop",
+    ),
 ]
 EXAMPLES = [
     ("dcod run", "start hub and workers in the foreground"),
-    ("dcod call 1 hello", "send \"hello\" to proxy 1 and print the reply"),
+    ("dcod call 1 hello", 'send "hello" to proxy 1 and print the reply'),
     ("dcod call 1 --oneway hi", "send a one-way request, do not wait"),
     ("dcod status", "what runs: processes, generations, counters, queues"),
     ("systemctl reload dco-hub", "roll out new code and config (runs `dcod reload`)"),
@@ -64,8 +85,13 @@ EXAMPLES = [
     ("dcod bench --duration 10", "measure round trips/s and hub CPU per round trip"),
     ("dcod bench --reload-at 4", "the same, with a `dcod reload` 4 s into the window"),
 ]
-SECTIONS = {"exit status": EXIT_STATUS, "signals": SIGNALS, "environment": ENVIRONMENT, "files": FILES,
-            "examples": EXAMPLES}
+SECTIONS = {
+    "exit status": EXIT_STATUS,
+    "signals": SIGNALS,
+    "environment": ENVIRONMENT,
+    "files": FILES,
+    "examples": EXAMPLES,
+}
 
 
 TERM_WIDTH = 24  # a longer term in --help has a line of its own
@@ -90,50 +116,75 @@ def _epilog() -> str:
 def _add_common(parser: argparse.ArgumentParser, default) -> None:
     """--config and -v, which every command takes, before the command or after it. After it, an
     absent option must not overwrite the value given before it: its default is SUPPRESS."""
-    parser.add_argument("--config", metavar="FILE", default=default,  # FILE: completed with file names
-                        help="configuration file (TOML); default: $DCOD_CONFIG, else /etc/dcod/dcod.toml if it "
-                             "exists, else the built-in one")
-    parser.add_argument("-v", "--verbose", action="store_true", default=False if default is None else default,
-                        help="log debug messages")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=default,  # FILE: completed with file names
+        help="configuration file (TOML); default: $DCOD_CONFIG, else /etc/dcod/dcod.toml if it "
+        "exists, else the built-in one",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=False if default is None else default, help="log debug messages"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _add_common(common, argparse.SUPPRESS)
 
-    parser = argparse.ArgumentParser(prog="dcod", description=DESCRIPTION, epilog=_epilog(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="dcod", description=DESCRIPTION, epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"dcod {__version__}")
     _add_common(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    sub.add_parser("run", parents=[common], help="run the supervisor: hub and workers (the service's main process)",
-                   description="Run the hub and the managed worker proxies and keep them running. Takes the "
-                               "Oracle-facing socket from systemd (socket activation) or binds hub.listen.")
+    sub.add_parser(
+        "run",
+        parents=[common],
+        help="run the supervisor: hub and workers (the service's main process)",
+        description="Run the hub and the managed worker proxies and keep them running. Takes the "
+        "Oracle-facing socket from systemd (socket activation) or binds hub.listen.",
+    )
 
-    p = sub.add_parser("status", parents=[common], help="show processes, generations, in-flight, queues, memory",
-                       description="Ask the running supervisor what runs: every process with pid, generation, "
-                                   "state, uptime, memory, CPU and counters; then the hub's totals per proxy, and "
-                                   "what is degraded. Exit status 0 when everything is up; 3 when something is "
-                                   "degraded (a worker instance or hub down, restarting after a failure or left "
-                                   "down, a quit-alert backend whose last attempt failed), or when no supervisor "
-                                   "answers; 1 if the supervisor refuses.")
-    p.add_argument("--json", action="store_true",
-                   help="print the status as JSON, data only: numbers, wall times in seconds since the epoch, "
-                        "null where a value is absent")
-    sub.add_parser("reload", parents=[common], help="roll out: re-read the config, restart hub and workers one by one",
-                   description="Re-read and validate the configuration, then replace the hub (new generation "
-                               "first, the old one drains) and each worker instance in turn, without losing a "
-                               "request. Prints one line per step and exits 0 only when the rollout is done; "
-                               "if it fails, the old generation keeps serving. This is ExecReload= of "
-                               "dco-hub.service.")
-    sub.add_parser("stop", parents=[common], help="stop the supervisor: drain the hub, then stop the workers",
-                   description="Stop the service's processes in order: every hub generation drains (the quit "
-                               "alert is raised; its sessions' requests are answered), then the workers stop, "
-                               "then the supervisor. Prints one line per step, and what it waits for, and exits "
-                               "0 once the supervisor has exited; 1 if the stop failed, 3 if no supervisor runs. "
-                               "The same as SIGTERM to `dcod run`. Under systemd, prefer `systemctl stop dco-hub`: "
-                               "`dcod stop` leaves the socket listening, and the next connection starts the "
-                               "service again.")
+    p = sub.add_parser(
+        "status",
+        parents=[common],
+        help="show processes, generations, in-flight, queues, memory",
+        description="Ask the running supervisor what runs: every process with pid, generation, "
+        "state, uptime, memory, CPU and counters; then the hub's totals per proxy, and "
+        "what is degraded. Exit status 0 when everything is up; 3 when something is "
+        "degraded (a worker instance or hub down, restarting after a failure or left "
+        "down, a quit-alert backend whose last attempt failed), or when no supervisor "
+        "answers; 1 if the supervisor refuses.",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the status as JSON, data only: numbers, wall times in seconds since the epoch, "
+        "null where a value is absent",
+    )
+    sub.add_parser(
+        "reload",
+        parents=[common],
+        help="roll out: re-read the config, restart hub and workers one by one",
+        description="Re-read and validate the configuration, then replace the hub (new generation "
+        "first, the old one drains) and each worker instance in turn, without losing a "
+        "request. Prints one line per step and exits 0 only when the rollout is done; "
+        "if it fails, the old generation keeps serving. This is ExecReload= of "
+        "dco-hub.service.",
+    )
+    sub.add_parser(
+        "stop",
+        parents=[common],
+        help="stop the supervisor: drain the hub, then stop the workers",
+        description="Stop the service's processes in order: every hub generation drains (the quit "
+        "alert is raised; its sessions' requests are answered), then the workers stop, "
+        "then the supervisor. Prints one line per step, and what it waits for, and exits "
+        "0 once the supervisor has exited; 1 if the stop failed, 3 if no supervisor runs. "
+        "The same as SIGTERM to `dcod run`. Under systemd, prefer `systemctl stop dco-hub`: "
+        "`dcod stop` leaves the socket listening, and the next connection starts the "
+        "service again.",
+    )
 
     p = sub.add_parser("hub", parents=[common], help="run only the ext-hub (for debugging)")
     p.add_argument("--listen", metavar="ADDR", help="host:port or unix socket path (default: hub.listen)")
@@ -143,63 +194,100 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instance", type=int, default=0, metavar="N", help="instance number (default 0)")
     p.add_argument("--listen", metavar="ADDR", help="host:port or unix socket path (default: its runtime socket)")
 
-    p = sub.add_parser("call", parents=[common], help="send one request as an Oracle session would",
-                       description="Send TEXT to a proxy through the hub; print the reply.")
+    p = sub.add_parser(
+        "call",
+        parents=[common],
+        help="send one request as an Oracle session would",
+        description="Send TEXT to a proxy through the hub; print the reply.",
+    )
     p.add_argument("proxy", type=int, metavar="PROXY", help="proxy id")
     p.add_argument("text", metavar="TEXT", help="request body")
     p.add_argument("--oneway", action="store_true", help="one-way request: no reply expected")
     p.add_argument("--hub", metavar="HOST:PORT", help="hub address (default: hub.advertise)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds to wait for the reply")
 
-    p = sub.add_parser("bench", parents=[common], help="load a hub with sessions and measure rate, latency and CPU",
-                       description="Load a hub with Oracle-style sessions, each keeping DEPTH requests outstanding; "
-                                   "report round trips/s, latency, lost/error/mismatched replies, and the CPU time "
-                                   "of every dcod process per round trip and how many round trips it served per "
-                                   "wake-up. Without --hub it starts a private "
-                                   "`dcod run` with echo workers. Exit status 1 if any request was lost, refused "
-                                   "or answered wrongly, 2 if the bench could not run.")
+    p = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="load a hub with sessions and measure rate, latency and CPU",
+        description="Load a hub with Oracle-style sessions, each keeping DEPTH requests outstanding; "
+        "report round trips/s, latency, lost/error/mismatched replies, and the CPU time "
+        "of every dcod process per round trip and how many round trips it served per "
+        "wake-up. Without --hub it starts a private "
+        "`dcod run` with echo workers. Exit status 1 if any request was lost, refused "
+        "or answered wrongly, 2 if the bench could not run.",
+    )
     p.add_argument("--hub", metavar="HOST:PORT", help="load this running hub (default: start a private one)")
-    p.add_argument("--pid", type=int, action="append", metavar="PID",
-                   help="with --hub: a process (and its children) whose CPU to measure; repeatable")
+    p.add_argument(
+        "--pid",
+        type=int,
+        action="append",
+        metavar="PID",
+        help="with --hub: a process (and its children) whose CPU to measure; repeatable",
+    )
     p.add_argument("--proxy", type=int, default=1, metavar="ID", help="proxy id to call (default 1)")
-    p.add_argument("--instances", type=int, default=2, metavar="N",
-                   help="echo worker instances of the private hub (default 2)")
+    p.add_argument(
+        "--instances", type=int, default=2, metavar="N", help="echo worker instances of the private hub (default 2)"
+    )
     p.add_argument("--sessions", type=int, default=16, metavar="N", help="Oracle sessions (default 16)")
     p.add_argument("--depth", type=int, default=4, metavar="D", help="requests outstanding per session (default 4)")
     p.add_argument("--size", type=int, default=100, metavar="BYTES", help="request body size (default 100)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--duration", type=float, default=10.0, metavar="S",
-                        help="seconds measured after the warmup (default 10)")
+    length.add_argument(
+        "--duration", type=float, default=10.0, metavar="S", help="seconds measured after the warmup (default 10)"
+    )
     length.add_argument("--count", type=int, metavar="C", help="measure C round trips instead of a duration")
-    p.add_argument("--warmup", type=float, default=1.0, metavar="S",
-                   help="seconds of load before measuring (default 1)")
+    p.add_argument(
+        "--warmup", type=float, default=1.0, metavar="S", help="seconds of load before measuring (default 1)"
+    )
     p.add_argument("--oneway", action="store_true", help="one-way requests: measure the send rate (no replies)")
-    p.add_argument("--processes", type=int, default=1, metavar="P",
-                   help="load processes the sessions are split over (default 1)")
+    p.add_argument(
+        "--processes", type=int, default=1, metavar="P", help="load processes the sessions are split over (default 1)"
+    )
     disrupt = p.add_mutually_exclusive_group()
-    disrupt.add_argument("--reload-at", type=float, metavar="S",
-                         help="run `dcod reload` S seconds into the window; report its duration and the latency "
-                              "of requests sent during it against the others (private hub only)")
-    disrupt.add_argument("--kill-hub-at", type=float, metavar="S",
-                         help="SIGKILL the hub S seconds into the window; report ms to the quit alert and to the "
-                              "first reply from the new hub (private hub only)")
-    p.add_argument("--idle-sessions", type=int, metavar="N",
-                   help="also connect N sessions that only send their handshake; report the hub RSS they cost")
-    p.add_argument("--spool", action="store_true",
-                   help="no worker: the proxy is a port where nothing listens, so every request (one-way) goes "
-                        "to the hub's durable spool; report spooled requests/s and hub CPU per request")
+    disrupt.add_argument(
+        "--reload-at",
+        type=float,
+        metavar="S",
+        help="run `dcod reload` S seconds into the window; report its duration and the latency "
+        "of requests sent during it against the others (private hub only)",
+    )
+    disrupt.add_argument(
+        "--kill-hub-at",
+        type=float,
+        metavar="S",
+        help="SIGKILL the hub S seconds into the window; report ms to the quit alert and to the "
+        "first reply from the new hub (private hub only)",
+    )
+    p.add_argument(
+        "--idle-sessions",
+        type=int,
+        metavar="N",
+        help="also connect N sessions that only send their handshake; report the hub RSS they cost",
+    )
+    p.add_argument(
+        "--spool",
+        action="store_true",
+        help="no worker: the proxy is a port where nothing listens, so every request (one-way) goes "
+        "to the hub's durable spool; report spooled requests/s and hub CPU per request",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
 
-    p = sub.add_parser("config", parents=[common], help="print the effective configuration",
-                       description="Load and validate the configuration and print it with every default made "
-                                   "explicit. Exit status 1 if it is invalid.")
+    p = sub.add_parser(
+        "config",
+        parents=[common],
+        help="print the effective configuration",
+        description="Load and validate the configuration and print it with every default made "
+        "explicit. Exit status 1 if it is invalid.",
+    )
     p.add_argument("--check", action="store_true", help="only validate: print nothing when it is valid")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dcod import config as configuration, log  # not before: the parser alone needs only the standard library
+    from dcod import config as configuration  # not before: the parser alone needs only the standard library
+    from dcod import log
     from dcod.supervisor import alert
 
     path = configuration.config_path(args.config)
@@ -223,8 +311,11 @@ def main(argv: list[str] | None = None) -> int:
 
         from dcod import client
 
-        return trio.run(functools.partial(client.call, config, args.proxy, args.text, oneway=args.oneway,
-                                          hub=args.hub, timeout=args.timeout))
+        return trio.run(
+            functools.partial(
+                client.call, config, args.proxy, args.text, oneway=args.oneway, hub=args.hub, timeout=args.timeout
+            )
+        )
     if args.command == "bench":
         from dcod.bench import cli as bench
 

@@ -80,8 +80,11 @@ def _options(parser: argparse.ArgumentParser, described: frozenset[str] = frozen
     """The parser's options and positionals as a list, but for those ``described`` already."""
     lines = []
     for action in parser._actions:
-        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS \
-                or described.intersection(action.option_strings):
+        if (
+            isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))
+            or action.help == argparse.SUPPRESS
+            or described.intersection(action.option_strings)
+        ):
             continue
         lines += [".TP", _invocation(action), escape(action.help or "")]
     return lines
@@ -112,16 +115,26 @@ def option_strings(parser: argparse.ArgumentParser) -> list[str]:
 def manpage(parser: argparse.ArgumentParser, date: datetime.date) -> str:
     subcommands = commands(parser)
     summaries = {action.dest: action.help for action in _subparsers(parser)._choices_actions}
-    lines = [f'.TH DCOD 1 "{date:%B %Y}" "dcod {__version__}" "User Commands"',
-             ".SH NAME", f"dcod \\- {escape(SUMMARY)}",
-             ".SH SYNOPSIS", ".B dcod", escape("[--config FILE] [-v] COMMAND [OPTIONS]"),
-             ".br", ".B dcod", escape("--version | --help")]
+    lines = [
+        f'.TH DCOD 1 "{date:%B %Y}" "dcod {__version__}" "User Commands"',
+        ".SH NAME",
+        f"dcod \\- {escape(SUMMARY)}",
+        ".SH SYNOPSIS",
+        ".B dcod",
+        escape("[--config FILE] [-v] COMMAND [OPTIONS]"),
+        ".br",
+        ".B dcod",
+        escape("--version | --help"),
+    ]
     lines += [".SH DESCRIPTION"]
     for paragraph in [*_paragraphs(parser.description), *_paragraphs(SERVICE)]:
         lines += [escape(paragraph), ".PP"]
     lines[-1:] = []
-    lines += [".SH OPTIONS", escape("These come before the command or after it; `dcod COMMAND --help` describes "
-                                    "the command's own."), *_options(parser)]
+    lines += [
+        ".SH OPTIONS",
+        escape("These come before the command or after it; `dcod COMMAND --help` describes the command's own."),
+        *_options(parser),
+    ]
     common = frozenset(option_strings(parser))
     lines += [".SH COMMANDS"]
     for name, command in subcommands.items():
@@ -130,15 +143,25 @@ def manpage(parser: argparse.ArgumentParser, date: datetime.date) -> str:
             lines += [escape(paragraph), ".PP"]
         lines[-1:] = []
         lines += _options(command, common)
-    lines += [".SH CONFIGURATION", escape(" ".join(main.CONFIGURATION.split())), ".PP",
-              escape("The file documents every key. After editing it, `systemctl reload dco-hub` rolls the change "
-                     "out; an invalid file is refused and changes nothing.")]
+    lines += [
+        ".SH CONFIGURATION",
+        escape(" ".join(main.CONFIGURATION.split())),
+        ".PP",
+        escape(
+            "The file documents every key. After editing it, `systemctl reload dco-hub` rolls the change "
+            "out; an invalid file is refused and changes nothing."
+        ),
+    ]
     for title, items in main.SECTIONS.items():
         lines += [f".SH {title.upper()}", *_items(items)]
-    lines += [".SH ERROR REPLIES",
-              escape("A sync request is always answered, by the worker's reply or by an error reply whose text "
-                     "starts with a stable code:"),
-              *_items([(code.text("").strip(), what) for code, what in ERROR_REPLIES.items()])]
+    lines += [
+        ".SH ERROR REPLIES",
+        escape(
+            "A sync request is always answered, by the worker's reply or by an error reply whose text "
+            "starts with a stable code:"
+        ),
+        *_items([(code.text("").strip(), what) for code, what in ERROR_REPLIES.items()]),
+    ]
     lines += [".SH SEE ALSO", escape(SEE_ALSO)]
     return "\n".join(lines) + "\n"
 
@@ -147,7 +170,7 @@ def build_date() -> datetime.date:
     """$SOURCE_DATE_EPOCH's (a reproducible build: the changelog's date), else today."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if epoch:
-        return datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc).date()
+        return datetime.datetime.fromtimestamp(int(epoch), datetime.UTC).date()
     return datetime.date.today()
 
 
@@ -197,10 +220,15 @@ def bash_completion(parser: argparse.ArgumentParser) -> str:
     others = sorted({o for a in takes_value if a.metavar != "FILE" for o in a.option_strings} - set(files))
     global_values = [o for a in parser._actions if a.option_strings and a.nargs != 0 for o in a.option_strings]
     return BASH_COMPLETION.format(
-        global_values="|".join(global_values), file_values="|".join(files), other_values="|".join(others),
-        commands=" ".join(subcommands), global_options=" ".join(option_strings(parser)),
-        command_options="\n".join(f'        {name}) options="{" ".join(option_strings(command))}" ;;'
-                                  for name, command in subcommands.items()))
+        global_values="|".join(global_values),
+        file_values="|".join(files),
+        other_values="|".join(others),
+        commands=" ".join(subcommands),
+        global_options=" ".join(option_strings(parser)),
+        command_options="\n".join(
+            f'        {name}) options="{" ".join(option_strings(command))}" ;;' for name, command in subcommands.items()
+        ),
+    )
 
 
 if __name__ == "__main__":

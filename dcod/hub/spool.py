@@ -41,8 +41,8 @@ import shutil
 import struct
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 FILE_HEADER = struct.Struct(">8sQQ")  # magic, head, mark
 SCAN_CHUNK = 1 << 16  # bytes read at a time when looking for the next record marker
@@ -133,8 +133,9 @@ class Spool:
     durable instead; ``must_open`` (for the files of gone hubs) raises it if the file cannot be
     opened and recovered."""
 
-    def __init__(self, path: Path, *, memory_limit: int, size_limit: int, max_record: int,
-                 must_open: bool = False) -> None:
+    def __init__(
+        self, path: Path, *, memory_limit: int, size_limit: int, max_record: int, must_open: bool = False
+    ) -> None:
         self.path = path
         self.memory_limit = memory_limit
         self.size_limit = size_limit
@@ -319,8 +320,12 @@ class Spool:
             os.close(self._fd)
             self._fd = -1
         if self._held:
-            log.error("%s: %d queued requests held in memory only are lost: %s", self.path, len(self._held),
-                      self.not_durable_reason)
+            log.error(
+                "%s: %d queued requests held in memory only are lost: %s",
+                self.path,
+                len(self._held),
+                self.not_durable_reason,
+            )
 
     def remove(self) -> None:
         """Delete the file (its records were taken over) and close it."""
@@ -480,8 +485,13 @@ class Spool:
     def _lose_durability(self, reason: str) -> None:
         if self.durable:
             self.durable = False
-            log.warning("%s: not durable: %s; queued requests are held in memory (up to %d bytes) until it can "
-                        "be written again", self.path, reason, self.memory_limit)
+            log.warning(
+                "%s: not durable: %s; queued requests are held in memory (up to %d bytes) until it can "
+                "be written again",
+                self.path,
+                reason,
+                self.memory_limit,
+            )
         self.not_durable_reason = reason
 
     def _hold(self, queued_at: float, pdu: bytes) -> None:
@@ -492,8 +502,10 @@ class Spool:
             self._loaded_bytes -= len(evicted)
             self._disk_next = self._mem[-1][0] if self._mem else self._head
         if self.memory_bytes + len(pdu) > self.memory_limit:
-            raise SpoolFull(f"spool {self.path} not durable ({self.not_durable_reason}) and "
-                            f"{self.memory_limit} bytes held in memory")
+            raise SpoolFull(
+                f"spool {self.path} not durable ({self.not_durable_reason}) and "
+                f"{self.memory_limit} bytes held in memory"
+            )
         self._held.append((queued_at, pdu))
         self._held_bytes += len(pdu)
         self.records += 1
@@ -548,8 +560,12 @@ class Spool:
         elif mark and not head <= mark <= file_size:
             problem = f"its mark {mark} is outside the records (head {head}, {file_size} bytes)"
         self._layout = layout
-        if problem is None and head < file_size and self._read(head, file_size) is None \
-                and self._inside_a_record(head, file_size):
+        if (
+            problem is None
+            and head < file_size
+            and self._read(head, file_size) is None
+            and self._inside_a_record(head, file_size)
+        ):
             problem = f"its head {head} is inside a record"
         start = FILE_HEADER.size if problem else head
         records = duplicates = 0
@@ -569,15 +585,23 @@ class Spool:
         end = offset
         if problem:
             self._keep_copy()
-            log.warning("%s: %s; every record from the first is queued again (%d), each counted as possibly "
-                        "forwarded already", self.path, problem, records)
+            log.warning(
+                "%s: %s; every record from the first is queued again (%d), each counted as possibly forwarded already",
+                self.path,
+                problem,
+                records,
+            )
         for gap_start, gap_end in gaps.items():
             self._damaged(gap_start, gap_end)
         if end < file_size:
             if self._torn(end, file_size):
                 self.torn_bytes = file_size - end
-                log.info("%s: cut a torn tail of %d bytes at offset %d (an append a crash cut short)", self.path,
-                         self.torn_bytes, end)
+                log.info(
+                    "%s: cut a torn tail of %d bytes at offset %d (an append a crash cut short)",
+                    self.path,
+                    self.torn_bytes,
+                    end,
+                )
             else:
                 self._damaged(end, file_size)
             os.ftruncate(fd, end)
@@ -594,8 +618,14 @@ class Spool:
         self.recovered = records
         self.possible_duplicates = duplicates
         if records:
-            log.info("%s: %d queued requests (%d bytes) left by a previous hub, %d of which it may have "
-                     "forwarded just before it stopped", self.path, records, end - new_head, duplicates)
+            log.info(
+                "%s: %d queued requests (%d bytes) left by a previous hub, %d of which it may have "
+                "forwarded just before it stopped",
+                self.path,
+                records,
+                end - new_head,
+                duplicates,
+            )
 
     def _inside_a_record(self, offset: int, file_size: int) -> bool:
         """Whether offset falls inside an intact record, walking the file from its first record."""
@@ -737,8 +767,13 @@ class SpoolDir:
     def _open_gone(self, path: Path) -> Spool | None:
         """The spool in a file whose hub is gone, or None (its hub runs, or it cannot be opened)."""
         try:
-            return Spool(path, memory_limit=0, size_limit=self.limits["size_limit"],
-                         max_record=self.limits["max_record"], must_open=True)
+            return Spool(
+                path,
+                memory_limit=0,
+                size_limit=self.limits["size_limit"],
+                max_record=self.limits["max_record"],
+                must_open=True,
+            )
         except SpoolBusy:
             return None  # its hub still runs, or another hub took it first
         except OSError as e:

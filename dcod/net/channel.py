@@ -16,8 +16,8 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Callable
 
 import trio
 

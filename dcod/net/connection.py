@@ -20,14 +20,17 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 import trio
+
+if TYPE_CHECKING:
+    from dcod.net.reactor import Reactor
 
 log = logging.getLogger("dcod.net.connection")
 
 RECV_SIZE = 256 * 1024
 IOV_MAX = 1024  # sendmsg() takes at most this many buffers (Linux UIO_MAXIOV)
-
 
 
 # accept() failures, sorted as trio's SocketListener sorts them: one connection's trouble
@@ -55,12 +58,13 @@ async def accept(listener: socket.socket) -> tuple[socket.socket, object]:
             elif e.errno not in ACCEPT_SKIP_ERRNOS:
                 raise
 
+
 class ConnectionClosed(Exception):
     """The peer went away or the connection was closed."""
 
 
 def parse_address(address: str) -> tuple[int, object]:
-    """"host:port" -> (AF_INET/AF_INET6, (host, port)); anything with a "/" is a Unix socket path."""
+    """ "host:port" -> (AF_INET/AF_INET6, (host, port)); anything with a "/" is a Unix socket path."""
     if "/" in address:
         return socket.AF_UNIX, address
     host, _, port = address.rpartition(":")
@@ -164,13 +168,26 @@ class Connection:
     (``_blocked``). One of them at a time, so bytes go out in the order they were sent.
     """
 
-    __slots__ = ("sock", "name", "reactor", "_shared", "_out", "_out_bytes", "_busy", "_blocked", "_writer",
-                 "_emptied", "_closing", "_error", "_head_partial")
+    __slots__ = (
+        "sock",
+        "name",
+        "reactor",
+        "_shared",
+        "_out",
+        "_out_bytes",
+        "_busy",
+        "_blocked",
+        "_writer",
+        "_emptied",
+        "_closing",
+        "_error",
+        "_head_partial",
+    )
 
     def __init__(self, sock: socket.socket, name: str = "") -> None:
         self.sock = tune(sock)
         self.name = name
-        self.reactor = None  # the dcod.net.reactor.Reactor serving it, if one does
+        self.reactor: Reactor | None = None  # the reactor serving it, if one does
         self._shared = shared()
         self._out: list = []
         self._head_partial = False  # the kernel took part of _out[0] already

@@ -81,10 +81,17 @@ class ControlServer:
                         sock, _ = await accept(self.listener)
                         allowed, who = peer_allowed(sock, self.group)
                         if not allowed:
-                            log.warning("refused a control connection from %s: not root, not us, not in group %s",
-                                        who, self.group)
-                        nursery.start_soon(_answer_and_close, Channel(sock, f"control client {who}"),
-                                           self.handle if allowed else _refuse(self.group), who)
+                            log.warning(
+                                "refused a control connection from %s: not root, not us, not in group %s",
+                                who,
+                                self.group,
+                            )
+                        nursery.start_soon(
+                            _answer_and_close,
+                            Channel(sock, f"control client {who}"),
+                            self.handle if allowed else _refuse(self.group),
+                            who,
+                        )
         finally:
             self._done.set()
 
@@ -100,6 +107,7 @@ class ControlServer:
 def _refuse(group: str):
     async def refuse(message: dict, reply) -> None:
         reply({"ok": False, "error": f"permission denied: only root and group {group} may do that"})
+
     return refuse
 
 

@@ -22,24 +22,35 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Awaitable, Callable, Iterable
 
 import psutil
 import trio
 
-from dcod.net import sockets
 from dcod.config import SupervisorConfig
-from dcod.net.channel import (CONTROL_FD_VAR, Channel, ChannelError, Command, Event, StatusCounts, command, done,
-                              event_of)
+from dcod.net import sockets
+from dcod.net.channel import (
+    CONTROL_FD_VAR,
+    Channel,
+    ChannelError,
+    Command,
+    Event,
+    StatusCounts,
+    command,
+    done,
+    event_of,
+)
 
 log = logging.getLogger("dcod.supervisor")
 
 FD_PARKING = 64  # fds are dup'ed above this first, so that dup2 onto 3, 4, ... never clobbers a source
 # For a dcod an isolated python does not find: the package's directory is argv[1]; its parent goes
 # first on sys.path. (The argument ends in "/dcod", as `-m dcod` does, for whoever reads `ps`.)
-IMPORT_FROM = ("import os, sys; sys.path.insert(0, os.path.dirname(sys.argv.pop(1))); "
-               "from dcod.cli.main import main; sys.exit(main())")
+IMPORT_FROM = (
+    "import os, sys; sys.path.insert(0, os.path.dirname(sys.argv.pop(1))); "
+    "from dcod.cli.main import main; sys.exit(main())"
+)
 
 
 @functools.cache
@@ -57,8 +68,13 @@ def dcod_command() -> tuple[str, ...]:
 
     here = Path(dcod.__file__).resolve()
     try:
-        found = subprocess.run([sys.executable, "-I", "-c", "import dcod; print(dcod.__file__)"], text=True,
-                               capture_output=True, stdin=subprocess.DEVNULL, timeout=60).stdout.strip()
+        found = subprocess.run(
+            [sys.executable, "-I", "-c", "import dcod; print(dcod.__file__)"],
+            text=True,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         found = ""
     if found and Path(found).resolve() == here:
@@ -195,8 +211,9 @@ class Process:
         return await self.wait()
 
 
-async def drain_hubs(hubs: Iterable[Process], alert: Callable[[], Awaitable[None]],
-                     limits: SupervisorConfig) -> dict[Process, int]:
+async def drain_hubs(
+    hubs: Iterable[Process], alert: Callable[[], Awaitable[None]], limits: SupervisorConfig
+) -> dict[Process, int]:
     """End hub generations without losing a request; the exit status of each that was running.
 
     Each is told to drain (one draining already goes on as it was) and gets stop_timeout to

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from dcod import config as configuration
 from dcod.config import Config
+from dcod.hub.spool import SpoolDir
 from dcod.net.channel import Command
 from dcod.supervisor import alert
-from dcod.hub.spool import SpoolDir
 from dcod.supervisor.process import Process, describe_exit, drain_hubs
 
 if TYPE_CHECKING:
@@ -59,11 +60,13 @@ class Plan:
 def plan(old: Mapping[Key, WorkerSpec], new: Mapping[Key, WorkerSpec]) -> Plan:
     """Compare the worker instances that run (``old``) with those a configuration asks for (``new``)."""
     replaced = tuple(key for key in new if key in old)
-    return Plan(added=tuple(key for key in new if key not in old),
-                removed=tuple(key for key in old if key not in new),
-                changed=tuple(key for key in replaced if new[key] != old[key]),
-                kept=tuple(key for key in replaced if new[key] == old[key]),
-                replaced=replaced)
+    return Plan(
+        added=tuple(key for key in new if key not in old),
+        removed=tuple(key for key in old if key not in new),
+        changed=tuple(key for key in replaced if new[key] != old[key]),
+        kept=tuple(key for key in replaced if new[key] == old[key]),
+        replaced=replaced,
+    )
 
 
 def load(config: Config) -> Config:
@@ -100,9 +103,11 @@ class Rollout:
         new = load(sup.config)
         new_slots = sup.worker_slots(new)
         todo = plan({key: WorkerSpec(slot.name, slot.argv) for key, slot in sup.workers.items()}, new_slots)
-        step(f"configuration {new.source}: proxies {', '.join(str(p.id) for p in new.proxies) or 'none'}; "
-             f"{len(new_slots)} worker instances ({len(todo.added)} added, {len(todo.removed)} removed, "
-             f"{len(todo.changed)} changed, {len(todo.kept)} unchanged)")
+        step(
+            f"configuration {new.source}: proxies {', '.join(str(p.id) for p in new.proxies) or 'none'}; "
+            f"{len(new_slots)} worker instances ({len(todo.added)} added, {len(todo.removed)} removed, "
+            f"{len(todo.changed)} changed, {len(todo.kept)} unchanged)"
+        )
         # Until the new hub serves, the previous configuration is in effect: a failure before that
         # stops what this rollout started, and leaves everything as it was.
         try:
@@ -139,15 +144,18 @@ class Rollout:
                 await self._replace_worker(sup.workers[key])
         except RolloutError as e:
             left = [sup.workers[key].name for key in todo.replaced if sup.workers[key].process is previous[key]]
-            raise RolloutError(f"{e}; the new configuration stays in effect (the hub runs it, as will every "
-                               f"process started from now on)" +
-                               (f"; still running the previous one: {', '.join(left)}" if left else "")) from None
+            raise RolloutError(
+                f"{e}; the new configuration stays in effect (the hub runs it, as will every "
+                f"process started from now on)"
+                + (f"; still running the previous one: {', '.join(left)}" if left else "")
+            ) from None
 
     def _set_aside_queue(self, config: Config, proxy_id: int) -> None:
         """A removed proxy's requests that the retired hub left queued: kept aside, under a name no
         proxy added later with that id takes over, and said where."""
-        spools = SpoolDir(config.state_dir / "spool", memory_limit=0, size_limit=config.hub.spool_max,
-                          max_record=config.hub.max_pdu)
+        spools = SpoolDir(
+            config.state_dir / "spool", memory_limit=0, size_limit=config.hub.spool_max, max_record=config.hub.max_pdu
+        )
         try:
             aside = spools.set_aside(proxy_id)
         except OSError as e:
@@ -210,8 +218,9 @@ class Rollout:
         except RolloutError:
             # The rollout ends here, the instance stays (and is restarted if it exits, as any
             # worker): the hub must not hold it for good, but use it once it is ready.
-            sup.nursery.start_soon(functools.partial(sup.hub.process.request, Command.RELEASE, proxy=slot.proxy_id,
-                                                     instance=slot.instance))
+            sup.nursery.start_soon(
+                functools.partial(sup.hub.process.request, Command.RELEASE, proxy=slot.proxy_id, instance=slot.instance)
+            )
             raise
         hub = sup.hub.process  # the one that held it may have died meanwhile and been replaced
         answer = await hub.request(Command.RELEASE, proxy=slot.proxy_id, instance=slot.instance)

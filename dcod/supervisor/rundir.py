@@ -50,8 +50,10 @@ def claim(config: Config) -> Claim:
     directory (file backend). Raises Refused."""
     held = Claim()
     try:
-        directories = [("runtime directory (supervisor.runtime_dir)", config.runtime_dir, RUNTIME_MODE),
-                       ("state directory (supervisor.state_dir)", config.state_dir, STATE_MODE)]
+        directories = [
+            ("runtime directory (supervisor.runtime_dir)", config.runtime_dir, RUNTIME_MODE),
+            ("state directory (supervisor.state_dir)", config.state_dir, STATE_MODE),
+        ]
         locked: set[str] = set()
         for what, path, mode in directories:
             _make_trusted(path, what, mode, config)
@@ -81,8 +83,10 @@ def _remedy(path: Path, config: Config) -> str:
     pid = _holder(path)
     used = f"A dcod run (pid {pid}) uses it. " if pid else ""
     if any(Path(os.path.abspath(path)).is_relative_to(d) for d in SERVICE_DIRS):
-        used += ("It is the packaged service's (dco-hub.service, user dcod): `systemctl start dco-hub` runs "
-                 "that one, `dcod status` asks it. ")
+        used += (
+            "It is the packaged service's (dco-hub.service, user dcod): `systemctl start dco-hub` runs "
+            "that one, `dcod status` asks it. "
+        )
     where = f"in {config.source}" if config.source != BUILTIN else "in a file given with --config"
     return f"{used}To run dcod yourself, set supervisor.runtime_dir and state_dir {where} to directories of your own."
 
@@ -99,9 +103,11 @@ def _lock(directory: Path, what: str) -> int:
     except BlockingIOError:
         pid = _read_pid(fd)
         os.close(fd)
-        raise Refused(f"{what} {directory} is in use by another dcod run (pid {pid}): stop that one first "
-                      f"(`dcod stop --config ...`, or `systemctl stop dco-hub` for the service), or give this one "
-                      f"directories of its own (supervisor.runtime_dir, state_dir)") from None
+        raise Refused(
+            f"{what} {directory} is in use by another dcod run (pid {pid}): stop that one first "
+            f"(`dcod stop --config ...`, or `systemctl stop dco-hub` for the service), or give this one "
+            f"directories of its own (supervisor.runtime_dir, state_dir)"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

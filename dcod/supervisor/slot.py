@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,8 +39,15 @@ class LastExit:
 class Slot:
     """A place for one child, the hub or one worker instance, that keeps a process running in it."""
 
-    def __init__(self, supervisor: Supervisor, name: str, argv: list[str], passed: dict[str, socket.socket],
-                 proxy_id: int | None = None, instance: int | None = None) -> None:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        name: str,
+        argv: list[str],
+        passed: dict[str, socket.socket],
+        proxy_id: int | None = None,
+        instance: int | None = None,
+    ) -> None:
         self.supervisor = supervisor
         self.name = name
         self.argv = argv
@@ -66,7 +72,7 @@ class Slot:
     @property
     def foreign(self) -> bool:
         """A worker launched from a `command`, not dcod's own runtime."""
-        return not self.is_hub and tuple(self.argv[:len(dcod_command())]) != dcod_command()
+        return not self.is_hub and tuple(self.argv[: len(dcod_command())]) != dcod_command()
 
     def launch(self) -> Process:
         """Start a new generation in this slot (the previous one, if any, is the caller's business)."""
@@ -134,8 +140,11 @@ class Slot:
         if process.alerted or sup.stopping:
             return  # stopped: the stop raises the alert; or it is raised already
         # As a rollout would: the pmon leaves an alerted hub alone, so if its drain hangs, it is killed.
-        await drain_hubs([process], lambda: sup.alert_hub_gone(f"hub (pid {process.pid}) is draining, not asked to"),
-                         sup.config.supervisor)
+        await drain_hubs(
+            [process],
+            lambda: sup.alert_hub_gone(f"hub (pid {process.pid}) is draining, not asked to"),
+            sup.config.supervisor,
+        )
 
     async def _failed(self, process: Process, how: str) -> None:
         """An unplanned exit: alert if it was the hub, restart with backoff within the budget,
@@ -154,13 +163,20 @@ class Slot:
         self.failures = recent = [*(t for t in self.failures if now - t <= limits.restart_window), now]
         if len(recent) >= limits.restart_max:
             self.state = "failed"
-            log.error("%s (pid %d) %s; %d failures within %gs: leaving it down", self.name, process.pid, how,
-                      len(recent), limits.restart_window)
+            log.error(
+                "%s (pid %d) %s; %d failures within %gs: leaving it down",
+                self.name,
+                process.pid,
+                how,
+                len(recent),
+                limits.restart_window,
+            )
             return
         backoff = 0.0 if len(recent) <= 1 else min(BACKOFF_MIN * 2 ** (len(recent) - 2), BACKOFF_MAX)
         self.state = "backoff"
-        log.warning("%s (pid %d) %s; restarting%s", self.name, process.pid, how,
-                    f" in {backoff:.1f}s" if backoff else "")
+        log.warning(
+            "%s (pid %d) %s; restarting%s", self.name, process.pid, how, f" in {backoff:.1f}s" if backoff else ""
+        )
         await trio.sleep(backoff)
         if not self.stopping and not sup.stopping and self.process is process:
             self.launch()
@@ -171,15 +187,20 @@ class Slot:
         process = process or self.process
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
+
                 async def exited() -> None:
                     await process.wait()
                     nursery.cancel_scope.cancel()
+
                 nursery.start_soon(exited)
                 await process.ready.wait()
                 nursery.cancel_scope.cancel()
         if not process.ready.is_set():
-            reason = describe_exit(process.returncode) if process.returncode is not None else \
-                f"not ready within {timeout:g}s"
+            reason = (
+                describe_exit(process.returncode)
+                if process.returncode is not None
+                else f"not ready within {timeout:g}s"
+            )
             raise RolloutError(f"{self.name} generation {process.generation} (pid {process.pid}): {reason}")
 
     async def stop(self, timeout: float) -> int | None:

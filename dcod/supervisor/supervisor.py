@@ -21,18 +21,19 @@ import resource
 import signal
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import psutil
 import trio
 
-from dcod import config as configuration, fs
+from dcod import config as configuration
+from dcod import fs
+from dcod.config import Config
 from dcod.net import sockets
 from dcod.net.channel import Control, StatusCounts, command_of
 from dcod.supervisor import control, rundir
-from dcod.supervisor.notify import Notifier
 from dcod.supervisor.alert import Alerter
-from dcod.config import Config
+from dcod.supervisor.notify import Notifier
 from dcod.supervisor.process import Process, dcod_command, describe_exit, drain_hubs
 from dcod.supervisor.rollout import Key, Rollout, RolloutError, WorkerSpec
 from dcod.supervisor.slot import Slot
@@ -97,8 +98,9 @@ class Supervisor:
         for proxy in config.proxies:
             if proxy.managed:
                 for i in range(proxy.instances):
-                    argv = list(proxy.command) or \
-                        self._argv(config, "worker", "--proxy", str(proxy.id), "--instance", str(i))
+                    argv = list(proxy.command) or self._argv(
+                        config, "worker", "--proxy", str(proxy.id), "--instance", str(i)
+                    )
                     slots[proxy.id, i] = WorkerSpec(f"worker {proxy.id}#{i}", argv)
         return slots
 
@@ -192,8 +194,10 @@ class Supervisor:
         states = [s.state for s in self.workers.values()]
         ready = states.count("ready")
         serving = self.hub.process.generation
-        line = f"serving on {self.config.hub.advertise}: hub generation {serving} {self.hub.state}, " \
-               f"{ready}/{len(states)} worker instances ready"
+        line = (
+            f"serving on {self.config.hub.advertise}: hub generation {serving} {self.hub.state}, "
+            f"{ready}/{len(states)} worker instances ready"
+        )
         failed = [s.name for s in self.slots if s.state == "failed"]
         return line + (f"; DOWN: {', '.join(failed)}" if failed else "")
 
@@ -254,14 +258,17 @@ class Supervisor:
     async def _reporting_waits(self, processes: list[Process]):
         """While the body waits for ``processes`` to exit, report every WAITING_REPORT_INTERVAL what each
         still has, as its heartbeats say."""
+
         async def report() -> None:
             while True:
                 await trio.sleep(WAITING_REPORT_INTERVAL)
                 for p in processes:
                     if p.running:
                         sessions = p.stats.get("sessions", 0)  # a hub's: its sessions yet to reconnect
-                        self._stop_step(f"waiting for {_count(p.counts.inflight, 'request')} on {_label(p)}" +
-                                        (f", {_count(sessions, 'session')} connected" if sessions else ""))
+                        self._stop_step(
+                            f"waiting for {_count(p.counts.inflight, 'request')} on {_label(p)}"
+                            + (f", {_count(sessions, 'session')} connected" if sessions else "")
+                        )
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(report)
@@ -398,15 +405,27 @@ class Supervisor:
         since the epoch."""
         rows = [_process_row(slot, slot.process) for slot in self.slots]
         # Other hub generations: one a rollout is starting, older ones draining.
-        rows += [_process_row(self.hub, p, state="draining" if p.retiring or p.draining.is_set() else
-                              "ready" if p.ready.is_set() else "starting")
-                 for p in self.hub.alive if p is not self.hub.process and p.running]
+        rows += [
+            _process_row(
+                self.hub,
+                p,
+                state="draining" if p.retiring or p.draining.is_set() else "ready" if p.ready.is_set() else "starting",
+            )
+            for p in self.hub.alive
+            if p is not self.hub.process and p.running
+        ]
         me = _resources(self._me)
         return {
-            "supervisor": {"pid": os.getpid(), "uptime": time.monotonic() - self.started, **me,
-                           "config": self.config.source, "advertise": self.config.hub.advertise,
-                           "rollout": self.last_rollout, "status": self.status_line(),
-                           "alerts": self.alerter.stats()},
+            "supervisor": {
+                "pid": os.getpid(),
+                "uptime": time.monotonic() - self.started,
+                **me,
+                "config": self.config.source,
+                "advertise": self.config.hub.advertise,
+                "rollout": self.last_rollout,
+                "status": self.status_line(),
+                "alerts": self.alerter.stats(),
+            },
             "processes": rows,
             "hub": self.hub.process.stats if self.hub.process is not None else None,
         }
@@ -426,14 +445,21 @@ UNKNOWN_RESOURCES = {"rss": None, "cpu_percent": None}
 
 def _process_row(slot: Slot, process: Process | None, state: str | None = None) -> dict:
     running = process is not None and process.running
-    return {"name": slot.name, "role": "hub" if slot.is_hub else "worker", "proxy": slot.proxy_id,
-            "instance": slot.instance, "pid": process.pid if running else None,
-            "generation": process.generation if process is not None else None,
-            "state": state or slot.state, "uptime": process.uptime if running else None,
-            **(_resources(process.psutil) if running else UNKNOWN_RESOURCES),
-            **dataclasses.asdict(process.counts if process is not None else StatusCounts()),
-            "restarts": slot.restarts, "failures": len(slot.failures),
-            "last_exit": dataclasses.asdict(slot.last_exit) if slot.last_exit is not None else None}
+    return {
+        "name": slot.name,
+        "role": "hub" if slot.is_hub else "worker",
+        "proxy": slot.proxy_id,
+        "instance": slot.instance,
+        "pid": process.pid if running else None,
+        "generation": process.generation if process is not None else None,
+        "state": state or slot.state,
+        "uptime": process.uptime if running else None,
+        **(_resources(process.psutil) if running else UNKNOWN_RESOURCES),
+        **dataclasses.asdict(process.counts if process is not None else StatusCounts()),
+        "restarts": slot.restarts,
+        "failures": len(slot.failures),
+        "last_exit": dataclasses.asdict(slot.last_exit) if slot.last_exit is not None else None,
+    }
 
 
 def _resources(proc) -> dict:
@@ -453,8 +479,12 @@ def hub_listener(config: Config) -> socket.socket:
     if passed:
         sock = passed.get(HUB_SOCKET_NAME) or next(iter(passed.values()))
         # The socket unit decides where the hub listens (ListenStream=), not hub.listen.
-        log.info("using the listening socket passed by systemd (%s), on %s; hub.listen (%s) applies only "
-                 "without one", ", ".join(passed), sockets.address_of(sock), config.hub.listen)
+        log.info(
+            "using the listening socket passed by systemd (%s), on %s; hub.listen (%s) applies only without one",
+            ", ".join(passed),
+            sockets.address_of(sock),
+            config.hub.listen,
+        )
         return sock
     return sockets.bind(config.hub.listen)
 
@@ -483,4 +513,3 @@ def main(config: Config) -> int:
     finally:
         claim.release()
     return 0
-

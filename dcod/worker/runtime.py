@@ -37,18 +37,31 @@ import signal
 import socket
 import sys
 import types
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Sequence
 
 import trio
 
 from dcod import fs
-from dcod.net import channel as control, sockets
 from dcod.config import Config
+from dcod.net import channel as control
+from dcod.net import sockets
 from dcod.net.connection import Connection, ConnectionClosed, accept
-from dcod.protocol import (ACK_ONEWAY, DEFAULT_MAX_PDU, HEADER_SIZE, HUB_HANDSHAKE, HUB_MAGIC, QUIT_NOTICE,
-                           ROUTED_HEADER, ErrorCode, Framer, ProtocolError, error_reply, reply)
+from dcod.protocol import (
+    ACK_ONEWAY,
+    DEFAULT_MAX_PDU,
+    HEADER_SIZE,
+    HUB_HANDSHAKE,
+    HUB_MAGIC,
+    QUIT_NOTICE,
+    ROUTED_HEADER,
+    ErrorCode,
+    Framer,
+    ProtocolError,
+    error_reply,
+    reply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +143,9 @@ class _Counts:
 class Worker:
     """Serves one handler to every hub that connects, ``concurrency`` requests at a time in all."""
 
-    def __init__(self, handler: Handler, *, concurrency: int = 64, max_pdu: int = DEFAULT_MAX_PDU,
-                 stop_timeout: float = 10.0) -> None:
+    def __init__(
+        self, handler: Handler, *, concurrency: int = 64, max_pdu: int = DEFAULT_MAX_PDU, stop_timeout: float = 10.0
+    ) -> None:
         self.handler = handler
         self.max_pdu = max_pdu
         self.stop_timeout = stop_timeout
@@ -149,8 +163,9 @@ class Worker:
     def report(self) -> tuple[control.StatusCounts, dict[str, int]]:
         """Its heartbeat: its row in `dcod status`, and its stats()."""
         counts = self._counts
-        return control.StatusCounts(done=counts.replies + counts.oneway, inflight=counts.inflight,
-                                    errors=counts.errors), self.stats()
+        return control.StatusCounts(
+            done=counts.replies + counts.oneway, inflight=counts.inflight, errors=counts.errors
+        ), self.stats()
 
     def stop(self, reason: str = "stop requested") -> None:
         """Stop gracefully. Called again: stop reading from hubs (requests in flight still finish)."""
@@ -179,8 +194,11 @@ class Worker:
                 accepting.cancel()
                 drain.deadline = trio.current_time() + self.stop_timeout
         if drain.cancelled_caught:
-            log.warning("stop_timeout (%g s) passed: gave up on %d requests in flight",
-                        self.stop_timeout, self._counts.abandoned)
+            log.warning(
+                "stop_timeout (%g s) passed: gave up on %d requests in flight",
+                self.stop_timeout,
+                self._counts.abandoned,
+            )
         await _run_hook("done", self.handler.done)
         log.info("stopped: %s", " ".join(f"{k}={v}" for k, v in self.stats().items()))
         return not drain.cancelled_caught
@@ -265,8 +283,14 @@ class Worker:
             detail = f"{type(e).__name__}: {e}"[:MAX_ERROR_DETAIL]
             # The journal's line starts with this instance's name ("worker 1#0: "): with the audsid
             # and rseq, the request's key; then the traceback, which the session never sees.
-            log.warning("%s request (audsid %d, rseq %d) failed: %s", "sync" if req.sync else "one-way", audsid,
-                        rseq, detail, exc_info=True)
+            log.warning(
+                "%s request (audsid %d, rseq %d) failed: %s",
+                "sync" if req.sync else "one-way",
+                audsid,
+                rseq,
+                detail,
+                exc_info=True,
+            )
             if req.sync:
                 conn.send(error_reply(audsid, rseq, ErrorCode.HANDLER_FAILED, detail))
         except BaseException:
@@ -329,8 +353,9 @@ class _Runners:
     requests running plus one, so the worker's slots bound them too.
     """
 
-    def __init__(self, nursery: trio.Nursery, answer: Callable[[bytearray], Awaitable[None]],
-                 abandon: Callable[[], None]) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, answer: Callable[[bytearray], Awaitable[None]], abandon: Callable[[], None]
+    ) -> None:
         self._nursery = nursery
         self._answer = answer
         self._abandon = abandon
@@ -437,8 +462,9 @@ def main(config: Config, proxy_id: int, instance: int = 0, listen: str | None = 
     except OSError as e:
         log.error("cannot listen: %s", e)
         return 1
-    worker = Worker(handler, concurrency=proxy.concurrency, max_pdu=config.hub.max_pdu,
-                    stop_timeout=config.supervisor.stop_timeout)
+    worker = Worker(
+        handler, concurrency=proxy.concurrency, max_pdu=config.hub.max_pdu, stop_timeout=config.supervisor.stop_timeout
+    )
     log.info("proxy %d: handler %s, %d requests at a time", proxy_id, proxy.handler, proxy.concurrency)
     return trio.run(_run, worker, listener, config.supervisor.heartbeat_interval)
 
@@ -475,8 +501,13 @@ async def _run(worker: Worker, listener: socket.socket, heartbeat_interval: floa
     return 0 if outcome and outcome[0] else 1
 
 
-async def _serve(worker: Worker, listener: socket.socket, outcome: list[bool], done: trio.CancelScope,
-                 task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def _serve(
+    worker: Worker,
+    listener: socket.socket,
+    outcome: list[bool],
+    done: trio.CancelScope,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
     """worker.serve(), then end the tasks that only live alongside it."""
     try:
         outcome.append(await worker.serve(listener, task_status=task_status))

@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import trio
 
@@ -50,8 +51,11 @@ def check(config: Config) -> None:
         raise invalid(config, "alert.name", f"must be a file name (no '/', no surrounding blanks), not {name!r}")
     if len(name.encode()) > ALERT_NAME_MAX:
         # Whichever backends raise it, Noradle's sessions wait on it with DBMS_ALERT.
-        raise invalid(config, "alert.name", f"must be at most {ALERT_NAME_MAX} bytes for DBMS_ALERT, not "
-                      f"{len(name.encode())} ({name!r})")
+        raise invalid(
+            config,
+            "alert.name",
+            f"must be at most {ALERT_NAME_MAX} bytes for DBMS_ALERT, not {len(name.encode())} ({name!r})",
+        )
     known = ", ".join(BACKENDS)
     if not alert.backends:
         raise invalid(config, "alert.backends", f"needs at least one of {known}")
@@ -118,8 +122,7 @@ class Alerter:
             stats.failed += 1
             stats.last_error = _reason(e)
             stats.last_failed = time.time()
-            log.warning("quit alert %s (%s): %s backend failed: %s", self.name, message, backend.kind,
-                        stats.last_error)
+            log.warning("quit alert %s (%s): %s backend failed: %s", self.name, message, backend.kind, stats.last_error)
         else:
             stats.sent += 1
             stats.last_sent = time.time()

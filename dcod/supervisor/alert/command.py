@@ -7,8 +7,9 @@ import logging
 import os
 import signal as signals
 import subprocess
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 import trio
 
@@ -68,9 +69,18 @@ class CommandBackend(Backend):
         proc: trio.Process | None = None
         with trio.move_on_after(self.timeout) as deadline:
             async with trio.open_nursery() as nursery:
-                proc = await nursery.start(partial(
-                    trio.run_process, argv, check=False, deliver_cancel=kill, start_new_session=True,
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+                proc = await nursery.start(
+                    partial(
+                        trio.run_process,
+                        argv,
+                        check=False,
+                        deliver_cancel=kill,
+                        start_new_session=True,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                    )
+                )
                 nursery.start_soon(self._log_output, proc.stdout, "stdout", None)
                 nursery.start_soon(self._log_output, proc.stderr, "stderr", last_error_line)
         if proc is None:
@@ -78,8 +88,11 @@ class CommandBackend(Backend):
         if killed:
             raise AlertFailed(f"still running after {self.timeout:g} s (alert.command_timeout): killed")
         if deadline.cancelled_caught:
-            log.warning("alert command %s exited, but its output stayed open past %g s (a background child?)",
-                        self.command[0], self.timeout)
+            log.warning(
+                "alert command %s exited, but its output stayed open past %g s (a background child?)",
+                self.command[0],
+                self.timeout,
+            )
         status = proc.returncode
         if status != 0:
             how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"

@@ -70,7 +70,7 @@ class FileBackend(Backend):
                 os.fchmod(fd, FILE_MODE)  # mkstemp makes it 0600
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
                 # mtime = the counter in ms: strictly increasing, so a reader's (inode, mtime, size)
                 # stamp changes with every alert even if the inode number is reused.

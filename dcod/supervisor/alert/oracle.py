@@ -27,7 +27,7 @@ ORACLEDB_MISSING = "the oracle backend needs python-oracledb, which is not insta
 
 def credential_name(password_file: str) -> str | None:
     """The name in ``credential:<name>`` (a systemd LoadCredential=), else None for a plain path."""
-    return password_file[len("credential:"):] if password_file.startswith("credential:") else None
+    return password_file[len("credential:") :] if password_file.startswith("credential:") else None
 
 
 def oracledb_available() -> bool:
@@ -88,16 +88,25 @@ class OracleBackend(Backend):
             raise invalid(config, "alert.name", f"names starting with ORA$ are reserved by Oracle, not {name!r}")
         credential = credential_name(alert.oracle_password_file)
         if credential is not None and (not credential or "/" in credential or credential in (".", "..")):
-            raise invalid(config, "alert.oracle_password_file",
-                          f"credential:<name> needs a credential name (no '/'), not {alert.oracle_password_file!r}")
+            raise invalid(
+                config,
+                "alert.oracle_password_file",
+                f"credential:<name> needs a credential name (no '/'), not {alert.oracle_password_file!r}",
+            )
         if not oracledb_available():
             raise invalid(config, "alert.backends", ORACLEDB_MISSING)
 
     @classmethod
     def from_config(cls, config: Config) -> OracleBackend:
         alert = config.alert
-        return cls(import_oracledb(config.source), alert.name, alert.oracle_dsn, alert.oracle_user,
-                   alert.oracle_password_file, alert.oracle_timeout)
+        return cls(
+            import_oracledb(config.source),
+            alert.name,
+            alert.oracle_dsn,
+            alert.oracle_user,
+            alert.oracle_password_file,
+            alert.oracle_timeout,
+        )
 
     def __repr__(self) -> str:
         return f"OracleBackend({self.user}@{self.dsn})"
@@ -158,8 +167,9 @@ class OracleBackend(Backend):
         return connection
 
     def _connect(self) -> Any:
-        connection = self.oracledb.connect(user=self.user, password=self._password(), dsn=self.dsn,
-                                           tcp_connect_timeout=self.timeout)
+        connection = self.oracledb.connect(
+            user=self.user, password=self._password(), dsn=self.dsn, tcp_connect_timeout=self.timeout
+        )
         connection.call_timeout = max(1, int(self.timeout * 1000))
         return connection
 
@@ -170,8 +180,10 @@ class OracleBackend(Backend):
         else:
             directory = os.environ.get("CREDENTIALS_DIRECTORY")
             if not directory:
-                raise AlertFailed(f"alert.oracle_password_file = {self.password_file!r} but $CREDENTIALS_DIRECTORY "
-                                  "is not set (LoadCredential= in the unit)")
+                raise AlertFailed(
+                    f"alert.oracle_password_file = {self.password_file!r} but $CREDENTIALS_DIRECTORY "
+                    "is not set (LoadCredential= in the unit)"
+                )
             path = Path(directory) / credential
         try:
             password = path.read_text().rstrip("\r\n")
@@ -194,8 +206,11 @@ def _close_quietly(connection: Any) -> None:
 
 
 # trio 0.22 (Debian 12) calls it `cancellable`; 0.23 renamed it `abandon_on_cancel`.
-_ABANDON = ("abandon_on_cancel" if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters
-            else "cancellable")
+_ABANDON = (
+    "abandon_on_cancel"
+    if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters
+    else "cancellable"
+)
 
 
 async def _run_sync_abandoning(fn: Any, *args: Any) -> Any:

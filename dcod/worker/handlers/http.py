@@ -60,8 +60,9 @@ async def done() -> None:
 async def handle(req: Request) -> bytes:
     call = parse_out_call(req.body)
     try:
-        response = await _client.request(call.method, call.url, headers=call.headers,
-                                         content=call.content or None, timeout=call.timeout)
+        response = await _client.request(
+            call.method, call.url, headers=call.headers, content=call.content or None, timeout=call.timeout
+        )
     except httpx.TimeoutException as e:
         raise OutCallFailed(f"{call}: timed out after {call.timeout:g} s ({type(e).__name__})") from None
     except httpx.ConnectError as e:
