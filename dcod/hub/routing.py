@@ -297,22 +297,22 @@ class Router:
                 self.warnings.warn("unknown proxy", "one-way request for unknown proxy %d from audsid %d dropped",
                                    proxy_id, audsid)
             return
-        counters = proxy.counters
-        counters.requests += 1
-        if length > 0 and session.inflight >= self.max_inflight:
-            counters.refused += 1
-            self.totals["overloaded"] += 1
-            self._send_error(session, counters, rseq, ErrorCode.OVERLOADED,
-                             f"{self.max_inflight} requests in flight for this session")
-            return
         number = self._next_rseq
         if number >= self._rseq_limit:
             number = self._free_rseq()
         self._next_rseq = number + 1
         ROUTED_HEADER.pack_into(pdu, 0, length, audsid, number)
         key = (audsid, number)
+        counters = proxy.counters
+        counters.requests += 1
         pending = None
         if length > 0:
+            if session.inflight >= self.max_inflight:
+                counters.refused += 1
+                self.totals["overloaded"] += 1
+                self._send_error(session, counters, rseq, ErrorCode.OVERLOADED,
+                                 f"{self.max_inflight} requests in flight for this session")
+                return
             now = self.clock()
             pending = Pending(key, proxy, now + self.reply_timeout, now, session, rseq)
             session.inflight += 1
