@@ -11,8 +11,20 @@ import trio
 
 from conftest import wait_for
 from dcod.hub.server import drain
-from peers import (HUB_HANDSHAKE, TAKES_ERROR_REPLIES, OracleSession, WorkerPeer, closed_by_peer, handshake,
-                   open_raw, read_pdu, recv_exactly, reply_pdu, request_pdu, send_all)
+from peers import (
+    HUB_HANDSHAKE,
+    TAKES_ERROR_REPLIES,
+    OracleSession,
+    WorkerPeer,
+    closed_by_peer,
+    handshake,
+    open_raw,
+    read_pdu,
+    recv_exactly,
+    reply_pdu,
+    request_pdu,
+    send_all,
+)
 
 ONE_PROXY = """
 [[proxy]]
@@ -85,7 +97,7 @@ async def test_oneway_requests_an_instance_did_not_acknowledge_go_to_another(hub
     session = await OracleSession.connect(address, audsid=8)
     for rseq in range(1, 5):
         await session.send(1, rseq, b"o%d" % rseq, oneway=True)
-        await wait_for(lambda: hub.router.proxies[1].counters.oneway == rseq)  # one read each: they alternate
+        await wait_for(lambda rseq=rseq: hub.router.proxies[1].counters.oneway == rseq)  # one read each: they alternate
     by_side = {side: [await read_pdu(side) for _ in range(2)] for side in (first, second)}
     await send_all(first, reply_pdu(8, by_side[first][0][2], b""))  # acks one, then dies
     await wait_for(lambda: hub.router.proxies[1].counters.acked == 1)
@@ -325,7 +337,7 @@ async def test_oneway_requests_spread_over_instances(hub_with_workers):
     for rseq in range(1, 5):
         await session.send(1, rseq, b"o%d" % rseq, oneway=True)
         # One read each: the requests of one read all go to one instance.
-        await wait_for(lambda: hub.router.proxies[1].counters.oneway == rseq)
+        await wait_for(lambda rseq=rseq: hub.router.proxies[1].counters.oneway == rseq)
     got = [[(await read_pdu(side))[3] for _ in range(2)] for side in sides]
     assert sorted(got[0] + got[1]) == [b"o1", b"o2", b"o3", b"o4"]
 

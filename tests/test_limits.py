@@ -7,8 +7,17 @@ import pytest
 from conftest import wait_for
 from dcod.hub.spool import Spool
 from mounts import remount, tmpfs
-from peers import (TAKES_ERROR_REPLIES, OracleSession, WorkerPeer, closed_by_peer, open_raw, read_pdu, reply_pdu,
-                   request_pdu, send_all)
+from peers import (
+    TAKES_ERROR_REPLIES,
+    OracleSession,
+    WorkerPeer,
+    closed_by_peer,
+    open_raw,
+    read_pdu,
+    reply_pdu,
+    request_pdu,
+    send_all,
+)
 
 ECHO1 = '[[proxy]]\nid = 1\nhandler = "echo"\n'
 

@@ -260,7 +260,7 @@ async def test_dcods_client_announcing_its_capabilities_works_on_noradles_hub(ma
                 assert await session.call_sync(1, b"call %d" % n, timeout=REPLY_WAIT) == b"call %d" % n
 
 
-async def test_reply_timeout_then_good_calls(run, slow_echo):
+async def test_reply_timeout_then_good_calls(run, slow_echo):  # noqa: F811 (a fixture)
     r = await started(run, slow_echo, reply_timeout=1.0)
 
     def scenario() -> None:
@@ -276,7 +276,7 @@ async def test_reply_timeout_then_good_calls(run, slow_echo):
     assert "WITHHELD" in (await dcod_async(r.config, "status")).stdout
 
 
-async def test_worker_killed_with_requests_in_flight_then_good_calls(run, slow_echo, tmp_path):
+async def test_worker_killed_with_requests_in_flight_then_good_calls(run, slow_echo, tmp_path):  # noqa: F811 (a fixture)
     r = await started(run, slow_echo.replace("instances = 2", "instances = 1"))
     session = await in_thread(lambda: KExtCall([exthub(r.config.hub.advertise)], audsid=3003))
     slow = [session.send_request(1, b"slow %d" % n, buffered=True) for n in range(5)]

@@ -28,7 +28,8 @@ import dataclasses
 import logging
 import random
 import time
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from dcod import protocol
 from dcod.config import ProxyConfig

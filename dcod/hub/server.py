@@ -22,19 +22,20 @@ import logging
 import signal
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import trio
 
 from dcod import protocol
-from dcod.log import Throttle
-from dcod.net import channel as control, sockets
 from dcod.config import Config
-from dcod.net.connection import Connection, ConnectionClosed, accept, connect
-from dcod.protocol import ErrorCode, ProtocolError
-from dcod.net.reactor import Reactor
 from dcod.hub.routing import Instance, Proxy, Router, Session
 from dcod.hub.spool import SpoolDir
+from dcod.log import Throttle
+from dcod.net import channel as control
+from dcod.net import sockets
+from dcod.net.connection import Connection, ConnectionClosed, accept, connect
+from dcod.net.reactor import Reactor
+from dcod.protocol import ErrorCode, ProtocolError
 
 log = logging.getLogger("dcod.hub")
 
