@@ -392,10 +392,10 @@ def test_error_replies_go_only_to_sessions_that_announced_they_take_them(code, m
     if capable:
         [answer] = oracle.take()
         assert answer[2] == 1 and error_code(answer) == code
-        assert (withheld, hub.warned) == (0, [])
+        assert (withheld, hub.warned.count("withheld")) == (0, 0)
     else:
         assert oracle.take() == []  # nothing: Noradle's PL/SQL would read the text as the next header
-        assert (withheld, hub.warned) == (1, ["withheld"])
+        assert (withheld, hub.warned.count("withheld")) == (1, 1)
     assert session.inflight == 0
 
 
