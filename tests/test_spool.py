@@ -120,6 +120,7 @@ async def test_queued_requests_survive_sigkill_of_the_hub(make_config, tmp_path)
     address = config.hub.listen
     spool_dir = config.state_dir / "spool"
     sent = [(rseq, rseq % 3 == 0) for rseq in range(1, 61)]  # (rseq, oneway): 40 sync, 20 one-way
+
     def body(rseq: int) -> bytes:
         return b"%02d queued while the worker is down" % rseq
 

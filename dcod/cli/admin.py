@@ -188,9 +188,8 @@ def render_status(status: dict) -> str:
             up = sum(1 for i in p["instances"] if i["state"] == "up" and not i["held"])
             rows.append((str(pid), str(p["requests"]), str(p["oneway"]), str(p["replies"]),
                          str(p["errors"] + p["error_replies"]), str(p.get("withheld", 0)), str(p["timeouts"]),
-                         str(p["worker_lost"]),
-                         str(p["refused"]), str(p["queued_now"]), str(p["inflight"]), str(p.get("unacked", 0)),
-                         f"{avg:.2f}",
+                         str(p["worker_lost"]), str(p["refused"]), str(p["queued_now"]), str(p["inflight"]),
+                         str(p.get("unacked", 0)), f"{avg:.2f}",
                          f"{1000 * p['latency_max']:.2f}", f"{up}/{len(p['instances'])} up"))
         lines += _table(rows)
     for pid, p in sorted(proxies.items(), key=lambda kv: int(kv[0])):
