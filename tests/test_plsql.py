@@ -26,7 +26,7 @@ from conftest import free_port, wait_for
 from dcod.client import Session
 from kext_call import ExtHub, KExtCall, OracleError, exthub, oracle_floor, oracle_mod
 from runs import ECHO
-from test_rollout import dcod_async, handler_module, slow_echo, status  # noqa: F401 (fixtures)
+from test_rollout import dcod_async, handler_module, handler_path, slow_echo, status  # noqa: F401 (fixtures)
 
 NODE = shutil.which("node")
 EXT_HUB = Path(__file__).parent / "noradle" / "ext_hub.js"
