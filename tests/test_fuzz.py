@@ -8,9 +8,10 @@ one PDU (so a connection costs at most max_pdu + one recv).
 
 The hub: a real Hub on real sockets, in a trio loop of its own thread (hypothesis and
 pytest-trio fixtures do not mix), with a byte-level echo worker (tests/peers.py). Whatever a session sends, the
-session is either served (every valid request forwarded, every sync one answered) or closed
-with one protocol error counted in hub.totals; no exception escapes the hub's tasks, it keeps
-serving a well-behaved session afterwards, and it keeps no per-connection state once closed.
+session is either served (every valid request forwarded, every sync one answered, with an error
+reply only if its handshake announced that it takes them) or closed with one protocol error
+counted in hub.totals; no exception escapes the hub's tasks, it keeps serving a well-behaved
+session afterwards, and it keeps no per-connection state once closed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dcod import protocol
 from dcod.hub.server import Hub
 from dcod.net import sockets
 from dcod.protocol import Framer, ProtocolError
-from peers import ORACLE_MAGIC, WorkerPeer, handshake, read_pdu, reply_pdu, request_pdu, send_all
+from peers import ORACLE_MAGIC, TAKES_ERROR_REPLIES, WorkerPeer, handshake, read_pdu, reply_pdu, request_pdu, send_all
 
 INT32 = st.integers(min_value=-(1 << 31), max_value=(1 << 31) - 1)
 HUB_MAX_PDU = 4096
@@ -209,7 +210,7 @@ class HubThread:
                 f'[[proxy]]\nid = {KNOWN_PROXY}\nhandler = "echo"\n')
         (tmp / "run").mkdir(parents=True, exist_ok=True)
         self.config = configuration.parse(text, str(tmp / "fuzz.toml"))
-        self.oneway: dict[int, list[tuple[int, bytes]]] = collections.defaultdict(list)  # audsid -> (rseq, body)
+        self.oneway: dict[int, list[bytes]] = collections.defaultdict(list)  # audsid -> bodies
         self.crash: BaseException | None = None
         self.hub: Hub | None = None
         self.address = ""
@@ -269,7 +270,7 @@ class HubThread:
                 if length > 0:
                     await send_all(sock, reply_pdu(audsid, rseq, body))
                 else:
-                    self.oneway[audsid].append((rseq, body))
+                    self.oneway[audsid].append(body)
                     await send_all(sock, reply_pdu(audsid, rseq))  # the acknowledgement
 
 
@@ -328,11 +329,13 @@ WELL_BEHAVED = 0xFFFFFFF0
 def session_streams(draw):
     """(audsid, handshake ok?, handshake, pieces, tail) of an arbitrary session: requests to the
     known proxy and to unknown ones, sync and one-way, then maybe a bad length or raw junk and more
-    after it; rseqs distinct, as Oracle's are."""
+    after it; rseqs distinct, as Oracle's are. Its sid field announces that it takes error replies,
+    or is any other number."""
     audsid = next(_audsids)
     good_magic = draw(st.sampled_from([True, True, True, False]))
     magic = ORACLE_MAGIC if good_magic else draw(INT32.filter(lambda m: m != ORACLE_MAGIC))
-    preamble = struct.pack(">iiiI", magic, draw(INT32), draw(INT32), audsid)
+    sid = draw(st.one_of(st.just(TAKES_ERROR_REPLIES), INT32))
+    preamble = struct.pack(">iiiI", magic, sid, draw(INT32), audsid)
     rseqs = iter(draw(st.lists(INT32, min_size=16, max_size=16, unique=True)))
 
     def request():
@@ -360,6 +363,12 @@ def session_streams(draw):
     return audsid, good_magic, preamble, pieces, tail
 
 
+def takes_error_replies(preamble: bytes) -> bool:
+    """The spec: a sid field of 0xDC0D in its high 16 bits and bit 0 set announces it."""
+    sid = struct.unpack_from(">I", preamble, 4)[0]
+    return sid >> 16 == 0xDC0D and bool(sid & 1)
+
+
 def _model(stream: bytes) -> tuple[list[bytes], bool]:
     """What the spec says the hub does with a session's bytes: the request PDUs it takes, in order,
     and whether it must close the connection for a protocol error (an unfinished PDU at the end is
@@ -384,12 +393,14 @@ def _model(stream: bytes) -> tuple[list[bytes], bool]:
 @given(session_streams(), st.lists(st.integers(min_value=0, max_value=100_000), max_size=6))
 def test_hub_serves_or_closes_cleanly_whatever_a_session_sends(live_hub, stream, points):
     audsid, good_magic, preamble, pieces, tail = stream
+    takes_errors = takes_error_replies(preamble)
     data = preamble + b"".join(d for _, d in pieces) + tail
     requests, error = _model(data)
     truncated = not error and (len(data) - 16 - sum(map(len, requests))) > 0
     rseqs = [struct.unpack_from(">i", r, 8)[0] for r in requests]
     assume(len(set(rseqs)) == len(rseqs))  # junk read as a request may repeat an rseq; Oracle never does
     event("bad handshake" if not good_magic else "protocol error" if error else "served")
+    event("takes error replies" if takes_errors else "takes no error replies")
     event(f"{min(len(requests), 5)}{'+' if len(requests) >= 5 else ''} requests before the end or the error")
     totals = live_hub.call(lambda: dict(live_hub.hub.totals))
 
@@ -401,7 +412,8 @@ def test_hub_serves_or_closes_cleanly_whatever_a_session_sends(live_hub, stream,
             except (BrokenPipeError, ConnectionResetError):
                 assert error, "the hub closed a session that sent nothing wrong"
                 break
-        sync = [r for r in requests if struct.unpack_from(">i", r)[0] > 0]
+        sync = [r for r in requests if struct.unpack_from(">i", r)[0] > 0
+                and (takes_errors or struct.unpack_from(">i", r, 4)[0] == KNOWN_PROXY)]  # those that get a reply
         oneway_known = [r for r in requests if struct.unpack_from(">ii", r) < (0, 0) and
                         struct.unpack_from(">ii", r)[1] == KNOWN_PROXY]
         if error:
@@ -410,7 +422,8 @@ def test_hub_serves_or_closes_cleanly_whatever_a_session_sends(live_hub, stream,
         else:
             replies, ended = _read_pdus(sock, len(sync))
             assert not ended, "the hub closed a session that sent nothing wrong"
-        # Every reply answers a sync request sent, once: the echo, or DCO-0001 for an unknown proxy.
+        # Every reply answers a sync request sent, once: the echo, or DCO-0001 for an unknown proxy
+        # (only to a session that takes error replies: another gets none).
         by_rseq = {struct.unpack_from(">i", r, 8)[0]: r for r in sync}
         seen = set()
         for length, reply_audsid, rseq, body in replies:
@@ -423,7 +436,7 @@ def test_hub_serves_or_closes_cleanly_whatever_a_session_sends(live_hub, stream,
                 assert length < 0 and body.startswith(b"DCO-0001 unknown proxy")
         # One-way requests for the known proxy reach the worker in order: all of them, or a prefix
         # if the session broke the protocol.
-        want = [(struct.unpack_from(">i", r, 8)[0], r[12:]) for r in oneway_known]
+        want = [r[12:] for r in oneway_known]
         if not error:
             _wait(lambda: len(live_hub.oneway[audsid]) >= len(want), "one-way requests at the worker")
         got = live_hub.oneway[audsid]
@@ -433,7 +446,7 @@ def test_hub_serves_or_closes_cleanly_whatever_a_session_sends(live_hub, stream,
 
     def closed_and_counted() -> bool:
         now = live_hub.call(lambda: (live_hub.hub.connections, dict(live_hub.hub.totals),
-                                     audsid in live_hub.hub.router.sessions))
+                                     any(s.audsid == audsid for s in live_hub.hub.router.sessions)))
         connections, after, registered = now
         return connections == 0 and not registered and \
             after.get("protocol_errors", 0) == totals.get("protocol_errors", 0) + (1 if error else 0)
@@ -465,8 +478,7 @@ def test_a_session_that_never_reads_costs_bounded_hub_memory(live_hub):
     body = b"x" * (HUB_MAX_PDU - 12)
 
     def held() -> int:
-        session = live_hub.hub.router.sessions.get(audsid)
-        return session.conn.pending_bytes if session is not None else 0
+        return sum(s.conn.pending_bytes for s in live_hub.hub.router.sessions if s.audsid == audsid)
 
     sock = _connect(live_hub.address)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -178,17 +178,18 @@ def render_status(status: dict) -> str:
     proxies = hub.get("proxies", {})
     if proxies:
         lines.append("")
-        header = ("PROXY", "REQUESTS", "ONEWAY", "REPLIES", "ERRORS", "TIMEOUTS", "LOST", "REFUSED", "QUEUED",
-                  "INFLIGHT", "UNACKED", "AVG MS", "MAX MS", "INSTANCES")
+        # WITHHELD: error replies not sent to sessions that take none (Noradle's PL/SQL), of ERRORS.
+        header = ("PROXY", "REQUESTS", "ONEWAY", "REPLIES", "ERRORS", "WITHHELD", "TIMEOUTS", "LOST", "REFUSED",
+                  "QUEUED", "INFLIGHT", "UNACKED", "AVG MS", "MAX MS", "INSTANCES")
         rows = [header]
         for pid, p in sorted(proxies.items(), key=lambda kv: int(kv[0])):
             answered = p["replies"] + p["error_replies"]
             avg = 1000 * p["latency_sum"] / answered if answered else 0.0
             up = sum(1 for i in p["instances"] if i["state"] == "up" and not i["held"])
             rows.append((str(pid), str(p["requests"]), str(p["oneway"]), str(p["replies"]),
-                         str(p["errors"] + p["error_replies"]), str(p["timeouts"]), str(p["worker_lost"]),
-                         str(p["refused"]), str(p["queued_now"]), str(p["inflight"]), str(p.get("unacked", 0)),
-                         f"{avg:.2f}",
+                         str(p["errors"] + p["error_replies"]), str(p.get("withheld", 0)), str(p["timeouts"]),
+                         str(p["worker_lost"]), str(p["refused"]), str(p["queued_now"]), str(p["inflight"]),
+                         str(p.get("unacked", 0)), f"{avg:.2f}",
                          f"{1000 * p['latency_max']:.2f}", f"{up}/{len(p['instances'])} up"))
         lines += _table(rows)
     for pid, p in sorted(proxies.items(), key=lambda kv: int(kv[0])):

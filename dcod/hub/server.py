@@ -22,19 +22,20 @@ import logging
 import signal
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import trio
 
 from dcod import protocol
-from dcod.log import Throttle
-from dcod.net import channel as control, sockets
 from dcod.config import Config
-from dcod.net.connection import Connection, ConnectionClosed, accept, connect
-from dcod.protocol import ErrorCode, ProtocolError
-from dcod.net.reactor import Reactor
 from dcod.hub.routing import Instance, Proxy, Router, Session
 from dcod.hub.spool import SpoolDir
+from dcod.log import Throttle
+from dcod.net import channel as control
+from dcod.net import sockets
+from dcod.net.connection import Connection, ConnectionClosed, accept, connect
+from dcod.net.reactor import Reactor
+from dcod.protocol import ErrorCode, ProtocolError
 
 log = logging.getLogger("dcod.hub")
 
@@ -355,22 +356,23 @@ async def drain(hub: Hub, *, timeout: float, grace: float = 1.0,
     """Stop taking sessions and wait until every sync request is answered and sessions have gone.
 
     Sessions read their replies and reconnect elsewhere once the quit alert is raised; one
-    that stays connected without anything in flight is closed after ``grace`` seconds of
-    quiet. Past ``timeout`` what is still in flight is answered with error replies.
+    that stays connected without a sync request in flight (or queued) is closed after ``grace``
+    seconds of quiet: Noradle's PL/SQL counts its one-way requests among the replies it waits
+    for at the alert, so it would wait for us forever. Past ``timeout`` what is still in flight is
+    answered with error replies.
     """
     hub.close_listeners()
     if on_closed is not None:
         on_closed()
     router = hub.router
     with trio.move_on_after(timeout):
-        quiet_since: dict[int, float] = {}
+        quiet_since: dict[Session, float] = {}
         while router.inflight or router.sessions:
             now = hub.clock()
-            busy = {key[0] for p in router.proxies.values() for i in p.instances for key in i.inflight}
-            for audsid, session in list(router.sessions.items()):
-                if audsid in busy:
-                    quiet_since.pop(audsid, None)
-                elif now - quiet_since.setdefault(audsid, now) >= grace:
+            for session in list(router.sessions):  # per connection: audsids need not be unique
+                if session.inflight:
+                    quiet_since.pop(session, None)
+                elif now - quiet_since.setdefault(session, now) >= grace:
                     session.conn.close()
             await trio.sleep(SWEEP_INTERVAL)
         return
@@ -379,7 +381,7 @@ async def drain(hub: Hub, *, timeout: float, grace: float = 1.0,
     for proxy in router.proxies.values():
         for instance in proxy.instances:
             router.fail(instance, ErrorCode.DRAINING, "hub stopped before the reply came")
-    for session in list(router.sessions.values()):
+    for session in list(router.sessions):
         await session.conn.flush()
 
 
