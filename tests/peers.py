@@ -147,7 +147,6 @@ class WorkerPeer:
         self.listener.close()
 
 
-
 class HubEnd:
     """The hub's end of one connection to a worker (the worker under test), at byte level."""
 

@@ -56,8 +56,13 @@ def segments(draw, max_pdu: int, noradle_quit: bool = False):
             out.append(("pdu", struct.pack(">iii", length, draw(INT32), draw(INT32)) + body))
         else:
             small = [n for n in range(-11, 12) if not (noradle_quit and abs(n) == 6)]
-            length = draw(st.one_of(st.sampled_from(small), st.integers(max_pdu + 1, (1 << 31) - 1),
-                                    st.integers(-(1 << 31), -(max_pdu + 1))))
+            length = draw(
+                st.one_of(
+                    st.sampled_from(small),
+                    st.integers(max_pdu + 1, (1 << 31) - 1),
+                    st.integers(-(1 << 31), -(max_pdu + 1)),
+                )
+            )
             junk = draw(st.binary(max_size=20))
             out.append(("bad", struct.pack(">iii", length, draw(INT32), draw(INT32)) + junk))
     return out
@@ -95,8 +100,12 @@ def feed_all(framer: Framer, chunks: list[bytes], bound: int) -> tuple[list[byte
 # ---------------------------------------------------------------- the framer
 
 
-@given(st.data(), st.integers(min_value=12, max_value=300), st.booleans(),
-       st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
+@given(
+    st.data(),
+    st.integers(min_value=12, max_value=300),
+    st.booleans(),
+    st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+)
 def test_mixed_stream_cut_anywhere_gives_the_valid_prefix_then_an_error(data, max_pdu, noradle_quit, points):
     pieces = data.draw(segments(max_pdu, noradle_quit))
     good, errs = expected(pieces)
@@ -114,8 +123,12 @@ def test_mixed_stream_cut_anywhere_gives_the_valid_prefix_then_an_error(data, ma
         assert framer.buffered == len(tail)
 
 
-@given(st.data(), st.integers(min_value=12, max_value=300), st.booleans(),
-       st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
+@given(
+    st.data(),
+    st.integers(min_value=12, max_value=300),
+    st.booleans(),
+    st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+)
 def test_all_at_once_and_cut_agree_on_valid_streams(data, max_pdu, noradle_quit, points):
     pieces = [p for p in data.draw(segments(max_pdu, noradle_quit)) if p[0] == "pdu"]
     stream = b"".join(d for _, d in pieces)
@@ -131,7 +144,7 @@ def test_max_pdu_is_the_largest_length_accepted(max_pdu, oneway, step):
     framer = Framer(max_pdu)
     out = []
     for i in range(0, len(fits), step):
-        out += framer.feed(fits[i:i + step])
+        out += framer.feed(fits[i : i + step])
     assert [bytes(p) for p in out] == [fits]
     with pytest.raises(ProtocolError, match="above max_pdu"):
         Framer(max_pdu).feed(struct.pack(">iii", sign * (max_pdu + 1), 1, 1))
@@ -139,9 +152,15 @@ def test_max_pdu_is_the_largest_length_accepted(max_pdu, oneway, step):
         Framer(max_pdu).feed(struct.pack(">iii", sign * 11, 1, 1))
 
 
-@given(st.data(), st.integers(min_value=12, max_value=300), st.booleans(), INT32, INT32,
-       st.integers(min_value=0, max_value=(1 << 32) - 1),
-       st.lists(st.integers(min_value=0, max_value=10_000), max_size=8))
+@given(
+    st.data(),
+    st.integers(min_value=12, max_value=300),
+    st.booleans(),
+    INT32,
+    INT32,
+    st.integers(min_value=0, max_value=(1 << 32) - 1),
+    st.lists(st.integers(min_value=0, max_value=10_000), max_size=8),
+)
 def test_oracle_preamble_is_checked_then_pdus_follow(data, max_pdu, good_magic, sid, serial, audsid, points):
     magic = ORACLE_MAGIC if good_magic else data.draw(INT32.filter(lambda m: m != ORACLE_MAGIC))
     preamble = struct.pack(">iiiI", magic, sid, serial, audsid)
@@ -167,8 +186,11 @@ def test_oracle_preamble_is_checked_then_pdus_follow(data, max_pdu, good_magic, 
     assert out == [d for _, d in pieces]
 
 
-@given(st.integers(min_value=12, max_value=1 << 20), st.integers(min_value=1, max_value=1 << 16),
-       st.integers(min_value=1, max_value=40))
+@given(
+    st.integers(min_value=12, max_value=1 << 20),
+    st.integers(min_value=1, max_value=1 << 16),
+    st.integers(min_value=1, max_value=40),
+)
 def test_a_stalled_pdu_costs_less_than_max_pdu(max_pdu, recv, rounds):
     """A peer that announces a PDU of max_pdu bytes and trickles it: the framer holds less than one
     PDU whatever the recv size, and hands the PDU over once it is whole."""
@@ -178,7 +200,7 @@ def test_a_stalled_pdu_costs_less_than_max_pdu(max_pdu, recv, rounds):
     for _ in range(rounds):
         if offset >= len(pdu):
             break
-        out = framer.feed(pdu[offset:offset + recv])
+        out = framer.feed(pdu[offset : offset + recv])
         offset += recv
         assert framer.buffered < max_pdu
         assert (len(out) == 1) == (offset >= len(pdu))
@@ -205,9 +227,11 @@ class HubThread:
     that records the one-way requests it gets."""
 
     def __init__(self, tmp) -> None:
-        text = (f'[hub]\nmax_pdu = {HUB_MAX_PDU}\nreply_timeout = 5.0\n'
-                f'[supervisor]\nruntime_dir = "{tmp}/run"\nstate_dir = "{tmp}/state"\n'
-                f'[[proxy]]\nid = {KNOWN_PROXY}\nhandler = "echo"\n')
+        text = (
+            f"[hub]\nmax_pdu = {HUB_MAX_PDU}\nreply_timeout = 5.0\n"
+            f'[supervisor]\nruntime_dir = "{tmp}/run"\nstate_dir = "{tmp}/state"\n'
+            f'[[proxy]]\nid = {KNOWN_PROXY}\nhandler = "echo"\n'
+        )
         (tmp / "run").mkdir(parents=True, exist_ok=True)
         self.config = configuration.parse(text, str(tmp / "fuzz.toml"))
         self.oneway: dict[int, list[bytes]] = collections.defaultdict(list)  # audsid -> bodies
@@ -300,8 +324,8 @@ def _read_pdus(sock: socket.socket, want: int) -> tuple[list[tuple[int, int, int
     while len(out) < want:
         while len(buf) >= 12 and len(buf) >= abs(struct.unpack_from(">i", buf)[0]):
             length, audsid, rseq = struct.unpack_from(">iIi", buf)
-            out.append((length, audsid, rseq, buf[12:abs(length)]))
-            buf = buf[abs(length):]
+            out.append((length, audsid, rseq, buf[12 : abs(length)]))
+            buf = buf[abs(length) :]
         if len(out) >= want:
             break
         try:
@@ -340,8 +364,12 @@ def session_streams(draw):
 
     def request():
         kind = draw(st.sampled_from(["sync", "sync", "oneway", "oneway", "unknown"]))
-        body = draw(st.one_of(st.binary(max_size=100),  # or one of exactly max_pdu: drawn cheaply
-                              st.binary(min_size=1, max_size=1).map(lambda b: b * (HUB_MAX_PDU - 12))))
+        body = draw(
+            st.one_of(
+                st.binary(max_size=100),  # or one of exactly max_pdu: drawn cheaply
+                st.binary(min_size=1, max_size=1).map(lambda b: b * (HUB_MAX_PDU - 12)),
+            )
+        )
         size = 12 + len(body)
         proxy = KNOWN_PROXY if kind != "unknown" else draw(INT32.filter(lambda p: p != KNOWN_PROXY))
         oneway = kind == "oneway" or (kind == "unknown" and draw(st.booleans()))
@@ -349,8 +377,13 @@ def session_streams(draw):
 
     def wrong():
         if draw(st.booleans()):
-            length = draw(st.one_of(st.integers(-11, 11), st.integers(HUB_MAX_PDU + 1, (1 << 31) - 1),
-                                    st.integers(-(1 << 31), -(HUB_MAX_PDU + 1))))
+            length = draw(
+                st.one_of(
+                    st.integers(-11, 11),
+                    st.integers(HUB_MAX_PDU + 1, (1 << 31) - 1),
+                    st.integers(-(1 << 31), -(HUB_MAX_PDU + 1)),
+                )
+            )
             return "bad", struct.pack(">iii", length, draw(INT32), next(rseqs)) + draw(st.binary(max_size=30))
         junk = draw(st.binary(min_size=12, max_size=40))
         return "junk", junk
@@ -384,7 +417,7 @@ def _model(stream: bytes) -> tuple[list[bytes], bool]:
             return requests, True
         if len(stream) - offset < size:
             break
-        requests.append(stream[offset:offset + size])
+        requests.append(stream[offset : offset + size])
         offset += size
     return requests, False
 
@@ -412,10 +445,16 @@ def test_hub_serves_or_closes_cleanly_whatever_a_session_sends(live_hub, stream,
             except (BrokenPipeError, ConnectionResetError):
                 assert error, "the hub closed a session that sent nothing wrong"
                 break
-        sync = [r for r in requests if struct.unpack_from(">i", r)[0] > 0
-                and (takes_errors or struct.unpack_from(">i", r, 4)[0] == KNOWN_PROXY)]  # those that get a reply
-        oneway_known = [r for r in requests if struct.unpack_from(">ii", r) < (0, 0) and
-                        struct.unpack_from(">ii", r)[1] == KNOWN_PROXY]
+        sync = [
+            r
+            for r in requests
+            if struct.unpack_from(">i", r)[0] > 0 and (takes_errors or struct.unpack_from(">i", r, 4)[0] == KNOWN_PROXY)
+        ]  # those that get a reply
+        oneway_known = [
+            r
+            for r in requests
+            if struct.unpack_from(">ii", r) < (0, 0) and struct.unpack_from(">ii", r)[1] == KNOWN_PROXY
+        ]
         if error:
             replies, ended = _read_pdus(sock, len(sync) + 1)
             assert ended, "the hub did not close a session that broke the protocol"
@@ -445,15 +484,26 @@ def test_hub_serves_or_closes_cleanly_whatever_a_session_sends(live_hub, stream,
         sock.close()
 
     def closed_and_counted() -> bool:
-        now = live_hub.call(lambda: (live_hub.hub.connections, dict(live_hub.hub.totals),
-                                     any(s.audsid == audsid for s in live_hub.hub.router.sessions)))
+        now = live_hub.call(
+            lambda: (
+                live_hub.hub.connections,
+                dict(live_hub.hub.totals),
+                any(s.audsid == audsid for s in live_hub.hub.router.sessions),
+            )
+        )
         connections, after, registered = now
-        return connections == 0 and not registered and \
-            after.get("protocol_errors", 0) == totals.get("protocol_errors", 0) + (1 if error else 0)
+        return (
+            connections == 0
+            and not registered
+            and after.get("protocol_errors", 0) == totals.get("protocol_errors", 0) + (1 if error else 0)
+        )
+
     _wait(closed_and_counted, "the session to be closed, and a protocol error counted iff it sent one")
     if truncated:
-        _wait(lambda: live_hub.call(lambda: live_hub.hub.totals["truncated_pdus"])
-              > totals.get("truncated_pdus", 0), "a truncated PDU counted")
+        _wait(
+            lambda: live_hub.call(lambda: live_hub.hub.totals["truncated_pdus"]) > totals.get("truncated_pdus", 0),
+            "a truncated PDU counted",
+        )
 
     # The hub still serves a well-behaved session, and holds no more than one PDU per connection.
     assert live_hub.crash is None, f"an exception escaped the hub: {live_hub.crash!r}"
@@ -465,8 +515,10 @@ def test_hub_serves_or_closes_cleanly_whatever_a_session_sends(live_hub, stream,
         good.close()
     assert CountingFramer.feeds, "the hub no longer frames with dcod.protocol.Framer: update this check"
     assert CountingFramer.most < HUB_MAX_PDU
-    _wait(lambda: live_hub.call(lambda: live_hub.hub.connections == 0 and live_hub.hub.router.inflight == 0),
-          "the well-behaved session to be gone")
+    _wait(
+        lambda: live_hub.call(lambda: live_hub.hub.connections == 0 and live_hub.hub.router.inflight == 0),
+        "the well-behaved session to be gone",
+    )
 
 
 def test_a_session_that_never_reads_costs_bounded_hub_memory(live_hub):
@@ -495,8 +547,10 @@ def test_a_session_that_never_reads_costs_bounded_hub_memory(live_hub):
             sent += 1
             if time.monotonic() - looked > 0.1:
                 most, looked = max(most, live_hub.call(held)), time.monotonic()
-        assert most < bound, f"sent {sent * HUB_MAX_PDU >> 20} MiB in {time.monotonic() - started:.1f} s " \
-                             f"without reading a reply; the hub held {most >> 20} MiB of replies for the session"
+        assert most < bound, (
+            f"sent {sent * HUB_MAX_PDU >> 20} MiB in {time.monotonic() - started:.1f} s "
+            f"without reading a reply; the hub held {most >> 20} MiB of replies for the session"
+        )
     finally:
         sock.close()
         _wait(lambda: live_hub.call(lambda: live_hub.hub.connections == 0), "the session to be gone")

@@ -43,11 +43,13 @@ def proxies(instances: int = 1, ordered: bool = False) -> str:
 def hub_with_workers(make_config, start_hub):
     """await hub_with_workers(proxies_toml, **hub_keys) -> (hub, address, hub-side sockets of its
     worker peers): a hub serving the config, once it has connected to every worker peer."""
+
     async def start(toml: str | None = None, **hub_keys):
         config = make_config(toml or proxies(), **hub_keys)
         workers = await workers_for(config)
         hub, address = await start_hub(config)
         return hub, address, [await w.accept() for w in workers]
+
     return start
 
 
@@ -309,6 +311,7 @@ async def test_garbage_from_worker_closes_that_worker_connection_only(make_confi
 
 async def test_external_worker_over_tcp(make_config, start_hub):
     from conftest import free_port
+
     port = free_port()
     config = make_config(f'[[proxy]]\nid = 2\naddress = "127.0.0.1:{port}"\n')
     listener = trio.socket.socket()

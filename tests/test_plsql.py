@@ -86,8 +86,13 @@ class Sessions:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._stop_threads)
             for audsid in range(900, 900 + self.count):
-                self.sessions.append(await in_thread(functools.partial(
-                    KExtCall, self.exthubs, audsid=audsid, alert_file=self.alert_file, retry_interval=RETRY)))
+                self.sessions.append(
+                    await in_thread(
+                        functools.partial(
+                            KExtCall, self.exthubs, audsid=audsid, alert_file=self.alert_file, retry_interval=RETRY
+                        )
+                    )
+                )
             for session in self.sessions:
                 nursery.start_soon(in_thread, self._calls, session)
             task_status.started()
@@ -129,10 +134,12 @@ class Sessions:
 
     async def progress(self, calls: int, timeout: float = 60.0) -> None:
         """Wait until ``calls`` more calls were answered right (fails at once if a session failed)."""
+
         def wait() -> None:
             with self._changed:
                 target = self.ok + calls
                 assert self._changed.wait_for(lambda: self.ok >= target or self.failed, timeout), "no progress"
+
         await in_thread(wait)
         assert not self.failed, self.failed
 
@@ -187,8 +194,10 @@ async def test_300_buffered_requests_one_flush(run):
         session = KExtCall([exthub(r.config.hub.advertise)], audsid=300)
         # The first bodies straddle the 8132-byte pieces the PL/SQL reads bodies in.
         sizes = [0, 1, 8131, 8132, 8133, 2 * 8132, 2 * 8132 + 1] + [20] * 293
-        bodies = {session.send_request(1, bytes([65 + n % 26]) * size, buffered=True): bytes([65 + n % 26]) * size
-                  for n, size in enumerate(sizes)}
+        bodies = {
+            session.send_request(1, bytes([65 + n % 26]) * size, buffered=True): bytes([65 + n % 26]) * size
+            for n, size in enumerate(sizes)
+        }
         assert (session.onbuf, session.onway) == (300, 0)
         session.flush()
         assert (session.onbuf, session.onway) == (0, 300)
@@ -218,15 +227,30 @@ def noradle_hub(tmp_path: Path):
     port = free_port()
     logs = tmp_path / "noradle.log"
     with contextlib.ExitStack() as stack:
+
         def start(argv: list[str], stdout: int) -> subprocess.Popen:
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout,
-                                     stderr=stack.enter_context(open(logs, "ab")), text=True)
+            child = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stack.enter_context(open(logs, "ab")), text=True
+            )
             stack.callback(child.wait)
             stack.callback(child.kill)
             return child
 
-        start([sys.executable, "-m", "dcod", "worker", "--config", str(tmp_path / "dcod.toml"), "--proxy", "1",
-               "--listen", f"127.0.0.1:{port}"], subprocess.DEVNULL)
+        start(
+            [
+                sys.executable,
+                "-m",
+                "dcod",
+                "worker",
+                "--config",
+                str(tmp_path / "dcod.toml"),
+                "--proxy",
+                "1",
+                "--listen",
+                f"127.0.0.1:{port}",
+            ],
+            subprocess.DEVNULL,
+        )
         hub = start([NODE, str(EXT_HUB), "0", f"1=127.0.0.1:{port}"], subprocess.PIPE)
         events = {}
         for line in hub.stdout:  # its events, one JSON object a line

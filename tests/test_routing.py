@@ -57,8 +57,7 @@ class Outbox:
 
     def number(self, tag: int, audsid: int | None = None) -> tuple[int, int]:
         """(audsid, the hub's rseq) of the last request forwarded here with body ``tag``."""
-        return next((a, rseq) for _, a, rseq, body in reversed(self.got)
-                    if body == b"%d" % tag and audsid in (None, a))
+        return next((a, rseq) for _, a, rseq, body in reversed(self.got) if body == b"%d" % tag and audsid in (None, a))
 
 
 def parse(data: bytes) -> tuple[int, int, int, bytes]:
@@ -121,8 +120,9 @@ def routed(audsid: int, rseq: int, oneway: bool = False) -> bytes:
     return struct.pack(">iIi", -13 if oneway else 13, audsid, rseq) + b"x"
 
 
-def make_proxy(proxy_id: int = 1, instances: int = 1, *, ordered: bool = False, handler: str = "echo",
-               queue=None) -> Proxy:
+def make_proxy(
+    proxy_id: int = 1, instances: int = 1, *, ordered: bool = False, handler: str = "echo", queue=None
+) -> Proxy:
     config = ProxyConfig(id=proxy_id, handler=handler, instances=instances, ordered=ordered)
     addresses = [f"worker {proxy_id}#{i}" for i in range(instances)]
     return Proxy(config, addresses, MemoryQueue() if queue is None else queue)
@@ -136,9 +136,15 @@ class Hub:
         self.woken: list[int] = []
         self.warned: list[str] = []
         self.workers: dict[tuple[int, int], Outbox] = {}
-        self.router = Router(proxies or [make_proxy()], reply_timeout=REPLY_TIMEOUT, max_inflight=max_inflight,
-                             clock=self.clock, wake_pump=lambda proxy: self.woken.append(proxy.config.id),
-                             warnings=self, first_rseq=first_rseq)
+        self.router = Router(
+            proxies or [make_proxy()],
+            reply_timeout=REPLY_TIMEOUT,
+            max_inflight=max_inflight,
+            clock=self.clock,
+            wake_pump=lambda proxy: self.woken.append(proxy.config.id),
+            warnings=self,
+            first_rseq=first_rseq,
+        )
 
     def warn(self, kind: str, message: str, *args) -> None:
         """The router's warnings (dcod.log.Throttle in the hub): their kinds, in order."""
@@ -157,12 +163,21 @@ class Hub:
         """A session's connection; ``capable``: it announces that it parses error replies, as dcod's client does."""
         outbox = Outbox()
         session = Session(outbox, f"session {audsid}")
-        self.router.register(session, struct.pack(">iIiI", ORACLE_MAGIC, CAPABLE_SID if capable else ORACLE_SID,
-                                                  2, audsid))
+        self.router.register(
+            session, struct.pack(">iIiI", ORACLE_MAGIC, CAPABLE_SID if capable else ORACLE_SID, 2, audsid)
+        )
         return session, outbox
 
-    def answer(self, tag: int, body: bytes = b"ok", *, index: int = 0, proxy_id: int = 1, audsid: int | None = None,
-               error: bool = False) -> bool:
+    def answer(
+        self,
+        tag: int,
+        body: bytes = b"ok",
+        *,
+        index: int = 0,
+        proxy_id: int = 1,
+        audsid: int | None = None,
+        error: bool = False,
+    ) -> bool:
         """The worker instance replies to the request it got with body ``tag``; returns what reply() did."""
         audsid, rseq = self.workers[proxy_id, index].number(tag, audsid)
         return self.router.reply(self.instance(index, proxy_id), reply(audsid, rseq, body, error))
@@ -378,9 +393,18 @@ def overloaded(hub: Hub, session: Session) -> None:
     hub.router.requests(session, [request(1, 1)])
 
 
-@pytest.mark.parametrize("code, make_error", [
-    (b"DCO-0001", unknown_proxy), (b"DCO-0002", reply_timeout), (b"DCO-0003", worker_lost), (b"DCO-0004", queue_full),
-    (b"DCO-0005", draining), (b"DCO-0006", handler_failed), (b"DCO-0007", overloaded)])
+@pytest.mark.parametrize(
+    "code, make_error",
+    [
+        (b"DCO-0001", unknown_proxy),
+        (b"DCO-0002", reply_timeout),
+        (b"DCO-0003", worker_lost),
+        (b"DCO-0004", queue_full),
+        (b"DCO-0005", draining),
+        (b"DCO-0006", handler_failed),
+        (b"DCO-0007", overloaded),
+    ],
+)
 @pytest.mark.parametrize("capable", [True, False], ids=["capable", "plsql"])
 def test_error_replies_go_only_to_sessions_that_announced_they_take_them(code, make_error, capable):
     hub = Hub()
@@ -506,8 +530,12 @@ def test_adopted_requests_are_forwarded_in_time_and_their_replies_dropped():
     proxy = make_proxy()
     hub = Hub(proxy)
     wall = 1_000_000.0
-    records = [(wall - 1, routed(3, 1)), (wall - 10, routed(3, 2)),  # 10 s old: past reply_timeout
-               (wall - 1, routed(3, 3, oneway=True)), (wall - 2, routed(3, 4))]
+    records = [
+        (wall - 1, routed(3, 1)),
+        (wall - 10, routed(3, 2)),  # 10 s old: past reply_timeout
+        (wall - 1, routed(3, 3, oneway=True)),
+        (wall - 2, routed(3, 4)),
+    ]
     for _, pdu in records:
         proxy.spool.append(pdu)  # the shell moved them into our queue
     hub.router.adopt(proxy, records, 1, wall)
@@ -571,8 +599,17 @@ def test_requeue_when_an_instance_goes():
     hub = Hub(make_proxy(instances=2))
     gone = hub.up(0)
     session, oracle = hub.session(1)
-    hub.router.requests(session, [request(1, 1), request(1, 2, oneway=True), request(1, 3, oneway=True),
-                                  request(1, 4), request(1, 5, oneway=True), request(1, 6)])
+    hub.router.requests(
+        session,
+        [
+            request(1, 1),
+            request(1, 2, oneway=True),
+            request(1, 3, oneway=True),
+            request(1, 4),
+            request(1, 5, oneway=True),
+            request(1, 6),
+        ],
+    )
     sent = gone.sent[:]
     assert len(sent) == 6
     hub.ack(2)

@@ -73,8 +73,9 @@ class Pending:
 
     __slots__ = ("key", "proxy", "session", "rseq", "instance", "deadline", "started", "done")
 
-    def __init__(self, key: Key, proxy: Proxy, deadline: float, started: float,
-                 session: Session | None = None, rseq: int = 0) -> None:
+    def __init__(
+        self, key: Key, proxy: Proxy, deadline: float, started: float, session: Session | None = None, rseq: int = 0
+    ) -> None:
         self.key = key
         self.proxy = proxy
         self.session = session  # None for a request replayed from a spool: its reply goes nowhere
@@ -231,10 +232,17 @@ class Router:
     ``first_rseq`` is the first request number to give (random if None).
     """
 
-    def __init__(self, proxies: Iterable[Proxy], *, reply_timeout: float, max_inflight: int,
-                 clock: Callable[[], float] = time.monotonic,
-                 wake_pump: Callable[[Proxy], None] = lambda proxy: None, warnings: Throttle | None = None,
-                 first_rseq: int | None = None) -> None:
+    def __init__(
+        self,
+        proxies: Iterable[Proxy],
+        *,
+        reply_timeout: float,
+        max_inflight: int,
+        clock: Callable[[], float] = time.monotonic,
+        wake_pump: Callable[[Proxy], None] = lambda proxy: None,
+        warnings: Throttle | None = None,
+        first_rseq: int | None = None,
+    ) -> None:
         self.proxies = {p.config.id: p for p in proxies}
         self.warnings = warnings or Throttle(log)
         self.reply_timeout = reply_timeout
@@ -254,8 +262,9 @@ class Router:
     @property
     def inflight(self) -> int:
         """Sync requests not answered, queued ones included, and one-way requests not acknowledged."""
-        return sum(len(p.waiting) + sum(len(i.inflight) + len(i.unacked) for i in p.instances)
-                   for p in self.proxies.values())
+        return sum(
+            len(p.waiting) + sum(len(i.inflight) + len(i.unacked) for i in p.instances) for p in self.proxies.values()
+        )
 
     def workers_connected(self) -> bool:
         """Every proxy has at least one instance up: what `ready` waits for."""
@@ -295,8 +304,9 @@ class Router:
             if length > 0:
                 self._send_error(session, None, rseq, ErrorCode.UNKNOWN_PROXY, f"unknown proxy {proxy_id}")
             else:
-                self.warnings.warn("unknown proxy", "one-way request for unknown proxy %d from audsid %d dropped",
-                                   proxy_id, audsid)
+                self.warnings.warn(
+                    "unknown proxy", "one-way request for unknown proxy %d from audsid %d dropped", proxy_id, audsid
+                )
             return
         number = self._next_rseq
         if number >= self._rseq_limit:
@@ -311,8 +321,13 @@ class Router:
             if session.inflight >= self.max_inflight:
                 counters.refused += 1
                 self.totals["overloaded"] += 1
-                self._send_error(session, counters, rseq, ErrorCode.OVERLOADED,
-                                 f"{self.max_inflight} requests in flight for this session")
+                self._send_error(
+                    session,
+                    counters,
+                    rseq,
+                    ErrorCode.OVERLOADED,
+                    f"{self.max_inflight} requests in flight for this session",
+                )
                 return
             now = self.clock()
             pending = Pending(key, proxy, now + self.reply_timeout, now, session, rseq)
@@ -409,8 +424,7 @@ class Router:
         spool.commit()
         return instance
 
-    def adopt(self, proxy: Proxy, records: list[tuple[float, bytes]], possible_duplicates: int,
-              wall: float) -> None:
+    def adopt(self, proxy: Proxy, records: list[tuple[float, bytes]], possible_duplicates: int, wall: float) -> None:
         """Records of hubs that are gone, now in ``proxy``'s queue (queued_at is wall time, as is
         ``wall``, the time now). They are forwarded with the numbers they have (a one-way request
         sent again keeps its identity at the worker), which we then do not give to others. The sync
@@ -522,11 +536,19 @@ class Router:
         proxy.counters.requeued += len(unacked) + len(unsent)
         proxy.counters.duplicates += len(unacked)  # at most
         if unacked or unsent:
-            log.info("worker %s went away: %d one-way requests it did not finish and %d requests it never got "
-                     "are queued again", instance.name, len(unacked), len(unsent))
+            log.info(
+                "worker %s went away: %d one-way requests it did not finish and %d requests it never got "
+                "are queued again",
+                instance.name,
+                len(unacked),
+                len(unsent),
+            )
         if instance.inflight:
-            log.warning("worker %s went away with %d sync requests in flight; answering them with errors",
-                        instance.name, len(instance.inflight))
+            log.warning(
+                "worker %s went away with %d sync requests in flight; answering them with errors",
+                instance.name,
+                len(instance.inflight),
+            )
         detail = f"worker {instance.name} of proxy {proxy.config.id} went away before replying"
         proxy.counters.worker_lost += self.fail(instance, ErrorCode.WORKER_LOST, detail)
 
@@ -553,8 +575,11 @@ class Router:
             else:
                 proxy.waiting.pop(pending.key, None)
             proxy.counters.timeouts += 1
-            self._answer_error(pending, ErrorCode.REPLY_TIMEOUT,
-                               f"no reply from proxy {proxy.config.id} within {self.reply_timeout:g}s")
+            self._answer_error(
+                pending,
+                ErrorCode.REPLY_TIMEOUT,
+                f"no reply from proxy {proxy.config.id} within {self.reply_timeout:g}s",
+            )
 
     # ------------------------------------------------------------ where answers go
 
@@ -580,8 +605,7 @@ class Router:
         if session is not None:
             self._send_error(session, counters, pending.rseq, code, detail)
 
-    def _send_error(self, session: Session, counters: Counters | None, rseq: int, code: ErrorCode,
-                    detail: str) -> None:
+    def _send_error(self, session: Session, counters: Counters | None, rseq: int, code: ErrorCode, detail: str) -> None:
         """Every error reply the hub makes goes out here, to a session that takes error replies
         (``counters``: its proxy's, None for an unknown proxy)."""
         if session.capabilities & CAP_ERROR_REPLIES:
@@ -597,5 +621,11 @@ class Router:
             self.totals["withheld"] += 1
         else:
             counters.withheld += 1
-        self.warnings.warn("withheld", "withheld from session %s (audsid %d), request %d: %s (it takes no error "
-                           "replies: its own timeout decides)", session.peer, session.audsid, rseq, what)
+        self.warnings.warn(
+            "withheld",
+            "withheld from session %s (audsid %d), request %d: %s (it takes no error replies: its own timeout decides)",
+            session.peer,
+            session.audsid,
+            rseq,
+            what,
+        )
