@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import hashlib
 import os
+import re
 import signal
 import socket
 import struct
@@ -34,6 +35,7 @@ from peers import (
     HUB_HANDSHAKE,
     ORACLE_MAGIC,
     QUIT_NOTICE,
+    TAKES_ERROR_REPLIES,
     OracleSession,
     connected_hub,
     forwarded_pdu,
@@ -269,7 +271,7 @@ async def test_handler_failure_in_the_journal_names_the_instance_and_request_on_
     monkeypatch.setenv("JOURNAL_STREAM", "0:0")
     r = run(f'[[proxy]]\nid = 1\nhandler = "failing:handle"\nhandler_path = ["{tmp_path}"]\ninstances = 1\n')
     await r.notification("READY=1")
-    session = await OracleSession.connect(r.config.hub.listen, audsid=31)
+    session = await OracleSession.connect(r.config.hub.listen, audsid=31, sid=TAKES_ERROR_REPLIES)
     try:
         await session.send(1, 7, b"x")
         length, _, rseq, body = await session.read()
@@ -277,7 +279,9 @@ async def test_handler_failure_in_the_journal_names_the_instance_and_request_on_
         session.close()
     assert (length < 0, rseq, body) == (True, 7, b"DCO-0006 ValueError: cannot parse b'x'")
     lines = r.log.splitlines()
-    start = lines.index("<4>worker 1#0: sync request (audsid 31, rseq 7) failed: ValueError: cannot parse b'x'")
+    # The worker sees the hub's number for the request, not the session's rseq (docs/ARCHITECTURE.md §2.2).
+    failed = re.compile(r"<4>worker 1#0: sync request \(audsid 31, rseq \d+\) failed: ValueError: cannot parse b'x'")
+    [start] = [i for i, line in enumerate(lines) if failed.fullmatch(line)]
     traceback = lines[start + 1 : start + 1 + lines[start + 1 :].index("<4>worker 1#0: ValueError: cannot parse b'x'")]
     assert traceback[0] == "<4>worker 1#0: Traceback (most recent call last):"
     assert all(line.startswith("<4>worker 1#0: ") for line in traceback)
