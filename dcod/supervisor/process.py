@@ -107,6 +107,7 @@ class Process:
         self.generation = 0
         self.retiring = False  # its exit is planned (rollout, stop): not a failure
         self.alerted = False  # the quit alert for its going was raised already (hubs)
+        self.hung = False  # the pmon killed it: its heartbeats stopped
         self.psutil: psutil.Process | None = None
         try:
             self.psutil = psutil.Process(pid)
