@@ -20,15 +20,21 @@ handler_path = test_rollout.handler_path  # fixtures
 handler_module = test_rollout.handler_module
 
 
-async def test_a_worker_whose_loop_blocks_is_killed_and_restarted(run, handler_module, handler_path, nursery):
+async def test_a_worker_whose_loop_blocks_is_killed_and_restarted(run, handler_module, handler_path, nursery, tmp_path):
+    """Its sync request gets the worker-lost error; the one-way requests it had taken go to the
+    other instance; the other requests are served meanwhile; it comes back."""
+    notes = tmp_path / "notes"
     handler_module(
         "block",
-        """\
+        f"""\
         import time
 
         async def handle(req):
             if req.body == b"block":
                 time.sleep(60)  # blocks the worker's event loop: no heartbeat, no other request
+            if req.body.startswith(b"note"):
+                with open({str(notes)!r}, "a") as notes:
+                    notes.write(req.body.decode() + "\\n")
             return req.body
         """,
     )
@@ -52,14 +58,25 @@ async def test_a_worker_whose_loop_blocks_is_killed_and_restarted(run, handler_m
 
     async with Session(r.config.hub.advertise, audsid=1) as session:
         nursery.start_soon(others)
+        # In one write, so that the hub sends them to one instance: the one-way requests wait
+        # behind the block there, unacknowledged.
+        session.write(b"block")
+        rseq = await session.send_request(1, buffered=True)
+        for n in range(5):
+            session.write(b"note %d" % n)
+            await session.send_request(1, buffered=True, oneway=True)
         started = time.monotonic()
+        await session.flush()
         with pytest.raises(DcoError, match="DCO-0003"):
-            await session.call_sync(1, b"block", timeout=15)
+            await session.read_response(rseq, timeout=15)
         answered = time.monotonic() - started
         blocked_done.set()
     print(f"blocked handler: worker-lost answer after {answered:.2f}s (heartbeat_timeout 1.0)")
     assert served > 0
     assert "sent no heartbeat for" in r.log
+    await wait_for(lambda: notes.exists() and len(notes.read_text().splitlines()) == 5, timeout=10)
+    assert sorted(notes.read_text().splitlines()) == [f"note {n}" for n in range(5)]  # each once
+    assert status(r.config)["hub"]["proxies"]["1"]["requeued"] == 5
     await wait_for(lambda: "restarting" in r.log, timeout=10)
     rows = [row(status(r.config), f"worker 1#{i}") for i in (0, 1)]
     [killed] = [w for w in rows if w["restarts"] == 1]
