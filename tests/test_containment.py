@@ -140,3 +140,13 @@ async def test_an_instance_left_down_is_held_in_every_hub_generation(run, handle
             await trio.sleep(0.1)
     held = instance_in_hub(r.config, 2, 0)
     assert held["held"] and (held["inflight"], held["unacked"]) == (0, 0)
+
+
+async def test_a_foreign_worker_is_not_judged_by_heartbeats(run):
+    """A worker run from a `command` (another language) sends none: silent past ready_timeout, it stays."""
+    r = run('[[proxy]]\nid = 2\ncommand = ["/bin/sleep", "600"]\n', supervisor=FAST_PMON + "ready_timeout = 3.0\n")
+    await r.notification("READY=1")
+    with trio.fail_after(20):
+        while (foreign := row(status(r.config), "worker 2#0"))["restarts"] == 0 and (foreign["uptime"] or 0) < 4.5:
+            await trio.sleep(0.2)
+    assert (foreign["generation"], foreign["restarts"], foreign["state"]) == (1, 0, "ready")
