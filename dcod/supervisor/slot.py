@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from dcod.net.channel import Command
+from dcod.net.channel import Command, held_environment
 from dcod.supervisor.process import Process, dcod_command, describe_exit, drain_hubs
 from dcod.supervisor.rollout import RolloutError
 
@@ -93,7 +93,9 @@ class Slot:
             # process it did not know of behind it.
             raise RolloutError("the service is stopping")
         self.generation += 1
-        process = Process.start(self.name, argv, self.passed)
+        # A new hub generation holds the instances that are down from its start, before any request comes.
+        held = [(w.proxy_id, w.instance) for w in self.supervisor.workers.values() if w.held] if self.is_hub else []
+        process = Process.start(self.name, argv, self.passed, held_environment(held))
         process.generation = self.generation
         if self.foreign:
             # A command in another language does not speak our channel: it is ready when the
@@ -102,10 +104,6 @@ class Slot:
         self.alive.append(process)
         log.info("%s started: pid %d, generation %d", self.name, process.pid, self.generation)
         self.supervisor.nursery.start_soon(self._watch, process)
-        if self.is_hub:  # a new hub generation learns which instances are down before it reads anything else
-            for worker in self.supervisor.workers.values():
-                if worker.held:
-                    worker._tell_hubs(Command.HOLD, [process])
         return process
 
     def hold(self) -> None:
