@@ -216,10 +216,9 @@ class Rollout:
             await slot.ready(limits.ready_timeout)
         except RolloutError:
             # The rollout ends here, the instance stays (and is restarted if it exits, as any
-            # worker): the hubs hold it, as any instance that is down, until it is ready.
+            # worker): the hub, which holds it already, goes on holding it, as any instance that is
+            # down, until it is ready (Slot.release).
             slot.held = True
-            if slot.state == "ready":  # ready just now, after the timeout
-                slot.release()
             raise
         hub = sup.hub.process  # the one that held it may have died meanwhile and been replaced
         answer = await hub.request(Command.RELEASE, proxy=slot.proxy_id, instance=slot.instance)

@@ -110,16 +110,17 @@ class Slot:
         """(Workers) Hold this instance in every hub until a process of it is ready again."""
         if not self.held:
             self.held = True
-            self._tell_hubs(Command.HOLD, self.supervisor.hub.alive)
+            self._tell_hubs(Command.HOLD)
 
     def release(self) -> None:
         """(Workers) Its process is ready: every hub that holds it may use it again."""
         if self.held:
             self.held = False
-            self._tell_hubs(Command.RELEASE, self.supervisor.hub.alive)
+            self._tell_hubs(Command.RELEASE)
 
-    def _tell_hubs(self, name: Command, hubs: list[Process]) -> None:
-        for hub in hubs:
+    def _tell_hubs(self, name: Command) -> None:
+        """Send the command about this instance to every hub generation alive (without waiting for its answer)."""
+        for hub in self.supervisor.hub.alive:
             self.supervisor.nursery.start_soon(
                 functools.partial(hub.request, name, proxy=self.proxy_id, instance=self.instance)
             )
@@ -184,9 +185,9 @@ class Slot:
             self.state = "stopped"
             log.warning("%s (pid %d) %s; the service is stopping: not restarted", self.name, process.pid, how)
             return
-        # Only failures count: the generations reloads start are no reason to give up on it.
         if not self.is_hub:
             self.hold()
+        # Only failures count: the generations reloads start are no reason to give up on it.
         now = time.monotonic()
         self.failures = recent = [*(t for t in self.failures if now - t <= limits.restart_window), now]
         if len(recent) >= limits.restart_max:
