@@ -327,7 +327,8 @@ class Service:
         try:
             for c in psutil.Process(self.proc.pid).children():
                 role = _role(c)
-                if role:
+                # "supervisor": a child just spawned, still our copy until its exec
+                if role and role != "supervisor":
                     by_role[role].append(c)
         except psutil.Error:
             pass
