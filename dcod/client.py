@@ -348,8 +348,12 @@ class Session:
 
     async def _leave_quitting_hub(self) -> None:
         """Read the replies the quitting hub still owes (it keeps delivering them), then disconnect."""
-        log.info("session %d: hub %s is quitting; reading %d pending replies", self.audsid, self.address,
-                 len(self._in_flight))
+        log.info(
+            "session %d: hub %s is quitting; reading %d pending replies",
+            self.audsid,
+            self.address,
+            len(self._in_flight),
+        )
         with trio.move_on_after(self.drain_timeout):
             while self._in_flight:
                 await self._arrival(next(iter(self._in_flight)))
@@ -398,15 +402,27 @@ class Session:
         self._disconnect("the session was closed")
 
 
-async def call(config: Config, proxy_id: int, text: str, *, oneway: bool = False, hub: str | None = None,
-               timeout: float | None = None) -> int:
+async def call(
+    config: Config,
+    proxy_id: int,
+    text: str,
+    *,
+    oneway: bool = False,
+    hub: str | None = None,
+    timeout: float | None = None,
+) -> int:
     """``dcod call PROXY TEXT``: send TEXT from a one-off session and print the reply.
 
     Returns the exit status: 0 done, 1 an error reply or no reply in time, 2 no hub reached.
     """
     # A random audsid: this session must not collide with another one on the hub.
-    session = Session(hub or config.hub.advertise, audsid=random.randrange(1, 1 << 32), serial=os.getpid(),
-                      alert_file=config.alert_file, max_pdu=config.hub.max_pdu)
+    session = Session(
+        hub or config.hub.advertise,
+        audsid=random.randrange(1, 1 << 32),
+        serial=os.getpid(),
+        alert_file=config.alert_file,
+        max_pdu=config.hub.max_pdu,
+    )
     try:
         async with session:
             if oneway:

@@ -25,6 +25,22 @@ low 16 (``CAP_ERROR_REPLIES``, bit 0: error replies, negative length and "DCO-nn
   far below 2**31: a word with the top bit set never comes from k_ext_call, so every PL/SQL
   session is known for one. A hub ignores flags it does not know; later capabilities take the
   next bits, and nothing is negotiated: the hub uses only those both sides know.
+
+A session without ``CAP_ERROR_REPLIES`` (Noradle's PL/SQL) gets no reply at all where the others
+get an error reply, from the hub or from a worker, as with Noradle's own hub: its own timeout
+decides. The hub counts what it withheld (``withheld``, per proxy, in ``dcod status``).
+
+Request numbers (issue 15). Sessions number their requests themselves (rseq, from 1 per session)
+and their audsids need not be unique: every SYS session has 0, two databases can share one, a
+session reconnecting may still have its old connection open. So the hub gives each request it
+forwards a number of its own, unique among the requests it tracks, in 1..``HUB_RSEQ_MAX`` (never 0,
+the quit notice's; never -1, ``ACK_ONEWAY``'s), starting at a random point so that a restarted
+hub does not repeat its predecessor's. The rseq field of the routed header carries that number to
+the worker and back; the hub keeps the session's connection and its own rseq with the request and
+puts that rseq back in the reply's header before it writes the reply to that connection only.
+The audsid travels unchanged. A worker therefore sees the hub's numbers: ``(audsid, rseq)``
+identifies a request at a worker, and stays the same when the hub forwards a one-way request
+again (or a hub replays it from a spool).
 """
 
 from __future__ import annotations
@@ -41,6 +57,9 @@ HUB_HANDSHAKE = struct.pack(">i", HUB_MAGIC)
 REQUEST_HEADER = struct.Struct(">iii")  # length, proxy_id, rseq (from Oracle)
 ROUTED_HEADER = struct.Struct(">iIi")  # length, audsid, rseq (hub <-> worker, hub -> Oracle)
 LENGTH = struct.Struct(">i")
+RSEQ = struct.Struct(">i")  # the rseq field alone, at RSEQ_OFFSET: the hub rewrites it in place
+RSEQ_OFFSET = 8
+HUB_RSEQ_MAX = 2**31 - 1  # the hub's request numbers are 1..HUB_RSEQ_MAX
 
 # A worker says it will take no more requests: "12, 0, 0". Noradle's own worker
 # wrote the length as 6 while still sending 12 bytes; both are accepted.
@@ -52,8 +71,9 @@ NORADLE_QUIT_LENGTH = 6
 # (a Noradle worker would serve it as a request); such a worker then answers every one-way
 # request it has handled with an empty reply "12, audsid, rseq", so that the hub can send again
 # those an instance took and never finished. Noradle's hub never sends it, so its workers and
-# dcod's behind it see the protocol unchanged. Its rseq -1 is one no session sends (they count
-# from 1); the quit notice "12, 0, 0" goes the other way.
+# dcod's behind it see the protocol unchanged. Its rseq -1 is one the hub never gives a request
+# (its numbers are positive, whatever rseq a session sent); the quit notice "12, 0, 0" goes the
+# other way.
 ACK_ONEWAY = ROUTED_HEADER.pack(HEADER_SIZE, 0, -1)
 
 DEFAULT_MAX_PDU = 16 * 1024 * 1024
@@ -122,7 +142,7 @@ def error_reply(audsid: int, rseq: int, code: ErrorCode, detail: str) -> bytes:
 
 
 def is_quit_notice(length: int, audsid: int, rseq: int) -> bool:
-    """A worker's quit notice; an empty reply has audsid != 0 and rseq != 0."""
+    """A worker's quit notice; a reply has rseq != 0 (the hub numbers requests from 1)."""
     return audsid == 0 and rseq == 0 and length in (HEADER_SIZE, NORADLE_QUIT_LENGTH)
 
 

@@ -163,8 +163,17 @@ class KExtCall:
     ``reconnects`` records why each reconnect happened ("quit alert" or "end of input").
     """
 
-    def __init__(self, exthubs: list[ExtHub], *, audsid: int, sid: int = 17, serial: int = 4242,
-                 alert_file: Path | None = None, retry_interval: float = 3.0, give_up: float | None = 30.0) -> None:
+    def __init__(
+        self,
+        exthubs: list[ExtHub],
+        *,
+        audsid: int,
+        sid: int = 17,
+        serial: int = 4242,
+        alert_file: Path | None = None,
+        retry_interval: float = 3.0,
+        give_up: float | None = 30.0,
+    ) -> None:
         self.exthubs = sorted(exthubs, key=lambda row: row.seq)
         self.audsid = audsid
         self.sid = sid
@@ -289,4 +298,3 @@ def exthub(address: str, seq: int = 1) -> ExtHub:
     """The exthub_config_t row for a dcod hub's ``host:port``."""
     host, _, port = address.rpartition(":")
     return ExtHub(host, int(port), seq)
-

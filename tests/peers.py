@@ -72,6 +72,11 @@ async def send_all(sock, data: bytes) -> None:
         view = view[sent:]
 
 
+# The sid field of a session that announces it parses error replies (dcod's client): 0xDC0D in the high
+# 16 bits, capability bit 0. An Oracle session's sid (17 here) announces nothing: it gets no error replies.
+TAKES_ERROR_REPLIES = 0xDC0D0001 - (1 << 32)
+
+
 def handshake(audsid: int, sid: int = 17, serial: int = 4242) -> bytes:
     """What a session sends first: the Oracle magic, its sid, serial# and audsid."""
     return struct.pack(">iiiI", ORACLE_MAGIC, sid, serial, audsid)
@@ -140,7 +145,6 @@ class WorkerPeer:
 
     def close(self) -> None:
         self.listener.close()
-
 
 
 class HubEnd:

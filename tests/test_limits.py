@@ -7,7 +7,17 @@ import pytest
 from conftest import wait_for
 from dcod.hub.spool import Spool
 from mounts import remount, tmpfs
-from peers import OracleSession, WorkerPeer, closed_by_peer, open_raw, read_pdu, reply_pdu, request_pdu, send_all
+from peers import (
+    TAKES_ERROR_REPLIES,
+    OracleSession,
+    WorkerPeer,
+    closed_by_peer,
+    open_raw,
+    read_pdu,
+    reply_pdu,
+    request_pdu,
+    send_all,
+)
 
 ECHO1 = '[[proxy]]\nid = 1\nhandler = "echo"\n'
 
@@ -36,17 +46,18 @@ async def test_connections_past_max_connections_are_refused(make_config, start_h
 
 async def test_sync_requests_past_the_session_limit_get_an_error_reply(make_config, start_hub):
     hub, address, worker = await started(make_config, start_hub, max_inflight_per_session=2)
-    session = await OracleSession.connect(address, audsid=5)
+    session = await OracleSession.connect(address, audsid=5, sid=TAKES_ERROR_REPLIES)
     for rseq in (1, 2, 3):
-        await session.send(1, rseq, b"wait")
+        await session.send(1, rseq, b"wait %d" % rseq)
     length, _, rseq, text = await session.read()
     assert (length < 0, rseq) == (True, 3) and text.startswith(b"DCO-0007 ")
     await session.send(1, 4, b"one-way is not limited", oneway=True)
-    assert [(await read_pdu(worker))[2] for _ in range(3)] == [1, 2, 4]
-    await send_all(worker, reply_pdu(5, 1, b"done"))
+    got = [await read_pdu(worker) for _ in range(3)]
+    assert [body for _, _, _, body in got] == [b"wait 1", b"wait 2", b"one-way is not limited"]
+    await send_all(worker, reply_pdu(5, got[0][2], b"done"))
     assert (await session.read())[2] == 1
     await session.send(1, 5, b"room again")
-    assert (await read_pdu(worker))[2] == 5
+    assert (await read_pdu(worker))[3] == b"room again"
     assert hub.router.totals["overloaded"] == 1
 
 
@@ -71,11 +82,11 @@ async def test_a_full_disk_holds_requests_in_memory_then_refuses_and_corrupts_no
     with tmpfs(tmp_path / "tiny") as state:
         # No worker: everything queues. 16 KiB of memory for what the disk cannot take.
         hub, address = await start_hub(make_config(ECHO1, state_dir=state, queue_memory=16384))
-        session = await OracleSession.connect(address, audsid=8)
-        body = b"q" * 4000
+        session = await OracleSession.connect(address, audsid=8, sid=TAKES_ERROR_REPLIES)
+        body = b"q" * 3997
         proxy = hub.router.proxies[1]
         for rseq in range(1, 40):  # 40 x 4 KB fit neither in 64 KB of disk nor in 16 KB of memory
-            await session.send(1, rseq, body)
+            await session.send(1, rseq, b"%03d" % rseq + body)
             await wait_for(lambda rseq=rseq: proxy.counters.requests == rseq)
             if proxy.counters.refused:
                 break
@@ -89,11 +100,11 @@ async def test_a_full_disk_holds_requests_in_memory_then_refuses_and_corrupts_no
         copy.write_bytes(spool.path.read_bytes())
         again = Spool(copy, memory_limit=1 << 20, size_limit=1 << 30, max_record=1 << 20)
         assert (again.recovered, again.torn_bytes, again.damaged_ranges) == (refused - 1 - spool.memory_only, 0, 0)
-        assert all(pdu[12:] == body for _, pdu in again.scan())
+        assert all(pdu[15:] == body for _, pdu in again.scan())
         # Held in memory or on disk, they go out in order once a worker is there.
         worker = await WorkerPeer(str(hub.config.worker_socket(1, 0))).listen()
         hub_side = await worker.accept()
-        assert [(await read_pdu(hub_side))[2] for _ in range(refused - 1)] == list(range(1, refused))
+        assert [int((await read_pdu(hub_side))[3][:3]) for _ in range(refused - 1)] == list(range(1, refused))
 
 
 async def test_a_read_only_state_directory_does_not_stop_the_hub_and_it_writes_again_when_it_can(
@@ -118,6 +129,7 @@ async def test_a_read_only_state_directory_does_not_stop_the_hub_and_it_writes_a
         assert proxy.spool.memory_only == 0 and hub.stats()["proxies"][1]["durable"] is True
         worker = await WorkerPeer(str(config.worker_socket(1, 0))).listen()
         hub_side = await worker.accept()
-        assert [(await read_pdu(hub_side))[2] for _ in range(2)] == [1, 2]
-        await send_all(hub_side, reply_pdu(9, 2, b"answered"))
+        got = [await read_pdu(hub_side) for _ in range(2)]
+        assert [body for _, _, _, body in got] == [b"queued in memory", b"queued in memory too"]
+        await send_all(hub_side, reply_pdu(9, got[1][2], b"answered"))
         assert await session.read() == (20, 9, 2, b"answered")

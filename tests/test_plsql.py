@@ -2,9 +2,8 @@
 `dcod run`, and, where the issue contrasts the two, against the Node.js stand-in for Noradle's own
 hub (tests/noradle/ext_hub.js).
 
-Nothing dcod sends may break that client, and replies never cross sessions. The tests marked
-PHASE2 fail today because of the hub (error replies the PL/SQL cannot parse, replies routed by
-audsid); they turn green with the fixes.
+Nothing dcod sends may break that client, and replies never cross sessions: the hub sends it no
+error replies (it cannot parse them) and routes replies by connection, not by audsid.
 """
 
 from __future__ import annotations
@@ -27,9 +26,8 @@ from conftest import free_port, wait_for
 from dcod.client import Session
 from kext_call import ExtHub, KExtCall, OracleError, exthub, oracle_floor, oracle_mod
 from runs import ECHO
-from test_rollout import dcod_async, handler_module, slow_echo  # noqa: F401 (fixtures)
+from test_rollout import dcod_async, handler_module, handler_path, slow_echo, status  # noqa: F401 (fixtures)
 
-PHASE2 = pytest.mark.xfail(strict=True, reason="issue 15: hub fix in phase 2")
 NODE = shutil.which("node")
 EXT_HUB = Path(__file__).parent / "noradle" / "ext_hub.js"
 REPLY_WAIT = 11.0  # the timeout each read_response gets, as an application would pass it
@@ -88,8 +86,13 @@ class Sessions:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._stop_threads)
             for audsid in range(900, 900 + self.count):
-                self.sessions.append(await in_thread(functools.partial(
-                    KExtCall, self.exthubs, audsid=audsid, alert_file=self.alert_file, retry_interval=RETRY)))
+                self.sessions.append(
+                    await in_thread(
+                        functools.partial(
+                            KExtCall, self.exthubs, audsid=audsid, alert_file=self.alert_file, retry_interval=RETRY
+                        )
+                    )
+                )
             for session in self.sessions:
                 nursery.start_soon(in_thread, self._calls, session)
             task_status.started()
@@ -131,10 +134,12 @@ class Sessions:
 
     async def progress(self, calls: int, timeout: float = 60.0) -> None:
         """Wait until ``calls`` more calls were answered right (fails at once if a session failed)."""
+
         def wait() -> None:
             with self._changed:
                 target = self.ok + calls
                 assert self._changed.wait_for(lambda: self.ok >= target or self.failed, timeout), "no progress"
+
         await in_thread(wait)
         assert not self.failed, self.failed
 
@@ -145,6 +150,17 @@ class Sessions:
 
     def check(self) -> None:
         assert (self.failed, self.wrong, self.unanswered) == ([], [], [])
+
+
+async def withheld(r) -> dict:
+    """The hub's stats in `dcod status --json` once they show a withheld error reply (the
+    supervisor has them from the hub's heartbeat)."""
+    with trio.fail_after(10):
+        while True:
+            hub = (await in_thread(status, r.config)).get("hub", {})
+            if hub.get("totals", {}).get("withheld") or any(p["withheld"] for p in hub.get("proxies", {}).values()):
+                return hub
+            await trio.sleep(0.1)
 
 
 async def started(run, proxies: str = ECHO, **hub):
@@ -178,8 +194,10 @@ async def test_300_buffered_requests_one_flush(run):
         session = KExtCall([exthub(r.config.hub.advertise)], audsid=300)
         # The first bodies straddle the 8132-byte pieces the PL/SQL reads bodies in.
         sizes = [0, 1, 8131, 8132, 8133, 2 * 8132, 2 * 8132 + 1] + [20] * 293
-        bodies = {session.send_request(1, bytes([65 + n % 26]) * size, buffered=True): bytes([65 + n % 26]) * size
-                  for n, size in enumerate(sizes)}
+        bodies = {
+            session.send_request(1, bytes([65 + n % 26]) * size, buffered=True): bytes([65 + n % 26]) * size
+            for n, size in enumerate(sizes)
+        }
         assert (session.onbuf, session.onway) == (300, 0)
         session.flush()
         assert (session.onbuf, session.onway) == (0, 300)
@@ -195,10 +213,11 @@ async def test_300_buffered_requests_one_flush(run):
 # ---------------------------------------------------------------- failures, then good calls
 
 
-@PHASE2
 async def test_unknown_proxy_then_good_calls(run):
     r = await started(run)
     await in_thread(unknown_proxy_then_good_calls, r.config.hub.advertise)
+    hub = await withheld(r)  # not sent, but counted: an unknown proxy's in the hub's totals
+    assert (hub["totals"]["withheld"], hub["proxies"]["1"]["withheld"]) == (1, 0)
 
 
 @contextlib.contextmanager
@@ -208,15 +227,30 @@ def noradle_hub(tmp_path: Path):
     port = free_port()
     logs = tmp_path / "noradle.log"
     with contextlib.ExitStack() as stack:
+
         def start(argv: list[str], stdout: int) -> subprocess.Popen:
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout,
-                                     stderr=stack.enter_context(open(logs, "ab")), text=True)
+            child = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stack.enter_context(open(logs, "ab")), text=True
+            )
             stack.callback(child.wait)
             stack.callback(child.kill)
             return child
 
-        start([sys.executable, "-m", "dcod", "worker", "--config", str(tmp_path / "dcod.toml"), "--proxy", "1",
-               "--listen", f"127.0.0.1:{port}"], subprocess.DEVNULL)
+        start(
+            [
+                sys.executable,
+                "-m",
+                "dcod",
+                "worker",
+                "--config",
+                str(tmp_path / "dcod.toml"),
+                "--proxy",
+                "1",
+                "--listen",
+                f"127.0.0.1:{port}",
+            ],
+            subprocess.DEVNULL,
+        )
         hub = start([NODE, str(EXT_HUB), "0", f"1=127.0.0.1:{port}"], subprocess.PIPE)
         events = {}
         for line in hub.stdout:  # its events, one JSON object a line
@@ -250,8 +284,7 @@ async def test_dcods_client_announcing_its_capabilities_works_on_noradles_hub(ma
                 assert await session.call_sync(1, b"call %d" % n, timeout=REPLY_WAIT) == b"call %d" % n
 
 
-@PHASE2
-async def test_reply_timeout_then_good_calls(run, slow_echo):
+async def test_reply_timeout_then_good_calls(run, slow_echo):  # noqa: F811 (a fixture)
     r = await started(run, slow_echo, reply_timeout=1.0)
 
     def scenario() -> None:
@@ -263,10 +296,11 @@ async def test_reply_timeout_then_good_calls(run, slow_echo):
         session.close()
 
     await in_thread(scenario)
+    assert (await withheld(r))["proxies"]["1"]["withheld"] == 1
+    assert "WITHHELD" in (await dcod_async(r.config, "status")).stdout
 
 
-@PHASE2
-async def test_worker_killed_with_requests_in_flight_then_good_calls(run, slow_echo, tmp_path):
+async def test_worker_killed_with_requests_in_flight_then_good_calls(run, slow_echo, tmp_path):  # noqa: F811 (a fixture)
     r = await started(run, slow_echo.replace("instances = 2", "instances = 1"))
     session = await in_thread(lambda: KExtCall([exthub(r.config.hub.advertise)], audsid=3003))
     slow = [session.send_request(1, b"slow %d" % n, buffered=True) for n in range(5)]
@@ -327,7 +361,6 @@ async def test_one_of_two_hubs_stopped_under_load_its_sessions_move_to_the_other
 # ---------------------------------------------------------------- replies never cross sessions
 
 
-@PHASE2
 async def test_an_audsid_already_in_use_does_not_take_the_first_sessions_replies(run):
     r = await started(run)
 
@@ -345,7 +378,6 @@ async def test_an_audsid_already_in_use_does_not_take_the_first_sessions_replies
     await in_thread(scenario)
 
 
-@PHASE2
 async def test_audsid_0_sending_rseq_0_empty_does_not_cut_the_worker_connection(run):
     r = await started(run)
 

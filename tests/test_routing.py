@@ -1,5 +1,8 @@
 """The hub's Router alone: no sockets, no trio; outboxes are lists, the clock is a number, the queue
-a deque (or a real Spool). PDUs are built and read with struct, from the spec, not with dcod's code."""
+a deque (or a real Spool). PDUs are built and read with struct, from the spec, not with dcod's code.
+
+Requests carry their session's rseq as their body (unless a test gives one), so that what a worker
+got can be told apart although the hub renumbers requests (dcod.protocol: request numbers)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,10 @@ from dcod.hub.spool import Spool, SpoolFull
 from dcod.protocol import ErrorCode
 
 ORACLE_MAGIC = 197610262
+ORACLE_SID = 17  # an Oracle session's sid field: no capabilities (Noradle's PL/SQL)
+CAPABLE_SID = 0xDC0D0001  # the sid field of a session that parses error replies (dcod's client)
+RSEQ_MAX = 2**31 - 1
+FIRST = 5000  # the first number the hub gives (random in the hub)
 REPLY_TIMEOUT = 5.0
 
 
@@ -23,26 +30,40 @@ REPLY_TIMEOUT = 5.0
 
 
 class Outbox:
-    """A connection as the router sees it: what was sent, as PDUs."""
+    """A connection as the router sees it: what was sent, as PDUs; a worker's also keeps all it got."""
 
     def __init__(self) -> None:
         self.sent: list[bytes] = []
+        self.got: list[tuple[int, int, int, bytes]] = []  # every PDU ever sent, take() or not
 
     def send(self, data) -> None:
-        self.sent.append(bytes(data))  # the router may hand over a buffer it reuses: copy it now
+        data = bytes(data)  # the router may hand over a buffer it reuses: copy it now
+        self.sent.append(data)
+        self.got.append(parse(data))
 
     def take(self) -> list[tuple[int, int, int, bytes]]:
         """(length, audsid, rseq, body) of each PDU sent since the last take()."""
-        pdus = []
-        for data in self.sent:
-            length, audsid, rseq = struct.unpack_from(">iIi", data)
-            assert abs(length) == len(data), "one PDU per send()"
-            pdus.append((length, audsid, rseq, data[12:]))
+        pdus = [parse(data) for data in self.sent]
         self.sent.clear()
         return pdus
 
     def rseqs(self) -> list[int]:
+        """The rseq of each PDU (a session's outbox: its own numbers)."""
         return [rseq for _, _, rseq, _ in self.take()]
+
+    def tags(self) -> list[int]:
+        """The session rseqs that the requests forwarded (a worker's outbox) carry as their bodies."""
+        return [int(body) for _, _, _, body in self.take()]
+
+    def number(self, tag: int, audsid: int | None = None) -> tuple[int, int]:
+        """(audsid, the hub's rseq) of the last request forwarded here with body ``tag``."""
+        return next((a, rseq) for _, a, rseq, body in reversed(self.got) if body == b"%d" % tag and audsid in (None, a))
+
+
+def parse(data: bytes) -> tuple[int, int, int, bytes]:
+    length, audsid, rseq = struct.unpack_from(">iIi", data)
+    assert abs(length) == len(data), "one PDU per send()"
+    return length, audsid, rseq, data[12:]
 
 
 class Clock:
@@ -83,55 +104,88 @@ class MemoryQueue:
 # ---------------------------------------------------------------- helpers
 
 
-def request(proxy_id: int, rseq: int, body: bytes = b"x", oneway: bool = False) -> bytearray:
+def request(proxy_id: int, rseq: int, body: bytes | None = None, oneway: bool = False) -> bytearray:
+    body = b"%d" % rseq if body is None else body
     size = 12 + len(body)
     return bytearray(struct.pack(">iii", -size if oneway else size, proxy_id, rseq) + body)
 
 
-def reply(audsid: int, rseq: int, body: bytes = b"ok") -> bytearray:
-    return bytearray(struct.pack(">iIi", 12 + len(body), audsid, rseq) + body)
-
-
-def ack(audsid: int, rseq: int) -> bytearray:
-    """A dcod worker is done with a one-way request."""
-    return bytearray(struct.pack(">iIi", 12, audsid, rseq))
+def reply(audsid: int, rseq: int, body: bytes = b"ok", error: bool = False) -> bytearray:
+    size = 12 + len(body)
+    return bytearray(struct.pack(">iIi", -size if error else size, audsid, rseq) + body)
 
 
 def routed(audsid: int, rseq: int, oneway: bool = False) -> bytes:
-    """A request as the hub forwards (and queues) it: the proxy id replaced with the audsid."""
+    """A request as a hub forwards (and queues) it: the proxy id replaced with the audsid, the rseq its own."""
     return struct.pack(">iIi", -13 if oneway else 13, audsid, rseq) + b"x"
 
 
-def make_proxy(proxy_id: int = 1, instances: int = 1, *, ordered: bool = False, handler: str = "echo",
-               queue=None) -> Proxy:
+def make_proxy(
+    proxy_id: int = 1, instances: int = 1, *, ordered: bool = False, handler: str = "echo", queue=None
+) -> Proxy:
     config = ProxyConfig(id=proxy_id, handler=handler, instances=instances, ordered=ordered)
     addresses = [f"worker {proxy_id}#{i}" for i in range(instances)]
     return Proxy(config, addresses, MemoryQueue() if queue is None else queue)
 
 
 class Hub:
-    """A Router with fake outboxes for its instances and sessions, and the proxies it woke."""
+    """A Router with fake outboxes for its instances and sessions, the proxies it woke, what it warned."""
 
-    def __init__(self, *proxies: Proxy, max_inflight: int = 100) -> None:
+    def __init__(self, *proxies: Proxy, max_inflight: int = 100, first_rseq: int | None = FIRST) -> None:
         self.clock = Clock()
         self.woken: list[int] = []
-        self.router = Router(proxies or [make_proxy()], reply_timeout=REPLY_TIMEOUT, max_inflight=max_inflight,
-                             clock=self.clock, wake_pump=lambda proxy: self.woken.append(proxy.config.id))
+        self.warned: list[str] = []
+        self.workers: dict[tuple[int, int], Outbox] = {}
+        self.router = Router(
+            proxies or [make_proxy()],
+            reply_timeout=REPLY_TIMEOUT,
+            max_inflight=max_inflight,
+            clock=self.clock,
+            wake_pump=lambda proxy: self.woken.append(proxy.config.id),
+            warnings=self,
+            first_rseq=first_rseq,
+        )
+
+    def warn(self, kind: str, message: str, *args) -> None:
+        """The router's warnings (dcod.log.Throttle in the hub): their kinds, in order."""
+        self.warned.append(kind)
 
     def instance(self, index: int = 0, proxy_id: int = 1):
         return self.router.proxies[proxy_id].instances[index]
 
     def up(self, index: int = 0, proxy_id: int = 1) -> Outbox:
         """Connect an instance; returns its outbox."""
-        outbox = Outbox()
+        outbox = self.workers[proxy_id, index] = Outbox()
         self.router.connected(self.instance(index, proxy_id), outbox)
         return outbox
 
-    def session(self, audsid: int) -> tuple[Session, Outbox]:
+    def session(self, audsid: int, capable: bool = True) -> tuple[Session, Outbox]:
+        """A session's connection; ``capable``: it announces that it parses error replies, as dcod's client does."""
         outbox = Outbox()
         session = Session(outbox, f"session {audsid}")
-        self.router.register(session, struct.pack(">iiiI", ORACLE_MAGIC, 1, 2, audsid))
+        self.router.register(
+            session, struct.pack(">iIiI", ORACLE_MAGIC, CAPABLE_SID if capable else ORACLE_SID, 2, audsid)
+        )
         return session, outbox
+
+    def answer(
+        self,
+        tag: int,
+        body: bytes = b"ok",
+        *,
+        index: int = 0,
+        proxy_id: int = 1,
+        audsid: int | None = None,
+        error: bool = False,
+    ) -> bool:
+        """The worker instance replies to the request it got with body ``tag``; returns what reply() did."""
+        audsid, rseq = self.workers[proxy_id, index].number(tag, audsid)
+        return self.router.reply(self.instance(index, proxy_id), reply(audsid, rseq, body, error))
+
+    def ack(self, tag: int, index: int = 0, proxy_id: int = 1) -> None:
+        """A dcod worker is done with the one-way request it got with body ``tag``."""
+        audsid, rseq = self.workers[proxy_id, index].number(tag)
+        self.router.reply(self.instance(index, proxy_id), reply(audsid, rseq, b""))
 
     def dispatch(self, proxy_id: int = 1, budget: int = 1 << 30):
         return self.router.dispatch(self.router.proxies[proxy_id], budget)
@@ -146,44 +200,120 @@ def error_code(pdu: tuple[int, int, int, bytes]) -> bytes:
 # ---------------------------------------------------------------- requests and replies
 
 
-def test_request_is_rewritten_to_the_audsid_and_the_reply_reaches_its_session():
+def test_request_is_rewritten_to_the_audsid_and_a_number_of_the_hubs_and_the_reply_restored():
     hub = Hub()
     worker = hub.up()
     session, oracle = hub.session(0xFEDCBA98)  # above 2^31: read unsigned
     hub.router.requests(session, [request(1, 7, b"hello")])
-    assert worker.take() == [(17, 0xFEDCBA98, 7, b"hello")]
+    assert worker.take() == [(17, 0xFEDCBA98, FIRST, b"hello")]
     assert session.inflight == 1
     hub.clock.now += 0.25
-    assert hub.router.reply(hub.instance(), reply(0xFEDCBA98, 7, b"world")) is False
-    assert oracle.take() == [(17, 0xFEDCBA98, 7, b"world")]
+    assert hub.router.reply(hub.instance(), reply(0xFEDCBA98, FIRST, b"world")) is False
+    assert oracle.take() == [(17, 0xFEDCBA98, 7, b"world")]  # the session's own rseq again
     counters = hub.router.proxies[1].counters
     assert (counters.requests, counters.replies, counters.latency_max, session.inflight) == (1, 1, 0.25, 0)
     assert hub.router.inflight == 0
 
 
-def test_a_reply_goes_to_the_connection_that_has_the_audsid_now():
+def test_hub_numbers_count_on_from_a_random_start_and_wrap_past_0():
+    hub = Hub(first_rseq=RSEQ_MAX - 1)
+    worker = hub.up()
+    session, _ = hub.session(3)
+    hub.router.requests(session, [request(1, 1), request(1, 1, oneway=True), request(1, 1)])
+    assert [rseq for _, _, rseq, _ in worker.take()] == [RSEQ_MAX - 1, RSEQ_MAX, 1]  # never 0, never negative
+    firsts = set()
+    for _ in range(2):
+        hub = Hub(first_rseq=None)
+        worker = hub.up()
+        hub.router.requests(hub.session(3)[0], [request(1, 1)])
+        [(_, _, rseq, _)] = worker.take()
+        assert 1 <= rseq <= RSEQ_MAX
+        firsts.add(rseq)
+    assert len(firsts) == 2  # two hubs start apart (they meet one time in 2^31)
+
+
+def test_numbers_still_in_use_are_skipped():
+    hub = Hub(first_rseq=RSEQ_MAX - 1)
+    proxy = hub.router.proxies[1]
+    worker = hub.up()
+    session, oracle = hub.session(3)
+
+    def adopt(*records: bytes) -> None:
+        for pdu in records:
+            proxy.spool.append(pdu)  # the shell moves them into our queue
+        hub.router.adopt(proxy, [(1000.0, pdu) for pdu in records], 0, 1000.0)
+
+    hub.router.requests(session, [request(1, 1)])  # RSEQ_MAX - 1, in flight
+    assert [rseq for _, _, rseq, _ in worker.take()] == [RSEQ_MAX - 1]
+    adopt(routed(3, 1), routed(3, 2), routed(3, 4, oneway=True))  # a gone hub's, queued: 1 and 2 sync, 4 one-way
+    hub.router.requests(session, [request(1, 2)])  # RSEQ_MAX
+    hub.router.requests(session, [request(1, 3), request(1, 4), request(1, 5)])  # then 1 again: 1 and 2 in use
+    hub.dispatch()
+    assert [rseq for _, _, rseq, _ in worker.take()] == [1, 2, 4, RSEQ_MAX, 3, 5, 6]  # never 0, never negative
+    adopt(routed(3, 8, oneway=True))  # ahead of the count: skipped when the count gets there
+    hub.router.requests(session, [request(1, 6), request(1, 7)])
+    hub.dispatch()
+    assert [rseq for _, _, rseq, _ in worker.take()] == [8, 7, 9]
+    for tag in (2, 1):
+        hub.answer(tag)
+    assert oracle.rseqs() == [2, 1]
+
+
+def test_two_connections_with_the_same_audsid_each_get_their_own_replies():
+    # Every SYS session has audsid 0; two databases can collide; a reconnect can overlap the old connection.
+    hub = Hub()
+    worker = hub.up()
+    first, first_out = hub.session(0)
+    second, second_out = hub.session(0)
+    hub.router.requests(first, [request(1, 1, b"first")])
+    hub.router.requests(second, [request(1, 1, b"second")])
+    [(_, a1, n1, _), (_, a2, n2, _)] = worker.take()
+    assert a1 == a2 == 0 and n1 != n2
+    hub.router.reply(hub.instance(), reply(0, n2, b"for second"))
+    hub.router.reply(hub.instance(), reply(0, n1, b"for first"))
+    assert first_out.take() == [(21, 0, 1, b"for first")]
+    assert second_out.take() == [(22, 0, 1, b"for second")]
+    assert (first.inflight, second.inflight) == (0, 0)
+
+
+def test_a_reply_for_a_closed_connection_is_dropped_not_given_to_a_new_one_with_its_audsid():
     hub = Hub()
     worker = hub.up()
     first, first_out = hub.session(5)
     hub.router.requests(first, [request(1, 1), request(1, 2)])
-    worker.take()
-    again, again_out = hub.session(5)  # reconnected
-    hub.router.unregister(first)  # the old connection closes after: the new one keeps the audsid
-    hub.router.reply(hub.instance(), reply(5, 1))
-    assert (first_out.rseqs(), again_out.rseqs()) == ([], [1])
-    hub.router.unregister(again)
-    hub.router.reply(hub.instance(), reply(5, 2))
+    again, again_out = hub.session(5)  # reconnected while the old connection lingers
+    hub.answer(1)
+    assert (first_out.rseqs(), again_out.rseqs()) == ([1], [])
+    hub.router.unregister(first)
+    hub.answer(2)
+    assert (first_out.rseqs(), again_out.rseqs()) == ([], [])
     assert hub.router.totals["replies_without_session"] == 1
+    assert len(worker.take()) == 2 and hub.router.sessions == {again}
+
+
+@pytest.mark.parametrize("rseq", [0, -1])
+def test_a_sessions_rseq_0_or_minus_1_is_never_a_quit_notice_nor_an_ack_request(rseq):
+    hub = Hub(make_proxy(instances=2))
+    workers = [hub.up(i) for i in range(2)]
+    session, oracle = hub.session(0)  # a SYS session
+    hub.router.requests(session, [request(1, rseq, b"")])  # its echo would be "12, 0, 0" unchanged
+    [index] = [i for i, w in enumerate(workers) if w.sent]
+    [forwarded] = workers[index].sent
+    assert forwarded not in (struct.pack(">iIi", 12, 0, 0), struct.pack(">iIi", 12, 0, -1))  # quit notice, ACK_ONEWAY
+    _, audsid, number, _ = workers[index].take()[0]
+    assert hub.router.reply(hub.instance(index), reply(audsid, number, b"")) is False  # the echo: no quit notice
+    assert oracle.take() == [(12, 0, rseq, b"")]
+    assert [hub.instance(i).state for i in range(2)] == ["up", "up"]
 
 
 def test_oneway_requests_are_tracked_until_acknowledged_by_a_dcod_worker():
     hub = Hub(make_proxy(1), make_proxy(2, handler=""))  # proxy 2: a worker not running dcod's runtime
     ours, foreign = hub.up(0, 1), hub.up(0, 2)
     session, oracle = hub.session(3)
-    hub.router.requests(session, [request(1, 1, oneway=True), request(2, 2, oneway=True)])
+    hub.router.requests(session, [request(1, 1, b"x", oneway=True), request(2, 2, b"x", oneway=True)])
     assert [pdu[0] for pdu in ours.take() + foreign.take()] == [-13, -13]
-    assert (hub.router.inflight, list(hub.instance(0, 1).unacked)) == (1, [(3, 1)])
-    hub.router.reply(hub.instance(0, 1), ack(3, 1))
+    assert (hub.router.inflight, list(hub.instance(0, 1).unacked)) == (1, [(3, FIRST)])
+    hub.router.reply(hub.instance(0, 1), reply(3, FIRST, b""))
     assert (hub.router.inflight, hub.router.proxies[1].counters.acked, oracle.take()) == (0, 1, [])
 
 
@@ -202,9 +332,9 @@ def test_orphan_replies_are_counted_and_go_nowhere():
     worker = hub.up()
     session, oracle = hub.session(4)
     hub.router.requests(session, [request(1, 1)])
-    hub.router.reply(hub.instance(), reply(4, 99))  # never asked
-    hub.router.reply(hub.instance(), reply(4, 1))
-    hub.router.reply(hub.instance(), reply(4, 1))  # twice
+    hub.router.reply(hub.instance(), reply(4, FIRST + 1))  # never asked
+    hub.answer(1)
+    hub.answer(1)  # twice
     assert oracle.rseqs() == [1]
     assert hub.router.proxies[1].counters.orphan_replies == 2 and len(worker.take()) == 1
 
@@ -218,11 +348,96 @@ def test_sync_requests_past_max_inflight_per_session_are_refused():
     hub.router.requests(other, [request(1, 1)])  # the limit is per session
     [refused] = oracle.take()
     assert refused[2] == 3 and error_code(refused) == b"DCO-0007"
-    assert worker.rseqs() == [1, 2, 4, 1]
-    hub.router.reply(hub.instance(), reply(6, 1))
+    assert worker.tags() == [1, 2, 4, 1]
+    hub.answer(1, audsid=6)
     hub.router.requests(session, [request(1, 5)])  # room again
-    assert worker.rseqs() == [5]
+    assert worker.tags() == [5]
     assert (hub.router.totals["overloaded"], hub.router.proxies[1].counters.refused) == (1, 1)
+
+
+# ---------------------------------------------------------------- error replies only to sessions that take them
+
+
+def unknown_proxy(hub: Hub, session: Session) -> None:
+    hub.router.requests(session, [request(7, 1)])
+
+
+def reply_timeout(hub: Hub, session: Session) -> None:
+    hub.router.requests(session, [request(1, 1)])
+    hub.router.expire(hub.clock.now + REPLY_TIMEOUT)
+
+
+def worker_lost(hub: Hub, session: Session) -> None:
+    hub.router.requests(session, [request(1, 1)])
+    hub.router.requeue(hub.instance(), [])
+
+
+def queue_full(hub: Hub, session: Session) -> None:
+    hub.router.hold(hub.instance())
+    hub.router.proxies[1].spool.limit = 0
+    hub.router.requests(session, [request(1, 1)])
+
+
+def draining(hub: Hub, session: Session) -> None:
+    hub.router.requests(session, [request(1, 1)])
+    hub.router.fail(hub.instance(), ErrorCode.DRAINING, "hub stopped")
+
+
+def handler_failed(hub: Hub, session: Session) -> None:
+    hub.router.requests(session, [request(1, 1)])
+    hub.answer(1, b"DCO-0006 ValueError: boom", error=True)
+
+
+def overloaded(hub: Hub, session: Session) -> None:
+    hub.router.max_inflight = 0
+    hub.router.requests(session, [request(1, 1)])
+
+
+@pytest.mark.parametrize(
+    "code, make_error",
+    [
+        (b"DCO-0001", unknown_proxy),
+        (b"DCO-0002", reply_timeout),
+        (b"DCO-0003", worker_lost),
+        (b"DCO-0004", queue_full),
+        (b"DCO-0005", draining),
+        (b"DCO-0006", handler_failed),
+        (b"DCO-0007", overloaded),
+    ],
+)
+@pytest.mark.parametrize("capable", [True, False], ids=["capable", "plsql"])
+def test_error_replies_go_only_to_sessions_that_announced_they_take_them(code, make_error, capable):
+    hub = Hub()
+    hub.up()
+    session, oracle = hub.session(8, capable=capable)
+    make_error(hub, session)
+    counters = hub.router.proxies[1].counters
+    withheld = hub.router.totals["withheld"] if make_error is unknown_proxy else counters.withheld
+    if capable:
+        [answer] = oracle.take()
+        assert answer[2] == 1 and error_code(answer) == code
+        assert (withheld, hub.warned.count("withheld")) == (0, 0)
+    else:
+        assert oracle.take() == []  # nothing: Noradle's PL/SQL would read the text as the next header
+        assert (withheld, hub.warned.count("withheld")) == (1, 1)
+    assert session.inflight == 0
+
+
+def test_withheld_error_replies_are_counted_per_proxy_and_good_replies_still_go():
+    hub = Hub(make_proxy(1), make_proxy(2))
+    hub.up(0, 1)
+    hub.up(0, 2)
+    session, oracle = hub.session(8, capable=False)
+    hub.router.requests(session, [request(1, 1), request(2, 2), request(2, 3), request(9, 4), request(1, 5)])
+    hub.answer(1, error=True, proxy_id=1)
+    hub.answer(2, error=True, proxy_id=2)
+    hub.answer(3, b"fine", proxy_id=2)
+    hub.answer(5, b"fine too", proxy_id=1)
+    assert [(rseq, body) for _, _, rseq, body in oracle.take()] == [(3, b"fine"), (5, b"fine too")]
+    proxies = hub.router.proxies
+    assert (proxies[1].counters.withheld, proxies[2].counters.withheld, hub.router.totals["withheld"]) == (1, 1, 1)
+    assert proxies[1].counters.as_dict()["withheld"] == 1  # what `dcod status` shows
+    assert (proxies[1].counters.error_replies, proxies[2].counters.error_replies) == (1, 1)
 
 
 # ---------------------------------------------------------------- pick
@@ -245,7 +460,7 @@ def test_ties_go_round_robin_so_oneway_requests_spread():
     session, _ = hub.session(1)
     for rseq in range(1, 10):
         hub.router.requests(session, [request(1, rseq, oneway=True)])
-    got = [w.rseqs() for w in workers]
+    got = [w.tags() for w in workers]
     assert sorted(len(g) for g in got) == [3, 3, 3]
     assert all(len({rseq % 3 for rseq in g}) == 1 for g in got)  # in turn: every third to the same one
 
@@ -256,7 +471,7 @@ def test_a_reads_requests_go_to_one_instance():
     session, _ = hub.session(1)
     hub.router.requests(session, [request(1, 1)])
     hub.router.requests(session, [request(1, rseq) for rseq in range(2, 6)])  # the other is less busy after one
-    assert sorted(w.rseqs() for w in workers) == [[1], [2, 3, 4, 5]]
+    assert sorted(w.tags() for w in workers) == [[1], [2, 3, 4, 5]]
 
 
 def test_ordered_proxy_keeps_each_session_on_one_instance():
@@ -284,22 +499,22 @@ def test_queued_requests_keep_their_order_and_later_ones_do_not_overtake(tmp_pat
     hub.router.requests(session, [request(1, 4)])
     assert worker.take() == [] and len(spool) == 4
     assert hub.dispatch() is hub.instance() and len(spool) == 0
-    assert worker.rseqs() == [1, 2, 3, 4]
+    assert worker.tags() == [1, 2, 3, 4]
     hub.router.requests(session, [request(1, 5)])  # the queue is empty: straight to the instance
-    assert worker.rseqs() == [5]
-    hub.router.reply(hub.instance(), reply(2, 1))
+    assert worker.tags() == [5]
+    hub.answer(1)
     assert oracle.rseqs() == [1]
 
 
 def test_dispatch_stops_past_its_budget_and_goes_on_when_called_again():
     hub = Hub()
     session, _ = hub.session(2)
-    hub.router.requests(session, [request(1, rseq, b"x" * 88) for rseq in range(1, 6)])  # 100 bytes each
+    hub.router.requests(session, [request(1, rseq, b"%d" % rseq * 88) for rseq in range(1, 6)])  # 100 bytes each
     worker = hub.up()
     assert hub.dispatch(budget=250) is hub.instance()
-    assert worker.rseqs() == [1, 2, 3]
+    assert [body[0] for _, _, _, body in worker.take()] == [*b"123"]
     hub.dispatch(budget=250)
-    assert worker.rseqs() == [4, 5]
+    assert [body[0] for _, _, _, body in worker.take()] == [*b"45"]
 
 
 def test_a_full_queue_refuses_with_an_error_reply():
@@ -311,12 +526,16 @@ def test_a_full_queue_refuses_with_an_error_reply():
     assert hub.router.proxies[1].counters.refused == 2 and session.inflight == 1
 
 
-def test_adopted_sync_requests_wait_for_replies_until_their_original_deadline():
+def test_adopted_requests_are_forwarded_in_time_and_their_replies_dropped():
     proxy = make_proxy()
     hub = Hub(proxy)
     wall = 1_000_000.0
-    records = [(wall - 1, routed(3, 1)), (wall - 10, routed(3, 2)),  # 10 s old: past reply_timeout
-               (wall - 1, routed(3, 3, oneway=True)), (wall - 2, routed(3, 4))]
+    records = [
+        (wall - 1, routed(3, 1)),
+        (wall - 10, routed(3, 2)),  # 10 s old: past reply_timeout
+        (wall - 1, routed(3, 3, oneway=True)),
+        (wall - 2, routed(3, 4)),
+    ]
     for _, pdu in records:
         proxy.spool.append(pdu)  # the shell moved them into our queue
     hub.router.adopt(proxy, records, 1, wall)
@@ -325,15 +544,16 @@ def test_adopted_sync_requests_wait_for_replies_until_their_original_deadline():
     assert (counters.replayed, counters.duplicates) == (4, 1)
     worker = hub.up()
     hub.dispatch()
-    assert worker.rseqs() == [1, 3, 4] and counters.expired == 1
-    _, oracle = hub.session(3)  # the session reconnects to us
+    assert [rseq for _, _, rseq, _ in worker.take()] == [1, 3, 4] and counters.expired == 1  # numbers kept
+    # A session with their audsid connects to us: it did not send them (audsids need not be unique).
+    _, oracle = hub.session(3)
     hub.router.reply(hub.instance(), reply(3, 1))
-    assert oracle.rseqs() == [1]
+    assert oracle.take() == [] and hub.router.totals["replies_without_session"] == 1
+    assert counters.replies == 1
     hub.router.expire(hub.clock.now + REPLY_TIMEOUT - 2.001)
-    assert oracle.take() == []
+    assert list(proxy.instances[0].inflight) == [(3, 4)]
     hub.router.expire(hub.clock.now + REPLY_TIMEOUT - 2)  # rseq 4 was queued 2 s ago
-    [timeout] = oracle.take()
-    assert timeout[2] == 4 and error_code(timeout) == b"DCO-0002" and counters.timeouts == 1
+    assert oracle.take() == [] and counters.timeouts == 1 and not proxy.instances[0].inflight
 
 
 # ---------------------------------------------------------------- timeouts
@@ -351,8 +571,8 @@ def test_expire_answers_requests_past_their_deadline_and_no_others():
     hub.router.expire(hub.clock.now + REPLY_TIMEOUT - 1)
     [timeout] = oracle.take()
     assert timeout[2] == 1 and error_code(timeout) == b"DCO-0002"
-    hub.router.reply(hub.instance(), reply(1, 1))  # too late: nobody waits for it any more
-    hub.router.reply(hub.instance(), reply(1, 2))
+    hub.answer(1)  # too late: nobody waits for it any more
+    hub.answer(2)
     assert oracle.rseqs() == [2]
     counters = hub.router.proxies[1].counters
     assert (counters.timeouts, counters.orphan_replies, counters.replies, session.inflight) == (1, 1, 1, 0)
@@ -369,7 +589,7 @@ def test_a_queued_request_that_times_out_is_never_forwarded():
     assert error_code(oracle.take()[0]) == b"DCO-0002"
     worker = hub.up()
     hub.dispatch()
-    assert worker.rseqs() == [2] and hub.router.proxies[1].counters.expired == 1
+    assert worker.tags() == [2] and hub.router.proxies[1].counters.expired == 1
 
 
 # ---------------------------------------------------------------- an instance goes
@@ -379,11 +599,20 @@ def test_requeue_when_an_instance_goes():
     hub = Hub(make_proxy(instances=2))
     gone = hub.up(0)
     session, oracle = hub.session(1)
-    hub.router.requests(session, [request(1, 1), request(1, 2, oneway=True), request(1, 3, oneway=True),
-                                  request(1, 4), request(1, 5, oneway=True), request(1, 6)])
+    hub.router.requests(
+        session,
+        [
+            request(1, 1),
+            request(1, 2, oneway=True),
+            request(1, 3, oneway=True),
+            request(1, 4),
+            request(1, 5, oneway=True),
+            request(1, 6),
+        ],
+    )
     sent = gone.sent[:]
     assert len(sent) == 6
-    hub.router.reply(hub.instance(0), ack(1, 2))
+    hub.ack(2)
     # The kernel took 1..3; 4..6 were still in the connection's outbox.
     hub.router.requeue(hub.instance(0), [bytearray(pdu) for pdu in sent[3:]])
     [lost] = oracle.take()
@@ -391,9 +620,10 @@ def test_requeue_when_an_instance_goes():
     assert hub.instance(0).state == "connecting" and hub.instance(0).conn is None
     other = hub.up(1)
     hub.dispatch()
-    assert other.rseqs() == [3, 4, 5, 6]  # the unacknowledged one-way request first: it was sent first
-    for rseq in (4, 6):
-        hub.router.reply(hub.instance(1), reply(1, rseq))
+    assert other.tags() == [3, 4, 5, 6]  # the unacknowledged one-way request first: it was sent first
+    assert [rseq for _, _, rseq, _ in other.got] == [rseq for _, _, rseq, _ in gone.got[2:]]  # the same numbers
+    for tag in (4, 6):
+        hub.answer(tag, index=1)
     assert oracle.rseqs() == [4, 6]
     counters = hub.router.proxies[1].counters
     assert (counters.requeued, counters.duplicates, counters.worker_lost) == (4, 1, 1)
@@ -428,7 +658,7 @@ def test_a_held_instance_gets_nothing_until_released():
     hub.router.hold(hub.instance(0), held=False)
     assert hub.woken == [1]  # the pump: the queue can go now
     hub.dispatch()
-    assert workers[0].rseqs() == [5]
+    assert workers[0].tags() == [5]
 
 
 @pytest.mark.parametrize("length, half_close", [(12, True), (6, False)])  # 6: Noradle's worker
@@ -443,7 +673,7 @@ def test_a_quit_notice_stops_dispatch_but_its_replies_still_arrive(length, half_
     for rseq in range(2, 5):
         hub.router.requests(session, [request(1, rseq)])
     assert workers[quitting].take() == [] and len(workers[1 - quitting].take()) == 3
-    hub.router.reply(hub.instance(quitting), reply(1, 1))
+    hub.answer(1, index=quitting)
     assert oracle.rseqs() == [1]
 
 

@@ -120,14 +120,16 @@ async def test_queued_requests_survive_sigkill_of_the_hub(make_config, tmp_path)
     address = config.hub.listen
     spool_dir = config.state_dir / "spool"
     sent = [(rseq, rseq % 3 == 0) for rseq in range(1, 61)]  # (rseq, oneway): 40 sync, 20 one-way
-    body = b"queued while the worker is down"
+
+    def body(rseq: int) -> bytes:
+        return b"%02d queued while the worker is down" % rseq
 
     hub = start_hub_process(config.source)
     try:
         session = await connect_when_listening(address, audsid=31)
         for rseq, oneway in sent:
-            await session.send(1, rseq, body, oneway=oneway)
-        expected_size = FILE_HEADER.size + len(sent) * (RECORD_HEADER.size + 12 + len(body))
+            await session.send(1, rseq, body(rseq), oneway=oneway)
+        expected_size = FILE_HEADER.size + len(sent) * (RECORD_HEADER.size + 12 + len(body(0)))
         spool_path = spool_dir / f"proxy-1.{hub.pid}.spool"  # each hub process has its own
         await wait_for(lambda: spool_path.exists() and spool_path.stat().st_size == expected_size)
         hub.send_signal(signal.SIGKILL)
@@ -139,11 +141,15 @@ async def test_queued_requests_survive_sigkill_of_the_hub(make_config, tmp_path)
         worker = await WorkerPeer(str(config.worker_socket(1, 0))).listen()
         hub_side = await worker.accept()
         arrived = [await read_pdu(hub_side) for _ in sent]
-        assert [(rseq, length < 0) for length, _, rseq, _ in arrived] == sent
-        assert all(audsid == 31 and b == body for _, audsid, _, b in arrived)
-        # Sync requests replayed by the new hub are routed back to the reconnected session.
-        await send_all(hub_side, reply_pdu(31, 1, b"answer"))
-        assert await session.read() == (18, 31, 1, b"answer")
+        assert [(b, length < 0) for length, _, _, b in arrived] == [(body(rseq), oneway) for rseq, oneway in sent]
+        assert all(audsid == 31 for _, audsid, _, _ in arrived)
+        # The replies to replayed sync requests go nowhere: a session presenting the audsid may be another one.
+        await send_all(hub_side, reply_pdu(31, arrived[0][2], b"answer"))
+        await session.send(1, 1, b"new")
+        _, _, number, b = await read_pdu(hub_side)
+        assert b == b"new"
+        await send_all(hub_side, reply_pdu(31, number, b"new answer"))
+        assert await session.read() == (22, 31, 1, b"new answer")  # the first thing it gets
     finally:
         hub.kill()
         hub.wait()

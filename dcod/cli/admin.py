@@ -34,8 +34,9 @@ def _connected(config: Config, timeout: float | None = None):
     except ConnectionRefusedError:
         raise _unreachable(f"no supervisor is running (nobody listens on {path})") from None
     except PermissionError:
-        raise _unreachable(f"permission denied on {path}: run as root or as a member of group "
-                           f"{config.supervisor.control_group}") from None
+        raise _unreachable(
+            f"permission denied on {path}: run as root or as a member of group {config.supervisor.control_group}"
+        ) from None
     with client:
         yield client
 
@@ -71,11 +72,16 @@ def problems(status: dict) -> list[str]:
     backend whose last attempt failed."""
     found = [f"{p['name']} {p['state']}" for p in status["processes"] if p["state"] in ("backoff", "failed")]
     for proxy_id, proxy in sorted((status.get("hub") or {}).get("proxies", {}).items(), key=lambda kv: int(kv[0])):
-        found += [f"proxy {proxy_id} instance {proxy_id}#{i['index']} ({i['address']}) {i['state']}"
-                  for i in proxy["instances"] if i["state"] != "up" and not i["held"]]
+        found += [
+            f"proxy {proxy_id} instance {proxy_id}#{i['index']} ({i['address']}) {i['state']}"
+            for i in proxy["instances"]
+            if i["state"] != "up" and not i["held"]
+        ]
         if proxy.get("durable") is False:
-            found.append(f"proxy {proxy_id} queue not durable ({proxy['not_durable_reason']}): "
-                         f"{proxy['memory_only']} requests held in memory only")
+            found.append(
+                f"proxy {proxy_id} queue not durable ({proxy['not_durable_reason']}): "
+                f"{proxy['memory_only']} requests held in memory only"
+            )
     for backend, stats in status["supervisor"].get("alerts", {}).items():
         failed, sent = stats["last_failed"], stats["last_sent"]
         if failed is not None and (sent is None or failed > sent):
@@ -127,8 +133,7 @@ def stop(config: Config) -> int:
         print(f"stop: the supervisor (pid {client.peer_pid}) has exited", flush=True)
         return EXIT_OK
     said = "said it stopped" if final is not None else "ended the connection without an answer"
-    print(f"dcod: the supervisor {said}, but it still runs (pid {client.peer_pid}) after {grace:g}s",
-          file=sys.stderr)
+    print(f"dcod: the supervisor {said}, but it still runs (pid {client.peer_pid}) after {grace:g}s", file=sys.stderr)
     return EXIT_FAILED
 
 
@@ -165,36 +170,96 @@ def render_status(status: dict) -> str:
         *(f"  DEGRADED: {problem}" for problem in problems(status)),
         "",
     ]
-    header = ("PROCESS", "PID", "GEN", "STATE", "UPTIME", "RSS", "CPU%", "DONE", "INFLIGHT", "QUEUED", "SPOOLED",
-              "ERRORS", "RESTARTS", "LAST EXIT")
+    header = (
+        "PROCESS",
+        "PID",
+        "GEN",
+        "STATE",
+        "UPTIME",
+        "RSS",
+        "CPU%",
+        "DONE",
+        "INFLIGHT",
+        "QUEUED",
+        "SPOOLED",
+        "ERRORS",
+        "RESTARTS",
+        "LAST EXIT",
+    )
     rows = [header]
     for p in status["processes"]:
-        rows.append((p["name"], _or_dash(p["pid"]), _or_dash(p["generation"]), p["state"], _duration(p["uptime"]),
-                     _mib(p["rss"]), "-" if p["cpu_percent"] is None else f"{p['cpu_percent']:.1f}", str(p["done"]),
-                     str(p["inflight"]), str(p["queued"]), _mib(p["spooled"]) if p["spooled"] else "0",
-                     str(p["errors"]), str(p["restarts"]), _last_exit(p)))
+        rows.append(
+            (
+                p["name"],
+                _or_dash(p["pid"]),
+                _or_dash(p["generation"]),
+                p["state"],
+                _duration(p["uptime"]),
+                _mib(p["rss"]),
+                "-" if p["cpu_percent"] is None else f"{p['cpu_percent']:.1f}",
+                str(p["done"]),
+                str(p["inflight"]),
+                str(p["queued"]),
+                _mib(p["spooled"]) if p["spooled"] else "0",
+                str(p["errors"]),
+                str(p["restarts"]),
+                _last_exit(p),
+            )
+        )
     lines += _table(rows)
     hub = status["hub"] or {}
     proxies = hub.get("proxies", {})
     if proxies:
         lines.append("")
-        header = ("PROXY", "REQUESTS", "ONEWAY", "REPLIES", "ERRORS", "TIMEOUTS", "LOST", "REFUSED", "QUEUED",
-                  "INFLIGHT", "UNACKED", "AVG MS", "MAX MS", "INSTANCES")
+        # WITHHELD: error replies not sent to sessions that take none (Noradle's PL/SQL), of ERRORS.
+        header = (
+            "PROXY",
+            "REQUESTS",
+            "ONEWAY",
+            "REPLIES",
+            "ERRORS",
+            "WITHHELD",
+            "TIMEOUTS",
+            "LOST",
+            "REFUSED",
+            "QUEUED",
+            "INFLIGHT",
+            "UNACKED",
+            "AVG MS",
+            "MAX MS",
+            "INSTANCES",
+        )
         rows = [header]
         for pid, p in sorted(proxies.items(), key=lambda kv: int(kv[0])):
             answered = p["replies"] + p["error_replies"]
             avg = 1000 * p["latency_sum"] / answered if answered else 0.0
             up = sum(1 for i in p["instances"] if i["state"] == "up" and not i["held"])
-            rows.append((str(pid), str(p["requests"]), str(p["oneway"]), str(p["replies"]),
-                         str(p["errors"] + p["error_replies"]), str(p["timeouts"]), str(p["worker_lost"]),
-                         str(p["refused"]), str(p["queued_now"]), str(p["inflight"]), str(p.get("unacked", 0)),
-                         f"{avg:.2f}",
-                         f"{1000 * p['latency_max']:.2f}", f"{up}/{len(p['instances'])} up"))
+            rows.append(
+                (
+                    str(pid),
+                    str(p["requests"]),
+                    str(p["oneway"]),
+                    str(p["replies"]),
+                    str(p["errors"] + p["error_replies"]),
+                    str(p.get("withheld", 0)),
+                    str(p["timeouts"]),
+                    str(p["worker_lost"]),
+                    str(p["refused"]),
+                    str(p["queued_now"]),
+                    str(p["inflight"]),
+                    str(p.get("unacked", 0)),
+                    f"{avg:.2f}",
+                    f"{1000 * p['latency_max']:.2f}",
+                    f"{up}/{len(p['instances'])} up",
+                )
+            )
         lines += _table(rows)
     for pid, p in sorted(proxies.items(), key=lambda kv: int(kv[0])):
         if p.get("damaged_ranges"):
-            lines.append(f"proxy {pid}: {p['damaged_ranges']} damaged ranges ({p['damaged_bytes']} bytes) skipped in "
-                         f"its spool; copies kept: {', '.join(p['damaged_copies']) or 'none'}")
+            lines.append(
+                f"proxy {pid}: {p['damaged_ranges']} damaged ranges ({p['damaged_bytes']} bytes) skipped in "
+                f"its spool; copies kept: {', '.join(p['damaged_copies']) or 'none'}"
+            )
     totals = hub.get("totals", {})
     if totals:
         lines += ["", "hub totals: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(totals.items()))]

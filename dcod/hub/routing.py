@@ -1,11 +1,14 @@
 """The hub's routing, sans I/O: sessions, proxies, instances, pending requests, counters.
 
 Each Oracle session sends requests tagged with a proxy id; the router rewrites the proxy id
-into the session's audsid and forwards the PDU to an instance of that proxy (the least busy
-one, or the session's own one for an ``ordered`` proxy). Replies carry the audsid back and go
-to the session that has it. Every sync request is tracked until its reply, error reply or
-timeout; a request that cannot be forwarded at once is queued in the proxy's queue (the
-spool, durable) and forwarded in order when an instance is there.
+into the session's audsid and the session's rseq into a number of the hub's own (see
+dcod.protocol: audsids need not be unique), and forwards the PDU to an instance of that proxy
+(the least busy one, or the session's own one for an ``ordered`` proxy). Every sync request is
+tracked, with the session that sent it and its rseq, until its reply, error reply or timeout: a
+reply goes to that session's connection only, its rseq restored. Error replies go only to
+sessions that announced ``CAP_ERROR_REPLIES``; for the others they are withheld and counted.
+A request that cannot be forwarded at once is queued in the proxy's queue (the spool, durable)
+and forwarded in order when an instance is there.
 
 The router does no I/O and never waits, in the manner of h11: the hub's shell
 (dcod.hub.server) reads the sockets, frames PDUs and calls the steps here (register,
@@ -19,21 +22,24 @@ the hub, which the router's caller opens, syncs and closes).
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import logging
+import random
 import time
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from dcod import protocol
 from dcod.config import ProxyConfig
 from dcod.hub.spool import SpoolFull
 from dcod.log import Throttle
-from dcod.protocol import ROUTED_HEADER, ErrorCode
+from dcod.protocol import CAP_ERROR_REPLIES, HUB_RSEQ_MAX, ROUTED_HEADER, RSEQ, RSEQ_OFFSET, ErrorCode
 
 log = logging.getLogger("dcod.hub.routing")
 
-Key = tuple[int, int]  # (audsid, rseq): a request, as the worker's reply names it
+Key = tuple[int, int]  # (audsid, the hub's rseq): a request, as the worker's reply names it
 
 
 class Outbox(Protocol):
@@ -65,13 +71,15 @@ class Queue(Protocol):
 class Pending:
     """A sync request waiting for its reply."""
 
-    __slots__ = ("key", "proxy", "session", "instance", "deadline", "started", "done")
+    __slots__ = ("key", "proxy", "session", "rseq", "instance", "deadline", "started", "done")
 
-    def __init__(self, key: Key, proxy: Proxy, deadline: float, started: float,
-                 session: Session | None = None) -> None:
+    def __init__(
+        self, key: Key, proxy: Proxy, deadline: float, started: float, session: Session | None = None, rseq: int = 0
+    ) -> None:
         self.key = key
         self.proxy = proxy
-        self.session = session  # None for a request replayed from a spool
+        self.session = session  # None for a request replayed from a spool: its reply goes nowhere
+        self.rseq = rseq  # the session's own number for it, put back in the reply
         self.instance: Instance | None = None  # None while queued
         self.deadline = deadline
         self.started = started
@@ -98,6 +106,7 @@ class Counters:
     expired: int = 0
     duplicates: int = 0
     orphan_replies: int = 0
+    withheld: int = 0  # error replies not sent: the session does not take them (CAP_ERROR_REPLIES)
     latency_sum: float = 0
     latency_max: float = 0
 
@@ -197,16 +206,20 @@ class Proxy:
 
 
 class Session:
-    """An Oracle session, as the router sees it: where its replies go, and its sync requests in flight."""
+    """An Oracle session's connection, as the router sees it: where its replies go, what it
+    understands, and its sync requests not answered yet. Another connection may present the
+    same audsid: replies follow the connection, never the audsid."""
 
-    __slots__ = ("conn", "peer", "audsid", "sid", "serial", "registered", "inflight")
+    __slots__ = ("conn", "peer", "audsid", "sid", "serial", "capabilities", "registered", "closed", "inflight")
 
     def __init__(self, conn: Outbox, peer: str) -> None:
         self.conn = conn
         self.peer = peer
         self.audsid = self.sid = self.serial = 0  # audsid 0 is a real one (SYS): see registered
+        self.capabilities = 0  # dcod.protocol.capabilities(): 0 for Noradle's PL/SQL
         self.registered = False
-        self.inflight = 0  # its sync requests not answered yet
+        self.closed = False  # its connection is gone: replies for it are dropped
+        self.inflight = 0  # its sync requests not answered yet, queued ones included
 
 
 class Router:
@@ -215,27 +228,43 @@ class Router:
     ``wake_pump(proxy)`` is called when a proxy's queue may be forwarded (a request was queued,
     an instance came up or was released, records were adopted): the caller then calls
     ``dispatch(proxy, ...)`` until the queue is empty or dispatch returns None.
+    ``warnings`` (dcod.log.Throttle) logs what a flood could repeat.
+    ``first_rseq`` is the first request number to give (random if None).
     """
 
-    def __init__(self, proxies: Iterable[Proxy], *, reply_timeout: float, max_inflight: int,
-                 clock: Callable[[], float] = time.monotonic,
-                 wake_pump: Callable[[Proxy], None] = lambda proxy: None, warnings: Throttle | None = None) -> None:
+    def __init__(
+        self,
+        proxies: Iterable[Proxy],
+        *,
+        reply_timeout: float,
+        max_inflight: int,
+        clock: Callable[[], float] = time.monotonic,
+        wake_pump: Callable[[Proxy], None] = lambda proxy: None,
+        warnings: Throttle | None = None,
+        first_rseq: int | None = None,
+    ) -> None:
         self.proxies = {p.config.id: p for p in proxies}
         self.warnings = warnings or Throttle(log)
         self.reply_timeout = reply_timeout
         self.max_inflight = max_inflight
         self.clock = clock
-        self.sessions: dict[int, Session] = {}  # by audsid: where replies go
+        self.sessions: set[Session] = set()  # registered and connected (for drain and status, not routing)
         self.timeouts: collections.deque[Pending] = collections.deque()  # in deadline order
         self.totals: collections.Counter[str] = collections.Counter()  # sessions, unknown_proxy, overloaded...
         self._wake_pump = wake_pump
         self._reads = 0  # reads from sessions that brought requests: Proxy.pick() keeps each one's together
+        # The hub's request numbers: the next to give, and the first number from there on that may be
+        # in use (past it, _free_rseq looks); random, so that a restarted hub does not repeat them.
+        self._next_rseq = random.randint(1, HUB_RSEQ_MAX) if first_rseq is None else first_rseq
+        self._rseq_limit = HUB_RSEQ_MAX + 1
+        self._adopted: set[int] = set()  # numbers of records taken over from other hubs' spools, still queued
 
     @property
     def inflight(self) -> int:
         """Sync requests not answered, queued ones included, and one-way requests not acknowledged."""
-        return sum(len(p.waiting) + sum(len(i.inflight) + len(i.unacked) for i in p.instances)
-                   for p in self.proxies.values())
+        return sum(
+            len(p.waiting) + sum(len(i.inflight) + len(i.unacked) for i in p.instances) for p in self.proxies.values()
+        )
 
     def workers_connected(self) -> bool:
         """Every proxy has at least one instance up: what `ready` waits for."""
@@ -244,19 +273,18 @@ class Router:
     # ------------------------------------------------------------ sessions
 
     def register(self, session: Session, handshake: bytes) -> None:
-        """A session's 16-byte handshake is in: replies for its audsid go to it from now on."""
+        """A session's 16-byte handshake is in (its magic checked by the framer): its audsid, and
+        the capabilities its sid field announces."""
         _, session.sid, session.serial, session.audsid = protocol.ORACLE_HANDSHAKE.unpack(handshake)
+        session.capabilities = protocol.capabilities(session.sid)
         session.registered = True
         self.totals["sessions"] += 1
-        if self.sessions.get(session.audsid) is not None:
-            log.info("audsid %d connected again from %s; replies go to the new connection", session.audsid,
-                     session.peer)
-        self.sessions[session.audsid] = session
+        self.sessions.add(session)
 
     def unregister(self, session: Session) -> None:
-        """The session's connection is gone."""
-        if session.registered and self.sessions.get(session.audsid) is session:
-            del self.sessions[session.audsid]
+        """The session's connection is gone: the replies to its requests are dropped."""
+        session.closed = True
+        self.sessions.discard(session)
 
     def requests(self, session: Session, pdus: list[bytearray]) -> None:
         """The request PDUs of one read from a session (they go to one instance where they can)."""
@@ -266,20 +294,26 @@ class Router:
             self.request(session, pdu, read)
 
     def request(self, session: Session, pdu: bytearray, read: int = 0) -> None:
-        """A request PDU from a session: its header rewritten in place, then forwarded or queued."""
+        """A request PDU from a session: its header rewritten in place (the audsid for the proxy id,
+        the hub's number for the rseq), then forwarded or queued."""
         length, proxy_id, rseq = protocol.REQUEST_HEADER.unpack_from(pdu)
         audsid = session.audsid
         proxy = self.proxies.get(proxy_id)
         if proxy is None:
             self.totals["unknown_proxy"] += 1
             if length > 0:
-                self._send_error(session, rseq, ErrorCode.UNKNOWN_PROXY, f"unknown proxy {proxy_id}")
+                self._send_error(session, None, rseq, ErrorCode.UNKNOWN_PROXY, f"unknown proxy {proxy_id}")
             else:
-                self.warnings.warn("unknown proxy", "one-way request for unknown proxy %d from audsid %d dropped",
-                                   proxy_id, audsid)
+                self.warnings.warn(
+                    "unknown proxy", "one-way request for unknown proxy %d from audsid %d dropped", proxy_id, audsid
+                )
             return
-        ROUTED_HEADER.pack_into(pdu, 0, length, audsid, rseq)
-        key = (audsid, rseq)
+        number = self._next_rseq
+        if number >= self._rseq_limit:
+            number = self._free_rseq()
+        self._next_rseq = number + 1
+        ROUTED_HEADER.pack_into(pdu, 0, length, audsid, number)
+        key = (audsid, number)
         counters = proxy.counters
         counters.requests += 1
         pending = None
@@ -287,11 +321,16 @@ class Router:
             if session.inflight >= self.max_inflight:
                 counters.refused += 1
                 self.totals["overloaded"] += 1
-                self._send_error(session, rseq, ErrorCode.OVERLOADED,
-                                 f"{self.max_inflight} requests in flight for this session")
+                self._send_error(
+                    session,
+                    counters,
+                    rseq,
+                    ErrorCode.OVERLOADED,
+                    f"{self.max_inflight} requests in flight for this session",
+                )
                 return
             now = self.clock()
-            pending = Pending(key, proxy, now + self.reply_timeout, now, session)
+            pending = Pending(key, proxy, now + self.reply_timeout, now, session, rseq)
             session.inflight += 1
             self.timeouts.append(pending)
         else:
@@ -302,6 +341,31 @@ class Router:
                 self.forward(instance, pdu, key, pending)
                 return
         self.enqueue(proxy, pdu, pending)
+
+    def _free_rseq(self) -> int:
+        """The next request number that no request the router knows of has, counting on from
+        ``_next_rseq`` (after HUB_RSEQ_MAX comes 1); ``_rseq_limit`` becomes the next one in use.
+
+        Called when the count reaches the limit: once per wrap around (2**31 requests), and at
+        numbers taken over from other hubs' spools. A one-way request of ours still queued when
+        the count comes round again is not looked for: it would take a collision of its audsid
+        too to confuse its acknowledgement with another's."""
+        in_use = set(self._adopted)
+        for proxy in self.proxies.values():
+            in_use.update(key[1] for key in proxy.waiting)
+            for instance in proxy.instances:
+                in_use.update(key[1] for key in instance.inflight)
+                in_use.update(key[1] for key in instance.unacked)
+        used = sorted(in_use)
+        number = self._next_rseq if self._next_rseq <= HUB_RSEQ_MAX else 1
+        i = bisect.bisect_left(used, number)
+        while i < len(used) and used[i] == number:  # in use: try the next
+            number += 1
+            i += 1
+            if number > HUB_RSEQ_MAX:
+                number, i = 1, 0
+        self._rseq_limit = used[i] if i < len(used) else HUB_RSEQ_MAX + 1
+        return number
 
     def forward(self, instance: Instance, pdu: bytes | bytearray, key: Key, pending: Pending | None) -> None:
         """Send a request to an instance that is up, and track it there."""
@@ -347,6 +411,8 @@ class Router:
             if instance is None:
                 break
             spool.pop()
+            if self._adopted:
+                self._adopted.discard(rseq)
             pending = proxy.waiting.pop((audsid, rseq), None) if length > 0 else None
             if length > 0 and pending is None:
                 proxy.counters.expired += 1  # already answered with a timeout error
@@ -358,17 +424,21 @@ class Router:
         spool.commit()
         return instance
 
-    def adopt(self, proxy: Proxy, records: list[tuple[float, bytes]], possible_duplicates: int,
-              wall: float) -> None:
+    def adopt(self, proxy: Proxy, records: list[tuple[float, bytes]], possible_duplicates: int, wall: float) -> None:
         """Records of hubs that are gone, now in ``proxy``'s queue (queued_at is wall time, as is
-        ``wall``, the time now): the sync requests still in time wait for their replies again (a
-        session that reconnects to us gets them)."""
+        ``wall``, the time now). They are forwarded with the numbers they have (a one-way request
+        sent again keeps its identity at the worker), which we then do not give to others. The sync
+        requests still in time are tracked to their deadline, but their replies go nowhere: no
+        connection of ours sent them (the audsid is not enough to tell whose they are)."""
         proxy.counters.replayed += len(records)
         proxy.counters.duplicates += possible_duplicates  # at most; the spool cannot tell better
         now = self.clock()
         adopted = []
         for queued_at, pdu in records:
             length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
+            self._adopted.add(rseq)
+            if self._next_rseq <= rseq < self._rseq_limit:
+                self._rseq_limit = rseq
             deadline = now + (queued_at + self.reply_timeout - wall)
             if length > 0 and deadline > now:
                 pending = Pending((audsid, rseq), proxy, deadline, now)
@@ -399,7 +469,7 @@ class Router:
         Returns True for a dcod worker's quit notice: the caller half-closes the connection
         once what was sent to it is written (see _quit)."""
         length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
-        if not rseq and protocol.is_quit_notice(length, audsid, rseq):  # sessions count rseq from 1
+        if not rseq and protocol.is_quit_notice(length, audsid, rseq):  # the hub numbers requests from 1
             return self._quit(instance, half_close=length != protocol.NORADLE_QUIT_LENGTH)
         counters = instance.proxy.counters
         pending = instance.inflight.pop((audsid, rseq), None)
@@ -416,11 +486,15 @@ class Router:
             counters.latency_max = latency
         if length < 0:
             counters.error_replies += 1
+            if session is not None and not session.capabilities & CAP_ERROR_REPLIES:
+                self._withhold(session, counters, "a worker's error reply", pending.rseq)
+                return False
         else:
             counters.replies += 1
         if session is None:
             self.totals["replies_without_session"] += 1
             return False
+        RSEQ.pack_into(pdu, RSEQ_OFFSET, pending.rseq)
         session.conn.send(pdu)
         return False
 
@@ -462,11 +536,19 @@ class Router:
         proxy.counters.requeued += len(unacked) + len(unsent)
         proxy.counters.duplicates += len(unacked)  # at most
         if unacked or unsent:
-            log.info("worker %s went away: %d one-way requests it did not finish and %d requests it never got "
-                     "are queued again", instance.name, len(unacked), len(unsent))
+            log.info(
+                "worker %s went away: %d one-way requests it did not finish and %d requests it never got "
+                "are queued again",
+                instance.name,
+                len(unacked),
+                len(unsent),
+            )
         if instance.inflight:
-            log.warning("worker %s went away with %d sync requests in flight; answering them with errors",
-                        instance.name, len(instance.inflight))
+            log.warning(
+                "worker %s went away with %d sync requests in flight; answering them with errors",
+                instance.name,
+                len(instance.inflight),
+            )
         detail = f"worker {instance.name} of proxy {proxy.config.id} went away before replying"
         proxy.counters.worker_lost += self.fail(instance, ErrorCode.WORKER_LOST, detail)
 
@@ -493,29 +575,57 @@ class Router:
             else:
                 proxy.waiting.pop(pending.key, None)
             proxy.counters.timeouts += 1
-            self._answer_error(pending, ErrorCode.REPLY_TIMEOUT,
-                               f"no reply from proxy {proxy.config.id} within {self.reply_timeout:g}s")
+            self._answer_error(
+                pending,
+                ErrorCode.REPLY_TIMEOUT,
+                f"no reply from proxy {proxy.config.id} within {self.reply_timeout:g}s",
+            )
 
     # ------------------------------------------------------------ where answers go
 
     def _finish(self, pending: Pending) -> Session | None:
         """A sync request is answered (reply, error reply or timeout): it no longer counts against
-        its session. Returns the session the answer goes to, None if it is gone: this is where
-        that is decided, for replies and error replies alike."""
+        its session. Returns the session the answer goes to: the connection that sent the request,
+        None if it is gone (or the request came from a spool). This is where that is decided, for
+        replies and error replies alike; whether an error reply may go is decided where it is sent
+        (reply() for a worker's, _send_error() for the hub's)."""
         pending.done = True
         session = pending.session
-        if session is not None:
-            session.inflight -= 1
-            pending.session = None
-        return self.sessions.get(pending.key[0])
+        if session is None:
+            return None
+        session.inflight -= 1
+        pending.session = None
+        return None if session.closed else session
 
     def _answer_error(self, pending: Pending, code: ErrorCode, detail: str) -> None:
         """Answer a sync request with an error reply."""
         session = self._finish(pending)
-        pending.proxy.counters.errors += 1
+        counters = pending.proxy.counters
+        counters.errors += 1
         if session is not None:
-            self._send_error(session, pending.key[1], code, detail)
+            self._send_error(session, counters, pending.rseq, code, detail)
 
-    def _send_error(self, session: Session, rseq: int, code: ErrorCode, detail: str) -> None:
-        """Every error reply the hub makes goes out here."""
-        session.conn.send(protocol.error_reply(session.audsid, rseq, code, detail))
+    def _send_error(self, session: Session, counters: Counters | None, rseq: int, code: ErrorCode, detail: str) -> None:
+        """Every error reply the hub makes goes out here, to a session that takes error replies
+        (``counters``: its proxy's, None for an unknown proxy)."""
+        if session.capabilities & CAP_ERROR_REPLIES:
+            session.conn.send(protocol.error_reply(session.audsid, rseq, code, detail))
+        else:
+            self._withhold(session, counters, code.text(detail), rseq)
+
+    def _withhold(self, session: Session, counters: Counters | None, what: str, rseq: int) -> None:
+        """An error reply for a session that cannot parse one (Noradle's PL/SQL reads no body for a
+        negative length and would take the text for the next header): nothing goes to it, as from
+        Noradle's hub; its own timeout decides."""
+        if counters is None:
+            self.totals["withheld"] += 1
+        else:
+            counters.withheld += 1
+        self.warnings.warn(
+            "withheld",
+            "withheld from session %s (audsid %d), request %d: %s (it takes no error replies: its own timeout decides)",
+            session.peer,
+            session.audsid,
+            rseq,
+            what,
+        )

@@ -22,19 +22,20 @@ import logging
 import signal
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import trio
 
 from dcod import protocol
-from dcod.log import Throttle
-from dcod.net import channel as control, sockets
 from dcod.config import Config
-from dcod.net.connection import Connection, ConnectionClosed, accept, connect
-from dcod.protocol import ErrorCode, ProtocolError
-from dcod.net.reactor import Reactor
 from dcod.hub.routing import Instance, Proxy, Router, Session
 from dcod.hub.spool import SpoolDir
+from dcod.log import Throttle
+from dcod.net import channel as control
+from dcod.net import sockets
+from dcod.net.connection import Connection, ConnectionClosed, accept, connect
+from dcod.net.reactor import Reactor
+from dcod.protocol import ErrorCode, ProtocolError
 
 log = logging.getLogger("dcod.hub")
 
@@ -61,12 +62,21 @@ class Hub:
         self.max_pdu = config.hub.max_pdu
         self.warnings = Throttle(log, WARN_EVERY, clock)  # for what a flood of bad peers could repeat
         self.allow = [ipaddress.ip_network(n, strict=False) for n in config.hub.allow]
-        self.spools = SpoolDir(config.state_dir / "spool", memory_limit=config.hub.queue_memory,
-                               size_limit=config.hub.spool_max, max_record=config.hub.max_pdu)
+        self.spools = SpoolDir(
+            config.state_dir / "spool",
+            memory_limit=config.hub.queue_memory,
+            size_limit=config.hub.spool_max,
+            max_record=config.hub.max_pdu,
+        )
         self._pump_wanted = {p.id: trio.Event() for p in config.proxies}
-        self.router = Router([Proxy(p, config.worker_addresses(p), self.spools.open(p.id)) for p in config.proxies],
-                             reply_timeout=config.hub.reply_timeout, max_inflight=config.hub.max_inflight_per_session,
-                             clock=clock, wake_pump=self._wake_pump, warnings=self.warnings)
+        self.router = Router(
+            [Proxy(p, config.worker_addresses(p), self.spools.open(p.id)) for p in config.proxies],
+            reply_timeout=config.hub.reply_timeout,
+            max_inflight=config.hub.max_inflight_per_session,
+            clock=clock,
+            wake_pump=self._wake_pump,
+            warnings=self.warnings,
+        )
         self.connections = 0
         self.totals = collections.Counter()  # the shell's (protocol errors, refused connections...); see stats()
         self.draining = False
@@ -127,16 +137,23 @@ class Hub:
                 continue
             if self.connections >= self.config.hub.max_connections:
                 self.totals["refused_connections"] += 1
-                self.warnings.warn("max_connections", "refused a connection from %s: hub.max_connections (%d) reached",
-                           peer, self.config.hub.max_connections)
+                self.warnings.warn(
+                    "max_connections",
+                    "refused a connection from %s: hub.max_connections (%d) reached",
+                    peer,
+                    self.config.hub.max_connections,
+                )
                 sock.close()
                 continue
             session = Session(Connection(sock, peer), peer)
             framer = protocol.Framer(self.max_pdu, preamble=protocol.ORACLE_HANDSHAKE.size, magic=protocol.ORACLE_MAGIC)
             self.connections += 1
             self._incomplete[session] = (self.clock(), framer)  # until its handshake is in
-            self.reactor.add(session.conn, functools.partial(self._on_session_data, session, framer),
-                             functools.partial(self._on_session_end, session, framer))
+            self.reactor.add(
+                session.conn,
+                functools.partial(self._on_session_data, session, framer),
+                functools.partial(self._on_session_end, session, framer),
+            )
 
     def _allowed(self, family: int, addr) -> bool:
         if family not in (socket.AF_INET, socket.AF_INET6):
@@ -181,8 +198,9 @@ class Hub:
         self._incomplete.pop(session, None)
         if reason is None and framer.buffered:
             self.totals["truncated_pdus"] += 1
-            log.warning("session %s audsid %d went away mid-PDU (%d bytes)", session.peer, session.audsid,
-                        framer.buffered)
+            log.warning(
+                "session %s audsid %d went away mid-PDU (%d bytes)", session.peer, session.audsid, framer.buffered
+            )
         self.router.unregister(session)
 
     # ------------------------------------------------------------ the queue
@@ -237,8 +255,9 @@ class Hub:
                 sock = await connect(instance.address)
             except OSError as e:
                 if instance.connects == 0 and delay == RECONNECT_MIN:
-                    log.info("worker %s at %s not there yet (%s); retrying", instance.name, instance.address,
-                             e.strerror)
+                    log.info(
+                        "worker %s at %s not there yet (%s); retrying", instance.name, instance.address, e.strerror
+                    )
                 await trio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
@@ -261,8 +280,11 @@ class Hub:
             log.warning("worker %s: connection lost: %s", instance.name, e)
         finally:
             conn.close()
-            unsent = [pdu for pdu in conn.take_unsent() if pdu is not protocol.HUB_HANDSHAKE
-                      and pdu is not protocol.ACK_ONEWAY]
+            unsent = [
+                pdu
+                for pdu in conn.take_unsent()
+                if pdu is not protocol.HUB_HANDSHAKE and pdu is not protocol.ACK_ONEWAY
+            ]
             self.router.requeue(instance, unsent)
 
     async def _handshake(self, instance: Instance, conn: Connection) -> None:
@@ -277,8 +299,9 @@ class Hub:
         if not instance.acks:
             await trio.sleep(FOREIGN_HANDSHAKE_PAUSE)
 
-    def _on_instance_data(self, instance: Instance, conn: Connection, framer: protocol.Framer,
-                          data: memoryview) -> None:
+    def _on_instance_data(
+        self, instance: Instance, conn: Connection, framer: protocol.Framer, data: memoryview
+    ) -> None:
         try:
             pdus = framer.feed(data)
         except ProtocolError as e:
@@ -314,8 +337,13 @@ class Hub:
         stalled = [(s, framer) for s, (since, framer) in self._incomplete.items() if now - since >= stall_timeout]
         for session, framer in stalled:
             self.totals["stalled"] += 1
-            self.warnings.warn("stalled", "session %s: stalled for %gs before a whole PDU (%d bytes); closing it",
-                       session.peer, stall_timeout, framer.buffered)
+            self.warnings.warn(
+                "stalled",
+                "session %s: stalled for %gs before a whole PDU (%d bytes); closing it",
+                session.peer,
+                stall_timeout,
+                framer.buffered,
+            )
             session.conn.close()
 
     # ------------------------------------------------------------ status
@@ -326,17 +354,41 @@ class Hub:
         for p in router.proxies.values():
             c = p.counters.as_dict()
             spool = p.spool
-            c.update(queued_now=len(spool), spooled_bytes=spool.size, waiting=len(p.waiting),
-                     durable=spool.durable, not_durable_reason=spool.not_durable_reason, memory_only=spool.memory_only,
-                     damaged_ranges=spool.damaged_ranges, damaged_bytes=spool.damaged_bytes,
-                     torn_bytes=spool.torn_bytes, damaged_copies=[str(path) for path in spool.damaged_copies],
-                     inflight=sum(len(i.inflight) for i in p.instances), unacked=sum(len(i.unacked) for i in p.instances),
-                     instances=[{"index": i.index, "address": i.address, "state": i.state, "held": i.held,
-                                 "inflight": len(i.inflight), "unacked": len(i.unacked), "connects": i.connects}
-                                for i in p.instances])
+            c.update(
+                queued_now=len(spool),
+                spooled_bytes=spool.size,
+                waiting=len(p.waiting),
+                durable=spool.durable,
+                not_durable_reason=spool.not_durable_reason,
+                memory_only=spool.memory_only,
+                damaged_ranges=spool.damaged_ranges,
+                damaged_bytes=spool.damaged_bytes,
+                torn_bytes=spool.torn_bytes,
+                damaged_copies=[str(path) for path in spool.damaged_copies],
+                inflight=sum(len(i.inflight) for i in p.instances),
+                unacked=sum(len(i.unacked) for i in p.instances),
+                instances=[
+                    {
+                        "index": i.index,
+                        "address": i.address,
+                        "state": i.state,
+                        "held": i.held,
+                        "inflight": len(i.inflight),
+                        "unacked": len(i.unacked),
+                        "connects": i.connects,
+                    }
+                    for i in p.instances
+                ],
+            )
             proxies[p.config.id] = c
-        return {"connections": self.connections, "sessions": len(router.sessions), "draining": self.draining,
-                "inflight": router.inflight, "totals": dict(self.totals + router.totals), "proxies": proxies}
+        return {
+            "connections": self.connections,
+            "sessions": len(router.sessions),
+            "draining": self.draining,
+            "inflight": router.inflight,
+            "totals": dict(self.totals + router.totals),
+            "proxies": proxies,
+        }
 
 
 def _peer_name(family: int, addr) -> str:
@@ -350,27 +402,27 @@ def _peer_name(family: int, addr) -> str:
 # ---------------------------------------------------------------- the hub process
 
 
-async def drain(hub: Hub, *, timeout: float, grace: float = 1.0,
-                on_closed: Callable[[], None] | None = None) -> None:
+async def drain(hub: Hub, *, timeout: float, grace: float = 1.0, on_closed: Callable[[], None] | None = None) -> None:
     """Stop taking sessions and wait until every sync request is answered and sessions have gone.
 
     Sessions read their replies and reconnect elsewhere once the quit alert is raised; one
-    that stays connected without anything in flight is closed after ``grace`` seconds of
-    quiet. Past ``timeout`` what is still in flight is answered with error replies.
+    that stays connected without a sync request in flight (or queued) is closed after ``grace``
+    seconds of quiet: Noradle's PL/SQL counts its one-way requests among the replies it waits
+    for at the alert, so it would wait for us forever. Past ``timeout`` what is still in flight is
+    answered with error replies.
     """
     hub.close_listeners()
     if on_closed is not None:
         on_closed()
     router = hub.router
     with trio.move_on_after(timeout):
-        quiet_since: dict[int, float] = {}
+        quiet_since: dict[Session, float] = {}
         while router.inflight or router.sessions:
             now = hub.clock()
-            busy = {key[0] for p in router.proxies.values() for i in p.instances for key in i.inflight}
-            for audsid, session in list(router.sessions.items()):
-                if audsid in busy:
-                    quiet_since.pop(audsid, None)
-                elif now - quiet_since.setdefault(audsid, now) >= grace:
+            for session in list(router.sessions):  # per connection: audsids need not be unique
+                if session.inflight:
+                    quiet_since.pop(session, None)
+                elif now - quiet_since.setdefault(session, now) >= grace:
                     session.conn.close()
             await trio.sleep(SWEEP_INTERVAL)
         return
@@ -379,7 +431,7 @@ async def drain(hub: Hub, *, timeout: float, grace: float = 1.0,
     for proxy in router.proxies.values():
         for instance in proxy.instances:
             router.fail(instance, ErrorCode.DRAINING, "hub stopped before the reply came")
-    for session in list(router.sessions.values()):
+    for session in list(router.sessions):
         await session.conn.flush()
 
 
@@ -393,17 +445,25 @@ async def serve(config: Config, listeners: list[socket.socket]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(hub.run, listeners)
-            log.info("hub serving proxies %s on %s", ", ".join(map(str, hub.router.proxies)) or "(none)",
-                     ", ".join(_listener_name(s) for s in listeners))
+            log.info(
+                "hub serving proxies %s on %s",
+                ", ".join(map(str, hub.router.proxies)) or "(none)",
+                ", ".join(_listener_name(s) for s in listeners),
+            )
             stop = trio.Event()
             on_closed = None
             if channel is not None:
                 nursery.start_soon(channel.writer)
-                nursery.start_soon(control.heartbeat, channel, functools.partial(_report, hub),
-                                   config.supervisor.heartbeat_interval)
+                nursery.start_soon(
+                    control.heartbeat, channel, functools.partial(_report, hub), config.supervisor.heartbeat_interval
+                )
                 nursery.start_soon(_ready_when_connected, hub, channel)
-                nursery.start_soon(control.obey, channel, functools.partial(_stop, stop),
-                                   functools.partial(_on_command, hub, channel, nursery))
+                nursery.start_soon(
+                    control.obey,
+                    channel,
+                    functools.partial(_stop, stop),
+                    functools.partial(_on_command, hub, channel, nursery),
+                )
                 on_closed = functools.partial(channel.send, control.event(control.Event.DRAINING))
             nursery.start_soon(_stop_on_signal, signals, stop)
             await stop.wait()
@@ -439,10 +499,13 @@ def _report(hub: Hub) -> tuple[control.StatusCounts, dict]:
     """The hub's heartbeat: its row in `dcod status`, and its stats() (the detail per proxy)."""
     stats = hub.stats()
     proxies = stats["proxies"].values()
-    counts = control.StatusCounts(done=sum(p["replies"] + p["oneway"] for p in proxies), inflight=stats["inflight"],
-                                  queued=sum(p["queued_now"] for p in proxies),
-                                  spooled=sum(p["spooled_bytes"] for p in proxies),
-                                  errors=sum(p["errors"] + p["error_replies"] for p in proxies))
+    counts = control.StatusCounts(
+        done=sum(p["replies"] + p["oneway"] for p in proxies),
+        inflight=stats["inflight"],
+        queued=sum(p["queued_now"] for p in proxies),
+        spooled=sum(p["spooled_bytes"] for p in proxies),
+        errors=sum(p["errors"] + p["error_replies"] for p in proxies),
+    )
     return counts, stats
 
 
@@ -463,7 +526,7 @@ async def _hold(hub: Hub, channel: control.Channel, message: dict) -> None:
         hub.router.hold(instance, True)
     # Held: wait until its replies and acks are in. Released: until we are connected to it again,
     # and only then not held, so that `dcod status` never sees it down unless it is.
-    while (instance.inflight or instance.unacked if held else instance.state != "up"):
+    while instance.inflight or instance.unacked if held else instance.state != "up":
         await trio.sleep(SWEEP_INTERVAL)
     if not held:
         hub.router.hold(instance, False)
