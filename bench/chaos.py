@@ -110,7 +110,14 @@ EXPLAINS = {
     "DCO-0002": set(FAULTS),  # a reply timeout: anything that stalls a request for reply_timeout
     # Workers that stop (SIGTERM, or their supervisor gone) while the hub is SIGSTOPped give up
     # waiting for it after stop_timeout; the hub, resumed, forwards its backlog to them: DCO-0003.
-    "DCO-0003": {"worker 1 SIGKILL", "worker 1 SIGTERM", "supervisor SIGKILL", "supervisor SIGTERM"},
+    # A worker SIGSTOPped past heartbeat_timeout is killed by the pmon as hung: DCO-0003 too.
+    "DCO-0003": {
+        "worker 1 SIGKILL",
+        "worker 1 SIGTERM",
+        "worker 1 SIGSTOP",
+        "supervisor SIGKILL",
+        "supervisor SIGTERM",
+    },
     "DCO-0005": {"hub SIGTERM", "supervisor SIGKILL", "supervisor SIGTERM"},
     # Not a worker fault: the hub sends again what an instance did not acknowledge.
     "oneway missing": HUB_GOING,
@@ -163,7 +170,7 @@ class Recorder:
         self.supervisor_exits: list[str] = []
         self.leftovers_killed: list[str] = []
         self.anomalies: list[str] = []
-        self.hung_hubs_killed = 0
+        self.hung_killed = {"hub": 0, "worker": 0}  # SIGSTOPped long enough for the pmon to kill them
         self.wall_offset = time.time() - time.monotonic()
         self.started = time.monotonic()
         self.ended = float("inf")
@@ -181,8 +188,8 @@ class Recorder:
         for f in self.faults:
             if not (sent - WINDOW <= f.at <= end and (f.kind in kinds or f.general in kinds)):
                 continue
-            if f.kind == "hub SIGSTOP" and what != "DCO-0002" and "pmon" not in f.detail:
-                continue  # a hub that was resumed lost nothing; one the pmon killed did
+            if f.kind.endswith("SIGSTOP") and what != "DCO-0002" and "pmon" not in f.detail:
+                continue  # a process that was resumed lost nothing; one the pmon killed did
             if f.kind in STOP_UNDER_FROZEN_HUB and what not in EXPLAINS_ALONE[f.kind] and not self.hub_frozen(f.at):
                 continue  # explains it only if the hub was SIGSTOPped meanwhile (see EXPLAINS)
             if f.at <= sent:
@@ -320,7 +327,8 @@ class Service:
         try:
             for c in psutil.Process(self.proc.pid).children():
                 role = _role(c)
-                if role:
+                # "supervisor": a child just spawned, still our copy until its exec
+                if role and role != "supervisor":
                     by_role[role].append(c)
         except psutil.Error:
             pass
@@ -455,9 +463,9 @@ class Chaos:
                 self.stopped.remove(proc)
                 if not _alive(proc):
                     killed = any(f.pid == proc.pid and f.kind.endswith("SIGKILL") for f in self.rec.faults)
-                    if role == "hub" and not killed:
+                    if not killed:
                         fault.detail += ", killed by the pmon as hung"
-                        self.rec.hung_hubs_killed += 1
+                        self.rec.hung_killed["hub" if role == "hub" else "worker"] += 1
                     else:
                         fault.detail += ", gone before its SIGCONT"
                     return
@@ -895,7 +903,8 @@ def report(args, rec: Recorder, workdir: Path, left: list[str], elapsed: float) 
         "code": code_version(),
         "faults": dict(sorted(faults.items())),
         "faults_total": total_faults,
-        "hung_hubs_killed_by_pmon": rec.hung_hubs_killed,
+        "hung_hubs_killed_by_pmon": rec.hung_killed["hub"],
+        "hung_workers_killed_by_pmon": rec.hung_killed["worker"],
         "reloads": dict(rec.reloads),
         "reload_failures": rec.reload_failures,
         "supervisor": {
@@ -978,7 +987,10 @@ def print_report(r: dict) -> None:
     fault_rows = [(k, n) for k, n in r["faults"].items()]
     fault_rows.append(("total", r["faults_total"]))
     table("faults injected", fault_rows)
-    print(f"  (hubs SIGSTOPped long enough for the pmon to kill them as hung: {r['hung_hubs_killed_by_pmon']})")
+    print(
+        f"  (SIGSTOPped long enough for the pmon to kill them as hung: {r['hung_hubs_killed_by_pmon']} hubs, "
+        f"{r['hung_workers_killed_by_pmon']} workers)"
+    )
     sup = r["supervisor"]
     table(
         "supervisor (dcod run)",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -670,7 +671,8 @@ async def test_a_reload_that_fails_before_the_new_hub_serves_changes_nothing(run
 async def test_a_reload_that_fails_at_a_worker_keeps_what_was_done_and_says_so(run, slow_init, handler_path):
     """The new hub serves, then worker 1#0's new handler takes longer than ready_timeout in init():
     the new configuration stays in effect, for 1#1's restarts too; the error names what still runs
-    the previous one; 1#0 is used once ready (not held for a rollout that is over)."""
+    the previous one; the pmon kills 1#0 (no heartbeat within ready_timeout) and its slot restarts
+    it; it is used once ready (not held for a rollout that is over)."""
     r = run(ECHO, supervisor="ready_timeout = 5.0")
     await r.notification("READY=1")
     good = open(r.config.source).read()
@@ -681,10 +683,12 @@ async def test_a_reload_that_fails_at_a_worker_keeps_what_was_done_and_says_so(r
     assert "worker 1#0 generation 2" in result.stderr and "not ready within 5s" in result.stderr, result.stderr
     assert "the new configuration stays in effect" in result.stderr and "worker 1#1" in result.stderr, result.stderr
     assert f"reload failed: {result.stderr.removeprefix('dcod: ').strip()}" in r.log
+    await wait_for(lambda: re.search(r"worker 1#0 started: pid \d+, generation 3\b", r.log), timeout=10)
+    assert re.search(r"worker 1#0 \(pid \d+\) sent no heartbeat for", r.log), r.log
     snapshot = status(r.config)
     assert {p["name"]: (p["generation"], p["state"]) for p in snapshot["processes"]} == {
         "hub": (2, "ready"),
-        "worker 1#0": (2, "starting"),
+        "worker 1#0": (3, "starting"),
         "worker 1#1": (1, "ready"),
     }
 
@@ -707,7 +711,7 @@ async def test_a_reload_that_fails_at_a_worker_keeps_what_was_done_and_says_so(r
     assert result.returncode == 0, result.stdout + result.stderr
     assert {p["name"]: (p["generation"], p["state"]) for p in status(r.config)["processes"]} == {
         "hub": (3, "ready"),
-        "worker 1#0": (3, "ready"),
+        "worker 1#0": (4, "ready"),
         "worker 1#1": (3, "ready"),
     }
 

@@ -438,6 +438,9 @@ async def drain(hub: Hub, *, timeout: float, grace: float = 1.0, on_closed: Call
 async def serve(config: Config, listeners: list[socket.socket]) -> None:
     """Run a hub until SIGTERM/SIGINT (or its supervisor goes away), then drain it and return."""
     hub = Hub(config)
+    for proxy_id, index in control.held_at_start():  # instances that are down: see Slot.held
+        with contextlib.suppress(KeyError, IndexError):  # not in this configuration
+            hub.router.hold(hub.router.proxies[proxy_id].instances[index])
     channel = control.child_channel()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:

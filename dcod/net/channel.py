@@ -24,6 +24,7 @@ import trio
 from dcod.net.connection import Connection, ConnectionClosed
 
 CONTROL_FD_VAR = "DCOD_CONTROL_FD"
+HELD_VAR = "DCOD_HELD"  # (hub) the worker instances it holds from its start: "proxy:instance,..."
 MAX_LINE = 1024 * 1024
 
 log = logging.getLogger("dcod.net.channel")
@@ -149,6 +150,17 @@ def child_channel(environ=os.environ) -> Channel | None:
         return None
     os.set_inheritable(int(fd), False)
     return Channel(socket.socket(fileno=int(fd)), "supervisor")
+
+
+def held_environment(instances: list[tuple[int, int]]) -> dict[str, str]:
+    """The environment that tells a hub to hold these (proxy id, instance) from its start."""
+    return {HELD_VAR: ",".join(f"{proxy}:{instance}" for proxy, instance in instances)} if instances else {}
+
+
+def held_at_start(environ=os.environ) -> list[tuple[int, int]]:
+    """The (proxy id, instance) this hub holds from its start, taken out of its environment."""
+    value = environ.pop(HELD_VAR, "")
+    return [(int(proxy), int(instance)) for proxy, instance in (item.split(":") for item in value.split(",") if item)]
 
 
 def send_heartbeat(channel: Channel, report: Callable[[], tuple[StatusCounts, dict]]) -> None:

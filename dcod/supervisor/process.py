@@ -107,6 +107,7 @@ class Process:
         self.generation = 0
         self.retiring = False  # its exit is planned (rollout, stop): not a failure
         self.alerted = False  # the quit alert for its going was raised already (hubs)
+        self.hung = False  # the pmon killed it: its heartbeats stopped
         self.psutil: psutil.Process | None = None
         try:
             self.psutil = psutil.Process(pid)
@@ -118,8 +119,11 @@ class Process:
         self._answers: dict[int, tuple[trio.Event, list[dict]]] = {}
 
     @classmethod
-    def start(cls, name: str, argv: list[str], passed: dict[str, socket.socket]) -> Process:
-        env = sockets.child_environment(list(passed))
+    def start(
+        cls, name: str, argv: list[str], passed: dict[str, socket.socket], env: dict[str, str] | None = None
+    ) -> Process:
+        """Start ``argv`` with the ``passed`` sockets and ``env`` added to our environment."""
+        env = {**sockets.child_environment(list(passed)), **(env or {})}
         ours, theirs = socket.socketpair()
         env[CONTROL_FD_VAR] = str(sockets.SD_LISTEN_FDS_START + len(passed))
         parked = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, FD_PARKING) for s in [*passed.values(), theirs]]

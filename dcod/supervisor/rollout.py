@@ -13,7 +13,6 @@ it was; after, what was done stays, and the error says what still runs the previ
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -217,10 +216,9 @@ class Rollout:
             await slot.ready(limits.ready_timeout)
         except RolloutError:
             # The rollout ends here, the instance stays (and is restarted if it exits, as any
-            # worker): the hub must not hold it for good, but use it once it is ready.
-            sup.nursery.start_soon(
-                functools.partial(sup.hub.process.request, Command.RELEASE, proxy=slot.proxy_id, instance=slot.instance)
-            )
+            # worker): the hub, which holds it already, goes on holding it, as any instance that is
+            # down, until it is ready (Slot.release).
+            slot.held = True
             raise
         hub = sup.hub.process  # the one that held it may have died meanwhile and been replaced
         answer = await hub.request(Command.RELEASE, proxy=slot.proxy_id, instance=slot.instance)

@@ -7,6 +7,7 @@ generations at once while a rollout overlaps them on the same socket (``alive``)
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from dcod.net.channel import Command, held_environment
 from dcod.supervisor.process import Process, dcod_command, describe_exit, drain_hubs
 from dcod.supervisor.rollout import RolloutError
 
@@ -64,6 +66,9 @@ class Slot:
         self.restarts = 0
         self.failures: list[float] = []  # when its processes exited unplanned: the restart budget
         self.stopping = False
+        # (Workers) down, or not ready since it was: held in every hub, so that its requests wait in
+        # the queue, not in the listening socket's backlog that we keep for its next process.
+        self.held = False
 
     @property
     def is_hub(self) -> bool:
@@ -88,7 +93,9 @@ class Slot:
             # process it did not know of behind it.
             raise RolloutError("the service is stopping")
         self.generation += 1
-        process = Process.start(self.name, argv, self.passed)
+        # A new hub generation holds the instances that are down from its start, before any request comes.
+        held = [(w.proxy_id, w.instance) for w in self.supervisor.workers.values() if w.held] if self.is_hub else []
+        process = Process.start(self.name, argv, self.passed, held_environment(held))
         process.generation = self.generation
         if self.foreign:
             # A command in another language does not speak our channel: it is ready when the
@@ -98,6 +105,25 @@ class Slot:
         log.info("%s started: pid %d, generation %d", self.name, process.pid, self.generation)
         self.supervisor.nursery.start_soon(self._watch, process)
         return process
+
+    def hold(self) -> None:
+        """(Workers) Hold this instance in every hub until a process of it is ready again."""
+        if not self.held:
+            self.held = True
+            self._tell_hubs(Command.HOLD)
+
+    def release(self) -> None:
+        """(Workers) Its process is ready: every hub that holds it may use it again."""
+        if self.held:
+            self.held = False
+            self._tell_hubs(Command.RELEASE)
+
+    def _tell_hubs(self, name: Command) -> None:
+        """Send the command about this instance to every hub generation alive (without waiting for its answer)."""
+        for hub in self.supervisor.hub.alive:
+            self.supervisor.nursery.start_soon(
+                functools.partial(hub.request, name, proxy=self.proxy_id, instance=self.instance)
+            )
 
     async def _watch(self, process: Process) -> None:
         async with trio.open_nursery() as nursery:
@@ -126,6 +152,7 @@ class Slot:
         # A hub told to drain while it connected to its workers may say ready after draining.
         if process is self.process and not process.draining.is_set():
             self.state = "ready"
+            self.release()
 
     async def _on_draining(self, process: Process) -> None:
         """A hub that has closed its listener only finishes what it has: its slot says so. If
@@ -158,6 +185,8 @@ class Slot:
             self.state = "stopped"
             log.warning("%s (pid %d) %s; the service is stopping: not restarted", self.name, process.pid, how)
             return
+        if not self.is_hub:
+            self.hold()
         # Only failures count: the generations reloads start are no reason to give up on it.
         now = time.monotonic()
         self.failures = recent = [*(t for t in self.failures if now - t <= limits.restart_window), now]

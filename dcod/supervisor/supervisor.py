@@ -297,7 +297,8 @@ class Supervisor:
             await raised.wait()
 
     async def _pmon(self) -> None:
-        """A hub whose heartbeats stop for heartbeat_timeout is hung: alert, kill, replace."""
+        """A child whose heartbeats stop for heartbeat_timeout is hung: killed (the hub after the
+        quit alert), then restarted by its slot as any failed child. Foreign workers send none."""
         sup = self.config.supervisor
         tick = sup.heartbeat_interval / 2
         last_look = time.monotonic()
@@ -305,20 +306,30 @@ class Supervisor:
             await trio.sleep(tick)
             now = time.monotonic()
             if now - last_look > 2 * tick + sup.heartbeat_interval:
-                # We did not run for a while ourselves (SIGSTOPped, starved): the hub's heartbeats
-                # may be waiting unread in our socket. Judge once we have read them.
+                # We did not run for a while ourselves (SIGSTOPped, starved): the children's heartbeats
+                # may be waiting unread in our sockets. Judge once we have read them.
                 last_look = now
                 continue
             last_look = now
-            process = self.hub.process
-            if process is None or not process.running or process.retiring or process.alerted:
-                continue
-            silent = now - process.last_heartbeat
-            # Before its first heartbeat a hub is starting (imports, spool adoption): it gets
-            # ready_timeout for that, heartbeat_timeout between heartbeats.
-            if silent > (sup.heartbeat_timeout if process.heartbeats else sup.ready_timeout):
-                process.alerted = True
-                await self.alert_hub_gone(f"hub (pid {process.pid}) sent no heartbeat for {silent:.1f}s (hung)")
+            for slot in self.slots:
+                process = slot.process
+                # An alerted hub was told to drain: drain_hubs() kills it if it takes too long.
+                if slot.foreign or process is None or not process.running or process.retiring or process.hung:
+                    continue
+                if process.alerted:
+                    continue
+                silent = now - process.last_heartbeat
+                # Before its first heartbeat a child is starting (imports, spool adoption, a handler's
+                # init()): it gets ready_timeout for that, heartbeat_timeout between heartbeats.
+                if silent <= (sup.heartbeat_timeout if process.heartbeats else sup.ready_timeout):
+                    continue
+                process.hung = True
+                why = f"{slot.name} (pid {process.pid}) sent no heartbeat for {silent:.1f}s (hung)"
+                if slot.is_hub:
+                    process.alerted = True
+                    await self.alert_hub_gone(why)
+                else:
+                    log.error("%s: killing it", why)
                 process.send_signal(signal.SIGKILL)
 
     async def _check_unclean_stop(self) -> None:

@@ -1,0 +1,152 @@
+"""Issue 16, items 2 and 3 (the supervisor's half), with real processes: a worker whose event loop
+blocks is killed and restarted; an instance that is down is held in every hub generation, so that
+requests to it wait in the queue instead of going into a listening backlog nobody serves."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import trio
+
+import test_rollout
+from conftest import wait_for
+from dcod.client import DcoError, DcoTimeout, Session
+from runs import ECHO
+from test_rollout import FAST_PMON, row, status
+
+handler_path = test_rollout.handler_path  # fixtures
+handler_module = test_rollout.handler_module
+
+
+async def test_a_worker_whose_loop_blocks_is_killed_and_restarted(run, handler_module, handler_path, nursery, tmp_path):
+    """Its sync request gets the worker-lost error; the one-way requests it had taken go to the
+    other instance; the other requests are served meanwhile; it comes back."""
+    notes = tmp_path / "notes"
+    handler_module(
+        "block",
+        f"""\
+        import time
+
+        async def handle(req):
+            if req.body == b"block":
+                time.sleep(60)  # blocks the worker's event loop: no heartbeat, no other request
+            if req.body.startswith(b"note"):
+                with open({str(notes)!r}, "a") as notes:
+                    notes.write(req.body.decode() + "\\n")
+            return req.body
+        """,
+    )
+    r = run('[[proxy]]\nid = 1\nhandler = "block:handle"\ninstances = 2\n' + handler_path, supervisor=FAST_PMON)
+    await r.notification("READY=1")
+    served = 0
+    blocked_done = trio.Event()
+
+    async def others() -> None:
+        """Requests on another session while one instance blocks: served by the other instance (or,
+        routed to the blocked one before the hub knew, answered with the worker-lost error)."""
+        nonlocal served
+        async with Session(r.config.hub.advertise, audsid=2) as session:
+            while not blocked_done.is_set():
+                try:
+                    assert await session.call_sync(1, b"ping", timeout=15) == b"ping"
+                    served += 1
+                except DcoError as e:
+                    assert "DCO-0003" in str(e)
+                await trio.sleep(0.01)
+
+    async with Session(r.config.hub.advertise, audsid=1) as session:
+        nursery.start_soon(others)
+        # In one write, so that the hub sends them to one instance: the one-way requests wait
+        # behind the block there, unacknowledged.
+        session.write(b"block")
+        rseq = await session.send_request(1, buffered=True)
+        for n in range(5):
+            session.write(b"note %d" % n)
+            await session.send_request(1, buffered=True, oneway=True)
+        started = time.monotonic()
+        await session.flush()
+        with pytest.raises(DcoError, match="DCO-0003"):
+            await session.read_response(rseq, timeout=15)
+        answered = time.monotonic() - started
+        blocked_done.set()
+    print(f"blocked handler: worker-lost answer after {answered:.2f}s (heartbeat_timeout 1.0)")
+    assert served > 0
+    assert "sent no heartbeat for" in r.log
+    await wait_for(lambda: notes.exists() and len(notes.read_text().splitlines()) == 5, timeout=10)
+    assert sorted(notes.read_text().splitlines()) == [f"note {n}" for n in range(5)]  # each once
+    assert status(r.config)["hub"]["proxies"]["1"]["requeued"] == 5
+    await wait_for(lambda: "restarting" in r.log, timeout=10)
+    rows = [row(status(r.config), f"worker 1#{i}") for i in (0, 1)]
+    [killed] = [w for w in rows if w["restarts"] == 1]
+    assert killed["last_exit"]["returncode"] == -signal.SIGKILL
+    with trio.fail_after(15):  # it comes back and serves
+        while row(status(r.config), killed["name"])["state"] != "ready":
+            await trio.sleep(0.1)
+    async with Session(r.config.hub.advertise, audsid=3) as session:
+        for _ in range(10):
+            assert await session.call_sync(1, b"ping", timeout=15) == b"ping"
+
+
+def instance_in_hub(config, proxy_id: int, index: int) -> dict:
+    """The hub's view of an instance, and how many requests its proxy has queued."""
+    proxy = status(config)["hub"]["proxies"][str(proxy_id)]
+    return proxy["instances"][index] | {"queued_now": proxy["queued_now"]}
+
+
+async def test_an_instance_left_down_is_held_in_every_hub_generation(run, handler_module, handler_path):
+    handler_module(
+        "broken",
+        """\
+        def init():
+            raise RuntimeError("broken on purpose")
+
+        async def handle(req):
+            return req.body
+        """,
+    )
+    r = run(
+        ECHO + '[[proxy]]\nid = 2\nhandler = "broken:handle"\n' + handler_path,
+        supervisor=FAST_PMON + "restart_max = 2\n",
+        reply_timeout=2.0,
+    )
+    await r.notification("READY=1")
+    await wait_for(lambda: "leaving it down" in r.log, timeout=15)
+    assert row(status(r.config), "worker 2#0")["state"] == "failed"
+    await wait_for(lambda: instance_in_hub(r.config, 2, 0)["held"], timeout=10)
+
+    async with Session(r.config.hub.advertise, audsid=1) as session:
+        rseq = await session.send_request(2)  # sync: waits in the queue (until reply_timeout)
+        await wait_for(lambda: instance_in_hub(r.config, 2, 0)["queued_now"] == 1, timeout=5)
+        for _ in range(200):  # a one-way flood goes to the queue, never into the dead socket's backlog
+            session.write(b"x" * 65536)
+            await session.send_request(2, oneway=True)
+        await wait_for(lambda: instance_in_hub(r.config, 2, 0)["queued_now"] == 201, timeout=10)
+        held = instance_in_hub(r.config, 2, 0)
+        assert (held["inflight"], held["unacked"]) == (0, 0)
+        with pytest.raises((DcoError, DcoTimeout), match="DCO-0002|within"):
+            await session.read_response(rseq, timeout=10)
+        assert await session.call_sync(1, b"ping", timeout=15) == b"ping"  # the rest serves
+
+    # A new hub generation (the previous one killed) holds it from its start.
+    [hub] = r.children_with(" hub")
+    hub.kill()
+    with trio.fail_after(20):
+        while True:
+            hubs = r.children_with(" hub")
+            if hubs and hubs[0].pid != hub.pid and row(status(r.config), "hub")["state"] == "ready":
+                break
+            await trio.sleep(0.1)
+    held = instance_in_hub(r.config, 2, 0)
+    assert held["held"] and (held["inflight"], held["unacked"]) == (0, 0)
+
+
+async def test_a_foreign_worker_is_not_judged_by_heartbeats(run):
+    """A worker run from a `command` (another language) sends none: silent past ready_timeout, it stays."""
+    r = run('[[proxy]]\nid = 2\ncommand = ["/bin/sleep", "600"]\n', supervisor=FAST_PMON + "ready_timeout = 3.0\n")
+    await r.notification("READY=1")
+    with trio.fail_after(20):
+        while (foreign := row(status(r.config), "worker 2#0"))["restarts"] == 0 and (foreign["uptime"] or 0) < 4.5:
+            await trio.sleep(0.2)
+    assert (foreign["generation"], foreign["restarts"], foreign["state"]) == (1, 0, "ready")
