@@ -327,8 +327,9 @@ class Service:
         try:
             for c in psutil.Process(self.proc.pid).children():
                 role = _role(c)
-                # "supervisor": a child just spawned, still our copy until its exec
-                if role and role != "supervisor":
+                # Anything else is a child caught between its spawn and its exec (our copy, the
+                # shim, a python not yet running dcod): not a target yet.
+                if role == "hub" or role.startswith("worker "):
                     by_role[role].append(c)
         except psutil.Error:
             pass
