@@ -17,7 +17,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import trio
 
 from conftest import free_port, wait_for
 from peers import OracleSession
+from runs import DCOD
 
 NODE = shutil.which("node")
 pytestmark = pytest.mark.skipif(NODE is None, reason="node (Node.js) not found on PATH: the Noradle peers need it")
@@ -279,9 +279,7 @@ async def test_dcod_worker_behind_noradle_hub(make_config, tmp_path):
     wport = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(handlers), os.environ.get("PYTHONPATH", "")])}
     worker_argv = [
-        sys.executable,
-        "-m",
-        "dcod",
+        *DCOD,
         "worker",
         "--config",
         str(tmp_path / "dcod.toml"),

@@ -15,7 +15,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import trio
 from conftest import free_port, wait_for
 from dcod.client import Session
 from kext_call import ExtHub, KExtCall, OracleError, exthub, oracle_floor, oracle_mod
-from runs import ECHO
+from runs import DCOD, ECHO
 from test_rollout import dcod_async, handler_module, handler_path, slow_echo, status  # noqa: F401 (fixtures)
 
 NODE = shutil.which("node")
@@ -238,9 +237,7 @@ def noradle_hub(tmp_path: Path):
 
         start(
             [
-                sys.executable,
-                "-m",
-                "dcod",
+                *DCOD,
                 "worker",
                 "--config",
                 str(tmp_path / "dcod.toml"),
