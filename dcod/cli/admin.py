@@ -89,11 +89,13 @@ def problems(status: dict) -> list[str]:
     return found
 
 
-def reload(config: Config) -> int:
-    """The whole rollout, synchronously: one line per step; 0 only if it completed."""
+def reload(config: Config, *, upgrade: bool = False) -> int:
+    """The whole rollout, synchronously: one line per step; 0 only if it completed. With ``upgrade``,
+    the supervisor first re-executes itself on the dcod installed now (dcod.supervisor.reexec); the
+    same connection then carries the new image's answers."""
     print("reload: asking the supervisor", flush=True)
     with _connected(config) as client:
-        for answer in client.ask(command(Control.RELOAD)):
+        for answer in client.ask(command(Control.UPGRADE if upgrade else Control.RELOAD)):
             if "progress" in answer:
                 print(f"reload: {answer['progress']}", flush=True)
             else:
@@ -162,11 +164,16 @@ def _exits(pidfd: int, timeout: float) -> bool:
 
 def render_status(status: dict) -> str:
     sup = status["supervisor"]
+    version = f" {sup['version']}" if sup.get("version") else ""  # (an older supervisor does not say)
+    upgraded = (
+        [f"  upgraded in place: {sup['reexecs']}x, last at {_clock(sup['last_reexec'])}"] if sup.get("reexecs") else []
+    )
     lines = [
-        f"dcod supervisor pid {sup['pid']}, up {_duration(sup['uptime'])}, RSS {_mib(sup['rss'])}, "
+        f"dcod{version} supervisor pid {sup['pid']}, up {_duration(sup['uptime'])}, RSS {_mib(sup['rss'])}, "
         f"config {sup['config']}",
         f"  {sup['status']}",
         f"  last reload: {_rollout(sup['rollout'])}",
+        *upgraded,
         *(f"  DEGRADED: {problem}" for problem in problems(status)),
         "",
     ]

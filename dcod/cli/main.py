@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the status as JSON, data only: numbers, wall times in seconds since the epoch, "
         "null where a value is absent",
     )
-    sub.add_parser(
+    p = sub.add_parser(
         "reload",
         parents=[common],
         help="roll out: re-read the config, restart hub and workers one by one",
@@ -172,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
         "request. Prints one line per step and exits 0 only when the rollout is done; "
         "if it fails, the old generation keeps serving. This is ExecReload= of "
         "dco-hub.service.",
+    )
+    p.add_argument(
+        "--upgrade",
+        action="store_true",
+        help="first re-execute the supervisor in place (same pid) on the dcod installed now, once that "
+        "has shown it can take over; then roll out, so that every process runs the new code. The "
+        "package's postinst runs this on upgrade",
     )
     sub.add_parser(
         "stop",
@@ -326,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "status":
             return admin.status(config, as_json=args.json)
+        if args.command == "reload":
+            return admin.reload(config, upgrade=args.upgrade)
         return getattr(admin, args.command)(config)
     if args.command == "hub":
         from dcod.hub import server as hub

@@ -21,6 +21,7 @@ from enum import StrEnum
 
 import trio
 
+from dcod import __version__
 from dcod.net.connection import Connection, ConnectionClosed
 
 CONTROL_FD_VAR = "DCOD_CONTROL_FD"
@@ -33,7 +34,7 @@ log = logging.getLogger("dcod.net.channel")
 class Event(StrEnum):
     """What a child tells its supervisor: ``{"event": ..., ...}``."""
 
-    HEARTBEAT = "heartbeat"  # every heartbeat_interval: {"counts": StatusCounts, "stats": its own detail}
+    HEARTBEAT = "heartbeat"  # every heartbeat_interval: {"counts": StatusCounts, "stats": its own detail, "version"}
     READY = "ready"  # serving
     DRAINING = "draining"  # its listener is closed: it finishes what it has, then exits
     DONE = "done"  # a command is done: {"id": the command's} and, if it failed, {"error": why}
@@ -53,6 +54,7 @@ class Control(StrEnum):
     STATUS = "status"
     RELOAD = "reload"
     STOP = "stop"
+    UPGRADE = "upgrade"  # `dcod reload --upgrade`: re-execute the supervisor in place, then roll out
 
 
 def event(name: Event, **fields) -> dict:
@@ -101,9 +103,16 @@ class ChannelError(Exception):
 class Channel:
     """Messages (dicts) over a stream socket. Run ``writer()`` while it is in use."""
 
-    def __init__(self, sock: socket.socket, name: str = "control") -> None:
+    def __init__(self, sock: socket.socket, name: str = "control", buffered: bytes = b"") -> None:
+        """``buffered``: bytes already read from ``sock`` (by a previous image of this process) that
+        start its next message."""
         self.conn = Connection(sock, name)
-        self._buf = bytearray()
+        self._buf = bytearray(buffered)
+
+    @property
+    def buffered(self) -> bytes:
+        """What was read of the next message, which is not whole yet."""
+        return bytes(self._buf)
 
     def send(self, message: dict) -> None:
         self.conn.send(json.dumps(message, separators=(",", ":")).encode() + b"\n")
@@ -164,9 +173,10 @@ def held_at_start(environ=os.environ) -> list[tuple[int, int]]:
 
 
 def send_heartbeat(channel: Channel, report: Callable[[], tuple[StatusCounts, dict]]) -> None:
-    """Send what ``report()`` says now: the child's counts for `dcod status` and its own detail (stats)."""
+    """Send what ``report()`` says now: the child's counts for `dcod status` and its own detail (stats),
+    and the version of dcod it runs."""
     counts, stats = report()
-    channel.send(event(Event.HEARTBEAT, counts=dataclasses.asdict(counts), stats=stats))
+    channel.send(event(Event.HEARTBEAT, counts=dataclasses.asdict(counts), stats=stats, version=__version__))
 
 
 async def heartbeat(channel: Channel, report: Callable[[], tuple[StatusCounts, dict]], interval: float) -> None:

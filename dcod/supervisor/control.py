@@ -5,6 +5,7 @@ connection, in the JSON lines of dcod.net.channel. Root, the service's user and 
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import grp
 import json
@@ -21,6 +22,8 @@ from dcod.net.connection import ConnectionClosed, accept
 log = logging.getLogger("dcod.net.channel")
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux; Python 3.11 does not name it
+# While a command is answered: the client's connection (dcod.supervisor.reexec hands it to the next image).
+current_client: contextvars.ContextVar[Channel] = contextvars.ContextVar("current_client")
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -112,6 +115,7 @@ def _refuse(group: str):
 
 
 async def _answer_and_close(channel: Channel, handle, who: str) -> None:
+    current_client.set(channel)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(channel.writer)
         try:

@@ -104,6 +104,7 @@ class Process:
         self.heartbeats = 0
         self.counts = StatusCounts()
         self.stats: dict = {}
+        self.version: str | None = None  # of dcod, as its heartbeats say (none: a foreign worker)
         self.generation = 0
         self.retiring = False  # its exit is planned (rollout, stop): not a failure
         self.alerted = False  # the quit alert for its going was raised already (hubs)
@@ -181,6 +182,7 @@ class Process:
                 self.last_heartbeat = time.monotonic()
                 self.counts = StatusCounts.of(message)
                 self.stats = message.get("stats", {})
+                self.version = message.get("version")
             elif event == Event.READY:
                 self.ready.set()
             elif event == Event.DRAINING:

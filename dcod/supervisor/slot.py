@@ -106,6 +106,13 @@ class Slot:
         self.supervisor.nursery.start_soon(self._watch, process)
         return process
 
+    def adopt(self, process: Process) -> None:
+        """Make a running child, started by this supervisor's previous image (dcod.supervisor.reexec),
+        the slot's process, and watch it as if spawned here."""
+        self.process = process
+        self.alive.append(process)
+        self.supervisor.nursery.start_soon(self._watch, process)
+
     def hold(self) -> None:
         """(Workers) Hold this instance in every hub until a process of it is ready again."""
         if not self.held:

@@ -26,12 +26,12 @@ from collections.abc import Callable
 import psutil
 import trio
 
+from dcod import __version__, fs
 from dcod import config as configuration
-from dcod import fs
 from dcod.config import Config
 from dcod.net import sockets
 from dcod.net.channel import Control, StatusCounts, command_of
-from dcod.supervisor import control, rundir
+from dcod.supervisor import control, reexec, rundir
 from dcod.supervisor.alert import Alerter
 from dcod.supervisor.notify import Notifier
 from dcod.supervisor.process import Process, dcod_command, describe_exit, drain_hubs
@@ -52,16 +52,23 @@ class Supervisor:
     """The service's main process: the slots of the hub and of each worker instance, the pmon,
     the control socket, rollouts (dcod.supervisor.rollout) and the orderly stop."""
 
-    def __init__(self, config: Config, hub_listener: socket.socket) -> None:
+    def __init__(self, config: Config, hub_listener: socket.socket, handover: reexec.Handover | None = None) -> None:
+        """``handover``: what the previous image of this process left to take over (`dcod reload --upgrade`)."""
         self.config = config
         self.hub_listener = hub_listener
         self.notifier = Notifier()
         self.alerter = Alerter.from_config(config)
         self.started = time.monotonic()
+        self.handover = handover
+        self.reexecs = 0  # upgrades in place (dcod.supervisor.reexec), and the latest one's wall time
+        self.last_reexec: float | None = None
+        self.claim: rundir.Claim | None = None  # the locks on our directories (main())
+        self.control_listener: socket.socket | None = None
         self.workers: dict[Key, Slot] = {}
         self.runtime_dir = config.runtime_dir  # ours until a restart, whatever a reload says
-        for stale in self.runtime_dir.glob(CONFIG_COPIES):  # a previous run's; its children are gone with it
-            stale.unlink()
+        if handover is None:
+            for stale in self.runtime_dir.glob(CONFIG_COPIES):  # a previous run's; its children are gone with it
+                stale.unlink()
         self.hub = Slot(self, "hub", self._argv(config, "hub"), {HUB_SOCKET_NAME: hub_listener})
         self.rollout_lock = trio.Lock()
         self._rollout: trio.CancelScope | None = None  # of the rollout under way
@@ -131,21 +138,32 @@ class Supervisor:
     # ------------------------------------------------------------ life cycle
 
     async def run(self) -> None:
-        listener = sockets.bind(str(self.config.control_socket), mode=0o660)
+        if self.handover is None:
+            listener = sockets.bind(str(self.config.control_socket), mode=0o660)
+        else:
+            listener = self.handover.control_listener()
+        self.control_listener = listener
         control_server = control.ControlServer(listener, self._on_command, group=self.config.supervisor.control_group)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            reexec.unblock_signals()  # blocked across an upgrade's exec: received from now on
             # The control socket outlives the rest: `dcod stop` gets its last answer once all is done.
             async with trio.open_nursery() as outer:
-                outer.start_soon(control_server.serve)
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
                     nursery.start_soon(self.notifier.run)
-                    await self._check_unclean_stop()
-                    for key, (name, argv) in self.worker_slots(self.config).items():
-                        self.add_worker(self.config, key, name, argv).launch()
-                    self.hub.launch()
-                    self._mark_hub_running()
-                    nursery.start_soon(self._announce_ready)
+                    if self.handover is None:
+                        await self._check_unclean_stop()
+                        for key, (name, argv) in self.worker_slots(self.config).items():
+                            self.add_worker(self.config, key, name, argv).launch()
+                        self.hub.launch()
+                        self._mark_hub_running()
+                        nursery.start_soon(self._announce_ready)
+                    else:
+                        # The children of the previous image, then its upgrade's rollout, which
+                        # holds the rollout lock before any command is taken.
+                        self.handover.adopt(self)
+                        await nursery.start(self.handover.finish, self)
+                    outer.start_soon(control_server.serve)
                     nursery.start_soon(self._pmon)
                     nursery.start_soon(self._watchdog)
                     nursery.start_soon(self._on_signals, signals)
@@ -354,9 +372,10 @@ class Supervisor:
 
     # ------------------------------------------------------------ rollout
 
-    async def rollout(self, progress: Callable[[str], None]) -> None:
+    async def rollout(self, progress: Callable[[str], None], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Re-read the config and replace the hub, then each worker instance, one
         rollout at a time, reporting each step to ``progress`` and sd_notify.
+        Started (``task_status``) once it holds the rollout lock.
 
         Raises RolloutError, whose message says what stays: before the new hub serves, nothing
         changed; after, what was done (the new configuration is in effect).
@@ -367,6 +386,7 @@ class Supervisor:
             since = time.strftime("%H:%M:%S", time.localtime(self.last_rollout["started"]))
             raise RolloutError(f"a rollout is already running (since {since}); try again when it is done")
         async with self.rollout_lock:
+            task_status.started()
             started = time.monotonic()
             self.last_rollout = {"state": "running", "started": time.time(), "seconds": None, "error": None}
 
@@ -402,6 +422,8 @@ class Supervisor:
                 reply({"ok": False, "error": str(e)})
             else:
                 reply({"ok": True})
+        elif command == Control.UPGRADE:
+            await reexec.upgrade(self, reply)  # answered by the next image if it happens
         elif command == Control.STOP:
             # Each step of the stop, and its end: answered just before we exit.
             self._stop_watchers.append(lambda line: reply({"progress": line}))
@@ -429,6 +451,9 @@ class Supervisor:
         return {
             "supervisor": {
                 "pid": os.getpid(),
+                "version": __version__,
+                "reexecs": self.reexecs,
+                "last_reexec": self.last_reexec,
                 "uptime": time.monotonic() - self.started,
                 **me,
                 "config": self.config.source,
@@ -463,6 +488,7 @@ def _process_row(slot: Slot, process: Process | None, state: str | None = None) 
         "instance": slot.instance,
         "pid": process.pid if running else None,
         "generation": process.generation if process is not None else None,
+        "version": process.version if running else None,
         "state": state or slot.state,
         "uptime": process.uptime if running else None,
         **(_resources(process.psutil) if running else UNKNOWN_RESOURCES),
@@ -508,19 +534,33 @@ def _raise_open_files_limit() -> None:
 
 
 def main(config: Config) -> int:
-    _raise_open_files_limit()
+    if reexec.CHECK_VAR in os.environ:
+        return reexec.check(config)
     try:
-        claim = rundir.claim(config)  # before anything is touched: refused, it touches nothing
-    except rundir.Refused as e:
+        handover = reexec.Handover.received()
+    except ValueError as e:
         log.error("%s", e)
         return 1
+    _raise_open_files_limit()
+    if handover is not None:  # an upgrade in place: our directories, sockets and children are the previous image's
+        claim = handover.claim()
+        listener = handover.hub_listener()
+        config = handover.config(config)
+    else:
+        try:
+            claim = rundir.claim(config)  # before anything is touched: refused, it touches nothing
+        except rundir.Refused as e:
+            log.error("%s", e)
+            return 1
+        try:
+            listener = hub_listener(config)
+        except OSError as e:
+            log.error("cannot listen on %s: %s", config.hub.listen, e.strerror)
+            return 1
     try:
-        listener = hub_listener(config)
-    except OSError as e:
-        log.error("cannot listen on %s: %s", config.hub.listen, e.strerror)
-        return 1
-    try:
-        trio.run(Supervisor(config, listener).run)
+        supervisor = Supervisor(config, listener, handover)
+        supervisor.claim = claim
+        trio.run(supervisor.run)
     finally:
         claim.release()
     return 0

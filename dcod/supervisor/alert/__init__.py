@@ -94,6 +94,7 @@ class Alerter:
         self.name = name
         self.backends = list(backends)
         self._stats = {b.kind: BackendStats() for b in self.backends}
+        self.sending = 0  # signal() calls under way
 
     @classmethod
     def from_config(cls, config: Config) -> Alerter:
@@ -108,9 +109,13 @@ class Alerter:
         """Raise the alert with ``message`` on every backend concurrently. Never raises a backend's
         failure: that is logged and counted (cancellation still propagates)."""
         raised: list[str] = []
-        async with trio.open_nursery() as nursery:
-            for backend in self.backends:
-                nursery.start_soon(self._send, backend, message, raised)
+        self.sending += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                for backend in self.backends:
+                    nursery.start_soon(self._send, backend, message, raised)
+        finally:
+            self.sending -= 1
         if raised:
             log.info("quit alert %s raised: %s (%s)", self.name, message, ", ".join(raised))
 
@@ -131,6 +136,12 @@ class Alerter:
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per backend: sent, failed, last_error, last_sent, last_failed (wall times), for `dcod status`."""
         return {kind: asdict(s) for kind, s in self._stats.items()}
+
+    def restore(self, stats: dict[str, dict[str, Any]]) -> None:
+        """Carry on counting from ``stats()`` of a previous image of the supervisor (dcod.supervisor.reexec)."""
+        for kind, saved in stats.items():
+            if kind in self._stats:
+                self._stats[kind] = BackendStats(**saved)
 
     async def aclose(self) -> None:
         for backend in self.backends:

@@ -1,0 +1,97 @@
+"""Issue 18 item 6, without systemd: `dcod reload --upgrade` re-executes the supervisor in place on
+the dcod installed now (same pid), which then rolls the hub and every worker onto it, under load,
+losing nothing. The "installed" dcod is a copy of the package that the test then changes, as a
+package upgrade changes the files under a running service (tests/test_systemd.py does it with
+two .debs under a real systemd)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import dcod
+from runs import ECHO
+from test_rollout import alert_counter, dcod_async, started_load, status
+
+NEW_VERSION = "9.9.9+upgraded"
+
+
+def installed_copy(tmp_path: Path) -> Path:
+    """A copy of the dcod package, the one `dcod run` and its children import (tmp_path/src/dcod)."""
+    src = tmp_path / "src"
+    shutil.copytree(Path(dcod.__file__).parent, src / "dcod", ignore=shutil.ignore_patterns("__pycache__"))
+    return src
+
+
+def set_version(src: Path, version: str) -> None:
+    init = src / "dcod" / "__init__.py"
+    init.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"', init.read_text()))
+
+
+def run_from(run, src: Path, tmp_path: Path):
+    return run(ECHO, how={"env": {"PYTHONPATH": str(src)}, "cwd": tmp_path})
+
+
+def pids(snapshot: dict) -> set[int]:
+    return {p["pid"] for p in snapshot["processes"]}
+
+
+async def test_upgrade_in_place_under_load_loses_nothing(run, nursery, tmp_path):
+    src = installed_copy(tmp_path)
+    r = run_from(run, src, tmp_path)
+    await r.notification("READY=1")
+    before = status(r.config)
+    assert (before["supervisor"]["version"], before["supervisor"]["reexecs"]) == (dcod.__version__, 0)
+    load = await started_load(nursery, r)
+    alerts = alert_counter(r.config)
+
+    set_version(src, NEW_VERSION)  # the package is upgraded under the running service
+    t0 = time.monotonic()
+    result = await dcod_async(r.config, "reload", "--upgrade")
+    took = time.monotonic() - t0
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(f"dcod {dcod.__version__} -> {NEW_VERSION}" in line for line in lines), lines
+    reexeced = next(line for line in lines if f"runs dcod {NEW_VERSION}" in line)
+    assert any("quit alert" in line for line in lines), lines
+    assert lines[-1].startswith("reload: done in"), lines
+    await r.notification("RELOADING=1")
+    await r.notification("READY=1")
+
+    await load.progress(200)  # the sessions carry on with the new generation
+    load.stop()
+    assert (load.lost, load.unavailable, load.mismatched, dict(load.errors)) == (0, 0, 0, {}), load.error_texts
+    assert alert_counter(r.config) > alerts, "no quit alert for the old hub"
+    after = status(r.config)
+    sup = after["supervisor"]
+    assert sup["pid"] == before["supervisor"]["pid"] == r.proc.pid and r.proc.poll() is None
+    assert (sup["version"], sup["reexecs"]) == (NEW_VERSION, 1), sup
+    assert sup["uptime"] >= before["supervisor"]["uptime"], "the supervisor's age starts again"
+    assert sup["rollout"]["state"] == "done"
+    rows = {p["name"]: (p["version"], p["generation"], p["state"]) for p in after["processes"]}
+    assert rows == {name: (NEW_VERSION, 2, "ready") for name in ("hub", "worker 1#0", "worker 1#1")}, rows
+    assert not pids(after) & pids(before), "a child was not replaced"
+    print(f"upgrade in place took {took:.2f}s under load; {load.ok} calls answered, none lost; {reexeced}")
+
+
+async def test_upgrade_refused_when_the_new_code_cannot_run(run, tmp_path):
+    src = installed_copy(tmp_path)
+    r = run_from(run, src, tmp_path)
+    await r.notification("READY=1")
+    before = status(r.config)
+    broken = src / "dcod" / "supervisor" / "reexec.py"
+    broken.write_text(broken.read_text() + "\nraise ImportError('a broken upgrade')\n")
+
+    result = await dcod_async(r.config, "reload", "--upgrade")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "cannot take over" in result.stderr and "a broken upgrade" in result.stderr, result.stderr
+    assert "nothing changed" in result.stderr
+    after = status(r.config)
+    assert after["supervisor"]["pid"] == r.proc.pid and r.proc.poll() is None
+    assert (after["supervisor"]["version"], after["supervisor"]["reexecs"]) == (dcod.__version__, 0)
+    assert pids(after) == pids(before), "a child was replaced"
+    assert all(p["state"] == "ready" for p in after["processes"]), after["processes"]
+    called = await dcod_async(r.config, "call", "1", "still served")
+    assert called.stdout.strip() == "still served", called.stderr
