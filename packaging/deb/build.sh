@@ -13,6 +13,9 @@
 #          --out DIR          where the .deb goes (default: dist/)
 #          --workdir DIR      the build tree (default: build/deb/); emptied first
 #          --no-lintian       skip lintian
+#          --version V        build version V-1 instead of the checkout's (pyproject.toml, dcod/__init__.py
+#                             and a debian/changelog entry are changed in the copy): a newer package to
+#                             upgrade to, as tests/test_systemd.py does
 # Needs (Debian 12): debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools,
 # and for the build-time import check python3-trio python3-sdnotify python3-psutil
 # python3-tomli-w python3-httpx (or DEB_BUILD_OPTIONS=nocheck); lintian.
@@ -27,12 +30,14 @@ out=$root/dist
 work=$root/build/deb
 tracked=0
 lintian=1
+override=
 while [ $# -gt 0 ]; do
   case "$1" in
     --tracked) tracked=1 ;;
     --out) out=$2; shift ;;
     --workdir) work=$2; shift ;;
     --no-lintian) lintian=0 ;;
+    --version) override=$2; shift ;;
     -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -51,6 +56,11 @@ if [ "${version%-*}" != "$upstream" ]; then
   exit 1
 fi
 
+if [ -n "$override" ]; then
+  upstream=$override
+  version=$override-1
+fi
+
 # a clean copy of the source tree
 src=$work/dcod-$upstream
 rm -rf "$work"
@@ -63,6 +73,17 @@ if [ "$tracked" = 1 ]; then list=(git ls-files -z); else list=(git ls-files -z -
   fi
 done | xargs -0 -r cp -P --parents -t "$src"
 cp -r "$here/debian" "$src/debian"
+if [ -n "$override" ]; then
+  sed -i "s/^version = \".*\"$/version = \"$override\"/" "$src/pyproject.toml"
+  sed -i "s/^__version__ = \".*\"$/__version__ = \"$override\"/" "$src/dcod/__init__.py"
+  grep -qx "version = \"$override\"" "$src/pyproject.toml" && grep -qx "__version__ = \"$override\"" "$src/dcod/__init__.py" ||
+    { echo "build.sh: --version: cannot set the version in pyproject.toml and dcod/__init__.py" >&2; exit 1; }
+  maintainer=$(dpkg-parsechangelog -l "$here/debian/changelog" -S Maintainer)
+  { printf 'dcod (%s) unstable; urgency=medium\n\n  * Built with build.sh --version %s.\n\n -- %s  %s\n\n' \
+      "$version" "$override" "$maintainer" "$(date -R)"
+    cat "$here/debian/changelog"
+  } >"$src/debian/changelog"
+fi
 
 # build (binary only; Rules-Requires-Root: no, so no fakeroot); the log stays in the work dir
 if ! (cd "$src" && dpkg-buildpackage -us -uc -b) >"$work/build.log" 2>&1; then
