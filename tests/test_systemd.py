@@ -1,5 +1,5 @@
 """End to end under a real systemd 252: the .deb installed in a sandbox (tests/sysd.py), then
-socket activation, status, stop, crash and restart, reload under load, purge.
+socket activation, status, stop, crash and restart, reload and package upgrade under load, purge.
 
 The .deb is built once per session by packaging/deb/build.sh (from a copy of the tree, into a
 temporary directory). Every test gets a fresh sandbox with the package installed, so each one
@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import sysd
+from dcod import __version__
 from peers import ORACLE_MAGIC, request_pdu
 
 pytestmark = pytest.mark.systemd
@@ -35,6 +36,7 @@ SOCKET = "dco-hub.socket"
 PORT = 1523
 EXPOSURE_MAX = 2.5
 ALERT_FILE = "/run/dcod/alerts/Noradle-DCO-EXTHUB-QUIT"
+NEXT_VERSION = f"{__version__}.post1"  # of the package an upgrade installs (build.sh --version)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -43,6 +45,17 @@ ALERT_FILE = "/run/dcod/alerts/Noradle-DCO-EXTHUB-QUIT"
 @pytest.fixture(scope="session")
 def deb(tmp_path_factory) -> Path:
     """The .deb, built once per session into a temporary directory."""
+    return build_deb(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def deb_next(tmp_path_factory, deb) -> Path:
+    """A newer .deb of the same tree (NEXT_VERSION), to upgrade to."""
+    return build_deb(tmp_path_factory, "--version", NEXT_VERSION)
+
+
+def build_deb(tmp_path_factory, *options: str) -> Path:
+    """packaging/deb/build.sh into a temporary directory; skips the test if it cannot be built here."""
     reason = sysd.unavailable()
     if reason:
         pytest.skip(reason)
@@ -56,7 +69,7 @@ def deb(tmp_path_factory) -> Path:
         )
     work = tmp_path_factory.mktemp("deb")
     result = subprocess.run(
-        [str(BUILD), "--no-lintian", "--out", str(work / "dist"), "--workdir", str(work / "build")],
+        [str(BUILD), "--no-lintian", "--out", str(work / "dist"), "--workdir", str(work / "build"), *options],
         capture_output=True,
         text=True,
         timeout=300,
@@ -84,8 +97,10 @@ def sandbox():
 @pytest.fixture
 def installed(sandbox, deb):
     """A sandbox with the .deb just installed (`dpkg -i`; its postinst starts the socket)."""
-    # the man-db trigger would take a second per install for nothing
+    # the man-db trigger would take a second per install (seconds on an upgrade) for nothing: the
+    # answer, and the flag file that man-db's configuration would remove for it
     sandbox.run("sh", "-c", "echo 'man-db man-db/auto-update boolean false' | debconf-set-selections")
+    sandbox.run("rm", "-f", "/var/lib/man-db/auto-update")
     sandbox.run("dpkg", "-i", sandbox.put(deb))
     return sandbox
 
@@ -140,6 +155,37 @@ def service_pids(sb: sysd.Sandbox) -> list[int]:
 
 def has_command(sb: sysd.Sandbox, command: str) -> bool:
     return sb.run("dcod", command, "--help", check=False).returncode == 0
+
+
+def status_json(sb: sysd.Sandbox) -> dict:
+    """`dcod status --json` inside, whether all is up (exit status 0) or not (3)."""
+    result = sb.run("dcod", "status", "--json", check=False)
+    assert result.returncode in (0, 3) and result.stdout, result.stderr
+    return json.loads(result.stdout)
+
+
+def alert_counter(sb: sysd.Sandbox) -> int:
+    text = sb.run("cat", ALERT_FILE, check=False).stdout
+    return int(text.split()[0]) if text else 0
+
+
+def start_bench(sb: sysd.Sandbox, duration: float) -> subprocess.Popen:
+    """`dcod bench` against the service: 8 sessions, 2 requests outstanding each, for ``duration`` s."""
+    return sb.popen(
+        "dcod",
+        "bench",
+        "--hub",
+        f"127.0.0.1:{PORT}",
+        "--sessions",
+        "8",
+        "--depth",
+        "2",
+        "--warmup",
+        "0.5",
+        "--duration",
+        str(duration),
+        "--json",
+    )
 
 
 def exposure(text: str) -> float:
@@ -305,21 +351,7 @@ def test_reload_under_load(installed):
         pytest.skip("`dcod reload` does not exist yet")
     props = activate(sb)
     before = set(service_pids(sb)) - {int(props["MainPID"])}
-    bench = sb.popen(
-        "dcod",
-        "bench",
-        "--hub",
-        f"127.0.0.1:{PORT}",
-        "--sessions",
-        "8",
-        "--depth",
-        "2",
-        "--warmup",
-        "0.5",
-        "--duration",
-        "6",
-        "--json",
-    )
+    bench = start_bench(sb, 6)
     try:
         time.sleep(2.0)
         t0 = time.monotonic()
@@ -349,16 +381,54 @@ def test_reload_under_load(installed):
     print(f"reload took {took:.2f}s under {result['requests_per_s']:.0f} requests/s")
 
 
-def test_upgrade_restarts_service_keeps_socket(installed, deb):
-    """dpkg -i over a running install (the upgrade path): the service is restarted on the new
-    files (try-restart), the socket is left alone (it holds port 1523 and its backlog)."""
+def test_upgrade_under_load_loses_nothing(installed, deb_next):
+    """dpkg -i of a newer .deb while sessions keep sending: the running service takes the new code
+    over in place (the postinst's `dcod reload --upgrade`): the same main PID and no restart, the
+    supervisor and every child on the new version, nothing lost or refused, the quit alert raised
+    for the old hub; the socket left alone (it holds port 1523 and its backlog)."""
     sb = installed
-    old = activate(sb)
+    props = activate(sb)
     socket_since = sb.show(SOCKET, "ActiveEnterTimestampMonotonic")
-    sb.run("dpkg", "-i", sb.put(deb))
-    props = wait_active(sb)
-    assert props["MainPID"] != old["MainPID"], "the service was not restarted"
+    before = status_json(sb)
+    assert before["supervisor"]["version"] == __version__
+    alerts = alert_counter(sb)
+    window = 15.0
+    bench = start_bench(sb, window)
+    try:
+        time.sleep(2.0)
+        t0 = time.monotonic()
+        upgrade = sb.run("dpkg", "-i", sb.put(deb_next), check=False, timeout=180)
+        took = time.monotonic() - t0
+        assert bench.poll() is None, f"the load ended before the upgrade did ({took:.1f}s)"
+        out, err = bench.communicate(timeout=90)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert upgrade.returncode == 0, f"{upgrade.stdout}\n{upgrade.stderr}\n{sb.journal(SERVICE)}"
+    lines = [line for line in upgrade.stdout.splitlines() if line.startswith("reload: ")]
+    assert lines and lines[-1].startswith("reload: done in"), f"{upgrade.stdout}\n{upgrade.stderr}"
+    assert "restarting" not in upgrade.stderr, upgrade.stderr
+    result = json.loads(out)
+    assert (result["lost"], result["errors"], result["mismatched"]) == (0, 0, 0), f"{result}\n{err}"
+    assert result["requests"] > 0
+    after = sb.show(SERVICE, "MainPID", "ActiveState", "NRestarts")
+    assert after == {"MainPID": props["MainPID"], "ActiveState": "active", "NRestarts": "0"}, after
     assert sb.show(SOCKET, "ActiveEnterTimestampMonotonic") == socket_since, "the socket was restarted"
+    status = status_json(sb)
+    sup = status["supervisor"]
+    assert (sup["pid"], sup["version"], sup["reexecs"]) == (int(props["MainPID"]), NEXT_VERSION, 1), sup
+    rows = {p["name"]: (p["version"], p["state"]) for p in status["processes"]}
+    assert set(rows.values()) == {(NEXT_VERSION, "ready")}, rows
+    assert not {p["pid"] for p in status["processes"]} & {p["pid"] for p in before["processes"]}, rows
+    assert alert_counter(sb) > alerts, "no quit alert for the old hub"
+    reexeced = next(line for line in lines if "re-executed in" in line)
+    print(
+        f"\nupgrade {__version__} -> {NEXT_VERSION} under load: dpkg -i took {took:.2f}s; "
+        f"{result['sent']} requests sent, {result['requests']} answered in the {window:g}s window "
+        f"({result['requests_per_s']:.0f}/s), {result['lost']} lost, {result['errors']} errors; "
+        f"{reexeced}; {lines[-1]}"
+    )
     assert echo_call(sb, b"after the upgrade")[3] == b"after the upgrade"
 
 
