@@ -75,6 +75,16 @@ async def test_upgrade_in_place_under_load_loses_nothing(run, nursery, tmp_path)
     assert not pids(after) & pids(before), "a child was not replaced"
     print(f"upgrade in place took {took:.2f}s under load; {load.ok} calls answered, none lost; {reexeced}")
 
+    # What the next image took over, it hands over again; and it stops as the first one would.
+    result = await dcod_async(r.config, "reload", "--upgrade")
+    assert result.returncode == 0, result.stdout + result.stderr
+    again = status(r.config)
+    assert (again["supervisor"]["pid"], again["supervisor"]["reexecs"]) == (r.proc.pid, 2)
+    assert {p["generation"] for p in again["processes"]} == {3}, again["processes"]
+    children = r.children()
+    assert r.stop() == 0, r.log  # SIGTERM, blocked across each exec, is taken again
+    assert not [c for c in children if c.is_running()], "children left behind"
+
 
 async def test_upgrade_refused_when_the_new_code_cannot_run(run, tmp_path):
     src = installed_copy(tmp_path)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import itertools
 import logging
 import os
 import signal
@@ -116,7 +115,8 @@ class Process:
             pass
         self._pidfd = os.pidfd_open(pid)
         self._exited = trio.Event()
-        self._requests = itertools.count(1)
+        self.last_request = 0  # the number of the latest command sent with request(); an image of the
+        # supervisor that takes this child over goes on from it, so that no answer is taken for another's
         self._answers: dict[int, tuple[trio.Event, list[dict]]] = {}
 
     @classmethod
@@ -196,7 +196,7 @@ class Process:
         """Send a command; wait for the child's answer (Event.DONE, with "error" if it failed), or its exit."""
         if self.returncode is not None:
             return done(None, f"{self.name} {describe_exit(self.returncode)}")
-        number = next(self._requests)
+        self.last_request = number = self.last_request + 1
         answered, answer = self._answers[number] = trio.Event(), []
         self.channel.send(command(name, id=number, **args))
         await answered.wait()

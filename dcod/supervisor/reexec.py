@@ -104,6 +104,8 @@ async def upgrade(sup: Supervisor, reply: Callable[[dict], None]) -> None:
             )
             try:
                 await _flush(sup, client)
+                if sup.stopping or _unsettled(sup):  # while it flushed
+                    raise UpgradeRefused("the service changed state at the last moment; try again")
                 _exec(_handover(sup, client, fds=True))  # returns only by raising: the exec failed
             finally:
                 sup.notify("READY=1", f"STATUS={sup.status_line()}")
@@ -200,6 +202,7 @@ def _handover(sup: Supervisor, client: Channel, *, fds: bool) -> dict:
             "started": p.started,
             "ready": p.ready.is_set(),
             "heartbeats": p.heartbeats,
+            "last_request": p.last_request,
             "counts": dataclasses.asdict(p.counts),
             "stats": p.stats,
             "version": p.version,
@@ -402,6 +405,7 @@ def _restore(slot: Slot, saved: dict) -> None:
     process.generation = p["generation"]
     process.started = p["started"]
     process.heartbeats = p["heartbeats"]  # last_heartbeat is now: the exec's pause is not the child's silence
+    process.last_request = p["last_request"]
     process.counts = StatusCounts(**p["counts"])
     process.stats = p["stats"]
     process.version = p["version"]
