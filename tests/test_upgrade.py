@@ -13,7 +13,16 @@ from pathlib import Path
 
 import dcod
 from runs import ECHO
-from test_rollout import alert_counter, dcod_async, started_load, status
+from test_rollout import (  # noqa: F401 (fixtures)
+    alert_counter,
+    dcod_async,
+    handler_module,
+    handler_path,
+    hub_sigtermed_with_a_request_held,
+    slow_echo,
+    started_load,
+    status,
+)
 
 NEW_VERSION = "9.9.9+upgraded"
 
@@ -105,3 +114,18 @@ async def test_upgrade_refused_when_the_new_code_cannot_run(run, tmp_path):
     assert all(p["state"] == "ready" for p in after["processes"]), after["processes"]
     called = await dcod_async(r.config, "call", "1", "still served")
     assert called.stdout.strip() == "still served", called.stderr
+
+
+async def test_upgrade_waits_until_a_hub_draining_from_outside_has_exited(run, slow_echo, tmp_path):  # noqa: F811
+    """What is handed over is running processes only: a hub generation that drains (SIGTERM from
+    outside, a request held until drain_timeout) is waited for, and said so."""
+    r = run(slow_echo, supervisor="drain_timeout = 3.0\nstop_timeout = 1.0")
+    await r.notification("READY=1")
+    async with hub_sigtermed_with_a_request_held(r, tmp_path, audsid=81) as hub:
+        result = await dcod_async(r.config, "reload", "--upgrade")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"waiting for hub generation 1 (pid {hub.pid}) to exit" in result.stdout, result.stdout
+    assert result.stdout.index("to exit") < result.stdout.index("re-executing")
+    snapshot = status(r.config)
+    assert (snapshot["supervisor"]["pid"], snapshot["supervisor"]["reexecs"]) == (r.proc.pid, 1)
+    assert [p["state"] for p in snapshot["processes"]] == ["ready"] * 3, snapshot["processes"]
