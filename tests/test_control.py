@@ -174,6 +174,7 @@ async def test_status_exits_0_when_all_is_up_and_its_json_is_data(run):
     result = dcod(r.config, "status", "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     snapshot = json.loads(result.stdout)
+    assert snapshot["problems"] == []
     assert snapshot["supervisor"]["rollout"] is None  # no reload yet
     for process in snapshot["processes"]:
         assert process["last_exit"] is None and process["state"] == "ready"
@@ -197,6 +198,7 @@ async def test_status_exits_3_with_a_worker_left_down_and_says_so(run):
     assert "DEGRADED: worker 2#0 failed" in result.stdout
     assert "exited with status 1 at " in result.stdout and "; left down after 2 failures" in result.stdout
     snapshot = status(r.config)
+    assert snapshot["problems"] == ["worker 2#0 failed"]  # what the exit status 3 is for, as data
     down = next(p for p in snapshot["processes"] if p["name"] == "worker 2#0")
     assert (down["pid"], down["uptime"], down["rss"], down["cpu_percent"]) == (None, None, None, None)
     assert down["last_exit"]["returncode"] == 1 and down["last_exit"]["replaced"] is False

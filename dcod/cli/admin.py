@@ -59,11 +59,12 @@ def status(config: Config, *, as_json: bool = False) -> int:
         answer = next(client.ask(command(Control.STATUS)), {})
     if not answer.get("ok"):
         return _final(answer)
+    found = problems(answer["status"])
     if as_json:
-        print(json.dumps(answer["status"], indent=2))
+        print(json.dumps({**answer["status"], "problems": found}, indent=2))
     else:
         print(render_status(answer["status"]))
-    return EXIT_DEGRADED if problems(answer["status"]) else EXIT_OK
+    return EXIT_DEGRADED if found else EXIT_OK
 
 
 def problems(status: dict) -> list[str]:

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         help="print the status as JSON, data only: numbers, wall times in seconds since the epoch, "
-        "null where a value is absent",
+        "null where a value is absent; its problems list says what makes the exit status 3",
     )
     sub.add_parser(
         "reload",
