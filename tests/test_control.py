@@ -39,9 +39,9 @@ def gate(tmp_path):
     return f'[[proxy]]\nid = 1\nhandler = "gate:handle"\nhandler_path = ["{tmp_path}"]\ninstances = 1\n'
 
 
-def dcod_stop(config) -> subprocess.Popen:
+def dcod_stop(config, command: str = "stop") -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "dcod", "stop", "--config", config.source],
+        [sys.executable, "-m", "dcod", command, "--config", config.source],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -120,6 +120,31 @@ async def test_a_second_stop_and_sigterm_join_the_stop_under_way(run, gate, tmp_
     assert [first.returncode, second.returncode] == [0, 0], results
     assert all("has exited" in out for out, _ in results)
     assert r.proc.poll() == 0
+
+
+@pytest.mark.parametrize("command", ["reload", "stop"])
+async def test_ctrl_c_leaves_the_command_going_on_in_the_supervisor_and_says_so(run, gate, tmp_path, command):
+    r = run(gate)
+    await r.notification("READY=1")
+    session = await OracleSession.connect(r.config.hub.listen, audsid=7)
+    await session.send(1, 1, b"hold")
+    await wait_for(lambda: (tmp_path / "held").exists(), timeout=10)
+    cli = dcod_stop(r.config, command)
+    try:
+        await lines_until(cli.stdout, "draining")  # the hub drains, waiting for the held request
+        cli.send_signal(signal.SIGINT)
+        out, err = await trio.to_thread.run_sync(cli.communicate, None, 60)
+    finally:
+        cli.kill()
+    assert cli.returncode == 130, out + err
+    assert "Traceback" not in err and f"interrupted: the {command} goes on in the supervisor" in err
+    (tmp_path / "release").touch()
+    assert (await session.read())[3] == b"hold"  # the draining hub still answers it
+    session.close()
+    if command == "stop":
+        assert await trio.to_thread.run_sync(r.proc.wait, 60) == 0
+    else:
+        await wait_for(lambda: status(r.config)["supervisor"]["rollout"]["state"] == "done", timeout=30)
 
 
 FAKE_SUPERVISOR = """\

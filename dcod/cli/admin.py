@@ -41,6 +41,16 @@ def _connected(config: Config, timeout: float | None = None):
         yield client
 
 
+@contextlib.contextmanager
+def _going_on_if_interrupted(what: str):
+    """Ctrl-C ends our waiting, not the supervisor's work: say so, and exit 130 as shells expect."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"dcod: interrupted: the {what} goes on in the supervisor (`dcod status` shows it)", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 def _unreachable(message: str) -> SystemExit:
     print(f"dcod: {message}", file=sys.stderr)
     return SystemExit(EXIT_UNREACHABLE)
@@ -93,7 +103,7 @@ def problems(status: dict) -> list[str]:
 def reload(config: Config) -> int:
     """The whole rollout, synchronously: one line per step; 0 only if it completed."""
     print("reload: asking the supervisor", flush=True)
-    with _connected(config) as client:
+    with _connected(config) as client, _going_on_if_interrupted("reload"):
         for answer in client.ask(command(Control.RELOAD)):
             if "progress" in answer:
                 print(f"reload: {answer['progress']}", flush=True)
@@ -113,6 +123,11 @@ def stop(config: Config) -> int:
     connection and stays is a failure.
     """
     print("stop: asking the supervisor", flush=True)
+    with _going_on_if_interrupted("stop"):
+        return _stop(config)
+
+
+def _stop(config: Config) -> int:
     with _connected(config) as client:
         supervisor = _pidfd(client.peer_pid)
         final = None
