@@ -11,7 +11,8 @@ What runs (all real processes, real signals):
   does, for the rest of the process tree to exit on its own (SIGKILL after "TimeoutStopSec");
 - proxy 1: an echo handler, 2 instances, that blocks its worker's event loop (time.sleep) for
   longer than heartbeat_timeout on a request "block"; proxy 2: a one-way counting handler, 1
-  instance (its requests queue, spooled, while it restarts), that appends every request it sees (audsid, rseq, body, pid, time) to a file;
+  instance (its requests queue, spooled, while it restarts), that appends every request it sees
+  (audsid, rseq, body, pid, time) to a file;
 - as root, the state directory (the spool) on a 32 MiB tmpfs of its own;
 - sync sessions (dcod.client.Session with alert_file=) calling proxy 1 back to back and
   checking every reply; one-way sessions sending numbered one-way requests to proxy 2;
