@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run the supervisor: hub and workers (the service's main process)",
         description="Run the hub and the managed worker proxies and keep them running. Takes the "
-        "Oracle-facing socket from systemd (socket activation) or binds hub.listen.",
+        "Oracle-facing socket from systemd (socket activation) or binds hub.listen. With metrics.listen "
+        "set, also serves Prometheus metrics on http://HOST:PORT/metrics (the counters of `dcod status`).",
     )
 
     p = sub.add_parser(
@@ -301,7 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.INFO
 
     if args.command == "config":
-        if not args.check:
+        if args.check:
+            from dcod.supervisor import metrics
+
+            try:
+                metrics.check(config)
+            except configuration.ConfigError as e:
+                print(f"dcod: {e}", file=sys.stderr)
+                return 1
+        else:
             print(f"# {config.source}")
             print(configuration.dump(config), end="")
         return 0
