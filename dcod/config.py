@@ -70,6 +70,11 @@ class AlertConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""  # host:port of the Prometheus endpoint the supervisor serves; empty: none
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     id: int
     name: str = ""
@@ -94,6 +99,7 @@ class Config:
     alert: AlertConfig = field(default_factory=AlertConfig)
     proxies: tuple[ProxyConfig, ...] = ()
     source: str = BUILTIN
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def proxy(self, proxy_id: int) -> ProxyConfig:
         for p in self.proxies:
@@ -202,6 +208,7 @@ def dump(config: Config) -> str:
             "state_dir": str(config.state_dir),
         },
         "alert": {**dataclasses.asdict(config.alert), "dir": str(config.alert_dir)},
+        "metrics": dataclasses.asdict(config.metrics),
     }
     # Proxies as [[proxy]] tables, as people write them (tomli-w would inline the array).
     proxies = [{k: v for k, v in dataclasses.asdict(p).items() if v not in ("", ())} for p in config.proxies]
@@ -218,7 +225,7 @@ class _Validator:
         return ConfigError(f"{self.source}: {key}: {reason}")
 
     def config(self, data: dict[str, Any]) -> Config:
-        self.unknown(data, "", {"hub", "supervisor", "alert", "proxy"})
+        self.unknown(data, "", {"hub", "supervisor", "alert", "metrics", "proxy"})
         hub = self.section(data, "hub", HubConfig)
         supervisor = self.section(data, "supervisor", SupervisorConfig)
         alert = self.section(data, "alert", AlertConfig)
@@ -227,7 +234,7 @@ class _Validator:
             raise self.fail("proxy", "must be an array of tables ([[proxy]])")
         proxies = tuple(self.proxy(i, p) for i, p in enumerate(raw_proxies))
         self.check(hub, supervisor, proxies)
-        return Config(hub, supervisor, alert, proxies, self.source)
+        return Config(hub, supervisor, alert, proxies, self.source, self.metrics(data))
 
     def unknown(self, table: dict[str, Any], prefix: str, known: set[str]) -> None:
         for key in table:
@@ -301,6 +308,14 @@ class _Validator:
         if proxy.concurrency < 1:
             raise self.fail(prefix + "concurrency", f"must be >= 1, not {proxy.concurrency}")
         return proxy if proxy.name else dataclasses.replace(proxy, name=proxy.handler or f"proxy{proxy.id}")
+
+    def metrics(self, data: dict[str, Any]) -> MetricsConfig:
+        metrics = self.section(data, "metrics", MetricsConfig)
+        if metrics.listen:
+            self.address("metrics.listen", metrics.listen)
+            if "/" in metrics.listen:  # a Unix socket path to dcod.net.sockets; Prometheus scrapes TCP
+                raise self.fail("metrics.listen", f"must be host:port, not {metrics.listen!r}")
+        return metrics
 
     def address(self, key: str, value: str) -> None:
         host, sep, port = value.rpartition(":")

@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import dcod
+from conftest import free_port
 from runs import ECHO
+from test_metrics import scrape, value, with_metrics
 from test_rollout import (  # noqa: F401 (fixtures)
     alert_counter,
     dcod_async,
@@ -39,8 +41,8 @@ def set_version(src: Path, version: str) -> None:
     init.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"', init.read_text()))
 
 
-def run_from(run, src: Path, tmp_path: Path):
-    return run(ECHO, how={"env": {"PYTHONPATH": str(src)}, "cwd": tmp_path})
+def run_from(run, src: Path, tmp_path: Path, proxies: str = ECHO):
+    return run(proxies, how={"env": {"PYTHONPATH": str(src)}, "cwd": tmp_path})
 
 
 def pids(snapshot: dict) -> set[int]:
@@ -49,7 +51,8 @@ def pids(snapshot: dict) -> set[int]:
 
 async def test_upgrade_in_place_under_load_loses_nothing(run, nursery, tmp_path):
     src = installed_copy(tmp_path)
-    r = run_from(run, src, tmp_path)
+    port = free_port()
+    r = run_from(run, src, tmp_path, with_metrics(port))
     await r.notification("READY=1")
     before = status(r.config)
     assert (before["supervisor"]["version"], before["supervisor"]["reexecs"]) == (dcod.__version__, 0)
@@ -82,6 +85,8 @@ async def test_upgrade_in_place_under_load_loses_nothing(run, nursery, tmp_path)
     rows = {p["name"]: (p["version"], p["generation"], p["state"]) for p in after["processes"]}
     assert rows == {name: (NEW_VERSION, 2, "ready") for name in ("hub", "worker 1#0", "worker 1#1")}, rows
     assert not pids(after) & pids(before), "a child was not replaced"
+    samples = await scrape(port)  # the endpoint's socket was handed over too, and serves the new code
+    assert value(samples, "dcod_build_info", version=NEW_VERSION) == 1
     print(f"upgrade in place took {took:.2f}s under load; {load.ok} calls answered, none lost; {reexeced}")
 
     # What the next image took over, it hands over again; and it stops as the first one would.

@@ -37,6 +37,7 @@ EXIT_STATUS = [
         "`status`: degraded: a worker instance or hub down, restarting after a failure (backoff) or "
         "left down (failed), or a quit-alert backend whose last attempt failed",
     ),
+    ("130", "`reload`, `stop`: interrupted (Ctrl-C); the supervisor carries on with the reload or stop"),
 ]
 SIGNALS = [
     ("SIGHUP", "to `dcod run`: a reload, as `dcod reload` (its steps and outcome go to the log)"),
@@ -143,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run the supervisor: hub and workers (the service's main process)",
         description="Run the hub and the managed worker proxies and keep them running. Takes the "
-        "Oracle-facing socket from systemd (socket activation) or binds hub.listen.",
+        "Oracle-facing socket from systemd (socket activation) or binds hub.listen. With metrics.listen "
+        "set, also serves Prometheus metrics on http://HOST:PORT/metrics (the counters of `dcod status`).",
     )
 
     p = sub.add_parser(
@@ -161,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         help="print the status as JSON, data only: numbers, wall times in seconds since the epoch, "
-        "null where a value is absent",
+        "null where a value is absent; its problems list says what makes the exit status 3",
     )
     p = sub.add_parser(
         "reload",
@@ -307,7 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.INFO
 
     if args.command == "config":
-        if not args.check:
+        if args.check:
+            from dcod.supervisor import metrics
+
+            try:
+                metrics.check(config)
+            except configuration.ConfigError as e:
+                print(f"dcod: {e}", file=sys.stderr)
+                return 1
+        else:
             print(f"# {config.source}")
             print(configuration.dump(config), end="")
         return 0

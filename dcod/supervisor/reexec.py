@@ -5,7 +5,7 @@ As nginx's binary upgrade or systemd's daemon-reexec do: the supervisor is syste
 every child's parent, and an exec changes neither, so systemd sees a reload, not a restart, and
 the children need no new parent. What the next image must take over is described in JSON (the
 *hand-over*) in a memfd named by ``$DCOD_HANDOVER_FD``: the listening sockets (the hub's, each
-worker instance's, the control socket), the directory locks, each child (pid, its end of the
+worker instance's, the control socket, the metrics endpoint's), the directory locks, each child (pid, its end of the
 channel and what was read of its next message, generation, readiness, counters), each slot's
 history, the configuration in effect, and the control connection that asked; those fds stay
 open across the exec. The next image adopts them (a child remains ours: its pidfd opens and it is
@@ -233,6 +233,7 @@ def _handover(sup: Supervisor, client: Channel, *, fds: bool) -> dict:
         "reexecs": sup.reexecs,
         "exec_at": time.monotonic(),
         "control": fd(sup.control_listener),
+        "metrics": fd(sup.metrics_listener) if sup.metrics_listener is not None else None,
         "locks": sup.claim.fds if fds and sup.claim is not None else [],
         "client": fd(client.conn.sock),
         "last_rollout": sup.last_rollout,
@@ -244,7 +245,7 @@ def _handover(sup: Supervisor, client: Channel, *, fds: bool) -> dict:
 
 def _passed_fds(handover: dict) -> list[int]:
     slots = [handover["hub"], *handover["workers"]]
-    fds = [handover["control"], handover["client"], *handover["locks"]]
+    fds = [handover["control"], handover["metrics"], handover["client"], *handover["locks"]]
     fds += [fd for s in slots for fd in s["passed"].values()]
     fds += [s["process"]["channel"] for s in slots if s["process"] is not None]
     return [fd for fd in fds if fd is not None]
@@ -325,6 +326,10 @@ class Handover:
 
     def control_listener(self) -> socket.socket:
         return socket.socket(fileno=self.state["control"])
+
+    def metrics_listener(self) -> socket.socket | None:
+        fd = self.state["metrics"]
+        return socket.socket(fileno=fd) if fd is not None else None
 
     def claim(self) -> rundir.Claim:
         claim = rundir.Claim()

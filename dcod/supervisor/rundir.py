@@ -80,7 +80,7 @@ def _make_trusted(path: Path, what: str, mode: int, config: Config) -> None:
 
 def _remedy(path: Path, config: Config) -> str:
     """What the operator can do; who uses the directory, if a dcod run does."""
-    pid = _holder(path)
+    pid = holder(path)
     used = f"A dcod run (pid {pid}) uses it. " if pid else ""
     if any(Path(os.path.abspath(path)).is_relative_to(d) for d in SERVICE_DIRS):
         used += (
@@ -113,7 +113,7 @@ def _lock(directory: Path, what: str) -> int:
     return fd
 
 
-def _holder(directory: Path) -> int | None:
+def holder(directory: Path) -> int | None:
     """The pid of the dcod run holding the directory's lock, if one does (and we may read it)."""
     with contextlib.suppress(OSError):
         fd = os.open(directory / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)

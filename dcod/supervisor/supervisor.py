@@ -31,7 +31,7 @@ from dcod import config as configuration
 from dcod.config import Config
 from dcod.net import sockets
 from dcod.net.channel import Control, StatusCounts, command_of
-from dcod.supervisor import control, reexec, rundir
+from dcod.supervisor import control, metrics, reexec, rundir
 from dcod.supervisor.alert import Alerter
 from dcod.supervisor.notify import Notifier
 from dcod.supervisor.process import Process, dcod_command, describe_exit, drain_hubs
@@ -52,10 +52,17 @@ class Supervisor:
     """The service's main process: the slots of the hub and of each worker instance, the pmon,
     the control socket, rollouts (dcod.supervisor.rollout) and the orderly stop."""
 
-    def __init__(self, config: Config, hub_listener: socket.socket, handover: reexec.Handover | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        hub_listener: socket.socket,
+        metrics_listener: socket.socket | None = None,
+        handover: reexec.Handover | None = None,
+    ) -> None:
         """``handover``: what the previous image of this process left to take over (`dcod reload --upgrade`)."""
         self.config = config
         self.hub_listener = hub_listener
+        self.metrics_listener = metrics_listener  # [metrics] listen, bound at the start: kept until we exit
         self.notifier = Notifier()
         self.alerter = Alerter.from_config(config)
         self.started = time.monotonic()
@@ -167,6 +174,8 @@ class Supervisor:
                     nursery.start_soon(self._pmon)
                     nursery.start_soon(self._watchdog)
                     nursery.start_soon(self._on_signals, signals)
+                    if self.metrics_listener is not None:
+                        nursery.start_soon(metrics.MetricsServer(self.metrics_listener, self.snapshot).serve)
                     await self._stop.wait()
                     self.notify("STOPPING=1", "STATUS=stopping: draining the hub")
                     await self._stop_children()
@@ -476,7 +485,7 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-UNKNOWN_RESOURCES = {"rss": None, "cpu_percent": None}
+UNKNOWN_RESOURCES = {"rss": None, "cpu_percent": None, "cpu_seconds": None}
 
 
 def _process_row(slot: Slot, process: Process | None, state: str | None = None) -> dict:
@@ -500,12 +509,13 @@ def _process_row(slot: Slot, process: Process | None, state: str | None = None) 
 
 
 def _resources(proc) -> dict:
-    """RSS, and CPU % averaged over the process's life (a snapshot needs no earlier sample)."""
+    """RSS, CPU seconds, and CPU % averaged over the process's life (a snapshot needs no earlier sample)."""
     try:
         with proc.oneshot():
             cpu = proc.cpu_times()
+            seconds = cpu.user + cpu.system
             alive = max(time.time() - proc.create_time(), 1e-3)
-            return {"rss": proc.memory_info().rss, "cpu_percent": 100 * (cpu.user + cpu.system) / alive}
+            return {"rss": proc.memory_info().rss, "cpu_percent": 100 * seconds / alive, "cpu_seconds": seconds}
     except Exception:  # psutil.Error, or no psutil handle: figures unknown
         return UNKNOWN_RESOURCES
 
@@ -545,6 +555,7 @@ def main(config: Config) -> int:
     if handover is not None:  # an upgrade in place: our directories, sockets and children are the previous image's
         claim = handover.claim()
         listener = handover.hub_listener()
+        metrics_listener = handover.metrics_listener()
         config = handover.config(config)
     else:
         try:
@@ -557,8 +568,13 @@ def main(config: Config) -> int:
         except OSError as e:
             log.error("cannot listen on %s: %s", config.hub.listen, e.strerror)
             return 1
+        try:
+            metrics_listener = metrics.bind(config)
+        except configuration.ConfigError as e:
+            log.error("%s", e)
+            return 1
     try:
-        supervisor = Supervisor(config, listener, handover)
+        supervisor = Supervisor(config, listener, metrics_listener, handover)
         supervisor.claim = claim
         trio.run(supervisor.run)
     finally:
