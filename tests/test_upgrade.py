@@ -11,6 +11,8 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
+
 import dcod
 from conftest import free_port
 from runs import ECHO
@@ -100,17 +102,25 @@ async def test_upgrade_in_place_under_load_loses_nothing(run, nursery, tmp_path)
     assert not [c for c in children if c.is_running()], "children left behind"
 
 
-async def test_upgrade_refused_when_the_new_code_cannot_run(run, tmp_path):
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (lambda text: text + "\nraise ImportError('a broken upgrade')\n", "a broken upgrade"),
+        (lambda text: text.replace("\nFORMAT = 1 ", "\nFORMAT = 2 "), "this dcod reads format 2"),
+    ],
+    ids=["import error", "another hand-over format"],
+)
+async def test_upgrade_refused_when_the_new_code_cannot_take_over(run, tmp_path, change, said):
     src = installed_copy(tmp_path)
     r = run_from(run, src, tmp_path)
     await r.notification("READY=1")
     before = status(r.config)
-    broken = src / "dcod" / "supervisor" / "reexec.py"
-    broken.write_text(broken.read_text() + "\nraise ImportError('a broken upgrade')\n")
+    reexec = src / "dcod" / "supervisor" / "reexec.py"
+    reexec.write_text(change(reexec.read_text()))
 
     result = await dcod_async(r.config, "reload", "--upgrade")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "cannot take over" in result.stderr and "a broken upgrade" in result.stderr, result.stderr
+    assert "cannot take over" in result.stderr and said in result.stderr, result.stderr
     assert "nothing changed" in result.stderr
     after = status(r.config)
     assert after["supervisor"]["pid"] == r.proc.pid and r.proc.poll() is None

@@ -5,12 +5,13 @@ As nginx's binary upgrade or systemd's daemon-reexec do: the supervisor is syste
 every child's parent, and an exec changes neither, so systemd sees a reload, not a restart, and
 the children need no new parent. What the next image must take over is described in JSON (the
 *hand-over*) in a memfd named by ``$DCOD_HANDOVER_FD``: the listening sockets (the hub's, each
-worker instance's, the control socket, the metrics endpoint's), the directory locks, each child (pid, its end of the
-channel and what was read of its next message, generation, readiness, counters), each slot's
-history, the configuration in effect, and the control connection that asked; those fds stay
-open across the exec. The next image adopts them (a child remains ours: its pidfd opens and it is
-reaped as before), answers that connection, and runs the rollout, which replaces the hub and
-every worker instance as `dcod reload` does: everything then runs the new code.
+worker instance's, the control socket, the metrics endpoint's), the directory locks, each child
+(pid, its end of the channel and what was read of its next message, generation, readiness,
+counters), each slot's history, the configuration in effect, and the control connection that
+asked; those fds stay open across the exec. The next image adopts them (a child remains ours:
+its pidfd opens and it is reaped as before), answers that connection, and runs the rollout,
+which replaces the hub and every worker instance as `dcod reload` does: everything then runs
+the new code.
 
 Before it execs, the supervisor checks that the new code can take over: the exact command it is
 about to exec runs with ``$DCOD_HANDOVER_CHECK`` and a copy of the hand-over, imports the
@@ -70,6 +71,102 @@ class UpgradeRefused(Exception):
     """The upgrade did not happen: the running image goes on, as it was."""
 
 
+# ---------------------------------------------------------------- the hand-over
+# One set of classes for both images: the JSON is asdict() of them, read back by of(), which fails
+# (in the check, before the exec) on a field missing or unknown. A field added later needs a default.
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessState:
+    """A running child: what its Process was."""
+
+    name: str
+    pid: int
+    channel: int | None  # our end of its channel (None in the check's copy)
+    buffered: str  # base64: what was read of its next message
+    generation: int
+    started: float  # time.monotonic(), which goes on across the exec
+    ready: bool
+    heartbeats: int
+    last_request: int
+    counts: StatusCounts
+    stats: dict[str, Any]
+    version: str | None
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> ProcessState:
+        return cls(**{**data, "counts": StatusCounts(**data["counts"])})
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotState:
+    """A slot: how it starts its process, its history, and its process if one runs."""
+
+    name: str
+    argv: list[str]
+    proxy: int | None
+    instance: int | None
+    passed: dict[str, int | None]  # its listening sockets, by name
+    generation: int
+    state: str
+    restarts: int
+    failures: list[float]
+    last_exit: LastExit | None
+    held: bool
+    process: ProcessState | None
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> SlotState:
+        last_exit, process = data["last_exit"], data["process"]
+        return cls(
+            **{
+                **data,
+                "last_exit": LastExit(**last_exit) if last_exit is not None else None,
+                "process": ProcessState.of(process) if process is not None else None,
+            }
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    """All the next image takes over."""
+
+    format: int
+    version: str  # of the dcod that wrote it
+    config: str  # the configuration in effect, dumped
+    source: str  # where it came from: the file a rollout reads again
+    started: float  # the supervisor's first start, time.monotonic()
+    reexecs: int
+    exec_at: float  # time.monotonic() just before the exec
+    control: int | None  # the listening sockets: the control socket's, the metrics endpoint's
+    metrics: int | None
+    locks: list[int]  # rundir.Claim
+    client: int | None  # the control connection that asked for the upgrade
+    last_rollout: dict[str, Any] | None
+    alerts: dict[str, dict[str, Any]]
+    hub: SlotState
+    workers: list[SlotState]
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> State:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"a hand-over of format {data.get('format')!r}; this dcod reads format {FORMAT}")
+        try:
+            return cls(
+                **{**data, "hub": SlotState.of(data["hub"]), "workers": [SlotState.of(w) for w in data["workers"]]}
+            )
+        except (TypeError, KeyError) as e:
+            raise ValueError(f"a hand-over this dcod does not read: {e}") from None
+
+    def fds(self) -> list[int]:
+        """Every fd it names."""
+        slots = [self.hub, *self.workers]
+        fds = [self.control, self.metrics, self.client, *self.locks]
+        fds += [fd for s in slots for fd in s.passed.values()]
+        fds += [s.process.channel for s in slots if s.process is not None]
+        return [fd for fd in fds if fd is not None]
+
+
 # ---------------------------------------------------------------- the running image
 
 
@@ -114,7 +211,7 @@ async def upgrade(sup: Supervisor, reply: Callable[[dict], None]) -> None:
         reply({"ok": False, "error": f"{e}; nothing changed: dcod {__version__} goes on serving"})
 
 
-async def _check(sup: Supervisor, handover: dict) -> str:
+async def _check(sup: Supervisor, handover: State) -> str:
     """The version of dcod the exec would run, once it has shown it can take ``handover`` over."""
     fd = _memfd(handover)
     try:
@@ -184,71 +281,63 @@ async def _flush(sup: Supervisor, client: Channel) -> None:
     await sup.notifier.flush()
 
 
-def _handover(sup: Supervisor, client: Channel, *, fds: bool) -> dict:
+def _handover(sup: Supervisor, client: Channel, *, fds: bool) -> State:
     """What the next image takes over. With ``fds`` false, a copy for the check (no fd is passed)."""
 
-    def fd(sock: socket.socket) -> int | None:
-        return sock.fileno() if fds and sock.fileno() >= 0 else None  # -1: closed (a client gone)
+    def fd(sock: socket.socket | None) -> int | None:
+        return sock.fileno() if fds and sock is not None and sock.fileno() >= 0 else None  # -1: a client gone
 
-    def process(p: Process | None) -> dict | None:
+    def process(p: Process | None) -> ProcessState | None:
         if p is None or not p.running:
             return None
-        return {
-            "name": p.name,
-            "pid": p.pid,
-            "channel": fd(p.channel.conn.sock),
-            "buffered": base64.b64encode(p.channel.buffered).decode(),
-            "generation": p.generation,
-            "started": p.started,
-            "ready": p.ready.is_set(),
-            "heartbeats": p.heartbeats,
-            "last_request": p.last_request,
-            "counts": dataclasses.asdict(p.counts),
-            "stats": p.stats,
-            "version": p.version,
-        }
+        return ProcessState(
+            name=p.name,
+            pid=p.pid,
+            channel=fd(p.channel.conn.sock),
+            buffered=base64.b64encode(p.channel.buffered).decode(),
+            generation=p.generation,
+            started=p.started,
+            ready=p.ready.is_set(),
+            heartbeats=p.heartbeats,
+            last_request=p.last_request,
+            counts=p.counts,
+            stats=p.stats,
+            version=p.version,
+        )
 
-    def slot(s: Slot) -> dict:
-        return {
-            "name": s.name,
-            "argv": s.argv,
-            "proxy": s.proxy_id,
-            "instance": s.instance,
-            "passed": {name: fd(sock) for name, sock in s.passed.items()},
-            "generation": s.generation,
-            "state": s.state,
-            "restarts": s.restarts,
-            "failures": s.failures,
-            "last_exit": dataclasses.asdict(s.last_exit) if s.last_exit is not None else None,
-            "held": s.held,
-            "process": process(s.process),
-        }
+    def slot(s: Slot) -> SlotState:
+        return SlotState(
+            name=s.name,
+            argv=s.argv,
+            proxy=s.proxy_id,
+            instance=s.instance,
+            passed={name: fd(sock) for name, sock in s.passed.items()},
+            generation=s.generation,
+            state=s.state,
+            restarts=s.restarts,
+            failures=s.failures,
+            last_exit=s.last_exit,
+            held=s.held,
+            process=process(s.process),
+        )
 
-    return {
-        "format": FORMAT,
-        "version": __version__,
-        "config": configuration.dump(sup.config),
-        "source": sup.config.source,
-        "started": sup.started,
-        "reexecs": sup.reexecs,
-        "exec_at": time.monotonic(),
-        "control": fd(sup.control_listener),
-        "metrics": fd(sup.metrics_listener) if sup.metrics_listener is not None else None,
-        "locks": sup.claim.fds if fds and sup.claim is not None else [],
-        "client": fd(client.conn.sock),
-        "last_rollout": sup.last_rollout,
-        "alerts": sup.alerter.stats(),
-        "hub": slot(sup.hub),
-        "workers": [slot(s) for s in sup.workers.values()],
-    }
-
-
-def _passed_fds(handover: dict) -> list[int]:
-    slots = [handover["hub"], *handover["workers"]]
-    fds = [handover["control"], handover["metrics"], handover["client"], *handover["locks"]]
-    fds += [fd for s in slots for fd in s["passed"].values()]
-    fds += [s["process"]["channel"] for s in slots if s["process"] is not None]
-    return [fd for fd in fds if fd is not None]
+    return State(
+        format=FORMAT,
+        version=__version__,
+        config=configuration.dump(sup.config),
+        source=sup.config.source,
+        started=sup.started,
+        reexecs=sup.reexecs,
+        exec_at=time.monotonic(),
+        control=fd(sup.control_listener),
+        metrics=fd(sup.metrics_listener),
+        locks=sup.claim.fds if fds and sup.claim is not None else [],
+        client=fd(client.conn.sock),
+        last_rollout=sup.last_rollout,
+        alerts=sup.alerter.stats(),
+        hub=slot(sup.hub),
+        workers=[slot(s) for s in sup.workers.values()],
+    )
 
 
 def _argv() -> list[str]:
@@ -256,18 +345,18 @@ def _argv() -> list[str]:
     return [*dcod_command(), *sys.argv[1:]]
 
 
-def _memfd(handover: dict) -> int:
+def _memfd(handover: State) -> int:
     fd = os.memfd_create("dcod-handover")
-    data = json.dumps(handover).encode()
+    data = json.dumps(dataclasses.asdict(handover)).encode()
     while data:
         data = data[os.write(fd, data) :]
     return fd
 
 
-def _exec(handover: dict) -> None:
+def _exec(handover: State) -> None:
     """Exec the next image with ``handover``; if the exec fails, undo and raise UpgradeRefused."""
     memfd = _memfd(handover)
-    passed = [*_passed_fds(handover), memfd]
+    passed = [*handover.fds(), memfd]
     argv = _argv()
     for fd in passed:
         os.set_inheritable(fd, True)
@@ -293,11 +382,9 @@ def unblock_signals() -> None:
 class Handover:
     """What the previous image of this supervisor left to take over (see the module's docstring)."""
 
-    def __init__(self, state: dict[str, Any]) -> None:
-        if state.get("format") != FORMAT:
-            raise ValueError(f"a hand-over of format {state.get('format')!r}; this dcod reads format {FORMAT}")
+    def __init__(self, state: State) -> None:
         self.state = state
-        self.took = time.monotonic() - state["exec_at"]  # CLOCK_MONOTONIC goes on across the exec
+        self.took = time.monotonic() - state.exec_at  # CLOCK_MONOTONIC goes on across the exec
 
     @classmethod
     def received(cls) -> Handover | None:
@@ -308,58 +395,56 @@ class Handover:
         try:
             with os.fdopen(int(fd), "rb") as file:
                 file.seek(0)
-                return cls(json.load(file))
-        except (OSError, ValueError, KeyError) as e:
+                return cls(State.of(json.load(file)))
+        except (OSError, ValueError) as e:
             raise ValueError(f"cannot read the hand-over of the previous image (${HANDOVER_VAR}={fd}): {e}") from None
 
     def config(self, from_file: Config) -> Config:
         """The configuration the previous image ran (the rollout then reads the file again), or, if this
         dcod does not take it, the one the file says now."""
         try:
-            return configuration.parse(self.state["config"], self.state["source"])
+            return configuration.parse(self.state.config, self.state.source)
         except configuration.ConfigError as e:
             log.warning("the configuration in effect does not load here (%s): taking %s as it is", e, from_file.source)
             return from_file
 
     def hub_listener(self) -> socket.socket:
-        return socket.socket(fileno=self.state["hub"]["passed"]["hub"])
+        return _socket(self.state.hub.passed["hub"])
 
     def control_listener(self) -> socket.socket:
-        return socket.socket(fileno=self.state["control"])
+        return _socket(self.state.control)
 
     def metrics_listener(self) -> socket.socket | None:
-        fd = self.state["metrics"]
-        return socket.socket(fileno=fd) if fd is not None else None
+        return _socket(self.state.metrics) if self.state.metrics is not None else None
 
     def claim(self) -> rundir.Claim:
         claim = rundir.Claim()
-        claim.fds = list(self.state["locks"])
-        for fd in claim.fds:
-            os.set_inheritable(fd, False)
+        claim.fds = list(self.state.locks)
         return claim
 
     def adopt(self, sup: Supervisor) -> None:
         """The previous image's state and children, now the supervisor's (in its nursery)."""
         state = self.state
-        sup.started = state["started"]
-        sup.reexecs = state["reexecs"] + 1
+        sup.started = state.started
+        sup.reexecs = state.reexecs + 1
         sup.last_reexec = time.time()
-        sup.last_rollout = state["last_rollout"]
-        sup.alerter.restore(state["alerts"])
-        for fd in _passed_fds(state):  # our children inherit what they are given, nothing else
+        sup.last_rollout = state.last_rollout
+        sup.alerter.restore(state.alerts)
+        for fd in state.fds():  # our children inherit what they are given, nothing else
             os.set_inheritable(fd, False)
-        _restore(sup.hub, state["hub"])
-        for saved in state["workers"]:
-            passed = {name: socket.socket(fileno=fd) for name, fd in saved["passed"].items()}
-            slot = Slot(sup, saved["name"], saved["argv"], passed, saved["proxy"], saved["instance"])
-            sup.workers[saved["proxy"], saved["instance"]] = slot
+        _restore(sup.hub, state.hub)
+        for saved in state.workers:
+            assert saved.proxy is not None and saved.instance is not None  # a worker's slot
+            passed = {name: _socket(fd) for name, fd in saved.passed.items()}
+            slot = Slot(sup, saved.name, saved.argv, passed, saved.proxy, saved.instance)
+            sup.workers[saved.proxy, saved.instance] = slot
             _restore(slot, saved)
 
     async def finish(self, sup: Supervisor, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The rollout that brings the new code to the hub and the workers; its steps and outcome to
         the client that asked. Started (task_status) once it holds the rollout lock."""
-        fd = self.state["client"]
-        client = Channel(socket.socket(fileno=fd), "control client (upgrade)") if fd is not None else None
+        fd = self.state.client
+        client = Channel(_socket(fd), "control client (upgrade)") if fd is not None else None
 
         def step(line: str) -> None:
             log.info("upgrade: %s", line)
@@ -369,13 +454,13 @@ class Handover:
         async with trio.open_nursery() as nursery:
             if client is not None:
                 nursery.start_soon(client.writer)
-            adopted = [f"{p.name} generation {p.generation} (pid {p.pid})" for p in sup.hub.alive] + [
+            adopted = [
                 f"{s.name} generation {s.process.generation} (pid {s.process.pid})"
-                for s in sup.workers.values()
+                for s in sup.slots
                 if s.process is not None and s.process.running
             ]
             step(
-                f"supervisor (pid {os.getpid()}) runs dcod {__version__} (was {self.state['version']}), "
+                f"supervisor (pid {os.getpid()}) runs dcod {__version__} (was {self.state.version}), "
                 f"re-executed in {self.took:.2f}s; took over {', '.join(adopted) or 'no process'}"
             )
             try:
@@ -386,35 +471,38 @@ class Handover:
                 answer = {"ok": False, "error": f"the supervisor runs dcod {__version__}, but the rollout failed: {e}"}
             if client is not None:
                 client.send(answer)
-                try:
+                with contextlib.suppress(ConnectionClosed):
                     await client.conn.flush()
-                except ConnectionClosed:
-                    pass
                 client.close()
             nursery.cancel_scope.cancel()
 
 
-def _restore(slot: Slot, saved: dict) -> None:
-    slot.generation = saved["generation"]
-    slot.state = saved["state"]
-    slot.restarts = saved["restarts"]
-    slot.failures = list(saved["failures"])
-    slot.last_exit = LastExit(**saved["last_exit"]) if saved["last_exit"] is not None else None
-    slot.held = saved["held"]
-    slot.argv = saved["argv"]
-    p = saved["process"]
+def _socket(fd: int | None) -> socket.socket:
+    if fd is None:
+        raise ValueError("the hand-over names no fd for a socket that must be there")
+    return socket.socket(fileno=fd)
+
+
+def _restore(slot: Slot, saved: SlotState) -> None:
+    slot.generation = saved.generation
+    slot.state = saved.state
+    slot.restarts = saved.restarts
+    slot.failures = list(saved.failures)
+    slot.last_exit = saved.last_exit
+    slot.held = saved.held
+    slot.argv = saved.argv
+    p = saved.process
     if p is None:  # a worker instance left down (failed): the rollout starts it again
         return
-    channel = Channel(socket.socket(fileno=p["channel"]), p["name"], base64.b64decode(p["buffered"]))
-    process = Process(p["name"], p["pid"], channel)
-    process.generation = p["generation"]
-    process.started = p["started"]
-    process.heartbeats = p["heartbeats"]  # last_heartbeat is now: the exec's pause is not the child's silence
-    process.last_request = p["last_request"]
-    process.counts = StatusCounts(**p["counts"])
-    process.stats = p["stats"]
-    process.version = p["version"]
-    if p["ready"]:
+    process = Process(p.name, p.pid, Channel(_socket(p.channel), p.name, base64.b64decode(p.buffered)))
+    process.generation = p.generation
+    process.started = p.started
+    process.heartbeats = p.heartbeats  # last_heartbeat is now: the exec's pause is not the child's silence
+    process.last_request = p.last_request
+    process.counts = p.counts
+    process.stats = p.stats
+    process.version = p.version
+    if p.ready:
         process.ready.set()
     slot.adopt(process)
 
