@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,35 @@ def test_default_directories_from_xdg_and_systemd(no_directories_from_the_enviro
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/dcod:/var/lib/other")
     builtin = config.load(None)
     assert (builtin.runtime_dir, builtin.state_dir) == (Path("/run/dcod"), Path("/var/lib/dcod"))
+
+
+def test_every_error_is_reported_at_once(tmp_path):
+    """Not only the first: one line each, with file, key and reason, in the file's order."""
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[hub]\nmax_pdu = 4\nlisten = 1523\ncolour = 1\n[supervisor]\nheartbeat_timeout = 0.1\n'
+        '[[proxy]]\nid = 1\nhandler = "echo"\ninstances = 0\n'
+        '[[proxy]]\nhandler = "echo"\n'
+        '[[proxy]]\nid = 1\naddress = "nowhere"\n'
+    )
+    with pytest.raises(ConfigError) as e:
+        config.load(path)
+    assert e.value.errors == [
+        f"{path}: hub.colour: unknown key (known: {', '.join(sorted(f.name for f in fields(config.HubConfig)))})",
+        f"{path}: hub.listen: must be a string, not 1523",
+        f"{path}: proxy[0].instances: must be >= 1, not 0",
+        f"{path}: proxy[1].id: missing",
+        f"{path}: proxy[2].address: must be host:port, not 'nowhere'",
+        f"{path}: hub.max_pdu: must be >= 12, not 4",
+        f"{path}: supervisor.heartbeat_timeout: must be longer than heartbeat_interval",
+        f"{path}: proxy[2].id: 1 is already proxy[0]",
+    ]
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_an_empty_file_is_refused(tmp_path, text):
+    """Without a file dcod runs its built-in default; an empty one is a mistake (a file not written yet)."""
+    path = tmp_path / "empty.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"^{path}: proxy: missing: the file has no settings"):
+        config.load(path)
