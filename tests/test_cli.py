@@ -20,9 +20,7 @@ from dcod.protocol import ErrorCode
 
 
 def dcod(*args: str, **options) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dcod", *args], capture_output=True, text=True, timeout=60, **options
-    )
+    return subprocess.run([sys.executable, "-m", "dcod", *args], capture_output=True, text=True, timeout=60, **options)
 
 
 def every_command_and_option() -> list[tuple[str, list[str]]]:

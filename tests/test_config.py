@@ -142,7 +142,7 @@ def test_every_error_is_reported_at_once(tmp_path):
     """Not only the first: one line each, with file, key and reason, in the file's order."""
     path = tmp_path / "bad.toml"
     path.write_text(
-        '[hub]\nmax_pdu = 4\nlisten = 1523\ncolour = 1\n[supervisor]\nheartbeat_timeout = 0.1\n'
+        "[hub]\nmax_pdu = 4\nlisten = 1523\ncolour = 1\n[supervisor]\nheartbeat_timeout = 0.1\n"
         '[[proxy]]\nid = 1\nhandler = "echo"\ninstances = 0\n'
         '[[proxy]]\nhandler = "echo"\n'
         '[[proxy]]\nid = 1\naddress = "nowhere"\n'
