@@ -81,7 +81,7 @@ EXAMPLES = [
     ("dcod call 1 --oneway hi", "send a one-way request, do not wait"),
     ("dcod status", "what runs: processes, generations, counters, queues"),
     ("systemctl reload dco-hub", "roll out new code and config (runs `dcod reload`)"),
-    ("dcod --config x.toml config --check", "validate a configuration and exit"),
+    ("dcod --config x.toml config --check", "check all that `dcod run` would meet and exit"),
     ("dcod bench --duration 10", "measure round trips/s and hub CPU per round trip"),
     ("dcod bench --reload-at 4", "the same, with a `dcod reload` 4 s into the window"),
 ]
