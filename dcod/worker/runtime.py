@@ -122,7 +122,7 @@ def load_handler(spec: str, path: Sequence[str] = ()) -> Handler:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if not colon and e.name == module_name:
+        if not colon and (e.name or "").startswith(f"{BUILTIN_HANDLERS}."):  # "mine.sms" without ":handle" too
             raise HandlerError(
                 f"handler {spec!r}: no built-in handler of that name ({', '.join(builtin_handlers())}); "
                 f'one of your own is "package.module:function"'
