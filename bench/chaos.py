@@ -9,13 +9,17 @@ What runs (all real processes, real signals):
   socket and passes it to `dcod run` (LISTEN_FDS), reads sd_notify on a private
   NOTIFY_SOCKET, and restarts `dcod run` whenever it exits, after waiting, as KillMode=mixed
   does, for the rest of the process tree to exit on its own (SIGKILL after "TimeoutStopSec");
-- proxy 1: the built-in echo handler, 2 instances; proxy 2: a one-way counting handler, 2
-  instances, that appends every request it sees (audsid, rseq, body, pid, time) to a file;
+- proxy 1: an echo handler, 2 instances, that blocks its worker's event loop (time.sleep) for
+  longer than heartbeat_timeout on a request "block"; proxy 2: a one-way counting handler, 1
+  instance (its requests queue, spooled, while it restarts), that appends every request it sees
+  (audsid, rseq, body, pid, time) to a file;
+- as root, the state directory (the spool) on a 32 MiB tmpfs of its own;
 - sync sessions (dcod.client.Session with alert_file=) calling proxy 1 back to back and
   checking every reply; one-way sessions sending numbered one-way requests to proxy 2;
 - faults in *storms* separated by *calm* phases: SIGKILL, SIGSTOP(+SIGCONT) and SIGTERM of the
-  hub, of worker instances and of the supervisor itself; `dcod reload` at random times, in
-  storms and in calm phases alike.
+  hub, of worker instances and of the supervisor itself; a blocked handler ("handler block": a
+  sync request "block"); the state directory full for 1-4 s ("state full", root only);
+  `dcod reload` at random times, in storms and in calm phases alike.
 
 Invariants (exit status 1 if one is broken):
 
@@ -25,7 +29,9 @@ Invariants (exit status 1 if one is broken):
 2. every abnormal outcome (error reply, lost in flight, one-way request never seen, duplicate)
    is explained by a fault injected shortly before it, of a kind that can cause it; traffic
    with no fault nearby, reloads included, sees none;
-3. no dcod process is left behind: after the final stop no process's command line contains
+3. a blocked handler's instance is killed as hung (its request gets DCO-0003), unless the
+   supervisor was itself down; a full state directory alone costs no request;
+4. no dcod process is left behind: after the final stop no process's command line contains
    the run's configuration path, and a killed supervisor's children leave on their own.
 """
 
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -90,7 +97,23 @@ async def handle(req):
     return None
 '''
 
-# kind -> (target, signal); the weights make hub and worker faults the common ones.
+# Proxy 1's handler: the echo, but a request "block" blocks its worker's event loop (time.sleep, as a
+# handler calling blocking code would) for longer than heartbeat_timeout: the supervisor must kill it.
+BLOCK_SECONDS = HEARTBEAT_TIMEOUT + 3.0
+ECHO_MODULE = f'''\
+"""Echo worker for bench/chaos.py; b"block" blocks the event loop for {BLOCK_SECONDS:g} s."""
+import time
+
+
+async def handle(req):
+    if req.body == b"block":
+        time.sleep({BLOCK_SECONDS})
+    return req.body
+'''
+STATE_SIZE = "32m"  # the state directory's tmpfs, which the "state full" fault fills
+
+# kind -> weight; "<target> <signal>" signals a process, the others are what a handler or the
+# disk does to the service. The weights make hub and worker faults the common ones.
 FAULTS = {
     "hub SIGKILL": 3,
     "hub SIGSTOP": 3,
@@ -101,17 +124,23 @@ FAULTS = {
     "supervisor SIGKILL": 1.5,
     "supervisor SIGSTOP": 1,
     "supervisor SIGTERM": 1,
+    "handler block": 1,  # a sync request whose handler blocks its worker past heartbeat_timeout
+    "state full": 1,  # the state directory's filesystem full for 1-4 s (root only: a tmpfs)
 }
 # Which faults can explain which abnormal outcome (STOP_UNDER_FROZEN_HUB kinds explain the
 # outcomes not in EXPLAINS_ALONE only when they hit while the hub was SIGSTOPped).
 HUB_GOING = {"hub SIGKILL", "hub SIGSTOP", "hub SIGTERM", "supervisor SIGKILL", "supervisor SIGTERM"}
 EXPLAINS = {
     "lost": HUB_GOING,
-    "DCO-0002": set(FAULTS),  # a reply timeout: anything that stalls a request for reply_timeout
+    # A reply timeout: anything that stalls a request for reply_timeout. Not a full disk: the
+    # spool holds what it cannot write in memory, and sync requests never wait for it.
+    "DCO-0002": set(FAULTS) - {"state full"},
     # Workers that stop (SIGTERM, or their supervisor gone) while the hub is SIGSTOPped give up
     # waiting for it after stop_timeout; the hub, resumed, forwards its backlog to them: DCO-0003.
     # A worker SIGSTOPped past heartbeat_timeout is killed by the pmon as hung: DCO-0003 too.
+    # A blocked handler's instance is killed as hung, with the requests it had.
     "DCO-0003": {
+        "handler block",
         "worker 1 SIGKILL",
         "worker 1 SIGTERM",
         "worker 1 SIGSTOP",
@@ -171,6 +200,7 @@ class Recorder:
         self.leftovers_killed: list[str] = []
         self.anomalies: list[str] = []
         self.hung_killed = {"hub": 0, "worker": 0}  # SIGSTOPped long enough for the pmon to kill them
+        self.blocks: list[tuple[Fault, str, float]] = []  # each "handler block": its outcome and end
         self.wall_offset = time.time() - time.monotonic()
         self.started = time.monotonic()
         self.ended = float("inf")
@@ -378,9 +408,14 @@ class Chaos:
         interval: float,
         reload_interval: float,
         kinds: dict[str, float],
+        load: Load,
+        state: Path | None,
         cover: bool = False,
     ) -> None:
         self.kinds = kinds
+        self.load = load  # its sessions carry the "handler block" requests
+        self.state = state  # the state directory on its own small filesystem, for "state full"
+        self.filling = trio.Lock()
         # --cover: the first faults are every kind once, in random order, each waiting for a target
         self.cover = rng.sample(list(kinds), len(kinds)) if cover else []
         self.service = service
@@ -436,6 +471,12 @@ class Chaos:
         target, sig = kind.split()
         if target == "supervisor":
             await self._supervisor_fault(sig, patient)
+            return
+        if kind == "handler block":
+            await self._block_a_handler(patient)
+            return
+        if kind == "state full":
+            await self._fill_the_state_directory()
             return
         with trio.move_on_after(60 if patient else 0):
             while True:
@@ -504,12 +545,69 @@ class Chaos:
                 while service.proc is proc or not service.ready.is_set():
                     await trio.sleep(0.05)
 
+    async def _block_a_handler(self, patient: bool) -> None:
+        """A sync request whose handler blocks its worker's event loop past heartbeat_timeout: the
+        supervisor must kill that instance as hung (the request, and any other it had, get DCO-0003)."""
+        with trio.move_on_after(120 if patient else 0):
+            await self.service.ready.wait()
+        if not self.service.ready.is_set():
+            return
+        fault = self.rec.fault("handler block", 0)
+        try:
+            async with self.load.session(830000 + len(self.rec.faults)) as session:
+                session.write(b"block")
+                rseq = await session.send_request(SYNC_PROXY)
+                await session.read_response(rseq, timeout=CLIENT_TIMEOUT)
+            outcome = "ok"
+        except DcoError as e:
+            outcome = e.text[:8]
+        except HubLost:
+            outcome = "lost"
+        except ClientError as e:
+            outcome = type(e).__name__
+        self.rec.blocks.append((fault, outcome, time.monotonic()))
+        fault.detail = f"answered {outcome} after {time.monotonic() - fault.at:.1f} s"
+
+    async def _fill_the_state_directory(self) -> None:
+        """The state directory's filesystem full for 1-4 s; one fill at a time."""
+        if self.state is None or self.filling.locked():
+            return
+        async with self.filling:
+            filler = self.state / "chaos-filler"
+            hold = self.rng.uniform(1.0, 4.0)
+            await trio.to_thread.run_sync(_take_every_free_block, filler)
+            self.rec.fault("state full", 0, f"{hold:.1f} s")
+            try:
+                await trio.sleep(hold)
+            finally:
+                filler.unlink()
+
     def resume_all(self) -> None:
         for proc in self.stopped:
             try:
                 proc.resume()
             except psutil.Error:
                 pass
+
+
+def _take_every_free_block(path: Path) -> None:
+    fs = os.statvfs(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, fs.f_bavail * fs.f_frsize)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str):
+    """A tmpfs of ``size`` mounted on ``path`` for the with block (root only)."""
+    path.mkdir(mode=0o750)
+    subprocess.run(["mount", "-n", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-n", "-l", str(path)])
 
 
 def _alive(proc: psutil.Process) -> bool:
@@ -638,6 +736,7 @@ class Load:
 
 def write_config(workdir: Path, port: int) -> Path:
     (workdir / "chaoscount.py").write_text(COUNTER_MODULE.format(path=str(workdir / "oneway-seen.log")))
+    (workdir / "chaosecho.py").write_text(ECHO_MODULE)
     path = workdir / "dcod-chaos.toml"
     path.write_text(
         textwrap.dedent(f"""\
@@ -661,14 +760,16 @@ def write_config(workdir: Path, port: int) -> Path:
 
         [[proxy]]
         id = {SYNC_PROXY}
-        handler = "echo"
+        handler = "chaosecho:handle"
+        handler_path = ["{workdir}"]
         instances = 2
 
         [[proxy]]
         id = {ONEWAY_PROXY}
         handler = "chaoscount:handle"
         handler_path = ["{workdir}"]
-        instances = 2
+        # one: while it restarts, its requests queue in the hub and go to the spool
+        instances = 1
         """)
     )
     return path
@@ -722,6 +823,9 @@ async def chaos(args, workdir: Path) -> dict:
         oneway_pause=args.oneway_pause,
     )
     kinds = {k: w for k, w in FAULTS.items() if not args.faults or k in args.faults}
+    state = workdir / "state" if os.geteuid() == 0 else None  # on a small tmpfs: main()
+    if state is None:
+        kinds.pop("state full", None)
     chaos_ = Chaos(
         service,
         rec,
@@ -731,6 +835,8 @@ async def chaos(args, workdir: Path) -> dict:
         interval=args.interval,
         reload_interval=args.reload_interval,
         kinds=kinds,
+        load=load,
+        state=state,
         cover=args.cover,
     )
     started = time.monotonic()
@@ -894,6 +1000,15 @@ def report(args, rec: Recorder, workdir: Path, left: list[str], elapsed: float) 
             "away or the run's timeout): "
             + ", ".join(f"{a - rec.started:.0f}-{b - rec.started:.0f} s" for a, b in hung)
         )
+    # ---- blocked handlers: each instance killed as hung, unless the supervisor was itself down
+    blocks = collections.Counter(outcome for _, outcome, _ in rec.blocks)
+    for fault, outcome, done in rec.blocks:
+        supervisor_down = any(f.kind.startswith("supervisor") and fault.at - WINDOW <= f.at <= done for f in rec.faults)
+        if outcome == "ok" and not supervisor_down:
+            violations.append(
+                f"handler block at {fault.at - rec.started:.2f}: answered after {done - fault.at:.1f} s, "
+                "its instance not killed as hung"
+            )
     if rec.reload_failures and not faults:
         violations.append("reloads failed without any fault")
     total_faults = sum(faults.values())
@@ -937,6 +1052,7 @@ def report(args, rec: Recorder, workdir: Path, left: list[str], elapsed: float) 
             "quiet_sent": oneway_quiet_total,
             "quiet_missing": oneway_quiet_missing,
         },
+        "blocked_handlers": dict(blocks),
         "crashes": crashes,
         "timeline": [
             f"{f.at - rec.started:7.2f} {time.strftime('%H:%M:%S', time.localtime(f.wall))} {f.kind} pid {f.pid}"
@@ -1033,6 +1149,8 @@ def print_report(r: dict) -> None:
         print(
             "    missing explained by: " + ", ".join(f"{k} {n}" for k, n in sorted(o["missing_explained_by"].items()))
         )
+    if r["blocked_handlers"]:
+        table("blocked handlers (sync requests to proxy 1): answered", sorted(r["blocked_handlers"].items()))
     print()
     for v in r["violations"]:
         print(f"VIOLATION: {v}")
@@ -1076,7 +1194,8 @@ def main(argv: list[str] | None = None) -> int:
     PR_SET_CHILD_SUBREAPER = 36
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     workdir = Path(tempfile.mkdtemp(prefix="dcod-chaos-"))
-    result = trio.run(chaos, args, workdir)
+    with small_filesystem(workdir / "state", STATE_SIZE) if os.geteuid() == 0 else contextlib.nullcontext():
+        result = trio.run(chaos, args, workdir)
     print_report(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

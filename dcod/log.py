@@ -58,13 +58,15 @@ class Throttle:
         self.clock = clock
         self._kinds: dict[str, list] = {}  # kind -> [interval started, suppressed since, last suppressed text]
 
-    def warn(self, kind: str, message: str, *args: object) -> None:
+    def warn(self, kind: str, message: str, *args: object, exc_info: bool = False) -> None:
+        """``exc_info``: the traceback of the exception being handled goes with the line logged
+        at once (a summary has none)."""
         now = self.clock()
         entry = self._kinds.get(kind)
         if entry is not None and now - entry[0] >= self.interval:
             self._summarize(entry, now)
         if entry is None or not entry[1] and now - entry[0] >= self.interval:
-            self.logger.warning(message, *args)
+            self.logger.warning(message, *args, exc_info=exc_info)
             self._kinds[kind] = [now, 0, ""]
         else:
             entry[1] += 1

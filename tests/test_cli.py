@@ -60,7 +60,8 @@ def test_help_documents_exit_statuses_signals_and_files():
     top = dcod("--help").stdout
     for text in (
         "exit status:",
-        "  3  `status`, `reload`, `stop`: no supervisor is running",
+        "  3    `status`, `reload`, `stop`: no supervisor is running",
+        "  130  `reload`, `stop`: interrupted (Ctrl-C)",
         "degraded",
         "SIGHUP",
         "SIGTERM",

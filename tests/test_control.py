@@ -39,9 +39,9 @@ def gate(tmp_path):
     return f'[[proxy]]\nid = 1\nhandler = "gate:handle"\nhandler_path = ["{tmp_path}"]\ninstances = 1\n'
 
 
-def dcod_stop(config) -> subprocess.Popen:
+def dcod_stop(config, command: str = "stop") -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "dcod", "stop", "--config", config.source],
+        [sys.executable, "-m", "dcod", command, "--config", config.source],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -122,6 +122,31 @@ async def test_a_second_stop_and_sigterm_join_the_stop_under_way(run, gate, tmp_
     assert r.proc.poll() == 0
 
 
+@pytest.mark.parametrize("command", ["reload", "stop"])
+async def test_ctrl_c_leaves_the_command_going_on_in_the_supervisor_and_says_so(run, gate, tmp_path, command):
+    r = run(gate)
+    await r.notification("READY=1")
+    session = await OracleSession.connect(r.config.hub.listen, audsid=7)
+    await session.send(1, 1, b"hold")
+    await wait_for(lambda: (tmp_path / "held").exists(), timeout=10)
+    cli = dcod_stop(r.config, command)
+    try:
+        await lines_until(cli.stdout, "draining")  # the hub drains, waiting for the held request
+        cli.send_signal(signal.SIGINT)
+        out, err = await trio.to_thread.run_sync(cli.communicate, None, 60)
+    finally:
+        cli.kill()
+    assert cli.returncode == 130, out + err
+    assert "Traceback" not in err and f"interrupted: the {command} goes on in the supervisor" in err
+    (tmp_path / "release").touch()
+    assert (await session.read())[3] == b"hold"  # the draining hub still answers it
+    session.close()
+    if command == "stop":
+        assert await trio.to_thread.run_sync(r.proc.wait, 60) == 0
+    else:
+        await wait_for(lambda: status(r.config)["supervisor"]["rollout"]["state"] == "done", timeout=30)
+
+
 FAKE_SUPERVISOR = """\
 import json, os, socket, sys
 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -174,6 +199,7 @@ async def test_status_exits_0_when_all_is_up_and_its_json_is_data(run):
     result = dcod(r.config, "status", "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     snapshot = json.loads(result.stdout)
+    assert snapshot["problems"] == []
     assert snapshot["supervisor"]["rollout"] is None  # no reload yet
     for process in snapshot["processes"]:
         assert process["last_exit"] is None and process["state"] == "ready"
@@ -197,6 +223,7 @@ async def test_status_exits_3_with_a_worker_left_down_and_says_so(run):
     assert "DEGRADED: worker 2#0 failed" in result.stdout
     assert "exited with status 1 at " in result.stdout and "; left down after 2 failures" in result.stdout
     snapshot = status(r.config)
+    assert snapshot["problems"] == ["worker 2#0 failed"]  # what the exit status 3 is for, as data
     down = next(p for p in snapshot["processes"] if p["name"] == "worker 2#0")
     assert (down["pid"], down["uptime"], down["rss"], down["cpu_percent"]) == (None, None, None, None)
     assert down["last_exit"]["returncode"] == 1 and down["last_exit"]["replaced"] is False

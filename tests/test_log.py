@@ -55,3 +55,20 @@ def test_kinds_are_throttled_apart_and_a_summary_comes_with_the_next_warning_too
     clock.now = 21.0
     throttle.flush()
     assert logged(caplog) == ["1 more like it in the last 10s, the last: a 3"]
+
+
+def test_the_traceback_goes_with_the_line_logged_at_once_not_with_the_summary(caplog):
+    clock = Clock()
+    throttle = Throttle(log, 10.0, clock)
+    for n in range(3):
+        try:
+            raise ValueError(n)
+        except ValueError:
+            throttle.warn("failed", "request %d failed", n, exc_info=True)
+    clock.now = 10.0
+    throttle.flush()
+    records = [r for r in caplog.records if r.name == log.name]
+    assert [(r.getMessage(), r.exc_info is not None and r.exc_info[0]) for r in records] == [
+        ("request 0 failed", ValueError),
+        ("2 more like it in the last 10s, the last: request 2 failed", False),
+    ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import signal
@@ -92,12 +91,10 @@ class Child:
 
 
 @asynccontextmanager
-async def spawn(name: str, argv: list[str], tmp_path: Path, env: dict | None = None):
+async def spawn(name: str, argv: list[str], tmp_path: Path):
     stderr = tmp_path / f"{name}.stderr"
     with open(stderr, "wb") as err:
-        process = await trio.lowlevel.open_process(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env
-        )
+        process = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
     child = Child(name, process, stderr)
     try:
         async with trio.open_nursery() as nursery:
@@ -275,9 +272,8 @@ async def test_dcod_worker_behind_noradle_hub(make_config, tmp_path):
     handlers = tmp_path / "handlers"
     handlers.mkdir()
     (handlers / "held_echo.py").write_text(HELD_ECHO)
-    make_config('[[proxy]]\nid = 1\nhandler = "held_echo:handle"\n')
+    make_config(f'[[proxy]]\nid = 1\nhandler = "held_echo:handle"\nhandler_path = ["{handlers}"]\n')
     wport = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(handlers), os.environ.get("PYTHONPATH", "")])}
     worker_argv = [
         *DCOD,
         "worker",
@@ -290,7 +286,7 @@ async def test_dcod_worker_behind_noradle_hub(make_config, tmp_path):
     ]
 
     async with spawn("ext_hub.js", [NODE, str(NORADLE / "ext_hub.js"), "0", f"1=127.0.0.1:{wport}"], tmp_path) as hub:
-        async with spawn("dcod-worker", worker_argv, tmp_path, env) as worker:
+        async with spawn("dcod-worker", worker_argv, tmp_path) as worker:
             await worker.expect("ready")
             port = (await hub.expect("listening"))["port"]
             await hub.expect("worker_connected", proxy=1)
@@ -323,7 +319,7 @@ async def test_dcod_worker_behind_noradle_hub(make_config, tmp_path):
         ledger.check_worker_saw(worker.all("request"), range(1, 9), renumbered=False)
 
         # A new dcod worker on the same port: Noradle's hub reconnects and sends what it queued.
-        async with spawn("dcod-worker#2", worker_argv, tmp_path, env) as worker2:
+        async with spawn("dcod-worker#2", worker_argv, tmp_path) as worker2:
             await hub.expect("worker_connected", proxy=1, queued=1)
             await ledger.read(1)
             worker2.process.send_signal(signal.SIGTERM)

@@ -780,3 +780,21 @@ async def test_the_hub_serving_during_a_failing_reload_is_still_watched(run):
     assert r.log.count("hub serving proxies 1 on") == 2, r.log  # the first generation, and its restart
     await wait_for(lambda: row(status(r.config), "hub")["state"] == "ready", timeout=20)
     assert row(status(r.config), "hub")["generation"] == 3
+
+
+async def test_a_reload_that_renames_the_alert_raises_the_old_hubs_quit_under_the_old_name_then_uses_the_new(run):
+    """The sessions of the hub a reload retires listen for the alert as it was configured when they
+    connected; every hub that goes away later is announced with the new settings."""
+    r = run(ECHO, supervisor=FAST_PMON)
+    await r.notification("READY=1")
+    old_file = r.config.alert_file
+    path = Path(r.config.source)
+    path.write_text(path.read_text() + '[alert]\nname = "Renamed-QUIT"\n')
+    result = await dcod_async(r.config, "reload")
+    assert result.returncode == 0, result.stdout + result.stderr
+    new_file = old_file.with_name("Renamed-QUIT")
+    assert old_file.exists() and not new_file.exists()
+    [hub] = r.children_with(" hub")
+    hub.kill()
+    await wait_for(new_file.exists, timeout=15)
+    assert new_file.read_text().split()[1] == r.config.hub.advertise

@@ -262,6 +262,18 @@ async def test_failed_sync_request_is_logged_with_its_key_and_the_traceback(tmp_
     assert record.exc_info[0] is ValueError  # the traceback goes to the log, not to the session
 
 
+async def test_a_flood_of_failures_logs_the_first_with_its_traceback_and_counts_the_rest(tmp_path, caplog):
+    async with serving(tmp_path, _raise_value_error) as served, served.hub() as hub:
+        for rseq in range(1, 501):
+            await hub.send(forwarded_pdu(9, rseq, b"again"))
+        for _ in range(500):
+            await hub.read_pdu()
+        assert served.worker.stats()["errors"] == 500
+    records = [r for r in caplog.records if r.name == "dcod.worker.runtime" and "request (audsid" in r.getMessage()]
+    assert [r.getMessage() for r in records] == ["sync request (audsid 9, rseq 1) failed: ValueError: boom: again"]
+    assert records[0].exc_info[0] is ValueError
+
+
 async def test_handler_failure_in_the_journal_names_the_instance_and_request_on_each_line(run, tmp_path, monkeypatch):
     """Under systemd (JOURNAL_STREAM set) each line of the traceback is an entry of its own: each
     carries the priority and the instance's name."""

@@ -41,6 +41,16 @@ def _connected(config: Config, timeout: float | None = None):
         yield client
 
 
+@contextlib.contextmanager
+def _going_on_if_interrupted(what: str):
+    """Ctrl-C ends our waiting, not the supervisor's work: say so, and exit 130 as shells expect."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"dcod: interrupted: the {what} goes on in the supervisor (`dcod status` shows it)", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 def _unreachable(message: str) -> SystemExit:
     print(f"dcod: {message}", file=sys.stderr)
     return SystemExit(EXIT_UNREACHABLE)
@@ -59,11 +69,12 @@ def status(config: Config, *, as_json: bool = False) -> int:
         answer = next(client.ask(command(Control.STATUS)), {})
     if not answer.get("ok"):
         return _final(answer)
+    found = problems(answer["status"])
     if as_json:
-        print(json.dumps(answer["status"], indent=2))
+        print(json.dumps({**answer["status"], "problems": found}, indent=2))
     else:
         print(render_status(answer["status"]))
-    return EXIT_DEGRADED if problems(answer["status"]) else EXIT_OK
+    return EXIT_DEGRADED if found else EXIT_OK
 
 
 def problems(status: dict) -> list[str]:
@@ -92,7 +103,7 @@ def problems(status: dict) -> list[str]:
 def reload(config: Config) -> int:
     """The whole rollout, synchronously: one line per step; 0 only if it completed."""
     print("reload: asking the supervisor", flush=True)
-    with _connected(config) as client:
+    with _connected(config) as client, _going_on_if_interrupted("reload"):
         for answer in client.ask(command(Control.RELOAD)):
             if "progress" in answer:
                 print(f"reload: {answer['progress']}", flush=True)
@@ -112,6 +123,11 @@ def stop(config: Config) -> int:
     connection and stays is a failure.
     """
     print("stop: asking the supervisor", flush=True)
+    with _going_on_if_interrupted("stop"):
+        return _stop(config)
+
+
+def _stop(config: Config) -> int:
     with _connected(config) as client:
         supervisor = _pidfd(client.peer_pid)
         final = None

@@ -37,6 +37,7 @@ EXIT_STATUS = [
         "`status`: degraded: a worker instance or hub down, restarting after a failure (backoff) or "
         "left down (failed), or a quit-alert backend whose last attempt failed",
     ),
+    ("130", "`reload`, `stop`: interrupted (Ctrl-C); the supervisor carries on with the reload or stop"),
 ]
 SIGNALS = [
     ("SIGHUP", "to `dcod run`: a reload, as `dcod reload` (its steps and outcome go to the log)"),
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         help="print the status as JSON, data only: numbers, wall times in seconds since the epoch, "
-        "null where a value is absent",
+        "null where a value is absent; its problems list says what makes the exit status 3",
     )
     sub.add_parser(
         "reload",

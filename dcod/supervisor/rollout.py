@@ -140,14 +140,16 @@ class Rollout:
             raise RolloutError(f"{e}; nothing changed: the previous configuration stays in effect") from None
         # The new hub serves: the new configuration is in effect, for every process started from
         # now on. A failure from here on keeps what was done, and says what still runs the previous one.
-        old = sup.hub.process
+        old, previous_config = sup.hub.process, sup.config
         removed_proxies = sorted({p.id for p in sup.config.proxies} - {p.id for p in new.proxies})
         sup.config = new
         sup.hub.argv, sup.hub.process, sup.hub.state = hub_argv, hub, "ready"
         previous = {key: sup.workers[key].process for key in todo.replaced}
         for key in todo.replaced:
             sup.workers[key].name, sup.workers[key].argv = new_slots[key]
-        await self._retire_hub(old)
+        await self._retire_hub(old, previous_config)
+        if new.alert != previous_config.alert:
+            await self._use_alert_settings(new)
         for key in todo.removed:
             slot = sup.workers[key]
             await sup.remove_worker(slot)
@@ -198,18 +200,25 @@ class Rollout:
             raise
         return new
 
-    async def _retire_hub(self, old: Process) -> None:
-        """The hub generation that served until now drains (the new one serves), and the alert is raised."""
+    async def _retire_hub(self, old: Process, served: Config) -> None:
+        """The hub generation that served until now drains (the new one serves), and the alert is
+        raised as its sessions know it: with the settings and address it ``served`` with."""
         sup, step = self.sup, self.step
         step(f"hub: generation {sup.hub.process.generation} ready; generation {old.generation} draining")
         old.retiring = True
 
         async def alert_sessions() -> None:
-            await sup.alerter.signal(sup.config.hub.advertise)
-            step(f"quit alert {sup.config.alert.name} raised for {sup.config.hub.advertise}")
+            await sup.alerter.signal(served.hub.advertise)
+            step(f"quit alert {served.alert.name} raised for {served.hub.advertise}")
 
         for hub, returncode in (await drain_hubs([old], alert_sessions, sup.config.supervisor)).items():
             step(f"hub: generation {hub.generation} (pid {hub.pid}) drained, {describe_exit(returncode)}")
+
+    async def _use_alert_settings(self, config: Config) -> None:
+        """From now on, hubs that go away are announced with ``config``'s [alert] settings."""
+        previous, self.sup.alerter = self.sup.alerter, alert.Alerter.from_config(config)
+        await previous.aclose()
+        self.step(f"quit alert: {config.alert.name} on {', '.join(config.alert.backends)} from now on")
 
     async def _replace_worker(self, slot: Slot) -> None:
         """Hold the instance in the hub, let its replies come in, restart it, release it."""

@@ -46,6 +46,7 @@ import trio
 
 from dcod import fs
 from dcod.config import Config
+from dcod.log import Throttle
 from dcod.net import channel as control
 from dcod.net import sockets
 from dcod.net.connection import Connection, ConnectionClosed, accept
@@ -185,12 +186,14 @@ class Worker:
         self._hub_numbers = itertools.count(1)
         self._stopping = trio.Event()
         self._counts = _Counts()
+        self.warnings = Throttle(log)  # what a handler failing on every request would repeat
 
     def stats(self) -> dict[str, int]:
         return {**dataclasses.asdict(self._counts), "hubs": len(self._hubs)}
 
     def report(self) -> tuple[control.StatusCounts, dict[str, int]]:
         """Its heartbeat: its row in `dcod status`, and its stats()."""
+        self.warnings.flush()  # on each heartbeat: a flood's summary does not wait for the next failure
         counts = self._counts
         return control.StatusCounts(
             done=counts.replies + counts.oneway, inflight=counts.inflight, errors=counts.errors
@@ -311,8 +314,10 @@ class Worker:
             counts.errors += 1
             detail = f"{type(e).__name__}: {e}"[:MAX_ERROR_DETAIL]
             # The journal's line starts with this instance's name ("worker 1#0: "): with the audsid
-            # and rseq, the request's key; then the traceback, which the session never sees.
-            log.warning(
+            # and rseq, the request's key; then the traceback, which the session never sees. A
+            # handler that fails every request logs the first of each kind of error per interval.
+            self.warnings.warn(
+                f"handler {type(e).__name__}",
                 "%s request (audsid %d, rseq %d) failed: %s",
                 "sync" if req.sync else "one-way",
                 audsid,
