@@ -25,7 +25,7 @@ from dcod import config as configuration
 from dcod.config import Config
 from dcod.hub.spool import SpoolDir
 from dcod.net.channel import Command
-from dcod.supervisor import preflight
+from dcod.supervisor import alert, preflight
 from dcod.supervisor.process import Process, describe_exit, drain_hubs
 
 if TYPE_CHECKING:
