@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import psutil
 import pytest
 
 from dcod.bench.target import free_port, socket_activated
@@ -285,3 +286,26 @@ async def test_config_check_of_the_running_services_configuration_passes(run):
     await r.notification("READY=1")
     result = dcod("config", "--check", "--config", r.config.source)
     assert result.returncode == 0 and not result.stderr, result
+
+
+def test_config_check_gives_a_handler_ready_timeout_to_load_then_kills_its_check(tmp_path):
+    handlers = tmp_path / "handlers"
+    handlers.mkdir()
+    pid_file = tmp_path / "pid"
+    (handlers / "stuck.py").write_text(
+        f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(600)\n"
+        "async def handle(req):\n    return req.body\n"
+    )
+    path = config_file(
+        tmp_path,
+        f"127.0.0.1:{free_port()}",
+        f'[[proxy]]\nid = 1\nhandler = "stuck:handle"\nhandler_path = ["{handlers}"]\n',
+        supervisor="ready_timeout = 3.0\n",
+    )
+    result = dcod("config", "--check", "--config", path)
+    assert result.returncode == 1, result
+    assert (
+        f"{path}: proxy[0].handler: handler 'stuck:handle': not loaded within ready_timeout (3s), as a worker must be"
+        in result.stderr
+    ), result.stderr
+    assert not psutil.pid_exists(int(pid_file.read_text()))
