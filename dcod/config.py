@@ -76,6 +76,11 @@ class AlertConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""  # host:port of the Prometheus endpoint the supervisor serves; empty: none
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     id: int
     name: str = ""
@@ -100,6 +105,7 @@ class Config:
     alert: AlertConfig = field(default_factory=AlertConfig)
     proxies: tuple[ProxyConfig, ...] = ()
     source: str = BUILTIN
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def proxy(self, proxy_id: int) -> ProxyConfig:
         for p in self.proxies:
@@ -208,6 +214,7 @@ def dump(config: Config) -> str:
             "state_dir": str(config.state_dir),
         },
         "alert": {**dataclasses.asdict(config.alert), "dir": str(config.alert_dir)},
+        "metrics": dataclasses.asdict(config.metrics),
     }
     # Proxies as [[proxy]] tables, as people write them (tomli-w would inline the array).
     proxies = [{k: v for k, v in dataclasses.asdict(p).items() if v not in ("", ())} for p in config.proxies]
@@ -242,7 +249,7 @@ class _Validator:
     def config(self, data: dict[str, Any]) -> Config:
         if not data:
             self.note("proxy", "missing: the file has no settings (without a file, dcod runs its built-in default)")
-        self.unknown(data, "", {"hub", "supervisor", "alert", "proxy"})
+        self.unknown(data, "", {"hub", "supervisor", "alert", "metrics", "proxy"})
         hub = self.section(data, "hub", HubConfig)
         supervisor = self.section(data, "supervisor", SupervisorConfig)
         alert = self.section(data, "alert", AlertConfig)
@@ -252,9 +259,10 @@ class _Validator:
             raw_proxies = []
         proxies = {i: p for i, table in enumerate(raw_proxies) if (p := self.proxy(i, table)) is not None}
         self.check(hub, supervisor, proxies)
+        metrics = self.metrics(data)
         if self.errors:
             raise ConfigError("\n".join(self.errors))
-        return Config(hub, supervisor, alert, tuple(proxies.values()), self.source)
+        return Config(hub, supervisor, alert, tuple(proxies.values()), self.source, metrics)
 
     def unknown(self, table: dict[str, Any], prefix: str, known: set[str]) -> None:
         for key in table:
@@ -336,6 +344,14 @@ class _Validator:
         if proxy.concurrency < 1:
             self.note(prefix + "concurrency", f"must be >= 1, not {proxy.concurrency}")
         return proxy if proxy.name else dataclasses.replace(proxy, name=proxy.handler or f"proxy{proxy.id}")
+
+    def metrics(self, data: dict[str, Any]) -> MetricsConfig:
+        metrics = self.section(data, "metrics", MetricsConfig)
+        if metrics.listen:
+            self.address("metrics.listen", metrics.listen)
+            if "/" in metrics.listen:  # a Unix socket path to dcod.net.sockets; Prometheus scrapes TCP
+                self.note("metrics.listen", f"must be host:port, not {metrics.listen!r}")
+        return metrics
 
     def address(self, key: str, value: str) -> None:
         host, sep, port = value.rpartition(":")

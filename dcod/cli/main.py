@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run the supervisor: hub and workers (the service's main process)",
         description="Run the hub and the managed worker proxies and keep them running. Takes the "
-        "Oracle-facing socket from systemd (socket activation) or binds hub.listen.",
+        "Oracle-facing socket from systemd (socket activation) or binds hub.listen. With metrics.listen "
+        "set, also serves Prometheus metrics on http://HOST:PORT/metrics (the counters of `dcod status`).",
     )
 
     p = sub.add_parser(
@@ -294,15 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="check all that `dcod run` would meet, print nothing if all is well: the file; each "
         "handler loads in a worker's environment (`dcod worker --check`); each command is an "
         "executable; the runtime, state and alert directories can be made or are ours and "
-        "writable; hub.listen can be bound (unless systemd passes the socket, or this "
-        "configuration's dcod run holds it); a stop fits in the TimeoutStopSec of dco-hub.service "
+        "writable; hub.listen and metrics.listen can be bound (unless systemd passes the socket, or "
+        "this configuration's dcod run holds it); a stop fits in the TimeoutStopSec of dco-hub.service "
         "(as systemd has it, else the packaged 75 s). A reload runs the same checks first, "
-        "but for the directories and the address, which it keeps",
+        "but for the directories and the addresses, which it keeps",
     )
     p.add_argument(
         "--no-host-checks",
         action="store_true",
-        help="with --check: leave out the directories and the listen address, which depend on the "
+        help="with --check: leave out the directories and the listen addresses, which depend on the "
         "host (for a configuration meant for another one, or a package build)",
     )
     return parser

@@ -4,8 +4,8 @@ before it changes anything.
 dcod.config checks the file (keys, types, values) and the alert backends their settings; this
 checks the rest against the host: each proxy's handler loads, in a child that runs as the workers
 do (the same interpreter, isolated, the proxy's handler_path: `dcod worker --check`); each
-command is an executable; the directories are usable (dcod.supervisor.rundir); the listen address
-can be bound; a stop fits in the service's TimeoutStopSec. check() raises one ConfigError that
+command is an executable; the directories are usable (dcod.supervisor.rundir); the listen
+addresses (hub, metrics) can be bound; a stop fits in the service's TimeoutStopSec. check() raises one ConfigError that
 lists every problem, each with file, key and reason.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dcod.config import SYSTEM_CONFIG, Config, ConfigError, ProxyConfig, dump
 from dcod.net import sockets
-from dcod.supervisor import alert, rundir
+from dcod.supervisor import alert, metrics, rundir
 from dcod.supervisor.process import dcod_command, describe_exit
 
 SERVICE = "dco-hub.service"
@@ -56,7 +56,7 @@ def check(
 
     ``worker_argv(proxy)`` is the command line of `dcod worker --check` for a proxy, as the
     supervisor would start that proxy's workers. Without ``host``, the directories and the listen
-    address are not checked (a reload keeps those of the running supervisor; a package build has
+    addresses are not checked (a reload keeps those of the running supervisor; a package build has
     none). ``unit`` is the systemd service whose TimeoutStopSec a stop must fit in (None: no limit).
     """
     problems: list[tuple[str, str | None]] = []  # (key, reason), None where all is well
@@ -66,6 +66,11 @@ def check(
     if unit is not None:
         problems.append(("supervisor.drain_timeout", _stop_too_long(config, unit)))
     errors = [_line(config, key, reason) for key, reason in problems if reason]
+    if host:
+        try:
+            metrics.check(config)
+        except ConfigError as e:
+            errors += e.errors
     try:
         alert.check(config)
     except ConfigError as e:

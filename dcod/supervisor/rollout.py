@@ -123,6 +123,11 @@ class Rollout:
             f"{len(new_slots)} worker instances ({len(todo.added)} added, {len(todo.removed)} removed, "
             f"{len(todo.changed)} changed, {len(todo.kept)} unchanged)"
         )
+        if new.metrics.listen != sup.config.metrics.listen:  # bound at the start (dcod.supervisor.metrics)
+            step(
+                f"metrics.listen changed to {new.metrics.listen or 'none'}: the endpoint stays on "
+                f"{sup.config.metrics.listen or 'none'} until the service restarts"
+            )
         # Until the new hub serves, the previous configuration is in effect: a failure before that
         # stops what this rollout started, and leaves everything as it was.
         try:

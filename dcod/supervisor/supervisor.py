@@ -31,7 +31,7 @@ from dcod import fs
 from dcod.config import Config
 from dcod.net import sockets
 from dcod.net.channel import Control, StatusCounts, command_of
-from dcod.supervisor import control, rundir
+from dcod.supervisor import control, metrics, rundir
 from dcod.supervisor.alert import Alerter
 from dcod.supervisor.notify import Notifier
 from dcod.supervisor.process import Process, dcod_command, describe_exit, drain_hubs
@@ -52,9 +52,12 @@ class Supervisor:
     """The service's main process: the slots of the hub and of each worker instance, the pmon,
     the control socket, rollouts (dcod.supervisor.rollout) and the orderly stop."""
 
-    def __init__(self, config: Config, hub_listener: socket.socket) -> None:
+    def __init__(
+        self, config: Config, hub_listener: socket.socket, metrics_listener: socket.socket | None = None
+    ) -> None:
         self.config = config
         self.hub_listener = hub_listener
+        self.metrics_listener = metrics_listener  # [metrics] listen, bound at the start: kept until we exit
         self.notifier = Notifier()
         self.alerter = Alerter.from_config(config)
         self.started = time.monotonic()
@@ -149,6 +152,8 @@ class Supervisor:
                     nursery.start_soon(self._pmon)
                     nursery.start_soon(self._watchdog)
                     nursery.start_soon(self._on_signals, signals)
+                    if self.metrics_listener is not None:
+                        nursery.start_soon(metrics.MetricsServer(self.metrics_listener, self.snapshot).serve)
                     await self._stop.wait()
                     self.notify("STOPPING=1", "STATUS=stopping: draining the hub")
                     await self._stop_children()
@@ -451,7 +456,7 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-UNKNOWN_RESOURCES = {"rss": None, "cpu_percent": None}
+UNKNOWN_RESOURCES = {"rss": None, "cpu_percent": None, "cpu_seconds": None}
 
 
 def _process_row(slot: Slot, process: Process | None, state: str | None = None) -> dict:
@@ -474,12 +479,13 @@ def _process_row(slot: Slot, process: Process | None, state: str | None = None) 
 
 
 def _resources(proc) -> dict:
-    """RSS, and CPU % averaged over the process's life (a snapshot needs no earlier sample)."""
+    """RSS, CPU seconds, and CPU % averaged over the process's life (a snapshot needs no earlier sample)."""
     try:
         with proc.oneshot():
             cpu = proc.cpu_times()
+            seconds = cpu.user + cpu.system
             alive = max(time.time() - proc.create_time(), 1e-3)
-            return {"rss": proc.memory_info().rss, "cpu_percent": 100 * (cpu.user + cpu.system) / alive}
+            return {"rss": proc.memory_info().rss, "cpu_percent": 100 * seconds / alive, "cpu_seconds": seconds}
     except Exception:  # psutil.Error, or no psutil handle: figures unknown
         return UNKNOWN_RESOURCES
 
@@ -520,7 +526,12 @@ def main(config: Config) -> int:
         log.error("cannot listen on %s: %s", config.hub.listen, e.strerror)
         return 1
     try:
-        trio.run(Supervisor(config, listener).run)
+        metrics_listener = metrics.bind(config)
+    except configuration.ConfigError as e:
+        log.error("%s", e)
+        return 1
+    try:
+        trio.run(Supervisor(config, listener, metrics_listener).run)
     finally:
         claim.release()
     return 0

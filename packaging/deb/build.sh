@@ -15,7 +15,7 @@
 #          --no-lintian       skip lintian
 # Needs (Debian 12): debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools,
 # and for the build-time import check python3-trio python3-sdnotify python3-psutil
-# python3-tomli-w python3-httpx (or DEB_BUILD_OPTIONS=nocheck); lintian.
+# python3-tomli-w python3-httpx python3-prometheus-client (or DEB_BUILD_OPTIONS=nocheck); lintian.
 set -euo pipefail
 # Debian's tools and Debian's python3 only: not a venv's, pyenv's or /usr/local's
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
