@@ -1,11 +1,13 @@
 """The configuration: TOML in, validated dataclasses out, and back to TOML.
 
 Every refusal names the file, the key and the reason, so an operator can fix it
-without reading code: ``/etc/dcod/dcod.toml: proxy[2].instances: must be >= 1, not 0``.
+without reading code: ``/etc/dcod/dcod.toml: proxy[2].instances: must be >= 1, not 0``;
+every refusal at once, one line each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import os
@@ -22,7 +24,11 @@ BUILTIN = "<built-in default>"
 
 
 class ConfigError(Exception):
-    """An invalid configuration: the message says file, key and reason."""
+    """An invalid configuration: the message says file, key and reason, one line per error."""
+
+    @property
+    def errors(self) -> list[str]:
+        return str(self).splitlines()
 
 
 @dataclass(frozen=True)
@@ -216,42 +222,70 @@ def dump(config: Config) -> str:
 
 
 class _Validator:
-    """Turns parsed TOML into a Config, naming file and key in every error."""
+    """Turns parsed TOML into a Config, naming file and key in every error, and reporting them all.
+
+    A value that fails is noted (note(), or fail() raised inside collecting()) and validation
+    goes on without it; the ConfigError at the end lists every one.
+    """
 
     def __init__(self, source: str) -> None:
         self.source = source
+        self.errors: list[str] = []
 
     def fail(self, key: str, reason: str) -> ConfigError:
         return ConfigError(f"{self.source}: {key}: {reason}")
 
+    def note(self, key: str, reason: str) -> None:
+        self.errors.append(str(self.fail(key, reason)))
+
+    @contextlib.contextmanager
+    def collecting(self):
+        """A fail() raised in the block is noted; validation goes on after the block."""
+        try:
+            yield
+        except ConfigError as e:
+            self.errors.append(str(e))
+
     def config(self, data: dict[str, Any]) -> Config:
+        if not data:
+            self.note("proxy", "missing: the file has no settings (without a file, dcod runs its built-in default)")
         self.unknown(data, "", {"hub", "supervisor", "alert", "metrics", "proxy"})
         hub = self.section(data, "hub", HubConfig)
         supervisor = self.section(data, "supervisor", SupervisorConfig)
         alert = self.section(data, "alert", AlertConfig)
         raw_proxies = data.get("proxy", [])
         if not isinstance(raw_proxies, list):
-            raise self.fail("proxy", "must be an array of tables ([[proxy]])")
-        proxies = tuple(self.proxy(i, p) for i, p in enumerate(raw_proxies))
+            self.note("proxy", "must be an array of tables ([[proxy]])")
+            raw_proxies = []
+        proxies = {i: p for i, table in enumerate(raw_proxies) if (p := self.proxy(i, table)) is not None}
         self.check(hub, supervisor, proxies)
-        return Config(hub, supervisor, alert, proxies, self.source, self.metrics(data))
+        metrics = self.metrics(data)
+        if self.errors:
+            raise ConfigError("\n".join(self.errors))
+        return Config(hub, supervisor, alert, tuple(proxies.values()), self.source, metrics)
 
     def unknown(self, table: dict[str, Any], prefix: str, known: set[str]) -> None:
         for key in table:
             if key not in known:
-                raise self.fail(prefix + key, f"unknown key (known: {', '.join(sorted(known))})")
+                self.note(prefix + key, f"unknown key (known: {', '.join(sorted(known))})")
 
     def section(self, data: dict[str, Any], name: str, cls: type) -> Any:
         table = data.get(name, {})
         if not isinstance(table, dict):
-            raise self.fail(name, "must be a table")
-        return self.build(cls, table, name + ".")
+            self.note(name, "must be a table")
+            table = {}
+        return cls(**self.values(cls, table, name + "."))
 
-    def build(self, cls: type, table: dict[str, Any], prefix: str) -> Any:
+    def values(self, cls: type, table: dict[str, Any], prefix: str) -> dict[str, Any]:
+        """The table's valid values for the fields of ``cls``; the others are noted and left out."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         self.unknown(table, prefix, set(fields))
-        values = {name: self.typed(prefix + name, table[name], fields[name].type) for name in fields if name in table}
-        return cls(**values)
+        values = {}
+        for name in fields:
+            if name in table:
+                with self.collecting():
+                    values[name] = self.typed(prefix + name, table[name], fields[name].type)
+        return values
 
     def typed(self, key: str, value: Any, annotation: str) -> Any:
         """Check a value against the field's annotation (a string, with postponed annotations)."""
@@ -277,36 +311,38 @@ class _Validator:
             return tuple(value)
         raise AssertionError(f"no validation for {annotation}")
 
-    def proxy(self, index: int, table: Any) -> ProxyConfig:
+    def proxy(self, index: int, table: Any) -> ProxyConfig | None:
         prefix = f"proxy[{index}]."
         if not isinstance(table, dict):
-            raise self.fail(prefix[:-1], "must be a table")
+            self.note(prefix[:-1], "must be a table")
+            return None
         if "id" not in table:
-            raise self.fail(prefix + "id", "missing")
-        proxy = self.build(ProxyConfig, table, prefix)
+            self.note(prefix + "id", "missing")
+        values = self.values(ProxyConfig, table, prefix)
+        if "id" not in values:
+            return None
+        proxy = ProxyConfig(**values)
         if proxy.id < 1:
-            raise self.fail(prefix + "id", f"must be >= 1, not {proxy.id}")
+            self.note(prefix + "id", f"must be >= 1, not {proxy.id}")
         kinds = [k for k in ("handler", "address", "command") if getattr(proxy, k)]
         if len(kinds) != 1:
-            raise self.fail(prefix[:-1], f"needs exactly one of handler, address, command (has {kinds or 'none'})")
+            self.note(prefix[:-1], f"needs exactly one of handler, address, command (has {kinds or 'none'})")
         if proxy.instances < 1:
-            raise self.fail(prefix + "instances", f"must be >= 1, not {proxy.instances}")
+            self.note(prefix + "instances", f"must be >= 1, not {proxy.instances}")
         if proxy.address and proxy.instances != 1:
-            raise self.fail(
-                prefix + "instances", "an external proxy (address) is one instance; list it once per address"
-            )
+            self.note(prefix + "instances", "an external proxy (address) is one instance; list it once per address")
         if proxy.address:
             self.address(prefix + "address", proxy.address)
         if proxy.handler_path and not proxy.handler:
-            raise self.fail(prefix + "handler_path", "is for a handler; this proxy has none")
+            self.note(prefix + "handler_path", "is for a handler; this proxy has none")
         for directory in proxy.handler_path:
             if not os.path.isabs(directory):
-                raise self.fail(
+                self.note(
                     prefix + "handler_path",
                     f"must be absolute paths (the workers run in no particular directory), not {directory!r}",
                 )
         if proxy.concurrency < 1:
-            raise self.fail(prefix + "concurrency", f"must be >= 1, not {proxy.concurrency}")
+            self.note(prefix + "concurrency", f"must be >= 1, not {proxy.concurrency}")
         return proxy if proxy.name else dataclasses.replace(proxy, name=proxy.handler or f"proxy{proxy.id}")
 
     def metrics(self, data: dict[str, Any]) -> MetricsConfig:
@@ -314,19 +350,20 @@ class _Validator:
         if metrics.listen:
             self.address("metrics.listen", metrics.listen)
             if "/" in metrics.listen:  # a Unix socket path to dcod.net.sockets; Prometheus scrapes TCP
-                raise self.fail("metrics.listen", f"must be host:port, not {metrics.listen!r}")
+                self.note("metrics.listen", f"must be host:port, not {metrics.listen!r}")
         return metrics
 
     def address(self, key: str, value: str) -> None:
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise self.fail(key, f"must be host:port, not {value!r}")
+            self.note(key, f"must be host:port, not {value!r}")
 
-    def check(self, hub: HubConfig, sup: SupervisorConfig, proxies: tuple[ProxyConfig, ...]) -> None:
+    def check(self, hub: HubConfig, sup: SupervisorConfig, proxies: dict[int, ProxyConfig]) -> None:
+        """What involves several keys, or checks a value beyond its type; ``proxies`` by their index in the file."""
         self.address("hub.listen", hub.listen)
         self.address("hub.advertise", hub.advertise)
         if len(hub.advertise.encode()) > ALERT_MESSAGE_MAX:
-            raise self.fail(
+            self.note(
                 "hub.advertise",
                 f"must be at most {ALERT_MESSAGE_MAX} bytes, not "
                 f"{len(hub.advertise.encode())} ({hub.advertise!r}): Noradle's PL/SQL keeps the quit "
@@ -336,15 +373,15 @@ class _Validator:
             try:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
-                raise self.fail("hub.allow", f"{net!r} is not a network (like 10.0.0.0/8)") from None
+                self.note("hub.allow", f"{net!r} is not a network (like 10.0.0.0/8)")
         if hub.max_pdu < 12:
-            raise self.fail("hub.max_pdu", f"must be >= 12, not {hub.max_pdu}")
+            self.note("hub.max_pdu", f"must be >= 12, not {hub.max_pdu}")
         for key in ("reply_timeout", "spool_fsync_interval"):
             if getattr(hub, key) < 0:
-                raise self.fail(f"hub.{key}", "must not be negative")
+                self.note(f"hub.{key}", "must not be negative")
         for key in ("max_connections", "max_inflight_per_session", "stall_timeout"):
             if getattr(hub, key) <= 0:
-                raise self.fail(f"hub.{key}", f"must be > 0, not {getattr(hub, key)}")
+                self.note(f"hub.{key}", f"must be > 0, not {getattr(hub, key)}")
         for key in (
             "heartbeat_interval",
             "heartbeat_timeout",
@@ -355,11 +392,11 @@ class _Validator:
             "ready_timeout",
         ):
             if getattr(sup, key) <= 0:
-                raise self.fail(f"supervisor.{key}", "must be > 0")
+                self.note(f"supervisor.{key}", "must be > 0")
         if sup.heartbeat_timeout <= sup.heartbeat_interval:
-            raise self.fail("supervisor.heartbeat_timeout", "must be longer than heartbeat_interval")
+            self.note("supervisor.heartbeat_timeout", "must be longer than heartbeat_interval")
         seen: dict[int, int] = {}
-        for i, p in enumerate(proxies):
+        for i, p in proxies.items():
             if p.id in seen:
-                raise self.fail(f"proxy[{i}].id", f"{p.id} is already proxy[{seen[p.id]}]")
-            seen[p.id] = i
+                self.note(f"proxy[{i}].id", f"{p.id} is already proxy[{seen[p.id]}]")
+            seen.setdefault(p.id, i)

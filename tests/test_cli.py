@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import textwrap
 
+import psutil
 import pytest
 
+from dcod.bench.target import free_port, socket_activated
 from dcod.cli import main, reference
 from dcod.protocol import ErrorCode
 
 
-def dcod(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dcod", *args], capture_output=True, text=True, timeout=60)
+def dcod(*args: str, **options) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dcod", *args], capture_output=True, text=True, timeout=60, **options)
 
 
 def every_command_and_option() -> list[tuple[str, list[str]]]:
@@ -173,3 +178,134 @@ def test_bash_completion_understands_options_before_the_command_and_completes_fi
     assert complete("dcod status --config confd") == ["confdir"]
     assert complete("dcod call --hub ") == []  # a value: nothing to offer
     assert complete("dcod nosuch -") == []
+
+
+# ---------------------------------------------------------------- config --check: what `dcod run` would meet
+
+
+@pytest.fixture
+def held_port():
+    """A port something else listens on: (its socket, "127.0.0.1:port")."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock, "127.0.0.1:%d" % sock.getsockname()[1]
+
+
+def config_file(tmp_path, listen: str, proxies: str, supervisor: str = "") -> str:
+    path = tmp_path / "dcod.toml"
+    path.write_text(
+        f'[hub]\nlisten = "{listen}"\nadvertise = "{listen}"\n'
+        f'[supervisor]\nruntime_dir = "{tmp_path / "run"}"\nstate_dir = "{tmp_path / "state"}"\n{supervisor}'
+        + textwrap.dedent(proxies)
+    )
+    return str(path)
+
+
+def test_config_check_reports_all_that_dcod_run_would_meet_at_once(tmp_path, held_port):
+    """Issue 18: each of these passed `dcod config --check`, and `dcod run` (or a stop under
+    systemd) then failed on it; now every one is reported, with file, key and reason."""
+    _, listen = held_port
+    (tmp_path / "a-file").write_text("")
+    path = config_file(
+        tmp_path,
+        listen,
+        """\
+        [[proxy]]
+        id = 1
+        handler = "ehco"
+        [[proxy]]
+        id = 2
+        handler = "nosuchpkg.mod:handle"
+        [[proxy]]
+        id = 3
+        handler = "json:nosuchfunc"
+        [[proxy]]
+        id = 4
+        command = ["nosuch-dcod-worker", "--fast"]
+        [[proxy]]
+        id = 5
+        handler = "echo"
+        """,
+        supervisor=f'drain_timeout = 600\n[alert]\ndir = "{tmp_path / "a-file" / "alerts"}"\n',
+    )
+    result = dcod("config", "--check", "--config", path, env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1 and not result.stdout, result
+    lines = result.stderr.splitlines()
+    expected = [
+        f"alert.dir: alert directory (alert.dir) {tmp_path}/a-file/alerts: Not a directory ({tmp_path}/a-file).",
+        f"hub.listen: cannot listen on {listen}: Address already in use (EADDRINUSE)",
+        "supervisor.drain_timeout: a stop may take 632s (drain_timeout 600 + 3 x stop_timeout 10 + 2), more than "
+        "the packaged dco-hub.service's TimeoutStopSec=75s, after which systemd kills what still runs",
+        "proxy[0].handler: handler 'ehco': no built-in handler of that name (echo, http); one of your own is "
+        '"package.module:function"',
+        "proxy[1].handler: handler 'nosuchpkg.mod:handle': cannot import nosuchpkg.mod: ModuleNotFoundError: "
+        "No module named 'nosuchpkg'",
+        "proxy[2].handler: handler 'json:nosuchfunc': json has no async function 'nosuchfunc'",
+        "proxy[3].command: 'nosuch-dcod-worker' is not found on PATH (/usr/bin:/bin)",
+    ]
+    assert len(lines) == len(expected), result.stderr
+    for line, text in zip(lines, expected, strict=True):
+        assert line.startswith(f"dcod: {path}: {text}"), (line, text)
+
+    # What depends on the host aside (another host's configuration, a package build): the rest.
+    result = dcod("config", "--check", "--no-host-checks", "--config", path)
+    assert result.returncode == 1 and "alert.dir" not in result.stderr and "hub.listen" not in result.stderr
+    assert "supervisor.drain_timeout" in result.stderr and "proxy[2].handler" in result.stderr, result.stderr
+
+
+def test_config_check_loads_handlers_as_the_workers_do(tmp_path):
+    """Isolated (python -I, as the supervisor starts them): a module found only through PYTHONPATH
+    or the working directory is refused, one in handler_path is found."""
+    port = f"127.0.0.1:{free_port()}"
+    handlers = tmp_path / "handlers"
+    handlers.mkdir()
+    (handlers / "mine.py").write_text("async def handle(req):\n    return req.body\n")
+    proxies = '[[proxy]]\nid = 1\nhandler = "mine:handle"\n'
+    path = config_file(tmp_path, port, proxies)
+    result = dcod("config", "--check", "--config", path, cwd=handlers, env={**os.environ, "PYTHONPATH": str(handlers)})
+    assert result.returncode == 1, result
+    assert f"{path}: proxy[0].handler: handler 'mine:handle': cannot import mine: ModuleNotFoundError" in result.stderr
+    config_file(tmp_path, port, proxies + f'handler_path = ["{handlers}"]\n')
+    result = dcod("config", "--check", "--config", path)
+    assert result.returncode == 0 and not result.stdout and not result.stderr, result
+
+
+def test_config_check_leaves_the_address_to_systemd_when_it_passes_the_socket(tmp_path, held_port):
+    sock, listen = held_port
+    path = config_file(tmp_path, listen, '[[proxy]]\nid = 1\nhandler = "echo"\n')
+    argv, options = socket_activated([sys.executable, "-m", "dcod", "config", "--check", "--config", path], sock)
+    result = subprocess.run(argv, **options, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stderr, result
+    assert dcod("config", "--check", "--config", path).returncode == 1  # as a plain `dcod run` would
+
+
+async def test_config_check_of_the_running_services_configuration_passes(run):
+    """Its own supervisor holds the address: not a problem (checking before a reload)."""
+    r = run()
+    await r.notification("READY=1")
+    result = dcod("config", "--check", "--config", r.config.source)
+    assert result.returncode == 0 and not result.stderr, result
+
+
+def test_config_check_gives_a_handler_ready_timeout_to_load_then_kills_its_check(tmp_path):
+    handlers = tmp_path / "handlers"
+    handlers.mkdir()
+    pid_file = tmp_path / "pid"
+    (handlers / "stuck.py").write_text(
+        f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(600)\n"
+        "async def handle(req):\n    return req.body\n"
+    )
+    path = config_file(
+        tmp_path,
+        f"127.0.0.1:{free_port()}",
+        f'[[proxy]]\nid = 1\nhandler = "stuck:handle"\nhandler_path = ["{handlers}"]\n',
+        supervisor="ready_timeout = 3.0\n",
+    )
+    result = dcod("config", "--check", "--config", path)
+    assert result.returncode == 1, result
+    assert (
+        f"{path}: proxy[0].handler: handler 'stuck:handle': not loaded within ready_timeout (3s), as a worker must be"
+        in result.stderr
+    ), result.stderr
+    assert not psutil.pid_exists(int(pid_file.read_text()))

@@ -181,6 +181,48 @@ async def test_invalid_config_is_refused_and_the_service_keeps_going(run):
     assert (await session.read())[3] == b"still serving"
 
 
+async def test_a_reload_that_its_processes_would_fail_on_is_refused_and_changes_nothing(run):
+    """A handler that does not import (issue 18: it replaced working instances with ones that
+    crash-looped), a command that is not there: refused before anything changes, every problem
+    said (file, key, reason), by `dcod reload` and by SIGHUP (in the log); the processes that
+    serve go on serving."""
+    r = run(ECHO, supervisor="ready_timeout = 5.0")
+    await r.notification("READY=1")
+    path = r.config.source
+    good = open(path).read()
+    serving = {c.pid for c in r.children()}
+    assert len(serving) == 3
+
+    open(path, "w").write(good.replace('handler = "echo"', 'handler = "ehco"'))
+    result = await dcod_async(r.config, "reload")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (
+        f"invalid configuration, nothing changed: {path}: proxy[0].handler: handler 'ehco': no built-in "
+        "handler of that name (echo, http)" in result.stderr
+    ), result.stderr
+    assert {c.pid for c in r.children()} == serving
+
+    open(path, "a").write(
+        '[[proxy]]\nid = 2\ncommand = ["/nonexistent/worker"]\n[[proxy]]\nid = 3\nhandler = "json:nosuchfunc"\n'
+    )
+    r.proc.send_signal(signal.SIGHUP)
+    await wait_for(lambda: "proxy[2].handler" in r.log, timeout=20)
+    assert (
+        "reload failed: invalid configuration, nothing changed:\n"
+        f"  {path}: proxy[0].handler: handler 'ehco': no built-in handler of that name (echo, http); "
+        'one of your own is "package.module:function"\n'
+        f"  {path}: proxy[1].command: '/nonexistent/worker' is not an executable file\n"
+        f"  {path}: proxy[2].handler: handler 'json:nosuchfunc': json has no async function 'nosuchfunc'\n"
+    ) in r.log, r.log
+    assert {c.pid for c in r.children()} == serving
+    assert [(p["generation"], p["state"]) for p in status(r.config)["processes"]] == [(1, "ready")] * 3
+    from peers import OracleSession
+
+    session = await OracleSession.connect(r.config.hub.listen, audsid=5)
+    await session.send(1, 1, b"still serving")
+    assert (await session.read())[3] == b"still serving"
+
+
 async def test_reload_applies_added_and_removed_proxies(run):
     r = run(ECHO + '[[proxy]]\nid = 3\nhandler = "echo"\n')
     await r.notification("READY=1")

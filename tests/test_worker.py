@@ -633,9 +633,10 @@ def test_load_handler_function_with_its_module_hooks():
     [
         (
             "no_such_builtin",
-            r"handler 'no_such_builtin': cannot import dcod\.worker\.handlers\.no_such_builtin: "
-            r"ModuleNotFoundError",
+            r"handler 'no_such_builtin': no built-in handler of that name \(echo, http\); one of your own is "
+            r'"package\.module:function"',
         ),
+        ("mycompany.sms", r"handler 'mycompany\.sms': no built-in handler of that name \(echo, http\)"),
         (f"{__name__}:missing", rf"handler '{__name__}:missing': {__name__} has no async function 'missing'"),
         (f"{__name__}:init", rf"handler '{__name__}:init': {__name__} has no async function 'init'"),
     ],

@@ -82,7 +82,7 @@ EXAMPLES = [
     ("dcod call 1 --oneway hi", "send a one-way request, do not wait"),
     ("dcod status", "what runs: processes, generations, counters, queues"),
     ("systemctl reload dco-hub", "roll out new code and config (runs `dcod reload`)"),
-    ("dcod --config x.toml config --check", "validate a configuration and exit"),
+    ("dcod --config x.toml config --check", "check all that `dcod run` would meet and exit"),
     ("dcod bench --duration 10", "measure round trips/s and hub CPU per round trip"),
     ("dcod bench --reload-at 4", "the same, with a `dcod reload` 4 s into the window"),
 ]
@@ -202,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy", type=int, required=True, metavar="ID", help="proxy id from the configuration")
     p.add_argument("--instance", type=int, default=0, metavar="N", help="instance number (default 0)")
     p.add_argument("--listen", metavar="ADDR", help="host:port or unix socket path (default: its runtime socket)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="only load the handler as the worker would (handler_path, the import, an async function; "
+        "not init()) and exit: 0, or 1 with the reason; `dcod config --check` runs this for each proxy",
+    )
 
     p = sub.add_parser(
         "call",
@@ -285,11 +291,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "config",
         parents=[common],
-        help="print the effective configuration",
+        help="print the effective configuration, or check it",
         description="Load and validate the configuration and print it with every default made "
-        "explicit. Exit status 1 if it is invalid.",
+        "explicit. Exit status 1 if it is invalid; every error is reported, one line each: file, "
+        "key, reason.",
     )
-    p.add_argument("--check", action="store_true", help="only validate: print nothing when it is valid")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check all that `dcod run` would meet, print nothing if all is well: the file; each "
+        "handler loads in a worker's environment (`dcod worker --check`); each command is an "
+        "executable; the runtime, state and alert directories can be made or are ours and "
+        "writable; hub.listen and metrics.listen can be bound (unless systemd passes the socket, or "
+        "this configuration's dcod run holds it); a stop fits in the TimeoutStopSec of dco-hub.service "
+        "(as systemd has it, else the packaged 75 s). A reload runs the same checks first, "
+        "but for the directories and the addresses, which it keeps",
+    )
+    p.add_argument(
+        "--no-host-checks",
+        action="store_true",
+        help="with --check: leave out the directories and the listen addresses, which depend on the "
+        "host (for a configuration meant for another one, or a package build)",
+    )
     return parser
 
 
@@ -302,22 +325,20 @@ def main(argv: list[str] | None = None) -> int:
     path = configuration.config_path(args.config)
     try:
         config = configuration.load(path)
-        alert.check(config)  # each alert backend checks its own settings
+        if args.command == "config" and args.check:
+            from dcod.supervisor import preflight
+
+            preflight.check_alone(config, host=not args.no_host_checks)  # the alert backends' settings too
+        else:
+            alert.check(config)  # each alert backend checks its own settings
     except configuration.ConfigError as e:
-        print(f"dcod: {e}", file=sys.stderr)
+        for line in e.errors:
+            print(f"dcod: {line}", file=sys.stderr)
         return 1
     level = logging.DEBUG if args.verbose else logging.INFO
 
     if args.command == "config":
-        if args.check:
-            from dcod.supervisor import metrics
-
-            try:
-                metrics.check(config)
-            except configuration.ConfigError as e:
-                print(f"dcod: {e}", file=sys.stderr)
-                return 1
-        else:
+        if not args.check:
             print(f"# {config.source}")
             print(configuration.dump(config), end="")
         return 0
@@ -359,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyError:
             print(f"dcod: {config.source}: no [[proxy]] with id = {args.proxy}", file=sys.stderr)
             return 1
+        if args.check:
+            return worker.check(config, args.proxy)
         log.setup(f"worker {args.proxy}#{args.instance}", level)
         return worker.main(config, args.proxy, args.instance, args.listen)
     if args.command == "run":

@@ -22,16 +22,12 @@ def listen_fds(environ=os.environ, *, unset: bool = True) -> dict[str, socket.so
 
     With ``unset``, the variables are removed so that our own children do not inherit them.
     """
-    try:
-        count = int(environ.get("LISTEN_FDS", "0"))
-        meant_for_us = int(environ.get("LISTEN_PID", "0")) == os.getpid()
-    except ValueError:
-        count, meant_for_us = 0, False
+    count = passed_count(environ)
     names = environ.get("LISTEN_FDNAMES", "").split(":")
     if unset:
         for var in LISTEN_VARS:
             environ.pop(var, None)
-    if not meant_for_us or count <= 0:
+    if count <= 0:
         return {}
     sockets = {}
     for i in range(count):
@@ -40,6 +36,17 @@ def listen_fds(environ=os.environ, *, unset: bool = True) -> dict[str, socket.so
         name = names[i] if i < len(names) and names[i] else "unknown"
         sockets[name] = socket.socket(fileno=fd)
     return sockets
+
+
+def passed_count(environ=os.environ) -> int:
+    """How many sockets systemd (or a supervisor) passed to this process: 0 if none, or they are
+    meant for another (LISTEN_PID)."""
+    try:
+        count = int(environ.get("LISTEN_FDS", "0"))
+        meant_for_us = int(environ.get("LISTEN_PID", "0")) == os.getpid()
+    except ValueError:
+        return 0
+    return count if meant_for_us else 0
 
 
 def bind(address: str, *, backlog: int = 1024, mode: int = 0o600) -> socket.socket:

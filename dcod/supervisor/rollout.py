@@ -1,11 +1,11 @@
 """A rollout (`dcod reload`): what changes, as a pure plan(), and the steps that carry it out.
 
-The steps, in order: re-read and validate the configuration; start the worker instances it
-adds; start the next hub generation on the same socket, overlapping the one that serves;
-once it is ready, retire the previous one (drain, quit alert, exit); stop the instances the
-configuration removes; then replace every other instance in turn, each held in the hub while
-it is replaced so that no request reaches it. Unchanged instances are replaced too: a reload
-brings new code as well as a new configuration.
+The steps, in order: re-read the configuration and check what the new processes would meet
+(dcod.supervisor.preflight); start the worker instances it adds; start the next hub generation
+on the same socket, overlapping the one that serves; once it is ready, retire the previous one
+(drain, quit alert, exit); stop the instances the configuration removes; then replace every
+other instance in turn, each held in the hub while it is replaced so that no request reaches it.
+Unchanged instances are replaced too: a reload brings new code as well as a new configuration.
 
 Until the new hub serves, a failure stops what the rollout started and leaves everything as
 it was; after, what was done stays, and the error says what still runs the previous configuration.
@@ -13,16 +13,19 @@ it was; after, what was done stays, and the error says what still runs the previ
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
+import trio
+
 from dcod import config as configuration
 from dcod.config import Config
 from dcod.hub.spool import SpoolDir
 from dcod.net.channel import Command
-from dcod.supervisor import alert
+from dcod.supervisor import alert, preflight
 from dcod.supervisor.process import Process, describe_exit, drain_hubs
 
 if TYPE_CHECKING:
@@ -68,15 +71,28 @@ def plan(old: Mapping[Key, WorkerSpec], new: Mapping[Key, WorkerSpec]) -> Plan:
     )
 
 
-def load(config: Config) -> Config:
-    """The configuration a reload rolls out: the file ``config`` came from, read again (and
-    validated, the alert backends' settings included); RolloutError if it is invalid."""
+async def load(sup: Supervisor) -> Config:
+    """The configuration a reload rolls out: the file the one in effect came from, read again, and
+    checked for all that the new processes would meet (dcod.supervisor.preflight, in a thread: it
+    waits for its children) but the directories and the listen address, which stay as they are;
+    RolloutError, listing every problem, if it fails."""
+    config = sup.config
     source = None if config.source == configuration.BUILTIN else config.source
     try:
         new = configuration.load(source)
-        alert.check(new)
+        await trio.to_thread.run_sync(
+            functools.partial(
+                preflight.check,
+                new,
+                lambda proxy: sup._argv(new, "worker", "--proxy", str(proxy.id), "--check"),
+                host=False,
+                unit=preflight.own_service(),
+            )
+        )
     except configuration.ConfigError as e:
-        raise RolloutError(f"invalid configuration, nothing changed: {e}") from None
+        errors = e.errors
+        listed = f" {errors[0]}" if len(errors) == 1 else "".join(f"\n  {line}" for line in errors)
+        raise RolloutError(f"invalid configuration, nothing changed:{listed}") from None
     # Some settings belong to the supervisor's own start; say so rather than pretend.
     if new.hub.listen != config.hub.listen:
         log.warning("hub.listen changed: the listening socket is kept; restart the service to apply it")
@@ -99,7 +115,7 @@ class Rollout:
         """Raises RolloutError, whose message says what stays: before the new hub serves, nothing
         changed; after, what was done (the new configuration is in effect)."""
         sup, step = self.sup, self.step
-        new = load(sup.config)
+        new = await load(sup)
         new_slots = sup.worker_slots(new)
         todo = plan({key: WorkerSpec(slot.name, slot.argv) for key, slot in sup.workers.items()}, new_slots)
         step(

@@ -15,6 +15,7 @@ while the service runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -45,44 +46,86 @@ class Claim:
         self.fds.clear()
 
 
+def _directories(config: Config) -> list[tuple[str, str, Path, int, bool]]:
+    """(key, what, path, mode, locked) of each directory `dcod run` makes and checks, in that order."""
+    directories = [
+        ("supervisor.runtime_dir", "runtime directory", config.runtime_dir, RUNTIME_MODE, True),
+        ("supervisor.state_dir", "state directory", config.state_dir, STATE_MODE, True),
+    ]
+    if "file" in config.alert.backends:
+        directories.append(("alert.dir", "alert directory", config.alert_dir, ALERT_DIR_MODE, False))
+    return directories
+
+
 def claim(config: Config) -> Claim:
     """Make, check and lock the runtime and state directories, then make and check the alert
     directory (file backend). Raises Refused."""
     held = Claim()
     try:
-        directories = [
-            ("runtime directory (supervisor.runtime_dir)", config.runtime_dir, RUNTIME_MODE),
-            ("state directory (supervisor.state_dir)", config.state_dir, STATE_MODE),
-        ]
         locked: set[str] = set()
-        for what, path, mode in directories:
-            _make_trusted(path, what, mode, config)
-            if os.path.realpath(path) not in locked:  # one lock if both are the same directory
-                held.fds.append(_lock(path, what))
+        for key, what, path, mode, lock in _directories(config):
+            _make_trusted(path, f"{what} ({key})", mode, config)
+            if lock and os.path.realpath(path) not in locked:  # one lock if both are the same directory
+                held.fds.append(_lock(path, f"{what} ({key})"))
                 locked.add(os.path.realpath(path))
-        if "file" in config.alert.backends:
-            _make_trusted(config.alert_dir, "alert directory (alert.dir)", ALERT_DIR_MODE, config)
     except BaseException:
         held.release()
         raise
     return held
 
 
-def _make_trusted(path: Path, what: str, mode: int, config: Config) -> None:
+def check(config: Config) -> list[tuple[str, str]]:
+    """What claim() would refuse, as (key, reason), without making or locking anything (a dcod run
+    may hold the locks): each directory is trusted and writable by us, or can be made. The packaged
+    service's own directories are left out: systemd makes them for user dcod when it starts the service."""
+    refusals = []
+    for key, what, path, mode, _ in _directories(config):
+        if not _is_service_dir(path):
+            try:
+                _make_trusted(path, f"{what} ({key})", mode, config, make=False)
+            except Refused as e:
+                refusals.append((key, str(e)))
+    return refusals
+
+
+def _make_trusted(path: Path, what: str, mode: int, config: Config, *, make: bool = True) -> None:
+    """Make ``path`` if missing (without ``make``: only see that it could be), then check it is
+    trusted (and, without ``make``, writable by us)."""
     try:
-        fs.make_directory(path, mode)
+        if make:
+            fs.make_directory(path, mode)
+        elif not os.path.lexists(path):
+            _can_make(path)
+            return
         fs.check_directory(path, what)
+        if not make and not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, f"not writable by {fs.user_name(os.geteuid())}", str(path))
     except fs.UntrustedDirectory as e:
         raise Refused(f"{e} {_remedy(path, config)}") from None
     except OSError as e:
         raise Refused(f"{what} {path}: {e.strerror} ({e.filename}). {_remedy(path, config)}") from None
 
 
+def _can_make(path: Path) -> None:
+    """OSError unless fs.make_directory(path) could make it: its nearest existing ancestor is a
+    directory we may write to."""
+    ancestor = next(p for p in Path(os.path.abspath(path)).parents if os.path.lexists(p))
+    if not os.path.isdir(ancestor):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(ancestor))
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        user = fs.user_name(os.geteuid())
+        raise PermissionError(errno.EACCES, f"cannot be made: not writable by {user}", str(ancestor))
+
+
+def _is_service_dir(path: Path) -> bool:
+    return any(Path(os.path.abspath(path)).is_relative_to(d) for d in SERVICE_DIRS)
+
+
 def _remedy(path: Path, config: Config) -> str:
     """What the operator can do; who uses the directory, if a dcod run does."""
     pid = holder(path)
     used = f"A dcod run (pid {pid}) uses it. " if pid else ""
-    if any(Path(os.path.abspath(path)).is_relative_to(d) for d in SERVICE_DIRS):
+    if _is_service_dir(path):
         used += (
             "It is the packaged service's (dco-hub.service, user dcod): `systemctl start dco-hub` runs "
             "that one, `dcod status` asks it. "

@@ -33,6 +33,7 @@ import inspect
 import itertools
 import logging
 import os
+import pkgutil
 import signal
 import socket
 import sys
@@ -121,12 +122,40 @@ def load_handler(spec: str, path: Sequence[str] = ()) -> Handler:
         module_name, function = f"{BUILTIN_HANDLERS}.{spec}", "handle"
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if not colon and (e.name or "").startswith(f"{BUILTIN_HANDLERS}."):  # "mine.sms" without ":handle" too
+            raise HandlerError(
+                f"handler {spec!r}: no built-in handler of that name ({', '.join(builtin_handlers())}); "
+                f'one of your own is "package.module:function"'
+            ) from e
+        raise HandlerError(f"handler {spec!r}: cannot import {module_name}: {type(e).__name__}: {e}") from e
     except Exception as e:
         raise HandlerError(f"handler {spec!r}: cannot import {module_name}: {type(e).__name__}: {e}") from e
     handle = getattr(module, function, None)
     if not inspect.iscoroutinefunction(handle):
         raise HandlerError(f"handler {spec!r}: {module_name} has no async function {function!r}")
     return Handler(handle, getattr(module, "init", None), getattr(module, "done", None))
+
+
+def builtin_handlers() -> list[str]:
+    """The names of the built-in handlers (the modules of dcod.worker.handlers)."""
+    package = importlib.import_module(BUILTIN_HANDLERS)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__))
+
+
+def check(config: Config, proxy_id: int) -> int:
+    """`dcod worker --check`: load the proxy's handler as the worker would (its handler_path, the
+    import, an async ``handle``), without calling ``init()``, in this process, which runs as the
+    workers do; 0, or 1 with the reason on stderr. `dcod config --check` and a reload run it."""
+    proxy = config.proxy(proxy_id)
+    try:
+        if not proxy.handler:
+            raise HandlerError(f"proxy {proxy_id} has no handler")
+        load_handler(proxy.handler, proxy.handler_path)
+    except HandlerError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return 0
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from dcod.config import Config
+from dcod.config import Config, ConfigError
 from dcod.supervisor.alert.base import AlertFailed, Backend, invalid
 from dcod.supervisor.alert.command import CommandBackend
 from dcod.supervisor.alert.file import FileBackend, read_counter
@@ -43,29 +43,39 @@ BACKENDS: dict[str, type[Backend]] = {backend.kind: backend for backend in (File
 
 
 def check(config: Config) -> None:
-    """Refuse (ConfigError, naming file, key and reason) alert settings that would not work:
-    the name, the list of backends, and each backend's own settings."""
+    """Refuse (ConfigError, naming file, key and reason, one line each) alert settings that would
+    not work: the name, the list of backends, and each backend's own settings."""
     alert = config.alert
     name = alert.name
+    errors: list[ConfigError] = []
     if not name or "/" in name or "\0" in name or name in (".", "..") or name != name.strip():
-        raise invalid(config, "alert.name", f"must be a file name (no '/', no surrounding blanks), not {name!r}")
-    if len(name.encode()) > ALERT_NAME_MAX:
+        errors.append(
+            invalid(config, "alert.name", f"must be a file name (no '/', no surrounding blanks), not {name!r}")
+        )
+    elif len(name.encode()) > ALERT_NAME_MAX:
         # Whichever backends raise it, Noradle's sessions wait on it with DBMS_ALERT.
-        raise invalid(
-            config,
-            "alert.name",
-            f"must be at most {ALERT_NAME_MAX} bytes for DBMS_ALERT, not {len(name.encode())} ({name!r})",
+        errors.append(
+            invalid(
+                config,
+                "alert.name",
+                f"must be at most {ALERT_NAME_MAX} bytes for DBMS_ALERT, not {len(name.encode())} ({name!r})",
+            )
         )
     known = ", ".join(BACKENDS)
     if not alert.backends:
-        raise invalid(config, "alert.backends", f"needs at least one of {known}")
+        errors.append(invalid(config, "alert.backends", f"needs at least one of {known}"))
     for i, kind in enumerate(alert.backends):
         if kind not in BACKENDS:
-            raise invalid(config, "alert.backends", f"unknown backend {kind!r} ({known})")
-        if kind in alert.backends[:i]:
-            raise invalid(config, "alert.backends", f"{kind!r} is listed twice")
+            errors.append(invalid(config, "alert.backends", f"unknown backend {kind!r} ({known})"))
+        elif kind in alert.backends[:i]:
+            errors.append(invalid(config, "alert.backends", f"{kind!r} is listed twice"))
     for kind, backend in BACKENDS.items():
-        backend.check(config, listed=kind in alert.backends)
+        try:
+            backend.check(config, listed=kind in alert.backends)
+        except ConfigError as e:
+            errors.append(e)
+    if errors:
+        raise ConfigError("\n".join(map(str, errors)))
 
 
 @dataclass
