@@ -103,14 +103,16 @@ async def test_upgrade_in_place_under_load_loses_nothing(run, nursery, tmp_path)
 
 
 @pytest.mark.parametrize(
-    ("change", "said"),
+    ("change", "said", "returncode"),
     [
-        (lambda text: text + "\nraise ImportError('a broken upgrade')\n", "a broken upgrade"),
-        (lambda text: text.replace("\nFORMAT = 1 ", "\nFORMAT = 2 "), "this dcod reads format 2"),
+        # broken: the old dcod goes on (exit status 1); the postinst leaves it serving, and says so
+        (lambda text: text + "\nraise ImportError('a broken upgrade')\n", "a broken upgrade", 1),
+        # sound, but not in place (exit status 4): the postinst restarts the service instead
+        (lambda text: text.replace("\nFORMAT = 1 ", "\nFORMAT = 2 "), "this dcod reads format 2", 4),
     ],
     ids=["import error", "another hand-over format"],
 )
-async def test_upgrade_refused_when_the_new_code_cannot_take_over(run, tmp_path, change, said):
+async def test_upgrade_refused_when_the_new_code_cannot_take_over(run, tmp_path, change, said, returncode):
     src = installed_copy(tmp_path)
     r = run_from(run, src, tmp_path)
     await r.notification("READY=1")
@@ -119,7 +121,7 @@ async def test_upgrade_refused_when_the_new_code_cannot_take_over(run, tmp_path,
     reexec.write_text(change(reexec.read_text()))
 
     result = await dcod_async(r.config, "reload", "--upgrade")
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == returncode, result.stdout + result.stderr
     assert "cannot take over" in result.stderr and said in result.stderr, result.stderr
     assert "nothing changed" in result.stderr
     after = status(r.config)

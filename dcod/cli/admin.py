@@ -21,6 +21,7 @@ from dcod.supervisor.process import describe_exit
 
 EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 3
 EXIT_DEGRADED = 3  # as `systemctl status` and supervisorctl say a unit or program is not running well
+EXIT_RESTART = 4  # `reload --upgrade`: not in place; a restart runs the new code
 
 
 @contextlib.contextmanager
@@ -109,10 +110,19 @@ def reload(config: Config, *, upgrade: bool = False) -> int:
         for answer in client.ask(command(Control.UPGRADE if upgrade else Control.RELOAD)):
             if "progress" in answer:
                 print(f"reload: {answer['progress']}", flush=True)
+            elif upgrade and not answer.get("ok") and _restart_instead(answer):
+                _final(answer)
+                print("dcod: not upgraded in place: a restart of the service runs the new code", file=sys.stderr)
+                return EXIT_RESTART
             else:
                 return _final(answer)
     print("dcod: the supervisor went away during the reload", file=sys.stderr)
     return EXIT_FAILED
+
+
+def _restart_instead(answer: dict) -> bool:
+    """Whether the supervisor cannot upgrade in place at all: it says so, or it predates the command."""
+    return bool(answer.get("restart")) or answer.get("error", "").startswith("unknown command")
 
 
 def stop(config: Config) -> int:

@@ -37,6 +37,12 @@ EXIT_STATUS = [
         "`status`: degraded: a worker instance or hub down, restarting after a failure (backoff) or "
         "left down (failed), or a quit-alert backend whose last attempt failed",
     ),
+    (
+        "4",
+        "`reload --upgrade`: the running supervisor cannot take the dcod installed now over in place (it "
+        "predates upgrades in place, or cannot hand over to that dcod); nothing changed, a restart "
+        "runs the new code",
+    ),
     ("130", "`reload`, `stop`: interrupted (Ctrl-C); the supervisor carries on with the reload or stop"),
 ]
 SIGNALS = [

@@ -65,10 +65,17 @@ FORMAT = 1  # of the hand-over; a next image that does not know it refuses in th
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # the supervisor's: blocked across the exec
 SETTLE_REPORT_INTERVAL = 1.0  # seconds between the reports of what the upgrade waits for
 CHECK_OUTPUT_LINES = 5  # of a failed check's stderr, in the answer
+CHECK_UNREADABLE = 4  # the check's exit status when the new dcod cannot read the hand-over
 
 
 class UpgradeRefused(Exception):
-    """The upgrade did not happen: the running image goes on, as it was."""
+    """The upgrade did not happen: the running image goes on, as it was. ``restart``: it cannot happen
+    in place, but a restart would run the new code (the hub is down; the new dcod cannot read the
+    hand-over)."""
+
+    def __init__(self, message: str, *, restart: bool = False) -> None:
+        super().__init__(message)
+        self.restart = restart
 
 
 # ---------------------------------------------------------------- the hand-over
@@ -187,7 +194,7 @@ async def upgrade(sup: Supervisor, reply: Callable[[dict], None]) -> None:
         if sup.rollout_lock.locked():
             raise UpgradeRefused("a rollout is running; try again when it is done")
         if sup.hub.state == "failed":
-            raise UpgradeRefused("the hub is down (failed): restart the service instead")
+            raise UpgradeRefused("the hub is down (failed)", restart=True)
         async with sup.rollout_lock:  # held to the exec: no rollout starts meanwhile
             step(f"supervisor (pid {os.getpid()}, dcod {__version__}): checking the dcod installed now")
             version = await _check(sup, _handover(sup, client, fds=False))
@@ -208,7 +215,7 @@ async def upgrade(sup: Supervisor, reply: Callable[[dict], None]) -> None:
                 sup.notify("READY=1", f"STATUS={sup.status_line()}")
     except UpgradeRefused as e:
         log.error("upgrade refused: %s", e)
-        reply({"ok": False, "error": f"{e}; nothing changed: dcod {__version__} goes on serving"})
+        reply({"ok": False, "error": f"{e}; nothing changed: dcod {__version__} goes on serving", "restart": e.restart})
 
 
 async def _check(sup: Supervisor, handover: State) -> str:
@@ -234,7 +241,8 @@ async def _check(sup: Supervisor, handover: State) -> str:
     if result.returncode != 0:
         said = result.stderr.decode(errors="replace").strip().splitlines()[-CHECK_OUTPUT_LINES:]
         raise UpgradeRefused(
-            f"the dcod installed now cannot take over (exit status {result.returncode}): " + " / ".join(said)
+            f"the dcod installed now cannot take over (exit status {result.returncode}): " + " / ".join(said),
+            restart=result.returncode == CHECK_UNREADABLE,
         )
     return result.stdout.decode(errors="replace").strip() or "unknown"
 
@@ -514,10 +522,10 @@ def check(from_file: Config) -> int:
         handover = Handover.received()
     except ValueError as e:
         log.error("%s", e)
-        return 1
+        return CHECK_UNREADABLE
     if handover is None:
         log.error("no hand-over to check ($%s)", HANDOVER_VAR)
-        return 1
+        return CHECK_UNREADABLE
     handover.config(from_file)
     dcod_command()  # how the children will be started: it must find this dcod
     print(__version__)
