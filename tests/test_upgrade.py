@@ -146,3 +146,20 @@ async def test_upgrade_waits_until_a_hub_draining_from_outside_has_exited(run, s
     snapshot = status(r.config)
     assert (snapshot["supervisor"]["pid"], snapshot["supervisor"]["reexecs"]) == (r.proc.pid, 1)
     assert [p["state"] for p in snapshot["processes"]] == ["ready"] * 3, snapshot["processes"]
+
+
+async def test_a_supervisor_that_predates_upgrades_in_place_is_restarted_instead(run, tmp_path):
+    """The first upgrade to a dcod that has them: the running supervisor does not know the command;
+    `dcod reload --upgrade` exits 4, which tells the postinst to restart the service."""
+    src = installed_copy(tmp_path)
+    supervisor = src / "dcod" / "supervisor" / "supervisor.py"
+    older = supervisor.read_text().replace("elif command == Control.UPGRADE:", "elif False:")
+    assert older != supervisor.read_text()
+    supervisor.write_text(older)
+    r = run_from(run, src, tmp_path)
+    await r.notification("READY=1")
+
+    result = await dcod_async(r.config, "reload", "--upgrade")
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "unknown command 'upgrade'" in result.stderr, result.stderr
+    assert "a restart of the service runs the new code" in result.stderr
