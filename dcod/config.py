@@ -38,6 +38,7 @@ class HubConfig:
     max_connections: int = 4096
     max_inflight_per_session: int = 1024
     stall_timeout: float = 30.0
+    poison_after: int = 3
 
 
 @dataclass(frozen=True)
@@ -327,7 +328,7 @@ class _Validator:
         for key in ("reply_timeout", "spool_fsync_interval"):
             if getattr(hub, key) < 0:
                 raise self.fail(f"hub.{key}", "must not be negative")
-        for key in ("max_connections", "max_inflight_per_session", "stall_timeout"):
+        for key in ("max_connections", "max_inflight_per_session", "stall_timeout", "poison_after"):
             if getattr(hub, key) <= 0:
                 raise self.fail(f"hub.{key}", f"must be > 0, not {getattr(hub, key)}")
         for key in (

@@ -660,7 +660,8 @@ def test_a_oneway_request_whose_instance_goes_away_poison_after_times_is_set_asi
     innocent = next(i for i, tags in alone.items() if tags == [2])
     poison = next(i for i, tags in alone.items() if tags == [1])
     hub.ack(2, index=innocent)  # it survived: forgotten, not a suspect any more
-    assert hub.instance(innocent).available and hub.router.proxies[1].attempts.keys() == {hub.workers[1, poison].number(1)}
+    assert hub.instance(innocent).available
+    assert hub.router.proxies[1].attempts.keys() == {hub.workers[1, poison].number(1)}
     for attempt in (2, 3):
         hub.router.requeue(hub.instance(poison), [])
         if attempt == 2:

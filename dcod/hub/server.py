@@ -28,6 +28,7 @@ import trio
 
 from dcod import protocol
 from dcod.config import Config
+from dcod.hub.deadletter import DeadLetters
 from dcod.hub.routing import Instance, Proxy, Router, Session
 from dcod.hub.spool import SpoolDir
 from dcod.log import Throttle
@@ -69,6 +70,7 @@ class Hub:
             max_record=config.hub.max_pdu,
         )
         self._pump_wanted = {p.id: trio.Event() for p in config.proxies}
+        self.dead_letters = {p.id: DeadLetters(config.state_dir, p.id) for p in config.proxies}
         self.router = Router(
             [Proxy(p, config.worker_addresses(p), self.spools.open(p.id)) for p in config.proxies],
             reply_timeout=config.hub.reply_timeout,
@@ -76,6 +78,8 @@ class Hub:
             clock=clock,
             wake_pump=self._wake_pump,
             warnings=self.warnings,
+            poison_after=config.hub.poison_after,
+            set_aside=self._set_aside,
         )
         self.connections = 0
         self.totals = collections.Counter()  # the shell's (protocol errors, refused connections...); see stats()
@@ -207,6 +211,22 @@ class Hub:
 
     def _wake_pump(self, proxy: Proxy) -> None:
         self._pump_wanted[proxy.config.id].set()
+
+    def _set_aside(self, proxy: Proxy, pdu: bytes | bytearray, attempts: int) -> None:
+        """A poison request (the router logged it): into the proxy's dead-letter store."""
+        store = self.dead_letters[proxy.config.id]
+        try:
+            store.add(pdu, attempts)
+        except OSError as e:
+            _, audsid, rseq = protocol.ROUTED_HEADER.unpack_from(pdu)
+            log.error(
+                "proxy %d: the poison request %d of audsid %d cannot be kept in %s (%s): it is lost",
+                proxy.config.id,
+                rseq,
+                audsid,
+                store.path,
+                e.strerror or e,
+            )
 
     def _adopt_spools(self) -> None:
         """Take over what hubs that are gone left queued (the router tracks their sync requests again)."""
@@ -365,6 +385,8 @@ class Hub:
                 damaged_bytes=spool.damaged_bytes,
                 torn_bytes=spool.torn_bytes,
                 damaged_copies=[str(path) for path in spool.damaged_copies],
+                dead_letters=self.dead_letters[p.config.id].count(),
+                dead_letter_file=str(self.dead_letters[p.config.id].path),
                 inflight=sum(len(i.inflight) for i in p.instances),
                 unacked=sum(len(i.unacked) for i in p.instances),
                 instances=[
@@ -505,6 +527,7 @@ def _report(hub: Hub) -> tuple[control.StatusCounts, dict]:
         queued=sum(p["queued_now"] for p in proxies),
         spooled=sum(p["spooled_bytes"] for p in proxies),
         errors=sum(p["errors"] + p["error_replies"] for p in proxies),
+        dead=sum(p["dead_letters"] for p in proxies),
     )
     return counts, stats
 

@@ -53,6 +53,7 @@ class Control(StrEnum):
     STATUS = "status"
     RELOAD = "reload"
     STOP = "stop"
+    DEAD_LETTERS = "dead-letters"  # {"action": "list"|"retry"|"drop", "proxy": id or null, "ids": [...] or null}
 
 
 def event(name: Event, **fields) -> dict:
@@ -86,6 +87,7 @@ class StatusCounts:
     queued: int = 0  # requests waiting for a worker instance (hub)
     spooled: int = 0  # bytes in the durable spool (hub)
     errors: int = 0  # requests that failed
+    dead: int = 0  # requests set aside as poison, in the dead-letter stores now (hub)
 
     @classmethod
     def of(cls, message: dict) -> StatusCounts:

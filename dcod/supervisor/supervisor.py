@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -29,6 +30,7 @@ import trio
 from dcod import config as configuration
 from dcod import fs
 from dcod.config import Config
+from dcod.hub import deadletter
 from dcod.net import sockets
 from dcod.net.channel import Control, StatusCounts, command_of
 from dcod.supervisor import control, rundir
@@ -402,6 +404,11 @@ class Supervisor:
                 reply({"ok": False, "error": str(e)})
             else:
                 reply({"ok": True})
+        elif command == Control.DEAD_LETTERS:
+            operate = functools.partial(
+                deadletter.operate, self.config, message.get("action"), message.get("proxy"), message.get("ids")
+            )
+            reply(await trio.to_thread.run_sync(operate))
         elif command == Control.STOP:
             # Each step of the stop, and its end: answered just before we exit.
             self._stop_watchers.append(lambda line: reply({"progress": line}))
