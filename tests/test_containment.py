@@ -17,6 +17,7 @@ import test_rollout
 from conftest import wait_for
 from dcod.client import DcoError, DcoTimeout, Session
 from dcod.hub.deadletter import DeadLetters
+from peers import WorkerPeer
 from runs import ECHO
 from test_rollout import FAST_PMON, dcod_async, row, status
 
@@ -307,3 +308,54 @@ async def test_the_attempts_of_a_request_survive_a_fresh_dcod_run(run, poison, h
     await wait_for(lambda: store.count() == 1, timeout=30)
     assert lines(deliveries) == ["poison"] * 2 and store.letters()[0].attempts == 2
     assert again.stop() == 0
+
+
+async def test_an_instance_that_dies_is_held_before_the_hub_can_reconnect_into_its_backlog(run, poison, handler_path):
+    """The hub sees the connection end before the supervisor has reaped the process and sent `hold`:
+    it holds the instance itself, so its requests wait in the queue, not in the socket's backlog that
+    the supervisor keeps for a next process, which never comes here (restart_max 1: left down)."""
+    _, deliveries, _ = poison
+    r = run(
+        '[[proxy]]\nid = 1\nhandler = "poison:handle"\n' + handler_path,
+        supervisor=FAST_PMON + "restart_max = 1\n",
+    )
+    await r.notification("READY=1")
+    async with Session(r.config.hub.advertise, audsid=1) as session:
+        session.write(b"poison")
+        await session.send_request(1, oneway=True, buffered=True)
+        for n in range(20):
+            session.write(b"note %d" % n)
+            await session.send_request(1, oneway=True, buffered=True)
+        await session.flush()
+        await wait_for(lambda: "leaving it down" in r.log, timeout=15)
+        await wait_for(lambda: instance_in_hub(r.config, 1, 0)["held"], timeout=10)
+        for n in range(20, 30):  # and those that come while it is down
+            session.write(b"note %d" % n)
+            await session.send_request(1, oneway=True)
+        await wait_for(lambda: instance_in_hub(r.config, 1, 0)["queued_now"] == 31, timeout=10)
+    held = instance_in_hub(r.config, 1, 0)
+    assert (held["inflight"], held["unacked"]) == (0, 0)
+    assert lines(deliveries) == ["poison"]
+
+
+async def test_a_hold_of_the_hubs_own_after_a_lost_connection_lasts_only_until_the_supervisor_would_have_said(
+    make_config, start_hub
+):
+    """A worker that ends its connection without a quit notice and without dying (the supervisor
+    holds no instance for it) is used again after hold_after_loss; one the supervisor holds stays held."""
+    config = make_config('[[proxy]]\nid = 1\nhandler = "echo"\ninstances = 2\n')
+    peers = [await WorkerPeer(str(config.worker_socket(1, i))).listen() for i in range(2)]
+    hub, _ = await start_hub(config)
+    hub.hold_after_loss = 0.5
+    first, second = [await peer.accept() for peer in peers]
+    instances = hub.router.proxies[1].instances
+    await wait_for(lambda: all(i.state == "up" for i in instances))
+    hub.held_by_supervisor.add(instances[1])  # as _hold does when the supervisor's word comes
+    first.close()
+    second.close()
+    await wait_for(lambda: all(i.held for i in instances))
+    reconnected = [await peer.accept() for peer in peers]
+    await wait_for(lambda: not instances[0].held, timeout=5)
+    assert instances[1].held and instances[0].available
+    for sock in reconnected:
+        sock.close()

@@ -212,7 +212,7 @@ def test_spools_of_gone_hubs_are_taken_over_in_order(tmp_path):
     ours = spool_dir(tmp_path).open(1)
     ours.append(b"new")
     taken, duplicates = spool_dir(tmp_path).adopt(ours, 1)
-    assert [pdu for _, pdu in taken] == [b"old0", b"old1", b"old2"] and duplicates == 0
+    assert [pdu for _, pdu, _ in taken] == [b"old0", b"old1", b"old2"] and duplicates == 0
     assert [t for t, _, _ in ours.scan()][1:] == old_times  # their original queue times are kept
     assert drain(ours) == [b"new", b"old0", b"old1", b"old2"]
     assert not (tmp_path / "proxy-1.222.spool").exists() and (tmp_path / "proxy-2.222.spool").exists()
@@ -582,7 +582,7 @@ def test_the_spools_of_a_removed_proxy_are_set_aside_and_never_adopted(tmp_path)
     later = spool_dir(tmp_path).open(5)  # a proxy added later with the same id
     running.close()
     taken, _ = spool_dir(tmp_path).adopt(later, 5)
-    assert [pdu for _, pdu in taken] == [b"still served"]
+    assert [pdu for _, pdu, _ in taken] == [b"still served"]
     assert [pdu for _, pdu, _ in open_spool(aside[0][0]).scan()] == [b"left-0", b"left-1", b"left-2"]
 
 

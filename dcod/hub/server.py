@@ -89,6 +89,10 @@ class Hub:
         self._incomplete: dict[Session, tuple[float, protocol.Framer]] = {}
         self._nursery: trio.Nursery | None = None
         self._listeners: list[socket.socket] = []
+        # Under a supervisor (``hold_after_loss``: how long a hold of our own lasts without its word):
+        # the instances it told us to hold, not released since.
+        self.hold_after_loss: float | None = None
+        self.held_by_supervisor: set[Instance] = set()
 
     # ------------------------------------------------------------ life cycle
 
@@ -286,6 +290,7 @@ class Hub:
 
     async def _serve_instance(self, instance: Instance, conn: Connection) -> None:
         instance.connects += 1
+        reason: str | None = "handshake"
         try:
             await self._handshake(instance, conn)
             self.router.connected(instance, conn)
@@ -305,7 +310,22 @@ class Hub:
                 for pdu in conn.take_unsent()
                 if pdu is not protocol.HUB_HANDSHAKE and pdu is not protocol.ACK_ONEWAY
             ]
+            lost = instance.state != "quitting" and reason != PROTOCOL_ERROR
             self.router.requeue(instance, unsent)
+            if lost and instance.acks and self.hold_after_loss is not None:
+                self._nursery.start_soon(self._hold_after_loss, instance, self.hold_after_loss)
+
+    async def _hold_after_loss(self, instance: Instance, timeout: float) -> None:
+        """A dcod worker's connection ended with no quit notice: its process died. The supervisor holds
+        it until a new one is ready, but its `hold` comes after the kernel told us (it reaps the process
+        first), and our reconnect would succeed at once, into the backlog of the socket it keeps for a
+        next process, which may never come: hold it ourselves meanwhile. Had it not died (the
+        supervisor does not hold it within ``timeout``), use it again."""
+        self.router.hold(instance)
+        await trio.sleep(timeout)
+        if instance.held and instance not in self.held_by_supervisor:
+            log.warning("worker %s: its connection ended, but it is not down: using it again", instance.name)
+            self.router.hold(instance, False)
 
     async def _handshake(self, instance: Instance, conn: Connection) -> None:
         """The magic; to a worker of our own, the request to acknowledge one-way requests too.
@@ -462,8 +482,12 @@ async def serve(config: Config, listeners: list[socket.socket]) -> None:
     hub = Hub(config)
     for proxy_id, index in control.held_at_start():  # instances that are down: see Slot.held
         with contextlib.suppress(KeyError, IndexError):  # not in this configuration
-            hub.router.hold(hub.router.proxies[proxy_id].instances[index])
+            instance = hub.router.proxies[proxy_id].instances[index]
+            hub.held_by_supervisor.add(instance)
+            hub.router.hold(instance)
     channel = control.child_channel()
+    if channel is not None:
+        hub.hold_after_loss = config.supervisor.heartbeat_timeout
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(hub.run, listeners)
@@ -546,7 +570,10 @@ async def _hold(hub: Hub, channel: control.Channel, message: dict) -> None:
         return
     held = control.command_of(message) == control.Command.HOLD
     if held:
+        hub.held_by_supervisor.add(instance)
         hub.router.hold(instance, True)
+    else:
+        hub.held_by_supervisor.discard(instance)
     # Held: wait until its replies and acks are in. Released: until we are connected to it again,
     # and only then not held, so that `dcod status` never sees it down unless it is.
     while instance.inflight or instance.unacked if held else instance.state != "up":
