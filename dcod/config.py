@@ -323,12 +323,14 @@ class _Validator:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 raise self.fail("hub.allow", f"{net!r} is not a network (like 10.0.0.0/8)") from None
+        if hub.poison_after < 2:
+            raise self.fail("hub.poison_after", f"must be >= 2 (the last delivery goes alone), not {hub.poison_after}")
         if hub.max_pdu < 12:
             raise self.fail("hub.max_pdu", f"must be >= 12, not {hub.max_pdu}")
         for key in ("reply_timeout", "spool_fsync_interval"):
             if getattr(hub, key) < 0:
                 raise self.fail(f"hub.{key}", "must not be negative")
-        for key in ("max_connections", "max_inflight_per_session", "stall_timeout", "poison_after"):
+        for key in ("max_connections", "max_inflight_per_session", "stall_timeout"):
             if getattr(hub, key) <= 0:
                 raise self.fail(f"hub.{key}", f"must be > 0, not {getattr(hub, key)}")
         for key in (

@@ -627,10 +627,7 @@ def test_requeue_when_an_instance_goes():
     assert hub.instance(0).state == "connecting" and hub.instance(0).conn is None
     other = hub.up(1)
     hub.dispatch()
-    assert other.tags() == [3]  # the unacknowledged one-way request first (it was sent first), alone: a suspect
-    hub.ack(3, index=1)
-    hub.dispatch()
-    assert other.tags() == [4, 5, 6]
+    assert other.tags() == [3, 4, 5, 6]  # the unacknowledged one-way request first: it was sent first
     assert [rseq for _, _, rseq, _ in other.got] == [rseq for _, _, rseq, _ in gone.got[2:]]  # the same numbers
     for tag in (4, 6):
         hub.answer(tag, index=1)
@@ -643,7 +640,8 @@ def test_requeue_when_an_instance_goes():
 
 
 def test_a_oneway_request_whose_instance_goes_away_poison_after_times_is_set_aside():
-    """Each delivery its instance did not survive is an attempt; at poison_after, a dead letter."""
+    """Each delivery its instance did not survive is an attempt; the last before poison_after goes
+    alone, so that only the request that kills its instance is set aside, not its neighbours."""
     hub = Hub(make_proxy(instances=3), poison_after=3)
     workers = [hub.up(i) for i in range(3)]
     session, _ = hub.session(1)
@@ -653,30 +651,30 @@ def test_a_oneway_request_whose_instance_goes_away_poison_after_times_is_set_asi
     hub.router.requeue(hub.instance(first), [])  # it died with both unacknowledged
     queue = hub.router.proxies[1].spool
     assert [attempts for _, _, attempts in queue.items] == [1, 1]
+    second, third = [i for i in range(3) if i != first]
+    hub.router.hold(hub.instance(third))
     hub.dispatch()
-    # Suspects go alone: each to its own instance.
-    alone = {i: w.tags() for i, w in enumerate(workers) if w.sent}
-    assert sorted(alone.values()) == [[1], [2]] and first not in alone
+    assert workers[second].tags() == [1, 2]  # not their last attempt: together, as any
+    hub.router.requeue(hub.instance(second), [])
+    assert [attempts for _, _, attempts in queue.items] == [2, 2]
+    workers[first] = hub.up(first)
+    hub.router.hold(hub.instance(third), False)
+    hub.dispatch()
+    alone = {i: w.tags() for i, w in enumerate(workers) if w.sent}  # their last attempt: each alone
+    assert sorted(alone.values()) == [[1], [2]] and second not in alone
     innocent = next(i for i, tags in alone.items() if tags == [2])
     poison = next(i for i, tags in alone.items() if tags == [1])
-    hub.ack(2, index=innocent)  # it survived: forgotten, not a suspect any more
+    hub.ack(2, index=innocent)  # it survived: forgotten
     assert hub.instance(innocent).available
     assert hub.router.proxies[1].attempts.keys() == {hub.workers[1, poison].number(1)}
-    for attempt in (2, 3):
-        hub.router.requeue(hub.instance(poison), [])
-        if attempt == 2:
-            assert [attempts for _, _, attempts in queue.items] == [2]
-            hub.dispatch()
-            poison = next(i for i, w in enumerate(workers) if w.sent)
-            assert workers[poison].tags() == [1]
+    hub.router.requeue(hub.instance(poison), [])
     assert queue.records == 0 and hub.dead == [(1, routed_body(hub, 1, poison), 3)]
     counters = hub.router.proxies[1].counters
-    assert (counters.poisoned, counters.requeued, counters.acked) == (1, 3, 1)
+    assert (counters.poisoned, counters.requeued, counters.acked) == (1, 4, 1)
     assert hub.warned == ["poison 1"]  # logged once, with its key
     assert hub.router.inflight == 0 and not hub.router.proxies[1].attempts
-    back = hub.up(first)
     hub.router.requests(session, [request(1, 3)])  # the proxy serves on
-    assert back.tags() == [3]
+    assert workers[innocent].tags() == [3]
 
 
 def routed_body(hub: Hub, tag: int, index: int) -> bytes:
@@ -684,8 +682,8 @@ def routed_body(hub: Hub, tag: int, index: int) -> bytes:
     return next(data for data in hub.workers[1, index].got_pdus if data[12:] == b"%d" % tag)
 
 
-def test_a_suspect_has_its_instance_to_itself_until_it_acknowledges():
-    hub = Hub(make_proxy(instances=1))
+def test_a_request_on_its_last_attempt_has_its_instance_to_itself_until_it_acknowledges():
+    hub = Hub(make_proxy(instances=1), poison_after=2)
     worker = hub.up()
     session, oracle = hub.session(1)
     hub.router.requests(session, [request(1, 1, oneway=True)])
@@ -705,7 +703,7 @@ def test_a_suspect_has_its_instance_to_itself_until_it_acknowledges():
 
 def test_requests_merely_queued_or_never_sent_get_no_attempt():
     """Only a delivery the kernel took counts: what never left the hub goes back as it was."""
-    hub = Hub(make_proxy(instances=1), poison_after=1)
+    hub = Hub(make_proxy(instances=1), poison_after=2)
     worker = hub.up()
     session, _ = hub.session(1)
     hub.router.requests(session, [request(1, 1, oneway=True)])

@@ -12,10 +12,12 @@ and forwarded in order when an instance is there.
 
 Poison requests: a one-way request that an instance took and did not acknowledge before its
 connection ended goes back to the queue with one more *attempt* (the count travels in its spool
-record). A request with attempts is a suspect: it goes to an instance alone, which gets nothing
-else until it acknowledges it, so that a request that kills its instance takes no other with it
-twice. At ``poison_after`` attempts it is set aside as poison (``set_aside``, the proxy's
-dead-letter store in the hub) and never delivered again unless the operator retries it.
+record). Its last delivery before ``poison_after`` is made alone (a *suspect*: its instance gets
+nothing else until it acknowledges it), so that a request is set aside only for a death it met
+alone, never for one that another request caused. At ``poison_after`` attempts it is set aside
+as poison (``set_aside``, the proxy's dead-letter store in the hub) and never delivered again
+unless the operator retries it. The deliveries before the last go as any (after a worker's
+death, its many unacknowledged requests go again at full speed).
 
 The router does no I/O and never waits, in the manner of h11: the hub's shell
 (dcod.hub.server) reads the sockets, frames PDUs and calls the steps here (register,
@@ -147,7 +149,7 @@ class Instance:
         self.conn: Outbox | None = None  # while connected
         self._state = "connecting"  # connecting | up | quitting
         self._held = False  # the supervisor asked us not to dispatch here (it is being restarted)
-        self._suspect: Key | None = None  # a request with attempts sent here: nothing else until it is acknowledged
+        self._suspect: Key | None = None  # a request on its last attempt sent here: nothing else until acknowledged
         self.inflight: dict[Key, Pending] = {}
         # One-way requests sent and not yet acknowledged, in the order sent (only from a worker
         # running dcod's runtime, which acknowledges them: protocol.ACK_ONEWAY).
@@ -200,7 +202,7 @@ class Proxy:
         self.instances = [Instance(self, i, a) for i, a in enumerate(addresses)]
         self.spool = spool
         self.waiting: dict[Key, Pending] = {}  # queued sync requests
-        self.attempts: dict[Key, int] = {}  # of the suspects sent and not acknowledged: see Router
+        self.attempts: dict[Key, int] = {}  # of the requests sent again and not acknowledged: see Router
         self.counters = Counters()
         self._turn = 0  # where the round-robin among equally busy instances starts
         self._last_read = 0  # pick(): the session read it last picked for, and what
@@ -263,7 +265,7 @@ class Router:
     ``warnings`` (dcod.log.Throttle) logs what a flood could repeat.
     ``first_rseq`` is the first request number to give (random if None).
     ``set_aside(proxy, pdu, attempts)`` keeps a poison request (see the module's docstring) in the
-    proxy's dead-letter store, after ``poison_after`` attempts.
+    proxy's dead-letter store, after ``poison_after`` attempts (at least 2: the last one alone).
     """
 
     def __init__(
@@ -456,9 +458,10 @@ class Router:
                 proxy.counters.expired += 1  # already answered with a timeout error
                 continue
             self.forward(instance, pdu, (audsid, rseq), pending)
-            if attempts and pending is None and instance.acks:  # a suspect: alone on its instance
+            if attempts and pending is None and instance.acks:
                 proxy.attempts[audsid, rseq] = attempts
-                instance.suspect = (audsid, rseq)
+                if attempts >= self.poison_after - 1:  # its last delivery: alone on its instance
+                    instance.suspect = (audsid, rseq)
             sent += len(pdu)
             if sent > budget:
                 break
@@ -521,10 +524,11 @@ class Router:
         if pending is None:
             if instance.unacked.pop(key, None) is not None:
                 counters.acked += 1  # the worker is done with a one-way request
-                if instance._suspect == key:  # it survived: its instance takes others again
-                    del instance.proxy.attempts[key]
-                    instance.suspect = None
-                    self._wake_pump(instance.proxy)
+                if instance.proxy.attempts:  # it was sent again, and survived
+                    instance.proxy.attempts.pop(key, None)
+                    if instance._suspect == key:  # its instance takes others again
+                        instance.suspect = None
+                        self._wake_pump(instance.proxy)
             else:
                 counters.orphan_replies += 1
             return False
