@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import struct
 import time
 
 import pytest
@@ -359,3 +360,16 @@ async def test_a_hold_of_the_hubs_own_after_a_lost_connection_lasts_only_until_t
     assert instances[1].held and instances[0].available
     for sock in reconnected:
         sock.close()
+
+
+def test_a_dead_letter_line_cut_short_by_a_crash_costs_only_itself(tmp_path, caplog):
+    store = DeadLetters(tmp_path, 1)
+    pdu = struct.pack(">iIi", -14, 7, 42) + b"hi"
+    first = store.add(pdu, 3)
+    with open(store.path, "ab") as file:
+        file.write(b'{"id": 2, "proxy": 1, "aud')  # an append a crash cut short
+    second = store.add(pdu, 3)
+    assert [letter.id for letter in store.letters()] == [first.id, second.id] == [1, 2]
+    assert "line 2 is not a dead letter" in caplog.text
+    assert store.count() == 2 and store.take([1]) == [first]
+    assert store.letters() == [second] and store.count() == 1

@@ -74,7 +74,7 @@ class DeadLetters:
                 last + 1, self.proxy_id, audsid, rseq, abs(length), length < 0, attempts, time.time(), bytes(pdu)
             )
             line = _line(letter)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 size = os.fstat(fd).st_size
                 if size and os.pread(fd, 1, size - 1) != b"\n":
