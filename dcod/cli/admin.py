@@ -25,19 +25,24 @@ EXIT_DEGRADED = 3  # as `systemctl status` and supervisorctl say a unit or progr
 
 
 @contextlib.contextmanager
-def _connected(config: Config, timeout: float | None = None):
-    """A ControlClient connected to the supervisor; SystemExit with a clear message if unreachable."""
+def _connected(config: Config, timeout: float | None = None, *, or_none: bool = False):
+    """A ControlClient connected to the supervisor; SystemExit with a clear message if unreachable
+    (``or_none``: None if no supervisor is running)."""
     path = config.control_socket
     try:
         client = control.ControlClient(path, timeout=timeout)
-    except FileNotFoundError:
-        raise _unreachable(f"no supervisor is running (no control socket {path})") from None
-    except ConnectionRefusedError:
-        raise _unreachable(f"no supervisor is running (nobody listens on {path})") from None
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        if not or_none:
+            why = f"no control socket {path}" if isinstance(e, FileNotFoundError) else f"nobody listens on {path}"
+            raise _unreachable(f"no supervisor is running ({why})") from None
+        client = None
     except PermissionError:
         raise _unreachable(
             f"permission denied on {path}: run as root or as a member of group {config.supervisor.control_group}"
         ) from None
+    if client is None:
+        yield None
+        return
     with client:
         yield client
 
@@ -95,16 +100,13 @@ def dead_letters(
 ) -> int:
     """List, retry or drop dead letters (dcod.hub.deadletter.operate): through the supervisor, else,
     when none runs, on the files directly. 1 if an id asked for is not there or the change failed."""
-    message = command(Control.DEAD_LETTERS, action=action, proxy=proxy_id, ids=ids)
-    try:
-        client = control.ControlClient(config.control_socket, timeout=60)
-    except (FileNotFoundError, ConnectionRefusedError):  # no supervisor: nobody else writes them
-        from dcod.hub import deadletter
+    with _connected(config, timeout=60, or_none=True) as client:
+        if client is not None:
+            answer = next(client.ask(command(Control.DEAD_LETTERS, action=action, proxy=proxy_id, ids=ids)), {})
+        else:  # no supervisor: nobody else writes them
+            from dcod.hub import deadletter
 
-        answer = deadletter.operate(config, action, proxy_id, ids)
-    else:
-        with client:
-            answer = next(client.ask(message), {})
+            answer = deadletter.operate(config, action, proxy_id, ids)
     if not answer.get("ok"):
         return _final(answer)
     letters = answer["letters"]
