@@ -282,6 +282,8 @@ async def test_a_request_that_kills_its_worker_is_set_aside_after_poison_after_d
     await send_oneway(address, b"note 5")
     await wait_for(lambda: "note 5" in lines(notes), timeout=10)
     assert len(lines(deliveries)) == 7
+    unknown = await dcod_async(again.config, "dead-letters", "retry", "7", "--all")
+    assert unknown.returncode == 1 and "proxy 7 is not in" in unknown.stderr
     missing = await dcod_async(again.config, "dead-letters", "drop", "1", str(left["id"]), "99")
     assert missing.returncode == 1 and "proxy 1 has no dead letter 99" in missing.stderr
     assert f"1 dead letter dropped: {left['id']}" in missing.stdout

@@ -176,6 +176,8 @@ def operate(config: Config, action: str, proxy_id: int | None = None, ids: list[
         return {"ok": True, "letters": letters}
     if action not in ("retry", "drop") or not isinstance(proxy_id, int):
         return {"ok": False, "error": f"dead letters: {action!r} needs a proxy id ({proxy_id!r})"}
+    if action == "retry" and all(p.id != proxy_id for p in config.proxies):
+        return {"ok": False, "error": f"proxy {proxy_id} is not in {config.source}: no hub would take them"}
     store = DeadLetters(config.state_dir, proxy_id)
     try:
         taken = store.take(ids, then=functools.partial(_queue_again, config, proxy_id) if action == "retry" else None)
