@@ -44,6 +44,7 @@ class HubConfig:
     max_connections: int = 4096
     max_inflight_per_session: int = 1024
     stall_timeout: float = 30.0
+    poison_after: int = 3
 
 
 @dataclass(frozen=True)
@@ -374,6 +375,8 @@ class _Validator:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 self.note("hub.allow", f"{net!r} is not a network (like 10.0.0.0/8)")
+        if hub.poison_after < 2:
+            self.note("hub.poison_after", f"must be >= 2 (the last delivery goes alone), not {hub.poison_after}")
         if hub.max_pdu < 12:
             self.note("hub.max_pdu", f"must be >= 12, not {hub.max_pdu}")
         for key in ("reply_timeout", "spool_fsync_interval"):

@@ -104,10 +104,11 @@ def make_directory(path: Path, mode: int) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
+def write_atomically(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = False) -> None:
     """Replace ``path`` by a file holding ``data``: written under a fresh name (created exclusively,
     no symlink followed), then renamed over it, so a reader sees the old file or the new one whole.
-    A symlink at ``path`` is replaced, never followed."""
+    A symlink at ``path`` is replaced, never followed. ``durable``: fsynced before the rename, and
+    the rename after."""
     path = Path(path)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # O_EXCL | O_NOFOLLOW
     try:
@@ -116,13 +117,26 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temp, path)
+        if durable:
+            sync_directory(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
+
+
+def sync_directory(path: Path) -> None:
+    """fsync a directory: the names created, renamed or removed in it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def is_regular_file(path: Path) -> bool:

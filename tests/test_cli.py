@@ -81,7 +81,7 @@ def test_man_page_covers_every_command_option_exit_status_signal_file_and_error_
     assert page.startswith('.TH DCOD 1 "December 2026" "dcod ')
     for command, options in every_command_and_option():
         if command:
-            assert f"\n.SS {command}\n" in page, command
+            assert f"\n.SS {reference.escape(command)}\n" in page, command
         for option in options:
             if option not in ("-h", "--help"):
                 assert f"\\fB{reference.escape(option)}\\fR" in page, (command, option)

@@ -29,6 +29,7 @@ def test_conf_file_is_the_builtin_default():
     [
         ("[hub]\nmax_pdu = 4\n", "hub.max_pdu: must be >= 12, not 4"),
         ("[hub]\nlisten = 1523\n", "hub.listen: must be a string, not 1523"),
+        ("[hub]\npoison_after = 1\n", "hub.poison_after: must be >= 2 (the last delivery goes alone), not 1"),
         ('[hub]\nlisten = "nowhere"\n', "hub.listen: must be host:port"),
         ('[hub]\nallow = ["10.0.0.0/33"]\n', "hub.allow: '10.0.0.0/33' is not a network"),
         ("[hub]\ncolour = 1\n", "hub.colour: unknown key"),

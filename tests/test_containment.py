@@ -1,10 +1,14 @@
-"""Issue 16, items 2 and 3 (the supervisor's half), with real processes: a worker whose event loop
-blocks is killed and restarted; an instance that is down is held in every hub generation, so that
-requests to it wait in the queue instead of going into a listening backlog nobody serves."""
+"""Issue 16, items 1, 2 and 3 (the supervisor's half), with real processes: a one-way request that
+kills its worker is set aside as poison after hub.poison_after deliveries, durably counted, and the
+operator lists, retries and drops it; a worker whose event loop blocks is killed and restarted; an
+instance that is down is held in every hub generation, so that requests to it wait in the queue
+instead of going into a listening backlog nobody serves."""
 
 from __future__ import annotations
 
+import json
 import signal
+import struct
 import time
 
 import pytest
@@ -13,8 +17,10 @@ import trio
 import test_rollout
 from conftest import wait_for
 from dcod.client import DcoError, DcoTimeout, Session
+from dcod.hub.deadletter import DeadLetters
+from peers import WorkerPeer
 from runs import ECHO
-from test_rollout import FAST_PMON, row, status
+from test_rollout import FAST_PMON, dcod_async, row, status
 
 handler_path = test_rollout.handler_path  # fixtures
 handler_module = test_rollout.handler_module
@@ -150,3 +156,222 @@ async def test_a_foreign_worker_is_not_judged_by_heartbeats(run):
         while (foreign := row(status(r.config), "worker 2#0"))["restarts"] == 0 and (foreign["uptime"] or 0) < 4.5:
             await trio.sleep(0.2)
     assert (foreign["generation"], foreign["restarts"], foreign["state"]) == (1, 0, "ready")
+
+
+@pytest.fixture
+def poison(tmp_path, handler_module):
+    """A handler (module "poison") that kills its own process on a body starting with "poison" while
+    tmp_path/flag exists, after writing the body to tmp_path/deliveries; it notes "note..." bodies in
+    tmp_path/notes and echoes the rest. Returns (flag, deliveries, notes)."""
+    flag, deliveries, notes = tmp_path / "flag", tmp_path / "deliveries", tmp_path / "notes"
+    handler_module(
+        "poison",
+        f"""\
+        import os, signal
+
+        async def handle(req):
+            if req.body.startswith(b"poison"):
+                with open({str(deliveries)!r}, "a") as deliveries:
+                    deliveries.write(req.body.decode() + "\\n")
+                if os.path.exists({str(flag)!r}):
+                    os.kill(os.getpid(), signal.SIGKILL)
+            if req.body.startswith(b"note"):
+                with open({str(notes)!r}, "a") as notes:
+                    notes.write(req.body.decode() + "\\n")
+            return req.body
+        """,
+    )
+    flag.touch()
+    return flag, deliveries, notes
+
+
+def lines(path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def send_oneway(address: str, body: bytes, audsid: int = 1) -> None:
+    async with Session(address, audsid=audsid) as session:
+        session.write(body)
+        await session.send_request(1, oneway=True)
+
+
+async def test_a_request_that_kills_its_worker_is_set_aside_after_poison_after_deliveries(
+    run, poison, handler_path, nursery
+):
+    """The one-way requests killed with it are handled, none set aside with it (its last delivery goes
+    alone); the proxy serves on; it is logged once, counted in `dcod status`, listed, retried once its
+    handler is fixed, dropped, and a fresh `dcod run` does not replay it."""
+    flag, deliveries, notes = poison
+    r = run(
+        '[[proxy]]\nid = 1\nhandler = "poison:handle"\ninstances = 2\n' + handler_path,
+        supervisor=FAST_PMON + "restart_max = 10\n",
+        poison_after=3,
+    )
+    await r.notification("READY=1")
+    store = DeadLetters(r.config.state_dir, 1)
+    address = r.config.hub.advertise
+    served = lost = 0
+    poisoned = trio.Event()
+
+    async def others() -> None:
+        """Sync calls on another session meanwhile: answered, or, in flight on an instance the poison
+        request killed, answered with the worker-lost error."""
+        nonlocal served, lost
+        async with Session(address, audsid=2) as session:
+            while not poisoned.is_set():
+                try:
+                    assert await session.call_sync(1, b"ping", timeout=15) == b"ping"
+                    served += 1
+                except DcoError as e:
+                    assert "DCO-0003" in str(e)
+                    lost += 1
+
+    nursery.start_soon(others)
+    started = time.monotonic()
+    async with Session(address, audsid=1) as session:
+        session.write(b"poison 1")
+        await session.send_request(1, oneway=True, buffered=True)
+        for n in range(5):  # behind it, in the same write: to the same instance, killed with it
+            session.write(b"note %d" % n)
+            await session.send_request(1, oneway=True, buffered=True)
+        await session.flush()
+        await wait_for(lambda: store.count() == 1, timeout=30)
+    took = time.monotonic() - started
+    poisoned.set()
+    print(f"poison request set aside after {took:.2f}s; {served} other calls served meanwhile, {lost} lost")
+    assert lines(deliveries) == ["poison 1"] * 3
+    # Each at least once (one handled just before its instance died is handled again): none set aside.
+    await wait_for(lambda: set(lines(notes)) == {f"note {n}" for n in range(5)}, timeout=10)
+    assert served > 0
+    assert r.log.count("set aside as poison") == 1
+    [letter] = store.letters()
+    assert (letter.proxy, letter.audsid, letter.oneway, letter.attempts) == (1, 1, True, 3)
+    assert letter.pdu.endswith(b"poison 1") and letter.size == 12 + len(b"poison 1")
+
+    snapshot = status(r.config)
+    proxy = snapshot["hub"]["proxies"]["1"]
+    assert (proxy["dead_letters"], proxy["poisoned"], proxy["dead_letter_file"]) == (1, 1, str(store.path))
+    assert row(snapshot, "hub")["dead"] == 1
+    shown = await dcod_async(r.config, "status")
+    assert "DEAD" in shown.stdout and f"1 request set aside as poison in {store.path}" in shown.stdout
+    listed = await dcod_async(r.config, "dead-letters", "list")
+    assert listed.returncode == 0 and "one-way" in listed.stdout and str(letter.rseq) in listed.stdout
+
+    async with Session(address, audsid=3) as session:  # the proxy serves on
+        for _ in range(10):
+            assert await session.call_sync(1, b"ping", timeout=15) == b"ping"
+
+    # Fixed: retried, it is delivered and handled once more.
+    flag.unlink()
+    retried = await dcod_async(r.config, "dead-letters", "retry", "1", "--all")
+    assert retried.returncode == 0 and "1 dead letter queued again: 1" in retried.stdout, retried.stderr
+    await wait_for(lambda: len(lines(deliveries)) == 4, timeout=10)
+    assert store.count() == 0
+
+    # Another one set aside, then a fresh `dcod run` on the same state directory: not replayed.
+    flag.touch()
+    await send_oneway(address, b"poison 2")
+    await wait_for(lambda: store.count() == 1, timeout=30)
+    assert r.stop() == 0
+    assert lines(deliveries)[4:] == ["poison 2"] * 3
+    offline = await dcod_async(r.config, "dead-letters", "list", "1", "--json")  # no service: on the file
+    [left] = json.loads(offline.stdout)
+    assert left["rseq"] != letter.rseq and left["attempts"] == 3
+    again = run(config=r.config)
+    await again.notification("READY=1")
+    await send_oneway(address, b"note 5")
+    await wait_for(lambda: "note 5" in lines(notes), timeout=10)
+    assert len(lines(deliveries)) == 7
+    unknown = await dcod_async(again.config, "dead-letters", "retry", "7", "--all")
+    assert unknown.returncode == 1 and "proxy 7 is not in" in unknown.stderr
+    missing = await dcod_async(again.config, "dead-letters", "drop", "1", str(left["id"]), "99")
+    assert missing.returncode == 1 and "proxy 1 has no dead letter 99" in missing.stderr
+    assert f"1 dead letter dropped: {left['id']}" in missing.stdout
+    assert (await dcod_async(again.config, "dead-letters", "list")).stdout.strip() == "no dead letters"
+
+
+async def test_the_attempts_of_a_request_survive_a_fresh_dcod_run(run, poison, handler_path):
+    """Its one instance left down after it killed it once (restart_max 1), the request waits in the
+    spool with its attempt; the next `dcod run` delivers it, it kills again: poison_after 2 reached."""
+    _, deliveries, _ = poison
+    r = run(
+        '[[proxy]]\nid = 1\nhandler = "poison:handle"\n' + handler_path,
+        supervisor=FAST_PMON + "restart_max = 1\n",
+        poison_after=2,
+    )
+    await r.notification("READY=1")
+    await send_oneway(r.config.hub.advertise, b"poison")
+    await wait_for(lambda: "leaving it down" in r.log, timeout=15)
+    await wait_for(lambda: instance_in_hub(r.config, 1, 0)["queued_now"] == 1, timeout=10)
+    assert lines(deliveries) == ["poison"]
+    assert r.stop() == 0
+
+    again = run(config=r.config)
+    store = DeadLetters(r.config.state_dir, 1)
+    await wait_for(lambda: store.count() == 1, timeout=30)
+    assert lines(deliveries) == ["poison"] * 2 and store.letters()[0].attempts == 2
+    assert again.stop() == 0
+
+
+async def test_an_instance_that_dies_is_held_before_the_hub_can_reconnect_into_its_backlog(run, poison, handler_path):
+    """The hub sees the connection end before the supervisor has reaped the process and sent `hold`:
+    it holds the instance itself, so its requests wait in the queue, not in the socket's backlog that
+    the supervisor keeps for a next process, which never comes here (restart_max 1: left down)."""
+    _, deliveries, _ = poison
+    r = run(
+        '[[proxy]]\nid = 1\nhandler = "poison:handle"\n' + handler_path,
+        supervisor=FAST_PMON + "restart_max = 1\n",
+    )
+    await r.notification("READY=1")
+    async with Session(r.config.hub.advertise, audsid=1) as session:
+        session.write(b"poison")
+        await session.send_request(1, oneway=True, buffered=True)
+        for n in range(20):
+            session.write(b"note %d" % n)
+            await session.send_request(1, oneway=True, buffered=True)
+        await session.flush()
+        await wait_for(lambda: "leaving it down" in r.log, timeout=15)
+        await wait_for(lambda: instance_in_hub(r.config, 1, 0)["held"], timeout=10)
+        for n in range(20, 30):  # and those that come while it is down
+            session.write(b"note %d" % n)
+            await session.send_request(1, oneway=True)
+        await wait_for(lambda: instance_in_hub(r.config, 1, 0)["queued_now"] == 31, timeout=10)
+    held = instance_in_hub(r.config, 1, 0)
+    assert (held["inflight"], held["unacked"]) == (0, 0)
+    assert lines(deliveries) == ["poison"]
+
+
+async def test_a_hold_of_the_hubs_own_after_a_lost_connection_lasts_only_until_the_supervisor_would_have_said(
+    make_config, start_hub
+):
+    """A worker that ends its connection without a quit notice and without dying (the supervisor
+    holds no instance for it) is used again after hold_after_loss; one the supervisor holds stays held."""
+    config = make_config('[[proxy]]\nid = 1\nhandler = "echo"\ninstances = 2\n')
+    peers = [await WorkerPeer(str(config.worker_socket(1, i))).listen() for i in range(2)]
+    hub, _ = await start_hub(config)
+    hub.hold_after_loss = 0.5
+    first, second = [await peer.accept() for peer in peers]
+    instances = hub.router.proxies[1].instances
+    await wait_for(lambda: all(i.state == "up" for i in instances))
+    hub.held_by_supervisor.add(instances[1])  # as _hold does when the supervisor's word comes
+    first.close()
+    second.close()
+    await wait_for(lambda: all(i.held for i in instances))
+    reconnected = [await peer.accept() for peer in peers]
+    await wait_for(lambda: not instances[0].held, timeout=5)
+    assert instances[1].held and instances[0].available
+    for sock in reconnected:
+        sock.close()
+
+
+def test_a_dead_letter_line_cut_short_by_a_crash_costs_only_itself(tmp_path, caplog):
+    store = DeadLetters(tmp_path, 1)
+    pdu = struct.pack(">iIi", -14, 7, 42) + b"hi"
+    first = store.add(pdu, 3)
+    with open(store.path, "ab") as file:
+        file.write(b'{"id": 2, "proxy": 1, "aud')  # an append a crash cut short
+    second = store.add(pdu, 3)
+    assert [letter.id for letter in store.letters()] == [first.id, second.id] == [1, 2]
+    assert "line 2 is not a dead letter" in caplog.text
+    assert store.count() == 2 and store.take([1]) == [first]
+    assert store.letters() == [second] and store.count() == 1

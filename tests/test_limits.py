@@ -100,7 +100,7 @@ async def test_a_full_disk_holds_requests_in_memory_then_refuses_and_corrupts_no
         copy.write_bytes(spool.path.read_bytes())
         again = Spool(copy, memory_limit=1 << 20, size_limit=1 << 30, max_record=1 << 20)
         assert (again.recovered, again.torn_bytes, again.damaged_ranges) == (refused - 1 - spool.memory_only, 0, 0)
-        assert all(pdu[15:] == body for _, pdu in again.scan())
+        assert all(pdu[15:] == body for _, pdu, _ in again.scan())
         # Held in memory or on disk, they go out in order once a worker is there.
         worker = await WorkerPeer(str(hub.config.worker_socket(1, 0))).listen()
         hub_side = await worker.accept()

@@ -35,11 +35,13 @@ class Outbox:
     def __init__(self) -> None:
         self.sent: list[bytes] = []
         self.got: list[tuple[int, int, int, bytes]] = []  # every PDU ever sent, take() or not
+        self.got_pdus: list[bytes] = []  # the same, as bytes
 
     def send(self, data) -> None:
         data = bytes(data)  # the router may hand over a buffer it reuses: copy it now
         self.sent.append(data)
         self.got.append(parse(data))
+        self.got_pdus.append(data)
 
     def take(self) -> list[tuple[int, int, int, bytes]]:
         """(length, audsid, rseq, body) of each PDU sent since the last take()."""
@@ -78,16 +80,16 @@ class MemoryQueue:
     """The queue interface the router uses, in memory, with a bound on the records it holds."""
 
     def __init__(self, limit: int = 1000) -> None:
-        self.items: collections.deque[tuple[float, bytes]] = collections.deque()
+        self.items: collections.deque[tuple[float, bytes, int]] = collections.deque()
         self.records = 0
         self.durable = True
         self.limit = limit
         self.commits = 0
 
-    def append(self, pdu) -> None:
+    def append(self, pdu, queued_at: float | None = None, attempts: int = 0) -> None:
         if self.records >= self.limit:
             raise SpoolFull("full")
-        self.items.append((0.0, bytes(pdu)))
+        self.items.append((0.0, bytes(pdu), attempts))
         self.records += 1
 
     def peek(self):
@@ -131,10 +133,13 @@ def make_proxy(
 class Hub:
     """A Router with fake outboxes for its instances and sessions, the proxies it woke, what it warned."""
 
-    def __init__(self, *proxies: Proxy, max_inflight: int = 100, first_rseq: int | None = FIRST) -> None:
+    def __init__(
+        self, *proxies: Proxy, max_inflight: int = 100, first_rseq: int | None = FIRST, poison_after: int = 3
+    ) -> None:
         self.clock = Clock()
         self.woken: list[int] = []
         self.warned: list[str] = []
+        self.dead: list[tuple[int, bytes, int]] = []  # set aside as poison: proxy id, PDU, attempts
         self.workers: dict[tuple[int, int], Outbox] = {}
         self.router = Router(
             proxies or [make_proxy()],
@@ -144,6 +149,8 @@ class Hub:
             wake_pump=lambda proxy: self.woken.append(proxy.config.id),
             warnings=self,
             first_rseq=first_rseq,
+            poison_after=poison_after,
+            set_aside=lambda proxy, pdu, attempts: self.dead.append((proxy.config.id, bytes(pdu), attempts)),
         )
 
     def warn(self, kind: str, message: str, *args) -> None:
@@ -241,7 +248,7 @@ def test_numbers_still_in_use_are_skipped():
     def adopt(*records: bytes) -> None:
         for pdu in records:
             proxy.spool.append(pdu)  # the shell moves them into our queue
-        hub.router.adopt(proxy, [(1000.0, pdu) for pdu in records], 0, 1000.0)
+        hub.router.adopt(proxy, [(1000.0, pdu, 0) for pdu in records], 0, 1000.0)
 
     hub.router.requests(session, [request(1, 1)])  # RSEQ_MAX - 1, in flight
     assert [rseq for _, _, rseq, _ in worker.take()] == [RSEQ_MAX - 1]
@@ -531,12 +538,12 @@ def test_adopted_requests_are_forwarded_in_time_and_their_replies_dropped():
     hub = Hub(proxy)
     wall = 1_000_000.0
     records = [
-        (wall - 1, routed(3, 1)),
-        (wall - 10, routed(3, 2)),  # 10 s old: past reply_timeout
-        (wall - 1, routed(3, 3, oneway=True)),
-        (wall - 2, routed(3, 4)),
+        (wall - 1, routed(3, 1), 0),
+        (wall - 10, routed(3, 2), 0),  # 10 s old: past reply_timeout
+        (wall - 1, routed(3, 3, oneway=True), 0),
+        (wall - 2, routed(3, 4), 0),
     ]
-    for _, pdu in records:
+    for _, pdu, _ in records:
         proxy.spool.append(pdu)  # the shell moved them into our queue
     hub.router.adopt(proxy, records, 1, wall)
     assert list(proxy.waiting) == [(3, 1), (3, 4)] and hub.woken == [1]
@@ -627,6 +634,87 @@ def test_requeue_when_an_instance_goes():
     assert oracle.rseqs() == [4, 6]
     counters = hub.router.proxies[1].counters
     assert (counters.requeued, counters.duplicates, counters.worker_lost) == (4, 1, 1)
+
+
+# ---------------------------------------------------------------- poison requests
+
+
+def test_a_oneway_request_whose_instance_goes_away_poison_after_times_is_set_aside():
+    """Each delivery its instance did not survive is an attempt; the last before poison_after goes
+    alone, so that only the request that kills its instance is set aside, not its neighbours."""
+    hub = Hub(make_proxy(instances=3), poison_after=3)
+    workers = [hub.up(i) for i in range(3)]
+    session, _ = hub.session(1)
+    hub.router.requests(session, [request(1, 1, oneway=True), request(1, 2, oneway=True)])  # one read: one instance
+    [first] = [i for i, w in enumerate(workers) if w.sent]
+    assert workers[first].tags() == [1, 2]
+    hub.router.requeue(hub.instance(first), [])  # it died with both unacknowledged
+    queue = hub.router.proxies[1].spool
+    assert [attempts for _, _, attempts in queue.items] == [1, 1]
+    second, third = [i for i in range(3) if i != first]
+    hub.router.hold(hub.instance(third))
+    hub.dispatch()
+    assert workers[second].tags() == [1, 2]  # not their last attempt: together, as any
+    hub.router.requeue(hub.instance(second), [])
+    assert [attempts for _, _, attempts in queue.items] == [2, 2]
+    workers[first] = hub.up(first)
+    hub.router.hold(hub.instance(third), False)
+    hub.dispatch()
+    alone = {i: w.tags() for i, w in enumerate(workers) if w.sent}  # their last attempt: each alone
+    assert sorted(alone.values()) == [[1], [2]] and second not in alone
+    innocent = next(i for i, tags in alone.items() if tags == [2])
+    poison = next(i for i, tags in alone.items() if tags == [1])
+    hub.ack(2, index=innocent)  # it survived: forgotten
+    assert hub.instance(innocent).available
+    assert hub.router.proxies[1].attempts.keys() == {hub.workers[1, poison].number(1)}
+    hub.router.requeue(hub.instance(poison), [])
+    assert queue.records == 0 and hub.dead == [(1, routed_body(hub, 1, poison), 3)]
+    counters = hub.router.proxies[1].counters
+    assert (counters.poisoned, counters.requeued, counters.acked) == (1, 4, 1)
+    assert hub.warned == ["poison 1"]  # logged once, with its key
+    assert hub.router.inflight == 0 and not hub.router.proxies[1].attempts
+    hub.router.requests(session, [request(1, 3)])  # the proxy serves on
+    assert workers[innocent].tags() == [3]
+
+
+def routed_body(hub: Hub, tag: int, index: int) -> bytes:
+    """The PDU the instance got with body ``tag``, as the hub forwarded it."""
+    return next(data for data in hub.workers[1, index].got_pdus if data[12:] == b"%d" % tag)
+
+
+def test_a_request_on_its_last_attempt_has_its_instance_to_itself_until_it_acknowledges():
+    hub = Hub(make_proxy(instances=1), poison_after=2)
+    worker = hub.up()
+    session, oracle = hub.session(1)
+    hub.router.requests(session, [request(1, 1, oneway=True)])
+    worker.take()
+    hub.router.requeue(hub.instance(), [])
+    worker = hub.up()
+    hub.dispatch()
+    assert worker.tags() == [1]
+    hub.router.requests(session, [request(1, 2), request(1, 3, oneway=True)])  # wait behind it
+    assert worker.take() == [] and hub.router.proxies[1].spool.records == 2
+    hub.ack(1)
+    hub.dispatch()
+    assert worker.tags() == [2, 3]
+    hub.answer(2)
+    assert oracle.rseqs() == [2]
+
+
+def test_requests_merely_queued_or_never_sent_get_no_attempt():
+    """Only a delivery the kernel took counts: what never left the hub goes back as it was."""
+    hub = Hub(make_proxy(instances=1), poison_after=2)
+    worker = hub.up()
+    session, _ = hub.session(1)
+    hub.router.requests(session, [request(1, 1, oneway=True)])
+    sent = worker.sent[:]
+    hub.router.requeue(hub.instance(), [bytearray(pdu) for pdu in sent])
+    assert [attempts for _, _, attempts in hub.router.proxies[1].spool.items] == [0] and hub.dead == []
+    hub.router.hold(hub.instance())
+    hub.up()
+    hub.router.requests(session, [request(1, 2, oneway=True)])  # queued behind it
+    hub.router.requeue(hub.instance(), [])
+    assert [attempts for _, _, attempts in hub.router.proxies[1].spool.items] == [0, 0]
 
 
 def test_fail_answers_every_request_in_flight_with_the_code_given():

@@ -204,7 +204,7 @@ def test_spools_of_gone_hubs_are_taken_over_in_order(tmp_path):
     gone = open_spool(tmp_path / "proxy-1.222.spool")
     for i in range(3):
         gone.append(b"old%d" % i)
-    old_times = [t for t, _ in gone.scan()]
+    old_times = [t for t, _, _ in gone.scan()]
     os.close(gone._fd)  # the hub is killed: its lock goes with it
     other_proxy = open_spool(tmp_path / "proxy-2.222.spool")
     other_proxy.append(b"not for proxy 1")
@@ -212,8 +212,8 @@ def test_spools_of_gone_hubs_are_taken_over_in_order(tmp_path):
     ours = spool_dir(tmp_path).open(1)
     ours.append(b"new")
     taken, duplicates = spool_dir(tmp_path).adopt(ours, 1)
-    assert [pdu for _, pdu in taken] == [b"old0", b"old1", b"old2"] and duplicates == 0
-    assert [t for t, _ in ours.scan()][1:] == old_times  # their original queue times are kept
+    assert [pdu for _, pdu, _ in taken] == [b"old0", b"old1", b"old2"] and duplicates == 0
+    assert [t for t, _, _ in ours.scan()][1:] == old_times  # their original queue times are kept
     assert drain(ours) == [b"new", b"old0", b"old1", b"old2"]
     assert not (tmp_path / "proxy-1.222.spool").exists() and (tmp_path / "proxy-2.222.spool").exists()
 
@@ -259,7 +259,9 @@ def skipped_ranges(caplog) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for w in warnings(caplog) for a, b in re.findall(r"offsets (\d+) to (\d+)", w)]
 
 
-@pytest.mark.parametrize("where", [0, 5, 9, 15, RECORD_HEADER.size + 3], ids=["marker", "crc", "size", "time", "pdu"])
+@pytest.mark.parametrize(
+    "where", [0, 5, 9, 15, 21, RECORD_HEADER.size + 3], ids=["marker", "crc", "size", "time", "attempts", "pdu"]
+)
 def test_one_flipped_bit_costs_one_record(tmp_path, caplog, where):
     path = tmp_path / "s"
     records = write_spool(path, 300)
@@ -375,7 +377,7 @@ def test_a_spool_of_the_previous_release_is_recovered_and_replayed(tmp_path):
     bodies = [b"old-%d" % i for i in range(5)]
     old_format_file(path, bodies, forwarded=1)
     spool = open_spool(path)
-    assert spool.recovered == 4 and [t for t, _ in spool.scan()] == [1700000000.0] * 4
+    assert spool.recovered == 4 and [t for t, _, _ in spool.scan()] == [1700000000.0] * 4
     spool.append(b"new")  # in the file's own layout while it holds records
     spool.close()
     again = open_spool(path)
@@ -387,8 +389,35 @@ def test_spools_of_the_previous_release_are_taken_over(tmp_path):
     old_format_file(tmp_path / "proxy-1.333.spool", [b"old-%d" % i for i in range(3)], forwarded=0)
     ours = spool_dir(tmp_path).open(1)
     taken, _ = spool_dir(tmp_path).adopt(ours, 1)
-    assert [pdu for _, pdu in taken] == [b"old-0", b"old-1", b"old-2"]
+    assert [pdu for _, pdu, _ in taken] == [b"old-0", b"old-1", b"old-2"]
     assert ours.path.read_bytes()[:8] == MAGIC and drain(ours) == [b"old-0", b"old-1", b"old-2"]
+
+
+def test_attempts_travel_with_a_record_across_reopening_and_taking_over(tmp_path):
+    """The deliveries a request's instance did not survive are in its record: a new hub knows them."""
+    directory = spool_dir(tmp_path)
+    gone = Spool(tmp_path / "proxy-1.333.spool", memory_limit=1 << 20, size_limit=1 << 30, max_record=1 << 20)
+    gone.append(b"fresh")
+    gone.append(b"suspect", attempts=2)
+    os.close(gone._fd)  # as if killed
+    again = open_spool(tmp_path / "proxy-1.333.spool")
+    assert [(pdu, attempts) for _, pdu, attempts in again.scan()] == [(b"fresh", 0), (b"suspect", 2)]
+    os.close(again._fd)
+    ours = directory.open(1)
+    taken, _ = directory.adopt(ours, 1)
+    assert [attempts for _, _, attempts in taken] == [0, 2]
+    assert ours.peek()[2] == 0
+    ours.pop()
+    assert ours.peek()[1:] == (b"suspect", 2)
+
+
+def test_a_spool_of_the_release_before_has_records_with_no_attempts(tmp_path):
+    path = tmp_path / "s"
+    body = b"v3"
+    covered = struct.pack(">Id", len(body), 1700000000.0)
+    record = b"\xd3\xc0\x5a\x17" + struct.pack(">I", zlib.crc32(body, zlib.crc32(covered))) + covered + body
+    path.write_bytes(b"DCOSPL03" + struct.pack(">QQ", 24, 0) + record)
+    assert [(pdu, attempts) for _, pdu, attempts in open_spool(path).scan()] == [(b"v3", 0)]
 
 
 def routed(rseq: int, body: bytes) -> bytes:
@@ -424,7 +453,7 @@ def recovered_copy(spool: Spool, tmp_path) -> list[bytes]:
     copy.write_bytes(spool.path.read_bytes())
     again = open_spool(copy)
     assert (again.torn_bytes, again.damaged_ranges) == (0, 0)
-    records = [pdu for _, pdu in again.scan()]
+    records = [pdu for _, pdu, _ in again.scan()]
     again.close()
     copy.unlink()
     return records
@@ -553,8 +582,8 @@ def test_the_spools_of_a_removed_proxy_are_set_aside_and_never_adopted(tmp_path)
     later = spool_dir(tmp_path).open(5)  # a proxy added later with the same id
     running.close()
     taken, _ = spool_dir(tmp_path).adopt(later, 5)
-    assert [pdu for _, pdu in taken] == [b"still served"]
-    assert [pdu for _, pdu in open_spool(aside[0][0]).scan()] == [b"left-0", b"left-1", b"left-2"]
+    assert [pdu for _, pdu, _ in taken] == [b"still served"]
+    assert [pdu for _, pdu, _ in open_spool(aside[0][0]).scan()] == [b"left-0", b"left-1", b"left-2"]
 
 
 def test_a_hubs_own_spool_set_aside(tmp_path):

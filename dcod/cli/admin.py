@@ -1,4 +1,5 @@
-"""`dcod status`, `dcod reload`, `dcod stop`: the supervisor's control socket, for operators.
+"""`dcod status`, `dcod reload`, `dcod stop`, `dcod dead-letters`: the supervisor's control socket,
+for operators.
 
 `status` is a table in the spirit of Tuxedo's `tmadmin psr`/`pq`: every process with its
 generation, state and counters, then the hub's totals per proxy, then what is degraded; its
@@ -25,19 +26,24 @@ EXIT_RESTART = 4  # `reload --upgrade`: not in place; a restart runs the new cod
 
 
 @contextlib.contextmanager
-def _connected(config: Config, timeout: float | None = None):
-    """A ControlClient connected to the supervisor; SystemExit with a clear message if unreachable."""
+def _connected(config: Config, timeout: float | None = None, *, or_none: bool = False):
+    """A ControlClient connected to the supervisor; SystemExit with a clear message if unreachable
+    (``or_none``: None if no supervisor is running)."""
     path = config.control_socket
     try:
         client = control.ControlClient(path, timeout=timeout)
-    except FileNotFoundError:
-        raise _unreachable(f"no supervisor is running (no control socket {path})") from None
-    except ConnectionRefusedError:
-        raise _unreachable(f"no supervisor is running (nobody listens on {path})") from None
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        if not or_none:
+            why = f"no control socket {path}" if isinstance(e, FileNotFoundError) else f"nobody listens on {path}"
+            raise _unreachable(f"no supervisor is running ({why})") from None
+        client = None
     except PermissionError:
         raise _unreachable(
             f"permission denied on {path}: run as root or as a member of group {config.supervisor.control_group}"
         ) from None
+    if client is None:
+        yield None
+        return
     with client:
         yield client
 
@@ -99,6 +105,57 @@ def problems(status: dict) -> list[str]:
         if failed is not None and (sent is None or failed > sent):
             found.append(f"quit alert backend {backend} failing: {stats['last_error']}")
     return found
+
+
+def dead_letters(
+    config: Config, action: str, proxy_id: int | None, ids: list[int] | None, *, as_json: bool = False
+) -> int:
+    """List, retry or drop dead letters (dcod.hub.deadletter.operate): through the supervisor, else,
+    when none runs, on the files directly. 1 if an id asked for is not there or the change failed."""
+    with _connected(config, timeout=60, or_none=True) as client:
+        if client is not None:
+            answer = next(client.ask(command(Control.DEAD_LETTERS, action=action, proxy=proxy_id, ids=ids)), {})
+        else:  # no supervisor: nobody else writes them
+            from dcod.hub import deadletter
+
+            answer = deadletter.operate(config, action, proxy_id, ids)
+    if not answer.get("ok"):
+        return _final(answer)
+    letters = answer["letters"]
+    if as_json:
+        print(json.dumps(letters, indent=2))
+    elif action == "list":
+        print(render_dead_letters(letters) if letters else "no dead letters")
+    elif letters:
+        done = "queued again" if action == "retry" else "dropped"
+        numbers = ", ".join(str(d["id"]) for d in letters)
+        print(f"proxy {proxy_id}: {_count(len(letters), 'dead letter')} {done}: {numbers}")
+    for missing in answer.get("missing", ()):
+        print(f"dcod: proxy {proxy_id} has no dead letter {missing}", file=sys.stderr)
+    return EXIT_FAILED if answer.get("missing") else EXIT_OK
+
+
+def render_dead_letters(letters: list[dict]) -> str:
+    rows = [("PROXY", "ID", "AUDSID", "REQUEST", "BYTES", "KIND", "ATTEMPTS", "SET ASIDE")]
+    for d in letters:
+        rows.append(
+            (
+                str(d["proxy"]),
+                str(d["id"]),
+                str(d["audsid"]),
+                str(d["rseq"]),
+                str(d["size"]),
+                "one-way" if d["oneway"] else "sync",
+                str(d["attempts"]),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["dead_at"])),
+            )
+        )
+    files = sorted({d["file"] for d in letters})
+    return "\n".join([*_table(rows), "", f"in {', '.join(files)}"])
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def reload(config: Config, *, upgrade: bool = False) -> int:
@@ -258,6 +315,7 @@ def render_status(status: dict) -> str:
             "QUEUED",
             "INFLIGHT",
             "UNACKED",
+            "DEAD",
             "AVG MS",
             "MAX MS",
             "INSTANCES",
@@ -281,6 +339,7 @@ def render_status(status: dict) -> str:
                     str(p["queued_now"]),
                     str(p["inflight"]),
                     str(p.get("unacked", 0)),
+                    str(p.get("dead_letters", 0)),
                     f"{avg:.2f}",
                     f"{1000 * p['latency_max']:.2f}",
                     f"{up}/{len(p['instances'])} up",
@@ -288,6 +347,11 @@ def render_status(status: dict) -> str:
             )
         lines += _table(rows)
     for pid, p in sorted(proxies.items(), key=lambda kv: int(kv[0])):
+        if p.get("dead_letters"):
+            lines.append(
+                f"proxy {pid}: {_count(p['dead_letters'], 'request')} set aside as poison in {p['dead_letter_file']} "
+                f"(dcod dead-letters list {pid})"
+            )
         if p.get("damaged_ranges"):
             lines.append(
                 f"proxy {pid}: {p['damaged_ranges']} damaged ranges ({p['damaged_bytes']} bytes) skipped in "

@@ -79,7 +79,8 @@ FILES = [
     (
         "/var/lib/dcod/",
         "the state directory (supervisor.state_dir): spool/, the durable queue of requests "
-        "waiting for a worker instance; hub.running, left behind by an unclean stop",
+        "waiting for a worker instance; dead-letters/, the requests set aside as poison "
+        "(`dcod dead-letters`); hub.running, left behind by an unclean stop",
     ),
 ]
 EXAMPLES = [
@@ -87,6 +88,8 @@ EXAMPLES = [
     ("dcod call 1 hello", 'send "hello" to proxy 1 and print the reply'),
     ("dcod call 1 --oneway hi", "send a one-way request, do not wait"),
     ("dcod status", "what runs: processes, generations, counters, queues"),
+    ("dcod dead-letters list", "the requests set aside as poison, every proxy's"),
+    ("dcod dead-letters retry 1 --all", "queue proxy 1's dead letters again, once its handler is fixed"),
     ("systemctl reload dco-hub", "roll out new code and config (runs `dcod reload`)"),
     ("dcod --config x.toml config --check", "check all that `dcod run` would meet and exit"),
     ("dcod bench --duration 10", "measure round trips/s and hub CPU per round trip"),
@@ -200,6 +203,25 @@ def build_parser() -> argparse.ArgumentParser:
         "`dcod stop` leaves the socket listening, and the next connection starts the "
         "service again.",
     )
+
+    p = sub.add_parser(
+        "dead-letters",
+        parents=[common],
+        help="list, retry or drop the requests set aside as poison",
+        description="A one-way request whose worker instance went away (died, or was killed as hung) "
+        "before finishing it hub.poison_after times is set aside as poison in its proxy's dead-letter "
+        "file (state_dir/dead-letters/proxy-ID.jsonl) and never delivered again unless retried. "
+        "`list` shows them (every proxy's, or PROXY's), with their key: the session's audsid and the "
+        "hub's request number; `retry` queues them again for PROXY (a running hub takes them within a "
+        "second; else the next one), their attempts reset; `drop` deletes them. Through the running "
+        "supervisor, else on the files directly (then run it as the service's user). Exit status 1 if "
+        "an ID is not there.",
+    )
+    p.add_argument("action", choices=("list", "retry", "drop"), metavar="ACTION", help="list, retry or drop")
+    p.add_argument("proxy", nargs="?", type=int, metavar="PROXY", help="the proxy id (retry and drop need it)")
+    p.add_argument("ids", nargs="*", type=int, metavar="ID", help="the dead letters to retry or drop, as `list` shows")
+    p.add_argument("--all", action="store_true", help="retry or drop every dead letter of PROXY")
+    p.add_argument("--json", action="store_true", help="print the dead letters concerned as JSON (without their PDUs)")
 
     p = sub.add_parser("hub", parents=[common], help="run only the ext-hub (for debugging)")
     p.add_argument("--listen", metavar="ADDR", help="host:port or unix socket path (default: hub.listen)")
@@ -373,6 +395,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "reload":
             return admin.reload(config, upgrade=args.upgrade)
         return getattr(admin, args.command)(config)
+    if args.command == "dead-letters":
+        from dcod.cli import admin
+
+        if args.action != "list" and (args.proxy is None or bool(args.ids) == args.all):
+            print(f"dcod: dead-letters {args.action}: give PROXY, then IDs or --all", file=sys.stderr)
+            return 2
+        return admin.dead_letters(config, args.action, args.proxy, args.ids or None, as_json=args.json)
     if args.command == "hub":
         from dcod.hub import server as hub
 

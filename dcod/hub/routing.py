@@ -10,6 +10,15 @@ sessions that announced ``CAP_ERROR_REPLIES``; for the others they are withheld 
 A request that cannot be forwarded at once is queued in the proxy's queue (the spool, durable)
 and forwarded in order when an instance is there.
 
+Poison requests: a one-way request that an instance took and did not acknowledge before its
+connection ended goes back to the queue with one more *attempt* (the count travels in its spool
+record). Its last delivery before ``poison_after`` is made alone (a *suspect*: its instance gets
+nothing else until it acknowledges it), so that a request is set aside only for a death it met
+alone, never for one that another request caused. At ``poison_after`` attempts it is set aside
+as poison (``set_aside``, the proxy's dead-letter store in the hub) and never delivered again
+unless the operator retries it. The deliveries before the last go as any (after a worker's
+death, its many unacknowledged requests go again at full speed).
+
 The router does no I/O and never waits, in the manner of h11: the hub's shell
 (dcod.hub.server) reads the sockets, frames PDUs and calls the steps here (register,
 request, reply, dispatch, requeue, expire, hold...), passing the time where it matters
@@ -54,12 +63,13 @@ class Queue(Protocol):
     records: int  # how many are queued: an attribute, as len() would cost a Python call per request
     durable: bool  # False while what is queued is held in memory only (the disk refuses it)
 
-    def append(self, pdu: bytes | bytearray) -> None:
-        """Queue a PDU; raises SpoolFull if it cannot."""
+    def append(self, pdu: bytes | bytearray, queued_at: float | None = None, attempts: int = 0) -> None:
+        """Queue a PDU (``attempts``: its deliveries so far that its instance did not survive);
+        raises SpoolFull if it cannot."""
 
-    def peek(self) -> tuple[float, bytes] | None:
-        """The oldest (queued_at, pdu), left in the queue; None if there is none (or what was left
-        turned out damaged)."""
+    def peek(self) -> tuple[float, bytes, int] | None:
+        """The oldest (queued_at, pdu, attempts), left in the queue; None if there is none (or what
+        was left turned out damaged)."""
 
     def pop(self) -> None:
         """Drop the oldest, about to be forwarded."""
@@ -102,6 +112,7 @@ class Counters:
     queued: int = 0
     not_durable: int = 0  # queued while the spool could not write: held in memory only
     requeued: int = 0
+    poisoned: int = 0  # one-way requests set aside as poison (dead letters) by this hub
     replayed: int = 0
     expired: int = 0
     duplicates: int = 0
@@ -117,7 +128,19 @@ class Counters:
 class Instance:
     """One worker instance of a proxy, as the hub sees it: a connection that comes and goes."""
 
-    __slots__ = ("proxy", "index", "address", "conn", "_state", "_held", "inflight", "unacked", "acks", "connects")
+    __slots__ = (
+        "proxy",
+        "index",
+        "address",
+        "conn",
+        "_state",
+        "_held",
+        "_suspect",
+        "inflight",
+        "unacked",
+        "acks",
+        "connects",
+    )
 
     def __init__(self, proxy: Proxy, index: int, address: str) -> None:
         self.proxy = proxy
@@ -126,6 +149,7 @@ class Instance:
         self.conn: Outbox | None = None  # while connected
         self._state = "connecting"  # connecting | up | quitting
         self._held = False  # the supervisor asked us not to dispatch here (it is being restarted)
+        self._suspect: Key | None = None  # a request on its last attempt sent here: nothing else until acknowledged
         self.inflight: dict[Key, Pending] = {}
         # One-way requests sent and not yet acknowledged, in the order sent (only from a worker
         # running dcod's runtime, which acknowledges them: protocol.ACK_ONEWAY).
@@ -156,8 +180,17 @@ class Instance:
         self.proxy.update_available()
 
     @property
+    def suspect(self) -> Key | None:
+        return self._suspect
+
+    @suspect.setter
+    def suspect(self, key: Key | None) -> None:
+        self._suspect = key
+        self.proxy.update_available()
+
+    @property
     def available(self) -> bool:
-        return self._state == "up" and not self._held
+        return self._state == "up" and not self._held and self._suspect is None
 
 
 class Proxy:
@@ -169,6 +202,7 @@ class Proxy:
         self.instances = [Instance(self, i, a) for i, a in enumerate(addresses)]
         self.spool = spool
         self.waiting: dict[Key, Pending] = {}  # queued sync requests
+        self.attempts: dict[Key, int] = {}  # of the requests sent again and not acknowledged: see Router
         self.counters = Counters()
         self._turn = 0  # where the round-robin among equally busy instances starts
         self._last_read = 0  # pick(): the session read it last picked for, and what
@@ -230,6 +264,8 @@ class Router:
     ``dispatch(proxy, ...)`` until the queue is empty or dispatch returns None.
     ``warnings`` (dcod.log.Throttle) logs what a flood could repeat.
     ``first_rseq`` is the first request number to give (random if None).
+    ``set_aside(proxy, pdu, attempts)`` keeps a poison request (see the module's docstring) in the
+    proxy's dead-letter store, after ``poison_after`` attempts (at least 2: the last one alone).
     """
 
     def __init__(
@@ -242,6 +278,8 @@ class Router:
         wake_pump: Callable[[Proxy], None] = lambda proxy: None,
         warnings: Throttle | None = None,
         first_rseq: int | None = None,
+        poison_after: int = 3,
+        set_aside: Callable[[Proxy, bytes | bytearray, int], None] = lambda proxy, pdu, attempts: None,
     ) -> None:
         self.proxies = {p.config.id: p for p in proxies}
         self.warnings = warnings or Throttle(log)
@@ -252,6 +290,8 @@ class Router:
         self.timeouts: collections.deque[Pending] = collections.deque()  # in deadline order
         self.totals: collections.Counter[str] = collections.Counter()  # sessions, unknown_proxy, overloaded...
         self._wake_pump = wake_pump
+        self.poison_after = poison_after
+        self._set_aside = set_aside
         self._reads = 0  # reads from sessions that brought requests: Proxy.pick() keeps each one's together
         # The hub's request numbers: the next to give, and the first number from there on that may be
         # in use (past it, _free_rseq looks); random, so that a restarted hub does not repeat them.
@@ -376,11 +416,11 @@ class Router:
             instance.unacked[key] = pdu
         instance.conn.send(pdu)  # type: ignore[union-attr]  # an instance that is up has one
 
-    def enqueue(self, proxy: Proxy, pdu: bytes | bytearray, pending: Pending | None) -> None:
+    def enqueue(self, proxy: Proxy, pdu: bytes | bytearray, pending: Pending | None, attempts: int = 0) -> None:
         """Queue a request for the proxy's next available instance; refuse it if the queue is full."""
         spool = proxy.spool
         try:
-            spool.append(pdu)
+            spool.append(pdu, attempts=attempts)
         except SpoolFull as e:
             proxy.counters.refused += 1
             self.warnings.warn(f"refused {proxy.config.id}", "proxy %d: request refused: %s", proxy.config.id, e)
@@ -405,7 +445,7 @@ class Router:
             record = spool.peek()
             if record is None:  # what was left turned out damaged when read back (counted by the spool)
                 break
-            pdu = record[1]
+            _, pdu, attempts = record
             length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
             instance = proxy.pick(audsid)
             if instance is None:
@@ -418,23 +458,30 @@ class Router:
                 proxy.counters.expired += 1  # already answered with a timeout error
                 continue
             self.forward(instance, pdu, (audsid, rseq), pending)
+            if attempts and pending is None and instance.acks:
+                proxy.attempts[audsid, rseq] = attempts
+                if attempts >= self.poison_after - 1:  # its last delivery: alone on its instance
+                    instance.suspect = (audsid, rseq)
             sent += len(pdu)
             if sent > budget:
                 break
         spool.commit()
         return instance
 
-    def adopt(self, proxy: Proxy, records: list[tuple[float, bytes]], possible_duplicates: int, wall: float) -> None:
+    def adopt(
+        self, proxy: Proxy, records: list[tuple[float, bytes, int]], possible_duplicates: int, wall: float
+    ) -> None:
         """Records of hubs that are gone, now in ``proxy``'s queue (queued_at is wall time, as is
-        ``wall``, the time now). They are forwarded with the numbers they have (a one-way request
-        sent again keeps its identity at the worker), which we then do not give to others. The sync
-        requests still in time are tracked to their deadline, but their replies go nowhere: no
-        connection of ours sent them (the audsid is not enough to tell whose they are)."""
+        ``wall``, the time now; their attempts stay in the queue). They are forwarded with the
+        numbers they have (a one-way request sent again keeps its identity at the worker), which
+        we then do not give to others. The sync requests still in time are tracked to their
+        deadline, but their replies go nowhere: no connection of ours sent them (the audsid is not
+        enough to tell whose they are)."""
         proxy.counters.replayed += len(records)
         proxy.counters.duplicates += possible_duplicates  # at most; the spool cannot tell better
         now = self.clock()
         adopted = []
-        for queued_at, pdu in records:
+        for queued_at, pdu, _ in records:
             length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
             self._adopted.add(rseq)
             if self._next_rseq <= rseq < self._rseq_limit:
@@ -472,10 +519,16 @@ class Router:
         if not rseq and protocol.is_quit_notice(length, audsid, rseq):  # the hub numbers requests from 1
             return self._quit(instance, half_close=length != protocol.NORADLE_QUIT_LENGTH)
         counters = instance.proxy.counters
-        pending = instance.inflight.pop((audsid, rseq), None)
+        key = (audsid, rseq)
+        pending = instance.inflight.pop(key, None)
         if pending is None:
-            if instance.unacked.pop((audsid, rseq), None) is not None:
+            if instance.unacked.pop(key, None) is not None:
                 counters.acked += 1  # the worker is done with a one-way request
+                if instance.proxy.attempts:  # it was sent again, and survived
+                    instance.proxy.attempts.pop(key, None)
+                    if instance._suspect == key:  # its instance takes others again
+                        instance.suspect = None
+                        self._wake_pump(instance.proxy)
             else:
                 counters.orphan_replies += 1
             return False
@@ -516,9 +569,11 @@ class Router:
         ``unsent`` is the request PDUs that never left us (the kernel took nothing of them):
         sync and one-way requests alike go again. Of what the kernel took, one-way requests not
         acknowledged go again too (the instance may have handled some of them: counted as
-        possible duplicates); sync ones are answered with errors (the worker may have acted on
+        possible duplicates), each with one more attempt, or set aside as poison at
+        ``poison_after``; sync ones are answered with errors (the worker may have acted on
         them: only the session can tell whether to ask again).
         """
+        instance._suspect = None
         instance.state = "connecting"
         instance.conn = None
         proxy = instance.proxy
@@ -526,21 +581,28 @@ class Router:
         unacked, instance.unacked = instance.unacked, {}
         for _, audsid, rseq in headers:
             unacked.pop((audsid, rseq), None)
-        for pdu in unacked.values():  # all sent before anything in unsent
-            self.enqueue(proxy, pdu, None)
+        poisoned = 0
+        for key, pdu in unacked.items():  # all sent before anything in unsent
+            attempts = proxy.attempts.pop(key, 0) + 1
+            if attempts >= self.poison_after:
+                poisoned += 1
+                self._poison(proxy, pdu, attempts)
+            else:
+                self.enqueue(proxy, pdu, None, attempts)
         for pdu, (length, audsid, rseq) in zip(unsent, headers):
             pending = instance.inflight.pop((audsid, rseq), None) if length > 0 else None
             if pending is not None:
                 pending.instance = None
-            self.enqueue(proxy, pdu, pending)
-        proxy.counters.requeued += len(unacked) + len(unsent)
-        proxy.counters.duplicates += len(unacked)  # at most
-        if unacked or unsent:
+            self.enqueue(proxy, pdu, pending, proxy.attempts.pop((audsid, rseq), 0))  # not delivered: no attempt
+        unacked_requeued = len(unacked) - poisoned
+        proxy.counters.requeued += unacked_requeued + len(unsent)
+        proxy.counters.duplicates += unacked_requeued  # at most
+        if unacked_requeued or unsent:
             log.info(
                 "worker %s went away: %d one-way requests it did not finish and %d requests it never got "
                 "are queued again",
                 instance.name,
-                len(unacked),
+                unacked_requeued,
                 len(unsent),
             )
         if instance.inflight:
@@ -551,6 +613,23 @@ class Router:
             )
         detail = f"worker {instance.name} of proxy {proxy.config.id} went away before replying"
         proxy.counters.worker_lost += self.fail(instance, ErrorCode.WORKER_LOST, detail)
+
+    def _poison(self, proxy: Proxy, pdu: bytes | bytearray, attempts: int) -> None:
+        """A one-way request whose instance went away before acknowledging it ``attempts`` times:
+        into the proxy's dead-letter store, logged once (a flood of them: a summary per interval)."""
+        proxy.counters.poisoned += 1
+        length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
+        self.warnings.warn(
+            f"poison {proxy.config.id}",
+            "proxy %d: one-way request %d of audsid %d (%d bytes) set aside as poison: its worker instance "
+            "went away before finishing it %d times",
+            proxy.config.id,
+            rseq,
+            audsid,
+            -length,
+            attempts,
+        )
+        self._set_aside(proxy, pdu, attempts)
 
     def fail(self, instance: Instance, code: ErrorCode, detail: str) -> int:
         """Answer the instance's sync requests in flight with errors; returns how many."""

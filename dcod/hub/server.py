@@ -28,6 +28,7 @@ import trio
 
 from dcod import protocol
 from dcod.config import Config
+from dcod.hub.deadletter import DeadLetters
 from dcod.hub.routing import Instance, Proxy, Router, Session
 from dcod.hub.spool import SpoolDir
 from dcod.log import Throttle
@@ -69,6 +70,7 @@ class Hub:
             max_record=config.hub.max_pdu,
         )
         self._pump_wanted = {p.id: trio.Event() for p in config.proxies}
+        self.dead_letters = {p.id: DeadLetters(config.state_dir, p.id) for p in config.proxies}
         self.router = Router(
             [Proxy(p, config.worker_addresses(p), self.spools.open(p.id)) for p in config.proxies],
             reply_timeout=config.hub.reply_timeout,
@@ -76,6 +78,8 @@ class Hub:
             clock=clock,
             wake_pump=self._wake_pump,
             warnings=self.warnings,
+            poison_after=config.hub.poison_after,
+            set_aside=self._set_aside,
         )
         self.connections = 0
         self.totals = collections.Counter()  # the shell's (protocol errors, refused connections...); see stats()
@@ -85,6 +89,10 @@ class Hub:
         self._incomplete: dict[Session, tuple[float, protocol.Framer]] = {}
         self._nursery: trio.Nursery | None = None
         self._listeners: list[socket.socket] = []
+        # Under a supervisor (``hold_after_loss``: how long a hold of our own lasts without its word):
+        # the instances it told us to hold, not released since.
+        self.hold_after_loss: float | None = None
+        self.held_by_supervisor: set[Instance] = set()
 
     # ------------------------------------------------------------ life cycle
 
@@ -208,6 +216,22 @@ class Hub:
     def _wake_pump(self, proxy: Proxy) -> None:
         self._pump_wanted[proxy.config.id].set()
 
+    def _set_aside(self, proxy: Proxy, pdu: bytes | bytearray, attempts: int) -> None:
+        """A poison request (the router logged it): into the proxy's dead-letter store."""
+        store = self.dead_letters[proxy.config.id]
+        try:
+            store.add(pdu, attempts)
+        except OSError as e:
+            _, audsid, rseq = protocol.ROUTED_HEADER.unpack_from(pdu)
+            log.error(
+                "proxy %d: the poison request %d of audsid %d cannot be kept in %s (%s): it is lost",
+                proxy.config.id,
+                rseq,
+                audsid,
+                store.path,
+                e.strerror or e,
+            )
+
     def _adopt_spools(self) -> None:
         """Take over what hubs that are gone left queued (the router tracks their sync requests again)."""
         wall = time.time()
@@ -266,6 +290,7 @@ class Hub:
 
     async def _serve_instance(self, instance: Instance, conn: Connection) -> None:
         instance.connects += 1
+        reason: str | None = "handshake"
         try:
             await self._handshake(instance, conn)
             self.router.connected(instance, conn)
@@ -285,7 +310,22 @@ class Hub:
                 for pdu in conn.take_unsent()
                 if pdu is not protocol.HUB_HANDSHAKE and pdu is not protocol.ACK_ONEWAY
             ]
+            lost = instance.state != "quitting" and reason != PROTOCOL_ERROR
             self.router.requeue(instance, unsent)
+            if lost and instance.acks and self.hold_after_loss is not None:
+                self._nursery.start_soon(self._hold_after_loss, instance, self.hold_after_loss)
+
+    async def _hold_after_loss(self, instance: Instance, timeout: float) -> None:
+        """A dcod worker's connection ended with no quit notice: its process died. The supervisor holds
+        it until a new one is ready, but its `hold` comes after the kernel told us (it reaps the process
+        first), and our reconnect would succeed at once, into the backlog of the socket it keeps for a
+        next process, which may never come: hold it ourselves meanwhile. Had it not died (the
+        supervisor does not hold it within ``timeout``), use it again."""
+        self.router.hold(instance)
+        await trio.sleep(timeout)
+        if instance.held and instance not in self.held_by_supervisor:
+            log.warning("worker %s: its connection ended, but it is not down: using it again", instance.name)
+            self.router.hold(instance, False)
 
     async def _handshake(self, instance: Instance, conn: Connection) -> None:
         """The magic; to a worker of our own, the request to acknowledge one-way requests too.
@@ -365,6 +405,8 @@ class Hub:
                 damaged_bytes=spool.damaged_bytes,
                 torn_bytes=spool.torn_bytes,
                 damaged_copies=[str(path) for path in spool.damaged_copies],
+                dead_letters=self.dead_letters[p.config.id].count(),
+                dead_letter_file=str(self.dead_letters[p.config.id].path),
                 inflight=sum(len(i.inflight) for i in p.instances),
                 unacked=sum(len(i.unacked) for i in p.instances),
                 instances=[
@@ -440,8 +482,12 @@ async def serve(config: Config, listeners: list[socket.socket]) -> None:
     hub = Hub(config)
     for proxy_id, index in control.held_at_start():  # instances that are down: see Slot.held
         with contextlib.suppress(KeyError, IndexError):  # not in this configuration
-            hub.router.hold(hub.router.proxies[proxy_id].instances[index])
+            instance = hub.router.proxies[proxy_id].instances[index]
+            hub.held_by_supervisor.add(instance)
+            hub.router.hold(instance)
     channel = control.child_channel()
+    if channel is not None:
+        hub.hold_after_loss = config.supervisor.heartbeat_timeout
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(hub.run, listeners)
@@ -505,6 +551,7 @@ def _report(hub: Hub) -> tuple[control.StatusCounts, dict]:
         queued=sum(p["queued_now"] for p in proxies),
         spooled=sum(p["spooled_bytes"] for p in proxies),
         errors=sum(p["errors"] + p["error_replies"] for p in proxies),
+        dead=sum(p["dead_letters"] for p in proxies),
     )
     return counts, stats
 
@@ -523,7 +570,10 @@ async def _hold(hub: Hub, channel: control.Channel, message: dict) -> None:
         return
     held = control.command_of(message) == control.Command.HOLD
     if held:
+        hub.held_by_supervisor.add(instance)
         hub.router.hold(instance, True)
+    else:
+        hub.held_by_supervisor.discard(instance)
     # Held: wait until its replies and acks are in. Released: until we are connected to it again,
     # and only then not held, so that `dcod status` never sees it down unless it is.
     while instance.inflight or instance.unacked if held else instance.state != "up":

@@ -5,15 +5,19 @@ so a hub that is killed loses nothing it accepted; the next hub replays the file
 first ``memory_limit`` bytes of records are also kept in memory, so a short outage never
 reads the disk; records beyond that are read back in order as the queue drains.
 
-File layout: a 24-byte header ``b"DCOSPL03"`` + u64 *head* (offset of the first record not
+File layout: a 24-byte header ``b"DCOSPL04"`` + u64 *head* (offset of the first record not
 yet forwarded) + u64 *mark* (end of the batch being forwarded, 0 when none), then records
-``4-byte marker, u32 crc32, u32 size, f64 queued_at, PDU``; the crc covers size, queued_at
-and the PDU. A record is dropped (the head moves past it) only once forwarded: the mark is
-written before a batch goes out and the head after, so after a crash the records under the
-mark may have been forwarded already. They are forwarded again and counted as
-``possible_duplicates``. Files of the previous version (``b"DCOSPL02"``: records ``u32 size,
-u32 crc32, f64 queued_at, PDU``, no marker) are still read, and appended to in their own
-layout until they empty.
+``4-byte marker, u32 crc32, u32 size, f64 queued_at, u32 attempts, PDU``; the crc covers size,
+queued_at, attempts and the PDU. *attempts* counts the deliveries of the request that ended with
+its worker instance gone before it acknowledged the request (the hub sets a request aside as
+poison at ``hub.poison_after``): it travels with the record, so a new hub knows it too.
+A record is dropped (the head moves past it) only once forwarded: the mark is written before
+a batch goes out and the head after, so after a crash the records under the mark may have
+been forwarded already. They are forwarded again and counted as
+``possible_duplicates``. Files of previous versions (``b"DCOSPL03"``: records without
+attempts; ``b"DCOSPL02"``: records ``u32 size, u32 crc32, f64 queued_at, PDU``, no marker) are
+still read, their records with 0 attempts, and appended to in their own layout (attempts not
+kept) until they empty.
 
 Damage costs only the damaged records: recovery resynchronizes on the next marker whose
 record checks out, logs each skipped range with its offsets, and keeps a copy of the file
@@ -59,31 +63,47 @@ class RecordLayout:
     marker: bytes  # what every record starts with, to resynchronize on; empty in the old layout
     covered: slice  # the part of the header the crc covers (with the PDU)
 
-    def pack(self, queued_at: float, pdu: bytes | bytearray) -> bytes:
+    def pack(self, queued_at: float, pdu: bytes | bytearray, attempts: int) -> bytes:
         raise NotImplementedError
 
-    def fields(self, header: bytes) -> tuple[int, int, float] | None:
-        """(size, crc, queued_at) of a record header, or None if it has no marker."""
+    def fields(self, header: bytes) -> tuple[int, int, float, int] | None:
+        """(size, crc, queued_at, attempts) of a record header, or None if it has no marker."""
         raise NotImplementedError
 
     def check(self, header: bytes, pdu: bytes, crc: int) -> bool:
         return zlib.crc32(pdu, zlib.crc32(header[self.covered])) == crc
 
 
+class LayoutV4(RecordLayout):
+    magic = b"DCOSPL04"
+    header = struct.Struct(">4sIIdI")  # marker, crc32, size, queued_at, attempts
+    marker = b"\xd3\xc0\x5a\x17"
+    covered = slice(8, 24)
+    _covered = struct.Struct(">IdI")
+
+    def pack(self, queued_at: float, pdu: bytes | bytearray, attempts: int) -> bytes:
+        covered = self._covered.pack(len(pdu), queued_at, attempts)
+        return b"".join((self.marker, struct.pack(">I", zlib.crc32(pdu, zlib.crc32(covered))), covered, pdu))
+
+    def fields(self, header: bytes) -> tuple[int, int, float, int] | None:
+        marker, crc, size, queued_at, attempts = self.header.unpack(header)
+        return (size, crc, queued_at, attempts) if marker == self.marker else None
+
+
 class LayoutV3(RecordLayout):
     magic = b"DCOSPL03"
     header = struct.Struct(">4sIId")  # marker, crc32, size, queued_at
-    marker = b"\xd3\xc0\x5a\x17"
+    marker = LayoutV4.marker
     covered = slice(8, 20)
     _covered = struct.Struct(">Id")
 
-    def pack(self, queued_at: float, pdu: bytes | bytearray) -> bytes:
+    def pack(self, queued_at: float, pdu: bytes | bytearray, attempts: int) -> bytes:
         covered = self._covered.pack(len(pdu), queued_at)
         return b"".join((self.marker, struct.pack(">I", zlib.crc32(pdu, zlib.crc32(covered))), covered, pdu))
 
-    def fields(self, header: bytes) -> tuple[int, int, float] | None:
+    def fields(self, header: bytes) -> tuple[int, int, float, int] | None:
         marker, crc, size, queued_at = self.header.unpack(header)
-        return (size, crc, queued_at) if marker == self.marker else None
+        return (size, crc, queued_at, 0) if marker == self.marker else None
 
 
 class LayoutV2(RecordLayout):
@@ -92,19 +112,21 @@ class LayoutV2(RecordLayout):
     marker = b""
     covered = slice(8, 16)
 
-    def pack(self, queued_at: float, pdu: bytes | bytearray) -> bytes:
+    def pack(self, queued_at: float, pdu: bytes | bytearray, attempts: int) -> bytes:
         stamp = struct.pack(">d", queued_at)
         return self.header.pack(len(pdu), zlib.crc32(pdu, zlib.crc32(stamp)), queued_at) + pdu
 
-    def fields(self, header: bytes) -> tuple[int, int, float] | None:
+    def fields(self, header: bytes) -> tuple[int, int, float, int] | None:
         size, crc, queued_at = self.header.unpack(header)
-        return size, crc, queued_at
+        return size, crc, queued_at, 0
 
 
-CURRENT = LayoutV3()
-LAYOUTS = {layout.magic: layout for layout in (CURRENT, LayoutV2())}
+CURRENT = LayoutV4()
+LAYOUTS = {layout.magic: layout for layout in (CURRENT, LayoutV3(), LayoutV2())}
 MAGIC = CURRENT.magic
 RECORD_HEADER = CURRENT.header
+
+Record = tuple[float, bytes, int]  # queued_at (wall time), PDU, attempts (deliveries its instance did not survive)
 
 
 class SpoolFull(Exception):
@@ -142,11 +164,11 @@ class Spool:
         self.max_record = max_record
         self._layout: RecordLayout = CURRENT
         self._fd = -1
-        # Records of the file loaded in memory: (end offset, queued_at, pdu), contiguous from the head.
-        self._mem: collections.deque[tuple[int, float, bytes]] = collections.deque()
+        # Records of the file loaded in memory: (end offset, queued_at, pdu, attempts), contiguous from the head.
+        self._mem: collections.deque[tuple[int, float, bytes, int]] = collections.deque()
         self._loaded_bytes = 0
         # Records the file could not take (not durable): they come after every record of the file.
-        self._held: collections.deque[tuple[float, bytes]] = collections.deque()
+        self._held: collections.deque[Record] = collections.deque()
         self._held_bytes = 0
         self._gaps: dict[int, int] = {}  # damaged ranges between head and end: start -> end
         self._disk_next = FILE_HEADER.size  # first record of the file not in memory
@@ -193,18 +215,18 @@ class Spool:
 
     # ------------------------------------------------------------ operations
 
-    def append(self, pdu: bytes | bytearray, queued_at: float | None = None) -> None:
+    def append(self, pdu: bytes | bytearray, queued_at: float | None = None, attempts: int = 0) -> None:
         """Queue a PDU: written to the file before return (fsync per the caller's policy), or, if
         the file cannot take it, held in memory (not durable). Raises SpoolFull past the bounds.
 
         ``queued_at`` (wall time) is now, or the original time of a record taken over from
-        another spool."""
+        another spool; ``attempts``, its deliveries so far that its instance did not survive."""
         if self.size + CURRENT.header.size + len(pdu) > self.size_limit:
             raise SpoolFull(f"spool {self.path} at its bound of {self.size_limit} bytes")
         if queued_at is None:
             queued_at = time.time()
         if self.durable:
-            record = self._layout.pack(queued_at, pdu)
+            record = self._layout.pack(queued_at, pdu, attempts)
             try:
                 self._write_at(record, self._end)
             except OSError as e:
@@ -212,27 +234,27 @@ class Spool:
             else:
                 self.records += 1
                 self.dirty = True
-                self._written(queued_at, pdu, len(record))
+                self._written((queued_at, pdu, attempts), len(record))
                 return
-        self._hold(queued_at, bytes(pdu))
+        self._hold((queued_at, bytes(pdu), attempts))
 
-    def extend(self, records: list[tuple[float, bytes]]) -> None:
-        """Append records (queued_at, pdu) taken over from another spool, durably (written and
+    def extend(self, records: list[Record]) -> None:
+        """Append records (queued_at, pdu, attempts) taken over from another spool, durably (written and
         fsynced) or not at all: raises SpoolFull if they do not fit or the file cannot take them."""
         if not self.durable:
             raise SpoolFull(f"spool {self.path} is not durable ({self.not_durable_reason})")
-        if self.size + sum(CURRENT.header.size + len(pdu) for _, pdu in records) > self.size_limit:
+        if self.size + sum(CURRENT.header.size + len(record[1]) for record in records) > self.size_limit:
             raise SpoolFull(f"spool {self.path} at its bound of {self.size_limit} bytes")
         try:
             sizes = self._write_durably(records)
         except OSError as e:
             raise SpoolFull(f"spool {self.path}: {e.strerror or e}") from None
-        for (queued_at, pdu), size in zip(records, sizes):
+        for record, size in zip(records, sizes):
             self.records += 1
-            self._written(queued_at, pdu, size)
+            self._written(record, size)
 
-    def peek(self) -> tuple[float, bytes] | None:
-        """The oldest record (queued_at, pdu) without removing it, or None.
+    def peek(self) -> Record | None:
+        """The oldest record (queued_at, pdu, attempts) without removing it, or None.
 
         None can come even when len() was not 0: records found damaged while reading back."""
         if not self._mem and self._disk_next < self._end:
@@ -241,8 +263,8 @@ class Spool:
             if self.damaged_ranges != damaged:  # the damaged records were counted: count what is left
                 self.records = len(self._mem) + sum(1 for _ in self._file_records(self._disk_next)) + len(self._held)
         if self._mem:
-            _, queued_at, pdu = self._mem[0]
-            return queued_at, pdu
+            _, queued_at, pdu, attempts = self._mem[0]
+            return queued_at, pdu, attempts
         return self._held[0] if self._held else None
 
     def pop(self) -> None:
@@ -252,11 +274,11 @@ class Spool:
                 # Records popped in this batch all end at or before the current end.
                 self._write_header(self._head_written, self._end)
                 self._marked = True
-            end, _, pdu = self._mem.popleft()
+            end, _, pdu, _ = self._mem.popleft()
             self._loaded_bytes -= len(pdu)
             self._head = self._gaps.pop(end, end)
         else:
-            _, pdu = self._held.popleft()
+            _, pdu, _ = self._held.popleft()
             self._held_bytes -= len(pdu)
         self.records -= 1
 
@@ -304,8 +326,8 @@ class Spool:
         self._head_written = self._head
         self._held.clear()
         self._held_bytes = 0
-        for (queued_at, pdu), size in zip(held, sizes):
-            self._written(queued_at, pdu, size)
+        for record, size in zip(held, sizes):
+            self._written(record, size)
         log.info("%s: durable again (%d requests held in memory written)", self.path, len(held))
         self.durable = True
         self.not_durable_reason = None
@@ -356,24 +378,25 @@ class Spool:
 
     # ------------------------------------------------------------ reading back
 
-    def scan(self) -> Iterator[tuple[float, bytes]]:
-        """Every queued record (queued_at, pdu), oldest first, read from disk; nothing is consumed."""
-        for _, queued_at, pdu in self._file_records(self._head):
-            yield queued_at, pdu
+    def scan(self) -> Iterator[Record]:
+        """Every queued record (queued_at, pdu, attempts), oldest first, read from disk; nothing is consumed."""
+        for _, queued_at, pdu, attempts in self._file_records(self._head):
+            yield queued_at, pdu, attempts
         yield from self._held
 
     def _load(self) -> None:
         """Read records from disk into memory, up to the memory limit (at least one)."""
-        for end, queued_at, pdu in self._file_records(self._disk_next):
-            self._mem.append((end, queued_at, pdu))
+        for record in self._file_records(self._disk_next):
+            self._mem.append(record)
+            end, _, pdu, _ = record
             self._loaded_bytes += len(pdu)
             self._disk_next = end
             if self.memory_bytes >= self.memory_limit:
                 return
         self._disk_next = self._end
 
-    def _file_records(self, offset: int) -> Iterator[tuple[int, float, bytes]]:
-        """The intact records of the file from offset (end offset, queued_at, pdu). Damage found
+    def _file_records(self, offset: int) -> Iterator[tuple[int, float, bytes, int]]:
+        """The intact records of the file from offset (end offset, queued_at, pdu, attempts). Damage found
         here (it was not at open: it came since, or the disk fails) is skipped and logged once."""
         while offset < self._end:
             offset = self._gaps.get(offset, offset)
@@ -392,8 +415,8 @@ class Spool:
             yield record
             offset = record[0]
 
-    def _read(self, offset: int, limit: int) -> tuple[int, float, bytes] | None:
-        """(end offset, queued_at, pdu) of an intact record at offset that ends by limit, or None."""
+    def _read(self, offset: int, limit: int) -> tuple[int, float, bytes, int] | None:
+        """(end offset, queued_at, pdu, attempts) of an intact record at offset that ends by limit, or None."""
         layout = self._layout
         header = os.pread(self._fd, layout.header.size, offset)
         if len(header) < layout.header.size:
@@ -401,14 +424,14 @@ class Spool:
         fields = layout.fields(header)
         if fields is None:
             return None
-        size, crc, queued_at = fields
+        size, crc, queued_at, attempts = fields
         end = offset + len(header) + size
         if size > self.max_record or end > limit:
             return None
         pdu = os.pread(self._fd, size, offset + len(header))
         if len(pdu) < size or not layout.check(header, pdu, crc):
             return None
-        return end, queued_at, pdu
+        return end, queued_at, pdu, attempts
 
     def _resync(self, offset: int, limit: int) -> int | None:
         """Offset of the first intact record at or after offset (found by its marker), or None."""
@@ -438,10 +461,10 @@ class Spool:
                 os.ftruncate(self._fd, offset)  # back to the last whole record: shrinking needs no space
             raise
 
-    def _write_durably(self, records: list[tuple[float, bytes]], head: int | None = None) -> list[int]:
+    def _write_durably(self, records: list[Record], head: int | None = None) -> list[int]:
         """Write records at the end of the file (and the head, if given), fsync: all of it, or raise
         OSError with none of the records left in the file. Returns the size of each record."""
-        packed = [self._layout.pack(queued_at, pdu) for queued_at, pdu in records]
+        packed = [self._layout.pack(*record) for record in records]
         offset = self._end
         try:
             chunk: list[bytes] = []
@@ -464,11 +487,12 @@ class Spool:
         self.dirty = False
         return [len(record) for record in packed]
 
-    def _written(self, queued_at: float, pdu: bytes | bytearray, size: int) -> None:
+    def _written(self, record: tuple[float, bytes | bytearray, int], size: int) -> None:
         """Account for a record just written at the end; keep it in memory if it can be."""
+        queued_at, pdu, attempts = record
         self._end += size
         if self._disk_next == self._end - size and self.memory_bytes + len(pdu) <= self.memory_limit:
-            self._mem.append((self._end, queued_at, bytes(pdu)))
+            self._mem.append((self._end, queued_at, bytes(pdu), attempts))
             self._loaded_bytes += len(pdu)
             self._disk_next = self._end
 
@@ -494,11 +518,12 @@ class Spool:
             )
         self.not_durable_reason = reason
 
-    def _hold(self, queued_at: float, pdu: bytes) -> None:
+    def _hold(self, record: Record) -> None:
         """Keep a record the file cannot take, in memory only, after every record of the file."""
+        pdu = record[1]
         # Records loaded from the file make room first: they are read back when their turn comes.
         while self._mem and self.memory_bytes + len(pdu) > self.memory_limit:
-            _, _, evicted = self._mem.pop()
+            _, _, evicted, _ = self._mem.pop()
             self._loaded_bytes -= len(evicted)
             self._disk_next = self._mem[-1][0] if self._mem else self._head
         if self.memory_bytes + len(pdu) > self.memory_limit:
@@ -506,7 +531,7 @@ class Spool:
                 f"spool {self.path} not durable ({self.not_durable_reason}) and "
                 f"{self.memory_limit} bytes held in memory"
             )
-        self._held.append((queued_at, pdu))
+        self._held.append(record)
         self._held_bytes += len(pdu)
         self.records += 1
 
@@ -692,15 +717,15 @@ class SpoolDir:
         """This process's own spool for a proxy (not durable if its file cannot be written)."""
         return Spool(self.directory / f"proxy-{proxy_id}.{os.getpid()}.spool", **self.limits)
 
-    def adopt(self, spool: Spool, proxy_id: int) -> tuple[list[tuple[float, bytes]], int]:
+    def adopt(self, spool: Spool, proxy_id: int) -> tuple[list[Record], int]:
         """Move the records of gone hubs' spools for this proxy into ``spool``, oldest file first.
 
-        Returns the records taken (queued_at, pdu) and how many may have been forwarded already.
+        Returns the records taken (queued_at, pdu, attempts) and how many may have been forwarded already.
         Damage found in those files is added to ``spool``'s counts. Nothing is taken while
         ``spool`` is not durable: the records are safer in their files than in memory. A file
         that cannot be taken yet stays open (locked) until it can: it is recovered only once.
         """
-        taken: list[tuple[float, bytes]] = []
+        taken: list[Record] = []
         possible_duplicates = 0
         if not spool.durable:
             return taken, possible_duplicates

@@ -55,6 +55,7 @@ class Control(StrEnum):
     RELOAD = "reload"
     STOP = "stop"
     UPGRADE = "upgrade"  # `dcod reload --upgrade`: re-execute the supervisor in place, then roll out
+    DEAD_LETTERS = "dead-letters"  # {"action": "list"|"retry"|"drop", "proxy": id or null, "ids": [...] or null}
 
 
 def event(name: Event, **fields) -> dict:
@@ -88,6 +89,7 @@ class StatusCounts:
     queued: int = 0  # requests waiting for a worker instance (hub)
     spooled: int = 0  # bytes in the durable spool (hub)
     errors: int = 0  # requests that failed
+    dead: int = 0  # requests set aside as poison, in the dead-letter stores now (hub)
 
     @classmethod
     def of(cls, message: dict) -> StatusCounts:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -29,6 +30,7 @@ import trio
 from dcod import __version__, fs
 from dcod import config as configuration
 from dcod.config import Config
+from dcod.hub import deadletter
 from dcod.net import sockets
 from dcod.net.channel import Control, StatusCounts, command_of
 from dcod.supervisor import control, metrics, reexec, rundir
@@ -433,6 +435,11 @@ class Supervisor:
                 reply({"ok": True})
         elif command == Control.UPGRADE:
             await reexec.upgrade(self, reply)  # answered by the next image if it happens
+        elif command == Control.DEAD_LETTERS:
+            operate = functools.partial(
+                deadletter.operate, self.config, message.get("action"), message.get("proxy"), message.get("ids")
+            )
+            reply(await trio.to_thread.run_sync(operate))
         elif command == Control.STOP:
             # Each step of the stop, and its end: answered just before we exit.
             self._stop_watchers.append(lambda line: reply({"progress": line}))
