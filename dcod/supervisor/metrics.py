@@ -68,6 +68,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "dcod_process_inflight_requests": (GAUGE, PROCESS_LABELS, "requests taken and not answered yet (INFLIGHT)"),
     "dcod_process_queued_requests": (GAUGE, PROCESS_LABELS, "hub: requests waiting for a worker instance (QUEUED)"),
     "dcod_process_spool_bytes": (GAUGE, PROCESS_LABELS, "hub: bytes in the durable queue (SPOOLED)"),
+    "dcod_process_dead_letters": (GAUGE, PROCESS_LABELS, "hub: requests in the dead-letter stores (DEAD)"),
     "dcod_process_restarts_total": (COUNTER, SLOT_LABELS, "processes started again after one ended (RESTARTS)"),
     "dcod_process_recent_failures": (GAUGE, SLOT_LABELS, "failures within restart_window; at restart_max: failed"),
     # The serving hub generation's view, per proxy and per worker instance of it.
@@ -136,6 +137,12 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "requests sent again that a worker may have had (at most)",
     ),
     "dcod_proxy_orphan_replies_total": (COUNTER, ("proxy", "generation"), "replies to no request in flight"),
+    "dcod_proxy_poisoned_requests_total": (
+        COUNTER,
+        ("proxy", "generation"),
+        "one-way requests set aside as poison by this hub generation",
+    ),
+    "dcod_proxy_dead_letters": (GAUGE, ("proxy", "generation"), "requests in the proxy's dead-letter store (DEAD)"),
     "dcod_proxy_reply_latency_seconds": (
         SUMMARY,
         ("proxy", "generation"),
@@ -191,6 +198,8 @@ PROXY_FIGURES = {
     "expired": "dcod_proxy_expired_requests_total",
     "duplicates": "dcod_proxy_possible_duplicates_total",
     "orphan_replies": "dcod_proxy_orphan_replies_total",
+    "poisoned": "dcod_proxy_poisoned_requests_total",
+    "dead_letters": "dcod_proxy_dead_letters",
     "latency_max": "dcod_proxy_reply_latency_max_seconds",
     "queued_now": "dcod_proxy_queued_requests",
     "spooled_bytes": "dcod_proxy_spool_bytes",
@@ -209,6 +218,7 @@ PROCESS_FIGURES = {
     "inflight": "dcod_process_inflight_requests",
     "queued": "dcod_process_queued_requests",
     "spooled": "dcod_process_spool_bytes",
+    "dead": "dcod_process_dead_letters",
 }
 
 
