@@ -18,7 +18,8 @@ What runs (all real processes, real signals):
   checking every reply; one-way sessions sending numbered one-way requests to proxy 2;
 - faults in *storms* separated by *calm* phases: SIGKILL, SIGSTOP(+SIGCONT) and SIGTERM of the
   hub, of worker instances and of the supervisor itself; a blocked handler ("handler block": a
-  sync request "block"); the state directory full for 1-4 s ("state full", root only);
+  sync request "block"); the state directory full for 1-4 s ("state full", root only); a poison
+  request ("handler poison": a one-way request whose handler SIGKILLs its worker);
   `dcod reload` at random times, in storms and in calm phases alike.
 
 Invariants (exit status 1 if one is broken):
@@ -30,7 +31,8 @@ Invariants (exit status 1 if one is broken):
    is explained by a fault injected shortly before it, of a kind that can cause it; traffic
    with no fault nearby, reloads included, sees none;
 3. a blocked handler's instance is killed as hung (its request gets DCO-0003), unless the
-   supervisor was itself down; a full state directory alone costs no request;
+   supervisor was itself down; a full state directory alone costs no request; each poison request
+   is set aside once, after at most poison_after deliveries, and nothing else is;
 4. no dcod process is left behind: after the final stop no process's command line contains
    the run's configuration path, and a killed supervisor's children leave on their own.
 """
@@ -93,9 +95,14 @@ _fd = os.open({path!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
 
 async def handle(req):
+    if req.body.startswith(b"poison"):  # dies of it: a line of its own (4 fields), then SIGKILL
+        os.write(_fd, b"%s %d %d %.6f\\n" % (req.body, req.audsid, os.getpid(), time.time()))
+        os.kill(os.getpid(), 9)
     os.write(_fd, b"%d %d %d %s %d %.6f\\n" % (req.audsid, req.rseq, req.sync, req.body, os.getpid(), time.time()))
     return None
 '''
+POISON_AFTER = 3  # hub.poison_after: deliveries a poison request kills before it is set aside
+POISON_AUDSID = 840000  # + n: the session of the n-th poison request, its key in the dead letters
 
 # Proxy 1's handler: the echo, but a request "block" blocks its worker's event loop (time.sleep, as a
 # handler calling blocking code would) for longer than heartbeat_timeout: the supervisor must kill it.
@@ -126,6 +133,7 @@ FAULTS = {
     "supervisor SIGTERM": 1,
     "handler block": 1,  # a sync request whose handler blocks its worker past heartbeat_timeout
     "state full": 1,  # the state directory's filesystem full for 1-4 s (root only: a tmpfs)
+    "handler poison": 1,  # a one-way request whose handler kills its worker: set aside after POISON_AFTER
 }
 # Which faults can explain which abnormal outcome (STOP_UNDER_FROZEN_HUB kinds explain the
 # outcomes not in EXPLAINS_ALONE only when they hit while the hub was SIGSTOPped).
@@ -201,6 +209,8 @@ class Recorder:
         self.anomalies: list[str] = []
         self.hung_killed = {"hub": 0, "worker": 0}  # SIGSTOPped long enough for the pmon to kill them
         self.blocks: list[tuple[Fault, str, float]] = []  # each "handler block": its outcome and end
+        self.poison: dict[int, Fault] = {}  # each poison request sent, by its session's audsid
+        self.dead_letters: list[dict] = []  # `dcod dead-letters list --json` after the final stop
         self.wall_offset = time.time() - time.monotonic()
         self.started = time.monotonic()
         self.ended = float("inf")
@@ -478,6 +488,9 @@ class Chaos:
         if kind == "state full":
             await self._fill_the_state_directory()
             return
+        if kind == "handler poison":
+            await self._send_poison(patient)
+            return
         with trio.move_on_after(60 if patient else 0):
             while True:
                 children = self.service.children()
@@ -567,6 +580,22 @@ class Chaos:
             outcome = type(e).__name__
         self.rec.blocks.append((fault, outcome, time.monotonic()))
         fault.detail = f"answered {outcome} after {time.monotonic() - fault.at:.1f} s"
+
+    async def _send_poison(self, patient: bool) -> None:
+        """A one-way request to proxy 2 that kills every instance it reaches, on a session of its own."""
+        with trio.move_on_after(120 if patient else 0):
+            await self.service.ready.wait()
+        if not self.service.ready.is_set():
+            return
+        audsid = POISON_AUDSID + len(self.rec.poison)
+        try:
+            async with self.load.session(audsid) as session:
+                session.write(b"poison:%d" % audsid)
+                await session.send_request(ONEWAY_PROXY, oneway=True)
+        except ClientError as e:
+            self.rec.fault("handler poison", 0, f"audsid {audsid}, not sent: {type(e).__name__}")
+            return
+        self.rec.poison[audsid] = self.rec.fault("handler poison", 0, f"audsid {audsid}")
 
     async def _fill_the_state_directory(self) -> None:
         """The state directory's filesystem full for 1-4 s; one fill at a time."""
@@ -745,6 +774,7 @@ def write_config(workdir: Path, port: int) -> Path:
         listen = "127.0.0.1:{port}"
         advertise = "127.0.0.1:{port}"
         reply_timeout = {REPLY_TIMEOUT}
+        poison_after = {POISON_AFTER}
 
         [supervisor]
         runtime_dir = "{workdir / "run"}"
@@ -790,6 +820,20 @@ def crashes_in_logs(workdir: Path) -> dict[str, int]:
                 found[f"{m[1]}: {m[2][:120]}"] += 1
                 in_traceback = False
     return dict(found)
+
+
+def poison_deliveries(workdir: Path) -> dict[int, list[float]]:
+    """The wall times at which the counting worker took each poison request (and died of it), by audsid."""
+    taken = collections.defaultdict(list)
+    try:
+        text = (workdir / "oneway-seen.log").read_bytes()
+    except FileNotFoundError:
+        return taken
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[0].startswith(b"poison"):
+            taken[int(parts[1])].append(float(parts[3]))
+    return taken
 
 
 def seen_at_workers(workdir: Path) -> list[tuple[bytes, int, float]]:
@@ -870,6 +914,11 @@ async def chaos(args, workdir: Path) -> dict:
         service.stopping = True
         service.proc.send_signal(signal.SIGTERM)
     listener.close()
+    returncode, output = await service.dcod("dead-letters", "list", "--json")  # no service: from the files
+    if returncode == 0:
+        rec.dead_letters = json.loads(output)
+    else:
+        rec.anomalies.append(f"dcod dead-letters list: status {returncode}: {output.strip()[-300:]}")
     left = service.leftovers()
     for p in left:
         try:
@@ -927,6 +976,9 @@ def report(args, rec: Recorder, workdir: Path, left: list[str], elapsed: float) 
     late_to_lost = duplicates = duplicates_unexplained = stray = 0
     unclean = [f for f in rec.faults if f.kind == "hub SIGKILL" or (f.kind == "hub SIGSTOP" and "pmon" in f.detail)]
     worker2_killed = [f for f in rec.faults if f.kind == "worker 2 SIGKILL"]
+    deliveries = poison_deliveries(workdir)
+    # Each delivery of a poison request kills proxy 2's instance, as a SIGKILL would.
+    worker2_killed += [Fault(0.0, wall, "handler poison", 0) for walls in deliveries.values() for wall in walls]
     for audsid, rseq, wall, _error in rec.unexpected:
         r = rec.sync.get((audsid, rseq))
         if r is None:
@@ -1009,6 +1061,33 @@ def report(args, rec: Recorder, workdir: Path, left: list[str], elapsed: float) 
                 f"handler block at {fault.at - rec.started:.2f}: answered after {done - fault.at:.1f} s, "
                 "its instance not killed as hung"
             )
+    # ---- poison requests: each set aside once, after POISON_AFTER deliveries; nothing else set aside
+    dead = collections.Counter(d["audsid"] for d in rec.dead_letters)
+    poison_missing = poison_missing_explained = 0
+    for audsid, fault in rec.poison.items():
+        if dead[audsid] > 1:
+            violations.append(f"poison audsid {audsid}: set aside {dead[audsid]} times")
+        if dead[audsid]:
+            continue
+        poison_missing += 1
+        # Lost as any one-way request with its hub (SIGKILL before the spool had it), or with a
+        # dead-letter store the full state directory could not take (the hub logs it lost).
+        if rec.explanation("oneway missing", fault.at, rec.ended) or any(
+            f.kind == "state full" and f.at >= fault.at for f in rec.faults
+        ):
+            poison_missing_explained += 1
+        else:
+            violations.append(f"poison audsid {audsid} sent at {fault.at - rec.started:.2f}: never set aside")
+    innocent = [d for d in rec.dead_letters if d["audsid"] not in rec.poison]
+    for d in innocent:
+        # A request can meet POISON_AFTER deaths of its instance that are no fault of its own only
+        # if chaos kills that instance as often (SIGKILL, or SIGSTOP until the pmon kills it).
+        kills = [f for f in rec.faults if f.kind in ("worker 2 SIGKILL", "worker 2 SIGSTOP") and f.wall <= d["dead_at"]]
+        if len(kills) < POISON_AFTER - 1:
+            violations.append(f"dead letter of audsid {d['audsid']} (request {d['rseq']}): set aside, not poison")
+    most = max((len(w) for w in deliveries.values()), default=0)
+    if most > POISON_AFTER and not unclean:
+        violations.append(f"a poison request delivered {most} times (poison_after {POISON_AFTER})")
     if rec.reload_failures and not faults:
         violations.append("reloads failed without any fault")
     total_faults = sum(faults.values())
@@ -1053,6 +1132,14 @@ def report(args, rec: Recorder, workdir: Path, left: list[str], elapsed: float) 
             "quiet_missing": oneway_quiet_missing,
         },
         "blocked_handlers": dict(blocks),
+        "poison": {
+            "sent": len(rec.poison),
+            "set_aside": sum(1 for a in rec.poison if dead[a]),
+            "not_set_aside": poison_missing,
+            "not_set_aside_explained": poison_missing_explained,
+            "deliveries": dict(sorted(collections.Counter(len(w) for w in deliveries.values()).items())),
+            "innocent_set_aside": len(innocent),
+        },
         "crashes": crashes,
         "timeline": [
             f"{f.at - rec.started:7.2f} {time.strftime('%H:%M:%S', time.localtime(f.wall))} {f.kind} pid {f.pid}"
@@ -1148,6 +1235,18 @@ def print_report(r: dict) -> None:
     if o["missing_explained_by"]:
         print(
             "    missing explained by: " + ", ".join(f"{k} {n}" for k, n in sorted(o["missing_explained_by"].items()))
+        )
+    p = r["poison"]
+    if p["sent"]:
+        table(
+            "poison requests (one-way, proxy 2)",
+            [
+                ("sent", p["sent"]),
+                ("set aside (dead letters)", p["set_aside"]),
+                ("not set aside (explained)", f"{p['not_set_aside']} ({p['not_set_aside_explained']})"),
+                ("deliveries: requests", ", ".join(f"{k}: {n}" for k, n in p["deliveries"].items())),
+                ("other requests set aside", p["innocent_set_aside"]),
+            ],
         )
     if r["blocked_handlers"]:
         table("blocked handlers (sync requests to proxy 1): answered", sorted(r["blocked_handlers"].items()))

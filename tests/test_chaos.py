@@ -1,7 +1,7 @@
 """A short chaos run (bench/chaos.py, about 15 s of faults): a real `dcod run` under sync and one-way
 load while its hub, its workers and the supervisor itself are SIGKILLed, SIGSTOPped and SIGTERMed,
-a handler blocks its worker, the state directory fills up (as root), with `dcod reload` at random
-times. Every kind of fault is injected at least once (--cover).
+a handler blocks its worker, a poison request kills its worker, the state directory fills up (as
+root), with `dcod reload` at random times. Every kind of fault is injected at least once (--cover).
 
 The invariants are bench/chaos.py's: every sync request has exactly one outcome, every abnormal
 outcome and every missing one-way request is explained by a fault just before it, nothing is
@@ -57,8 +57,9 @@ def test_chaos_run_keeps_every_invariant(tmp_path):
     kinds = {" ".join(k.split()[::2]) if k.startswith("worker") else k for k in r["faults"]}
     signals = {f"{t} {s}" for t in ("hub", "worker", "supervisor") for s in ("SIGKILL", "SIGSTOP", "SIGTERM")}
     disk = {"state full"} if os.geteuid() == 0 else set()  # a small tmpfs of its own: root only
-    assert kinds == signals | {"handler block"} | disk, r["faults"]
+    assert kinds == signals | {"handler block", "handler poison"} | disk, r["faults"]
     assert r["blocked_handlers"] and "ok" not in r["blocked_handlers"]  # killed as hung
+    assert r["poison"]["sent"] > 0 and r["poison"]["innocent_set_aside"] == 0
     assert r["sync"]["outcomes"].get("ok", 0) > 100 and r["oneway"]["seen"] > 100
     assert sum(r["reloads"].values()) > 0
     assert r["supervisor"]["starts"] >= 3  # started, restarted after SIGKILL, after SIGTERM

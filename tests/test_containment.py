@@ -18,6 +18,7 @@ import test_rollout
 from conftest import wait_for
 from dcod.client import DcoError, DcoTimeout, Session
 from dcod.hub.deadletter import DeadLetters
+from mounts import fill, tmpfs
 from peers import WorkerPeer
 from runs import ECHO
 from test_rollout import FAST_PMON, dcod_async, row, status
@@ -375,3 +376,18 @@ def test_a_dead_letter_line_cut_short_by_a_crash_costs_only_itself(tmp_path, cap
     assert "line 2 is not a dead letter" in caplog.text
     assert store.count() == 2 and store.take([1]) == [first]
     assert store.letters() == [second] and store.count() == 1
+
+
+async def test_a_supervisor_started_on_a_full_disk_serves_degraded_and_says_so(run, tmp_path):
+    """Seen in the chaos run: the marker of a running hub (for an unclean stop's alert at the next
+    start) could not be written, and `dcod run` died of the traceback, again at every restart."""
+    with tmpfs(tmp_path / "full", size="1m") as state:
+        fill(state)
+        r = run(ECHO, state_dir=state)
+        await r.notification("READY=1")
+        async with Session(r.config.hub.advertise, audsid=11) as session:
+            assert await session.call_sync(1, b"served") == b"served"
+        assert "Traceback" not in r.log
+        assert "No space left on device" in r.log  # said, with what it costs
+        result = await dcod_async(r.config, "status")
+        assert result.returncode == 3, result.stdout + result.stderr

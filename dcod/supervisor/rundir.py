@@ -17,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 from pathlib import Path
 
 from dcod import fs
 from dcod.config import BUILTIN, Config
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = "dcod.lock"
 RUNTIME_MODE = 0o751  # as RuntimeDirectoryMode= of dco-hub.service: the alert file is reachable by its path
@@ -152,7 +155,10 @@ def _lock(directory: Path, what: str) -> int:
             f"directories of its own (supervisor.runtime_dir, state_dir)"
         ) from None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:  # a full disk: the lock holds all the same, only its holder goes unnamed
+        log.warning("%s: cannot write our pid in it (%s); the lock holds", path, e.strerror)
     return fd
 
 

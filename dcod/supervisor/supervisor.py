@@ -369,7 +369,15 @@ class Supervisor:
 
     def _mark_hub_running(self) -> None:
         marker = self.config.state_dir / UNCLEAN_MARKER
-        fs.write_atomically(marker, f"{os.getpid()} {self.config.hub.advertise}\n".encode())
+        try:
+            fs.write_atomically(marker, f"{os.getpid()} {self.config.hub.advertise}\n".encode())
+        except OSError as e:  # a full or read-only disk must not keep the service down
+            log.warning(
+                "%s: cannot be written (%s): if this run does not stop cleanly, the next one will not know "
+                "to raise the quit alert",
+                marker,
+                e.strerror,
+            )
 
     async def _watchdog(self) -> None:
         """WATCHDOG=1 at half the interval systemd asks for, while our event loop runs."""
