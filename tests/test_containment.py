@@ -391,3 +391,25 @@ async def test_a_supervisor_started_on_a_full_disk_serves_degraded_and_says_so(r
         assert "No space left on device" in r.log  # said, with what it costs
         result = await dcod_async(r.config, "status")
         assert result.returncode == 3, result.stdout + result.stderr
+
+
+async def test_a_poison_request_the_full_disk_cannot_take_is_held_until_it_can(run, poison, handler_path, tmp_path):
+    with tmpfs(tmp_path / "small", size="1m") as state:
+        _, deliveries, _ = poison
+        r = run(
+            '[[proxy]]\nid = 1\nhandler = "poison:handle"\n' + handler_path,
+            supervisor=FAST_PMON,
+            state_dir=state,
+            poison_after=2,
+        )
+        await r.notification("READY=1")
+        filler = fill(state)
+        await send_oneway(r.config.hub.advertise, b"poison")
+        await wait_for(lambda: "held in memory until it can be written" in r.log, timeout=20)
+        proxy = status(r.config)["hub"]["proxies"]["1"]
+        assert proxy["dead_letters"] == 1  # counted where the operator looks, though not on disk yet
+        filler.unlink()
+        store = DeadLetters(state, 1)
+        await wait_for(lambda: store.count() == 1, timeout=10)
+        assert lines(deliveries) == ["poison"] * 2  # set aside, not delivered again meanwhile
+        assert status(r.config)["hub"]["proxies"]["1"]["dead_letters"] == 1

@@ -71,6 +71,7 @@ class Hub:
         )
         self._pump_wanted = {p.id: trio.Event() for p in config.proxies}
         self.dead_letters = {p.id: DeadLetters(config.state_dir, p.id) for p in config.proxies}
+        self.held_letters: dict[int, list[tuple[bytes, int]]] = {p.id: [] for p in config.proxies}  # (pdu, attempts)
         self.router = Router(
             [Proxy(p, config.worker_addresses(p), self.spools.open(p.id)) for p in config.proxies],
             reply_timeout=config.hub.reply_timeout,
@@ -120,6 +121,10 @@ class Hub:
             for proxy in proxies:
                 proxy.spool.close()
             self.spools.close()
+            self._write_held_letters()
+            for proxy_id, held in self.held_letters.items():
+                if held:
+                    log.error("proxy %d: %d poison requests not written as dead letters are lost", proxy_id, len(held))
 
     def close_listeners(self) -> None:
         """Stop accepting sessions (the first step of a drain)."""
@@ -217,20 +222,31 @@ class Hub:
         self._pump_wanted[proxy.config.id].set()
 
     def _set_aside(self, proxy: Proxy, pdu: bytes | bytearray, attempts: int) -> None:
-        """A poison request (the router logged it): into the proxy's dead-letter store."""
-        store = self.dead_letters[proxy.config.id]
+        """A poison request (the router logged it): into the proxy's dead-letter store, or, while the
+        store cannot take it (a full or read-only disk), held here until it can (_write_held_letters)."""
         try:
-            store.add(pdu, attempts)
+            self.dead_letters[proxy.config.id].add(pdu, attempts)
         except OSError as e:
             _, audsid, rseq = protocol.ROUTED_HEADER.unpack_from(pdu)
+            self.held_letters[proxy.config.id].append((bytes(pdu), attempts))
             log.error(
-                "proxy %d: the poison request %d of audsid %d cannot be kept in %s (%s): it is lost",
+                "proxy %d: the poison request %d of audsid %d cannot be kept in %s (%s): held in memory "
+                "until it can be written",
                 proxy.config.id,
                 rseq,
                 audsid,
-                store.path,
+                self.dead_letters[proxy.config.id].path,
                 e.strerror or e,
             )
+
+    def _write_held_letters(self) -> None:
+        for proxy_id, held in self.held_letters.items():
+            while held:
+                try:
+                    self.dead_letters[proxy_id].add(*held[0])
+                except OSError:
+                    break
+                held.pop(0)
 
     def _adopt_spools(self) -> None:
         """Take over what hubs that are gone left queued (the router tracks their sync requests again)."""
@@ -262,6 +278,7 @@ class Hub:
         interval = self.config.hub.spool_fsync_interval
         while True:
             await trio.sleep(interval or SWEEP_INTERVAL)
+            self._write_held_letters()
             for proxy in self.router.proxies.values():
                 if not proxy.spool.durable:
                     # In the loop's thread: it rewrites the queue's bookkeeping, which the router reads.
@@ -405,7 +422,7 @@ class Hub:
                 damaged_bytes=spool.damaged_bytes,
                 torn_bytes=spool.torn_bytes,
                 damaged_copies=[str(path) for path in spool.damaged_copies],
-                dead_letters=self.dead_letters[p.config.id].count(),
+                dead_letters=self.dead_letters[p.config.id].count() + len(self.held_letters[p.config.id]),
                 dead_letter_file=str(self.dead_letters[p.config.id].path),
                 inflight=sum(len(i.inflight) for i in p.instances),
                 unacked=sum(len(i.unacked) for i in p.instances),
