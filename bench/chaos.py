@@ -1070,11 +1070,9 @@ def report(args, rec: Recorder, workdir: Path, left: list[str], elapsed: float) 
         if dead[audsid]:
             continue
         poison_missing += 1
-        # Lost as any one-way request with its hub (SIGKILL before the spool had it), or with a
-        # dead-letter store the full state directory could not take (the hub logs it lost).
-        if rec.explanation("oneway missing", fault.at, rec.ended) or any(
-            f.kind == "state full" and f.at >= fault.at for f in rec.faults
-        ):
+        # Lost as any one-way request with its hub (SIGKILL before the spool had it, or while the
+        # dead-letter store could not take it and it was held in memory).
+        if rec.explanation("oneway missing", fault.at, rec.ended):
             poison_missing_explained += 1
         else:
             violations.append(f"poison audsid {audsid} sent at {fault.at - rec.started:.2f}: never set aside")
