@@ -8,7 +8,10 @@ tracked, with the session that sent it and its rseq, until its reply, error repl
 reply goes to that session's connection only, its rseq restored. Error replies go only to
 sessions that announced ``CAP_ERROR_REPLIES``; for the others they are withheld and counted.
 A request that cannot be forwarded at once is queued in the proxy's queue (the spool, durable)
-and forwarded in order when an instance is there.
+and forwarded in order when an instance is there. What the hub holds in memory for a proxy, the
+requests it forwarded and is not done with (one-way ones until acknowledged, sync ones until
+answered) and the queued ones its queue keeps in memory, is bounded by the proxy's
+``memory_limit``: past it, requests wait in the queue (on disk) and go once memory frees.
 
 The router does no I/O and never waits, in the manner of h11: the hub's shell
 (dcod.hub.server) reads the sockets, frames PDUs and calls the steps here (register,
@@ -27,6 +30,7 @@ import collections
 import dataclasses
 import logging
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -53,6 +57,10 @@ class Queue(Protocol):
 
     records: int  # how many are queued: an attribute, as len() would cost a Python call per request
     durable: bool  # False while what is queued is held in memory only (the disk refuses it)
+    # Bytes of records it may keep in memory; the router sets it to what its proxy's memory_limit
+    # leaves once the requests in flight are counted. Past it, records are on disk only, or, not
+    # durable, refused (SpoolFull).
+    memory_limit: int
 
     def append(self, pdu: bytes | bytearray) -> None:
         """Queue a PDU; raises SpoolFull if it cannot."""
@@ -71,7 +79,7 @@ class Queue(Protocol):
 class Pending:
     """A sync request waiting for its reply."""
 
-    __slots__ = ("key", "proxy", "session", "rseq", "instance", "deadline", "started", "done")
+    __slots__ = ("key", "proxy", "session", "rseq", "instance", "deadline", "started", "done", "size")
 
     def __init__(
         self, key: Key, proxy: Proxy, deadline: float, started: float, session: Session | None = None, rseq: int = 0
@@ -84,6 +92,7 @@ class Pending:
         self.deadline = deadline
         self.started = started
         self.done = False  # answered: see Router._finish
+        self.size = 0  # bytes counted in its proxy's ``outstanding`` while forwarded
 
 
 @dataclasses.dataclass(slots=True)
@@ -163,11 +172,18 @@ class Instance:
 class Proxy:
     """A proxy id: its instances, its queue, its counters."""
 
-    def __init__(self, config: ProxyConfig, addresses: list[str], spool: Queue) -> None:
+    def __init__(
+        self, config: ProxyConfig, addresses: list[str], spool: Queue, *, memory_limit: int = sys.maxsize
+    ) -> None:
         self.config = config
         self.available: list[Instance] = []  # the instances to dispatch to; kept by update_available()
         self.instances = [Instance(self, i, a) for i, a in enumerate(addresses)]
         self.spool = spool
+        # Bytes of requests the hub may hold in memory for this proxy (hub.queue_memory): those
+        # forwarded and not done with (``outstanding``), and those its queue keeps in memory.
+        self.memory_limit = memory_limit
+        self.outstanding = 0  # bytes of one-way requests not acknowledged and sync ones not answered
+        self.memory_waiting = False  # dispatch stopped at memory_limit: wake the pump once memory frees
         self.waiting: dict[Key, Pending] = {}  # queued sync requests
         self.counters = Counters()
         self._turn = 0  # where the round-robin among equally busy instances starts
@@ -203,6 +219,10 @@ class Proxy:
                 best = instance
         self._last_read, self._last_pick = read, best
         return best
+
+    def memory_for_queue(self) -> None:
+        """Let the queue keep in memory only what the requests in flight leave of memory_limit."""
+        self.spool.memory_limit = max(0, self.memory_limit - self.outstanding)
 
 
 class Session:
@@ -335,7 +355,8 @@ class Router:
             self.timeouts.append(pending)
         else:
             counters.oneway += 1
-        if not proxy.spool.records:  # nothing queued ahead of it
+        # Nothing queued ahead of it, and memory for it: else it waits in the queue, on disk.
+        if not proxy.spool.records and proxy.outstanding + len(pdu) <= proxy.memory_limit:
             instance = proxy.pick(audsid, read)
             if instance is not None:
                 self.forward(instance, pdu, key, pending)
@@ -368,17 +389,22 @@ class Router:
         return number
 
     def forward(self, instance: Instance, pdu: bytes | bytearray, key: Key, pending: Pending | None) -> None:
-        """Send a request to an instance that is up, and track it there."""
+        """Send a request to an instance that is up, and track it there (and its bytes, while the hub
+        holds them: a one-way request to an instance that does not acknowledge is done with once sent)."""
         if pending is not None:
             pending.instance = instance
+            pending.size = len(pdu)
+            instance.proxy.outstanding += pending.size
             instance.inflight[key] = pending
         elif instance.acks:
             instance.unacked[key] = pdu
+            instance.proxy.outstanding += len(pdu)
         instance.conn.send(pdu)  # type: ignore[union-attr]  # an instance that is up has one
 
     def enqueue(self, proxy: Proxy, pdu: bytes | bytearray, pending: Pending | None) -> None:
         """Queue a request for the proxy's next available instance; refuse it if the queue is full."""
         spool = proxy.spool
+        proxy.memory_for_queue()
         try:
             spool.append(pdu)
         except SpoolFull as e:
@@ -397,15 +423,21 @@ class Router:
     def dispatch(self, proxy: Proxy, budget: int) -> Instance | None:
         """Forward queued requests, in order, while an instance is available, until the queue is
         empty or more than ``budget`` bytes went out. Returns the instance forwarded to last (the
-        caller lets its connection drain before it calls again), or None if none is available."""
+        caller lets its connection drain before it calls again), or None if none is available or
+        the proxy's memory_limit is reached (wake_pump says when memory frees)."""
         spool = proxy.spool
         instance = None
         sent = 0
         while spool.records:
+            proxy.memory_for_queue()  # what it reads back from disk, it keeps in memory
             record = spool.peek()
             if record is None:  # what was left turned out damaged when read back (counted by the spool)
                 break
             pdu = record[1]
+            if proxy.outstanding and proxy.outstanding + len(pdu) > proxy.memory_limit:
+                proxy.memory_waiting = True
+                instance = None
+                break
             length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
             instance = proxy.pick(audsid)
             if instance is None:
@@ -474,8 +506,10 @@ class Router:
         counters = instance.proxy.counters
         pending = instance.inflight.pop((audsid, rseq), None)
         if pending is None:
-            if instance.unacked.pop((audsid, rseq), None) is not None:
+            done = instance.unacked.pop((audsid, rseq), None)
+            if done is not None:
                 counters.acked += 1  # the worker is done with a one-way request
+                self._release(instance.proxy, len(done))
             else:
                 counters.orphan_replies += 1
             return False
@@ -524,6 +558,7 @@ class Router:
         proxy = instance.proxy
         headers = [ROUTED_HEADER.unpack_from(pdu) for pdu in unsent]
         unacked, instance.unacked = instance.unacked, {}
+        self._release(proxy, sum(map(len, unacked.values())))
         for _, audsid, rseq in headers:
             unacked.pop((audsid, rseq), None)
         for pdu in unacked.values():  # all sent before anything in unsent
@@ -532,6 +567,8 @@ class Router:
             pending = instance.inflight.pop((audsid, rseq), None) if length > 0 else None
             if pending is not None:
                 pending.instance = None
+                self._release(proxy, pending.size)
+                pending.size = 0
             self.enqueue(proxy, pdu, pending)
         proxy.counters.requeued += len(unacked) + len(unsent)
         proxy.counters.duplicates += len(unacked)  # at most
@@ -590,12 +627,23 @@ class Router:
         replies and error replies alike; whether an error reply may go is decided where it is sent
         (reply() for a worker's, _send_error() for the hub's)."""
         pending.done = True
+        if pending.size:
+            self._release(pending.proxy, pending.size)
+            pending.size = 0
         session = pending.session
         if session is None:
             return None
         session.inflight -= 1
         pending.session = None
         return None if session.closed else session
+
+    def _release(self, proxy: Proxy, size: int) -> None:
+        """Bytes of requests in flight the hub is done with; once half of memory_limit is free, the
+        queue that waited for memory may go on (by halves: batches, not a wake-up per reply)."""
+        proxy.outstanding -= size
+        if proxy.memory_waiting and proxy.outstanding <= proxy.memory_limit // 2:
+            proxy.memory_waiting = False
+            self._wake_pump(proxy)
 
     def _answer_error(self, pending: Pending, code: ErrorCode, detail: str) -> None:
         """Answer a sync request with an error reply."""

@@ -70,7 +70,10 @@ class Hub:
         )
         self._pump_wanted = {p.id: trio.Event() for p in config.proxies}
         self.router = Router(
-            [Proxy(p, config.worker_addresses(p), self.spools.open(p.id)) for p in config.proxies],
+            [
+                Proxy(p, config.worker_addresses(p), self.spools.open(p.id), memory_limit=config.hub.queue_memory)
+                for p in config.proxies
+            ],
             reply_timeout=config.hub.reply_timeout,
             max_inflight=config.hub.max_inflight_per_session,
             clock=clock,
@@ -367,6 +370,7 @@ class Hub:
                 damaged_copies=[str(path) for path in spool.damaged_copies],
                 inflight=sum(len(i.inflight) for i in p.instances),
                 unacked=sum(len(i.unacked) for i in p.instances),
+                memory_bytes=p.outstanding + spool.memory_bytes,  # bounded by hub.queue_memory
                 instances=[
                     {
                         "index": i.index,
