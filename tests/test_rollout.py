@@ -738,3 +738,126 @@ async def test_the_hub_serving_during_a_failing_reload_is_still_watched(run):
     assert r.log.count("hub serving proxies 1 on") == 2, r.log  # the first generation, and its restart
     await wait_for(lambda: row(status(r.config), "hub")["state"] == "ready", timeout=20)
     assert row(status(r.config), "hub")["generation"] == 3
+
+
+async def test_a_removed_proxys_queued_sync_requests_are_answered_and_the_reload_says_so(run, nursery):
+    """Proxy 2's worker is down: its requests wait in the queue. A reload removes it: the sessions
+    waiting for a reply get DCO-0005 at once (not the end of their connection when the drain times
+    out), and the output says how many were answered and where the queue is kept."""
+    remote = f'[[proxy]]\nid = 2\naddress = "127.0.0.1:{free_port()}"\n'
+    r = run(ECHO + remote, supervisor="ready_timeout = 2.0\ndrain_timeout = 20.0")
+    await r.notification("READY=1")
+    from dcod.client import DcoError, Session
+
+    answers: list[BaseException] = []
+    async with Session(r.config.hub.advertise, audsid=9) as session:
+        for _ in range(3):
+            await session.send_request(2, oneway=True)
+        rseqs = [await session.send_request(2) for _ in range(2)]
+        await wait_for(lambda: status(r.config)["hub"].get("proxies", {}).get("2", {}).get("queued_now") == 5)
+        path = Path(r.config.source)
+        path.write_text(path.read_text().replace(remote, ""))
+        result = await dcod_async(r.config, "reload")
+        for rseq in rseqs:
+            with pytest.raises(DcoError) as answer:
+                await session.read_response(rseq, timeout=5)
+            answers.append(answer.value)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert all("DCO-0005" in str(e) and "proxy 2 removed" in str(e) for e in answers), answers
+    lines = result.stdout.splitlines()
+    assert any("proxy 2: removed; 2 sync requests queued for it answered with DCO-0005" in line for line in lines)
+    assert any("proxy 2: removed with 5 requests queued; kept in " in line for line in lines), result.stdout
+    assert any(re.search(r"hub: generation 1 \(pid \d+\) drained, exited with status 0", line) for line in lines)
+
+
+async def test_a_hold_ends_at_drain_timeout_when_the_worker_never_finishes(
+    run, handler_module, handler_path, slow_init, tmp_path
+):
+    """A one-way request whose handler never returns (its event loop is fine: heartbeats go on)
+    reaches the serving hub's instance 2#0 while a reload waits for 1#0's new generation: the
+    hold on 2#0 that comes next ends after drain_timeout, 2#0 is replaced (killed after
+    stop_timeout), and the request, never acknowledged, goes to its next generation."""
+    stuck, notes = tmp_path / "stuck-once", tmp_path / "notes"
+    handler_module(
+        "forever",
+        f"""\
+        import os
+        import trio
+
+        async def handle(req):
+            with open({str(notes)!r}, "a") as notes:
+                notes.write(req.body.decode() + "\\n")
+            if not os.path.exists({str(stuck)!r}):
+                open({str(stuck)!r}, "w").close()
+                await trio.sleep_forever()
+            return req.body
+        """,
+    )
+    proxies = [
+        f'[[proxy]]\nid = {n}\nhandler = "{handler}"\n{handler_path}'
+        for n, handler in enumerate(["echo", "forever:handle"], 1)
+    ]
+    r = run(
+        "".join(proxies),
+        supervisor=FAST_PMON + "drain_timeout = 2.0\nstop_timeout = 1.0\n",
+    )
+    await r.notification("READY=1")
+    path = Path(r.config.source)
+    path.write_text(path.read_text().replace('handler = "echo"', 'handler = "slowinit:handle"'))
+    from dcod.client import Session
+
+    async with trio.open_nursery() as nursery:
+        reloads = []
+
+        async def reload() -> None:
+            reloads.append(await dcod_async(r.config, "reload"))
+
+        nursery.start_soon(reload)
+        await wait_for(lambda: re.search(r"worker 1#0 started: pid \d+, generation 2", r.log), timeout=30)
+        async with Session(r.config.hub.advertise, audsid=9) as session:  # the new hub: the old one is gone
+            session.write(b"never done")
+            await session.send_request(2, oneway=True)
+        await wait_for(lambda: stuck.exists(), timeout=10)
+        slow_init.touch()  # 1#0 is ready; then 2#0 is held, and its request is never acknowledged
+    [result] = reloads
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "worker 2#0: generation 1 killed by SIGKILL; generation 2 serving" in result.stdout, result.stdout
+    await wait_for(lambda: status(r.config)["hub"]["proxies"]["2"]["acked"] == 1, timeout=10)
+    assert notes.read_text().splitlines() == ["never done", "never done"]
+    assert "worker 2#0: 1 requests not finished after drain_timeout (2s); replacing it all the same" in r.log
+
+
+async def test_a_draining_hub_exits_by_itself_when_a_session_does_not_read_its_last_answers(
+    run, handler_module, handler_path
+):
+    """A session that stopped reading (its replies fill its socket) while a request of its is still
+    in flight at drain_timeout: the hub answers it, gives the answer a bounded time to be written,
+    and exits on its own, not killed by the supervisor after stop_timeout."""
+    handler_module(
+        "slowbig",
+        """\
+        import trio
+
+        async def handle(req):
+            if req.body == b"slow":
+                await trio.sleep(60)
+            return req.body * 64
+        """,
+    )
+    r = run(
+        '[[proxy]]\nid = 1\nhandler = "slowbig:handle"\n' + handler_path,
+        supervisor="drain_timeout = 2.0\nstop_timeout = 4.0\n",
+    )
+    await r.notification("READY=1")
+    from peers import OracleSession
+
+    host, port = r.config.hub.advertise.rsplit(":", 1)
+    session = await OracleSession.connect((host, int(port)), audsid=9)
+    await session.send(1, 1, b"slow")
+    for rseq in range(2, 40):  # 38 replies of 4 MiB, never read: they fill its socket, and wait in the hub
+        await session.send(1, rseq, b"r" * 65536)
+    await wait_for(lambda: status(r.config)["hub"].get("proxies", {}).get("1", {}).get("replies") == 38, timeout=20)
+    result = await dcod_async(r.config, "reload")
+    session.close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"hub: generation 1 \(pid \d+\) drained, exited with status 0", result.stdout), result.stdout

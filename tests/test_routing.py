@@ -737,6 +737,18 @@ def test_the_queue_keeps_in_memory_only_what_the_requests_in_flight_leave(tmp_pa
     assert proxy.counters.refused == 2 and proxy.outstanding + spool.memory_bytes == 1000
 
 
+def test_fail_queued_answers_the_queued_sync_requests_which_are_then_never_forwarded():
+    hub = Hub()
+    session, oracle = hub.session(1)
+    hub.router.requests(session, [request(1, 1), request(1, 2, oneway=True), request(1, 3)])
+    assert hub.router.fail_queued(hub.router.proxies[1], ErrorCode.DRAINING, "proxy 1 removed") == 2
+    assert [(pdu[2], error_code(pdu)) for pdu in oracle.take()] == [(1, b"DCO-0005"), (3, b"DCO-0005")]
+    assert hub.router.inflight == 0 and session.inflight == 0
+    worker = hub.up()
+    hub.dispatch()
+    assert worker.tags() == [2] and hub.router.proxies[1].counters.expired == 2
+
+
 # ---------------------------------------------------------------- hold, quit
 
 

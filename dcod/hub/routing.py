@@ -116,6 +116,7 @@ class Counters:
     duplicates: int = 0
     orphan_replies: int = 0
     withheld: int = 0  # error replies not sent: the session does not take them (CAP_ERROR_REPLIES)
+    drained: int = 0  # sync requests answered with DCO-0005 as the hub stopped (drain timeout, proxy removed)
     latency_sum: float = 0
     latency_max: float = 0
 
@@ -595,6 +596,14 @@ class Router:
         for pending in lost.values():
             self._answer_error(pending, code, detail)
         return len(lost)
+
+    def fail_queued(self, proxy: Proxy, code: ErrorCode, detail: str) -> int:
+        """Answer the proxy's queued sync requests with errors; returns how many. Their records stay
+        in the queue: forwarded later, they are skipped as answered (counted ``expired``)."""
+        waiting, proxy.waiting = proxy.waiting, {}
+        for pending in waiting.values():
+            self._answer_error(pending, code, detail)
+        return len(waiting)
 
     # ------------------------------------------------------------ timeouts
 
