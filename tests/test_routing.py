@@ -655,64 +655,57 @@ def done_with(hub: Hub, first: bytes) -> None:
 
 
 def test_requests_past_a_proxys_memory_limit_wait_in_the_queue_until_half_of_it_is_free():
-    """One-way requests count until acknowledged, sync ones until answered; past memory_limit the
-    rest waits in the queue (whatever the instance could take), in order."""
+    """One-way requests count until acknowledged; past memory_limit the rest waits in the queue
+    (whatever the instance could take), sync ones too, in order."""
     hub = Hub(make_proxy(memory_limit=1000))
     proxy = hub.router.proxies[1]
     worker = hub.up()
     session, oracle = hub.session(2)
     hub.router.requests(session, [request(1, n, b"%d" % n * 88, oneway=True) for n in range(1, 5)])  # 100 bytes each
-    hub.router.requests(session, [request(1, 5, b"5" * 688)])  # 700 bytes: past the bound, queued
-    hub.router.requests(session, [request(1, 6, b"6" * 88, oneway=True)])  # queued behind it
+    hub.router.requests(session, [request(1, 5, b"5" * 688, oneway=True)])  # 700 bytes: past the bound, queued
+    hub.router.requests(session, [request(1, 6, b"6" * 88)])  # a sync one, queued behind it
     assert [body[0] for _, _, _, body in worker.take()] == [*b"1234"]
-    assert (proxy.outstanding, proxy.spool.records) == (400, 2)
+    assert (proxy.unacked_bytes, proxy.spool.records) == (400, 2)
     assert hub.dispatch() is None and proxy.memory_waiting  # the pump waits for memory
     hub.woken.clear()
     done_with(hub, b"1")  # 300 left: half of it free
     assert hub.woken == [1] and not proxy.memory_waiting
-    assert hub.dispatch() is None and proxy.memory_waiting  # 300 + 700 fit; 6 would pass the bound
-    assert [body[0] for _, _, _, body in worker.take()] == [*b"5"]
-    assert (proxy.outstanding, proxy.spool.records) == (1000, 1)
-    done_with(hub, b"5")  # the sync request's bytes go with its answer
-    assert proxy.outstanding == 300 and oracle.rseqs() == [5] and hub.woken == [1, 1]
-    hub.dispatch()
-    assert [body[0] for _, _, _, body in worker.take()] == [*b"6"]
-    for tag in b"2346":
+    assert hub.dispatch() is hub.instance()  # 300 + 700 fit; the sync one (not counted) follows
+    assert [body[0] for _, _, _, body in worker.take()] == [*b"56"]
+    assert (proxy.unacked_bytes, proxy.spool.records) == (1000, 0)
+    done_with(hub, b"6")
+    assert proxy.unacked_bytes == 1000 and oracle.rseqs() == [6]
+    for tag in b"2345":
         done_with(hub, bytes([tag]))
-    assert proxy.outstanding == 0
+    assert proxy.unacked_bytes == 0
 
 
-def test_a_wake_for_memory_comes_once_half_of_it_is_free_not_at_every_reply():
+def test_a_wake_for_memory_comes_once_half_of_it_is_free_not_at_every_acknowledgement():
     hub = Hub(make_proxy(memory_limit=1000))
     proxy = hub.router.proxies[1]
     hub.up()
     session, _ = hub.session(2)
     hub.router.requests(session, [request(1, n, b"%d" % (n % 10) * 88, oneway=True) for n in range(1, 12)])
-    assert (proxy.outstanding, proxy.spool.records) == (1000, 1)
+    assert (proxy.unacked_bytes, proxy.spool.records) == (1000, 1)
     hub.dispatch()
     hub.woken.clear()
     for tag in b"1234":
         done_with(hub, bytes([tag]))
-    assert hub.woken == [] and proxy.outstanding == 600
+    assert hub.woken == [] and proxy.unacked_bytes == 600
     done_with(hub, b"5")
     assert hub.woken == [1]
 
 
-def test_timeouts_and_a_lost_instance_give_back_the_memory_of_their_requests():
+def test_a_lost_instance_gives_back_the_memory_of_its_unacknowledged_requests():
     hub = Hub(make_proxy(memory_limit=1000))
     proxy = hub.router.proxies[1]
     worker = hub.up()
-    session, oracle = hub.session(2)
-    hub.router.requests(session, [request(1, 1, b"1" * 88), request(1, 2, b"2" * 88, oneway=True)])
-    assert proxy.outstanding == 200
-    hub.clock.now += REPLY_TIMEOUT
-    hub.router.expire(hub.clock.now)
-    assert proxy.outstanding == 100 and error_code(oracle.take()[0]) == b"DCO-0002"
-    hub.router.requests(session, [request(1, 3, b"3" * 88), request(1, 4, b"4" * 88)])
+    session, _ = hub.session(2)
+    hub.router.requests(session, [request(1, n, b"%d" % n * 88, oneway=True) for n in range(1, 4)])
     sent = worker.sent[:]
-    hub.router.requeue(hub.instance(), [bytearray(pdu) for pdu in sent[3:]])  # 4 never left: queued again
-    assert proxy.outstanding == 0 and proxy.spool.records == 2
-    assert error_code(oracle.take()[0]) == b"DCO-0003"  # 3 was sent
+    assert proxy.unacked_bytes == 300
+    hub.router.requeue(hub.instance(), [bytearray(pdu) for pdu in sent[2:]])  # 3 never left
+    assert proxy.unacked_bytes == 0 and proxy.spool.records == 3  # all three queued again, in order
 
 
 def test_the_queue_keeps_in_memory_only_what_the_requests_in_flight_leave(tmp_path):
@@ -727,14 +720,14 @@ def test_the_queue_keeps_in_memory_only_what_the_requests_in_flight_leave(tmp_pa
     hub.up()
     session, oracle = hub.session(2)
     hub.router.requests(session, [request(1, n, b"%d" % n * 88, oneway=True) for n in range(1, 8)])
-    assert (proxy.outstanding, len(spool)) == (700, 0)
+    assert (proxy.unacked_bytes, len(spool)) == (700, 0)
     hub.router.hold(hub.instance())  # from now on, requests are queued
     hub.router.requests(session, [request(1, n, b"%d" % (n % 10) * 88, oneway=True) for n in range(8, 11)])
     hub.router.requests(session, [request(1, 11, b"x" * 88), request(1, 12, b"y" * 88, oneway=True)])
     assert len(spool) == 3 and spool.memory_bytes == 300  # 8, 9, 10 (PDUs of 100 bytes)
     [refused] = oracle.take()
     assert refused[2] == 11 and error_code(refused) == b"DCO-0004"
-    assert proxy.counters.refused == 2 and proxy.outstanding + spool.memory_bytes == 1000
+    assert proxy.counters.refused == 2 and proxy.unacked_bytes + spool.memory_bytes == 1000
 
 
 def test_fail_queued_answers_the_queued_sync_requests_which_are_then_never_forwarded():

@@ -9,9 +9,10 @@ reply goes to that session's connection only, its rseq restored. Error replies g
 sessions that announced ``CAP_ERROR_REPLIES``; for the others they are withheld and counted.
 A request that cannot be forwarded at once is queued in the proxy's queue (the spool, durable)
 and forwarded in order when an instance is there. What the hub holds in memory for a proxy, the
-requests it forwarded and is not done with (one-way ones until acknowledged, sync ones until
-answered) and the queued ones its queue keeps in memory, is bounded by the proxy's
-``memory_limit``: past it, requests wait in the queue (on disk) and go once memory frees.
+one-way requests it forwarded and that were not acknowledged yet and the queued ones its queue
+keeps in memory, is bounded by the proxy's ``memory_limit``: past it, one-way requests wait in
+the queue (on disk), and whatever is queued behind them, and go once memory frees. (A sync
+request is let go once written; ``max_inflight`` per session and the reply timeout bound those.)
 
 The router does no I/O and never waits, in the manner of h11: the hub's shell
 (dcod.hub.server) reads the sockets, frames PDUs and calls the steps here (register,
@@ -79,7 +80,7 @@ class Queue(Protocol):
 class Pending:
     """A sync request waiting for its reply."""
 
-    __slots__ = ("key", "proxy", "session", "rseq", "instance", "deadline", "started", "done", "size")
+    __slots__ = ("key", "proxy", "session", "rseq", "instance", "deadline", "started", "done")
 
     def __init__(
         self, key: Key, proxy: Proxy, deadline: float, started: float, session: Session | None = None, rseq: int = 0
@@ -92,7 +93,6 @@ class Pending:
         self.deadline = deadline
         self.started = started
         self.done = False  # answered: see Router._finish
-        self.size = 0  # bytes counted in its proxy's ``outstanding`` while forwarded
 
 
 @dataclasses.dataclass(slots=True)
@@ -180,10 +180,10 @@ class Proxy:
         self.available: list[Instance] = []  # the instances to dispatch to; kept by update_available()
         self.instances = [Instance(self, i, a) for i, a in enumerate(addresses)]
         self.spool = spool
-        # Bytes of requests the hub may hold in memory for this proxy (hub.queue_memory): those
-        # forwarded and not done with (``outstanding``), and those its queue keeps in memory.
+        # Bytes of requests the hub may hold in memory for this proxy (hub.queue_memory): one-way
+        # ones forwarded and not acknowledged (``unacked_bytes``), and those its queue keeps in memory.
         self.memory_limit = memory_limit
-        self.outstanding = 0  # bytes of one-way requests not acknowledged and sync ones not answered
+        self.unacked_bytes = 0  # bytes of the one-way requests its instances have not acknowledged
         self.memory_waiting = False  # dispatch stopped at memory_limit: wake the pump once memory frees
         self.waiting: dict[Key, Pending] = {}  # queued sync requests
         self.counters = Counters()
@@ -222,8 +222,8 @@ class Proxy:
         return best
 
     def memory_for_queue(self) -> None:
-        """Let the queue keep in memory only what the requests in flight leave of memory_limit."""
-        self.spool.memory_limit = max(0, self.memory_limit - self.outstanding)
+        """Let the queue keep in memory only what the unacknowledged requests leave of memory_limit."""
+        self.spool.memory_limit = max(0, self.memory_limit - self.unacked_bytes)
 
 
 class Session:
@@ -356,8 +356,8 @@ class Router:
             self.timeouts.append(pending)
         else:
             counters.oneway += 1
-        # Nothing queued ahead of it, and memory for it: else it waits in the queue, on disk.
-        if not proxy.spool.records and proxy.outstanding + len(pdu) <= proxy.memory_limit:
+        # Nothing queued ahead of it, and (one-way) memory for it: else it waits in the queue, on disk.
+        if not proxy.spool.records and (length > 0 or proxy.unacked_bytes + len(pdu) <= proxy.memory_limit):
             instance = proxy.pick(audsid, read)
             if instance is not None:
                 self.forward(instance, pdu, key, pending)
@@ -390,16 +390,15 @@ class Router:
         return number
 
     def forward(self, instance: Instance, pdu: bytes | bytearray, key: Key, pending: Pending | None) -> None:
-        """Send a request to an instance that is up, and track it there (and its bytes, while the hub
-        holds them: a one-way request to an instance that does not acknowledge is done with once sent)."""
+        """Send a request to an instance that is up, and track it there: a one-way one, and its bytes,
+        until acknowledged (the hub holds the PDU until then); a sync one until answered (its PDU is
+        let go once written)."""
         if pending is not None:
             pending.instance = instance
-            pending.size = len(pdu)
-            instance.proxy.outstanding += pending.size
             instance.inflight[key] = pending
         elif instance.acks:
             instance.unacked[key] = pdu
-            instance.proxy.outstanding += len(pdu)
+            instance.proxy.unacked_bytes += len(pdu)
         instance.conn.send(pdu)  # type: ignore[union-attr]  # an instance that is up has one
 
     def enqueue(self, proxy: Proxy, pdu: bytes | bytearray, pending: Pending | None) -> None:
@@ -435,11 +434,11 @@ class Router:
             if record is None:  # what was left turned out damaged when read back (counted by the spool)
                 break
             pdu = record[1]
-            if proxy.outstanding and proxy.outstanding + len(pdu) > proxy.memory_limit:
+            length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
+            if length < 0 and proxy.unacked_bytes and proxy.unacked_bytes + len(pdu) > proxy.memory_limit:
                 proxy.memory_waiting = True
                 instance = None
                 break
-            length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
             instance = proxy.pick(audsid)
             if instance is None:
                 break
@@ -568,8 +567,6 @@ class Router:
             pending = instance.inflight.pop((audsid, rseq), None) if length > 0 else None
             if pending is not None:
                 pending.instance = None
-                self._release(proxy, pending.size)
-                pending.size = 0
             self.enqueue(proxy, pdu, pending)
         proxy.counters.requeued += len(unacked) + len(unsent)
         proxy.counters.duplicates += len(unacked)  # at most
@@ -636,9 +633,6 @@ class Router:
         replies and error replies alike; whether an error reply may go is decided where it is sent
         (reply() for a worker's, _send_error() for the hub's)."""
         pending.done = True
-        if pending.size:
-            self._release(pending.proxy, pending.size)
-            pending.size = 0
         session = pending.session
         if session is None:
             return None
@@ -647,10 +641,10 @@ class Router:
         return None if session.closed else session
 
     def _release(self, proxy: Proxy, size: int) -> None:
-        """Bytes of requests in flight the hub is done with; once half of memory_limit is free, the
+        """Bytes of one-way requests the hub is done with; once half of memory_limit is free, the
         queue that waited for memory may go on (by halves: batches, not a wake-up per reply)."""
-        proxy.outstanding -= size
-        if proxy.memory_waiting and proxy.outstanding <= proxy.memory_limit // 2:
+        proxy.unacked_bytes -= size
+        if proxy.memory_waiting and proxy.unacked_bytes <= proxy.memory_limit // 2:
             proxy.memory_waiting = False
             self._wake_pump(proxy)
 

@@ -370,7 +370,7 @@ class Hub:
                 damaged_copies=[str(path) for path in spool.damaged_copies],
                 inflight=sum(len(i.inflight) for i in p.instances),
                 unacked=sum(len(i.unacked) for i in p.instances),
-                memory_bytes=p.outstanding + spool.memory_bytes,  # bounded by hub.queue_memory
+                memory_bytes=p.unacked_bytes + spool.memory_bytes,  # bounded by hub.queue_memory
                 instances=[
                     {
                         "index": i.index,
