@@ -840,7 +840,7 @@ async def test_a_hold_ends_at_drain_timeout_when_the_worker_never_finishes(never
     assert "worker 2#0: generation 1 killed by SIGKILL; generation 2 serving" in result.stdout, result.stdout
     await wait_for(lambda: status(r.config)["hub"]["proxies"]["2"]["acked"] == 1, timeout=10)
     assert (tmp_path / "notes").read_text().splitlines() == ["never done", "never done"]
-    assert "worker 2#0: 1 requests not finished after drain_timeout (2s); replacing it all the same" in r.log
+    assert "worker 2#0: held, with 1 requests still not finished after drain_timeout (2s)" in r.log
 
 
 async def test_a_hub_that_stops_answering_during_a_hold_ends_the_reload_within_heartbeat_timeout(never_finished):

@@ -59,8 +59,8 @@ class Queue(Protocol):
     records: int  # how many are queued: an attribute, as len() would cost a Python call per request
     durable: bool  # False while what is queued is held in memory only (the disk refuses it)
     # Bytes of records it may keep in memory; the router sets it to what its proxy's memory_limit
-    # leaves once the requests in flight are counted. Past it, records are on disk only, or, not
-    # durable, refused (SpoolFull).
+    # leaves once the unacknowledged one-way requests are counted. Past it, records are on disk
+    # only, or, not durable, refused (SpoolFull).
     memory_limit: int
 
     def append(self, pdu: bytes | bytearray) -> None:

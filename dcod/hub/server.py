@@ -449,8 +449,8 @@ async def drain(
             await trio.sleep(SWEEP_INTERVAL)
         return
     left = queued = 0
+    lost = "hub stopped before the reply came"
     for proxy in router.proxies.values():
-        lost = "hub stopped before the reply came"
         in_flight = sum(router.fail(instance, ErrorCode.DRAINING, lost) for instance in proxy.instances)
         # Their records stay in the spool: the next hub forwards those still in time, and their replies go nowhere.
         waiting = router.fail_queued(
@@ -468,9 +468,11 @@ async def drain(
         for session in list(router.sessions):
             with contextlib.suppress(ConnectionClosed):
                 await session.conn.flush()
-    unread = sum(1 for session in router.sessions if session.conn.pending_bytes)
+    unread = [session for session in router.sessions if session.conn.pending_bytes]
     if unread:
-        log.warning("%d sessions did not read their last answers within %gs; closing them", unread, flush_timeout)
+        log.warning("%d sessions did not read their last answers within %gs; closing them", len(unread), flush_timeout)
+        for session in unread:
+            session.conn.close()
 
 
 async def serve(config: Config, listeners: list[socket.socket]) -> None:
@@ -592,7 +594,7 @@ async def _hold(hub: Hub, channel: control.Channel, message: dict) -> None:
                 await trio.sleep(SWEEP_INTERVAL)
         if instance.inflight or instance.unacked:
             log.warning(
-                "worker %s: %d requests not finished after drain_timeout (%gs); replacing it all the same",
+                "worker %s: held, with %d requests still not finished after drain_timeout (%gs)",
                 instance.name,
                 len(instance.inflight) + len(instance.unacked),
                 limits.drain_timeout,
