@@ -1,11 +1,13 @@
-"""Issue 16, items 1, 2 and 3 (the supervisor's half), with real processes: a one-way request that
-kills its worker is set aside as poison after hub.poison_after deliveries, durably counted, and the
-operator lists, retries and drops it; a worker whose event loop blocks is killed and restarted; an
-instance that is down is held in every hub generation, so that requests to it wait in the queue
-instead of going into a listening backlog nobody serves."""
+"""Issue 16, items 1, 2 and 3, with real processes: a one-way request that kills its worker is set
+aside as poison after hub.poison_after deliveries, durably counted, and the operator lists, retries
+and drops it; a worker whose event loop blocks is killed and restarted; an instance that is down is
+held in every hub generation, so that requests to it wait in the queue instead of going into a
+listening backlog nobody serves; what the hub holds in memory for a proxy with a slow worker stays
+within queue_memory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import struct
@@ -413,3 +415,94 @@ async def test_a_poison_request_the_full_disk_cannot_take_is_held_until_it_can(r
         await wait_for(lambda: store.count() == 1, timeout=10)
         assert lines(deliveries) == ["poison"] * 2  # set aside, not delivered again meanwhile
         assert status(r.config)["hub"]["proxies"]["1"]["dead_letters"] == 1
+
+
+def hub_rss(r) -> int:
+    [hub] = r.children_with(" hub")
+    return hub.memory_info().rss
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "state_dir_full"])
+async def test_the_memory_a_hub_holds_for_a_slow_proxy_is_bounded_by_queue_memory(
+    run, handler_module, handler_path, tmp_path, nursery, durable
+):
+    """A live worker that takes one-way requests and does not finish them (its handlers wait for a
+    file): 96 MiB of 64 KiB one-way requests. The hub forwards at most queue_memory of them to it,
+    and its RSS stays within a bound tied to queue_memory. The rest wait in the spool (on disk),
+    with a sync request sent behind them; once the worker goes on, every one-way request is
+    delivered, once, and the sync one answered. With the state directory full (the spool not
+    durable), what memory is left holds requests, and past it one-way requests are refused and
+    counted; the sync one, with nothing queued ahead of it, goes to the worker; all that was taken
+    is delivered."""
+    go, delivered = tmp_path / "go", tmp_path / "delivered"
+    handler_module(
+        "stuck",
+        f"""\
+        import os
+        import trio
+
+        async def handle(req):
+            while not os.path.exists({str(go)!r}):
+                await trio.sleep(0.05)
+            if not req.sync:
+                with open({str(delivered)!r}, "a") as notes:
+                    notes.write(req.body[:6].decode() + "\\n")
+            return req.body
+        """,
+    )
+    queue_memory, count, size = 8 << 20, 1536, 64 << 10
+    with contextlib.ExitStack() as mounted:
+        state = None if durable else mounted.enter_context(tmpfs(tmp_path / "state", "16m"))
+        r = run(
+            '[[proxy]]\nid = 1\nhandler = "stuck:handle"\n' + handler_path,
+            supervisor=FAST_PMON,
+            queue_memory=queue_memory,
+            reply_timeout=120.0,
+            state_dir=state,
+        )
+        await r.notification("READY=1")
+        if not durable:
+            fill(state)
+        baseline = peak = hub_rss(r)
+        sampling = True
+
+        async def sample() -> None:
+            nonlocal peak
+            while sampling:
+                peak = max(peak, hub_rss(r))
+                await trio.sleep(0.02)
+
+        nursery.start_soon(sample)
+        async with Session(r.config.hub.advertise, audsid=1) as session:
+            for n in range(count):
+                session.write(b"%06d" % n + b"x" * (size - 6))
+                await session.send_request(1, oneway=True, buffered=n % 16 != 15)
+            sync_body = b"sync".ljust(size, b"y")
+            session.write(sync_body)
+            rseq = await session.send_request(1)
+            await wait_for(lambda: status(r.config)["hub"]["proxies"]["1"]["requests"] == count + 1, timeout=120)
+            proxy = status(r.config)["hub"]["proxies"]["1"]
+            peak = max(peak, hub_rss(r))
+            sampling = False
+            print(
+                f"hub RSS {baseline >> 20} MiB at start, at most {peak >> 20} MiB with {count * size >> 20} MiB "
+                f"sent (queue_memory {queue_memory >> 20} MiB): {proxy['unacked']} unacknowledged, "
+                f"{proxy['queued_now']} queued, {proxy['refused']} refused, memory_bytes {proxy['memory_bytes']}"
+            )
+            assert peak - baseline <= 3 * queue_memory
+            # The bound, and the next request in line, read back from the spool to be forwarded next.
+            assert proxy["memory_bytes"] <= queue_memory + size + 12 and proxy["unacked"] * size <= queue_memory
+            assert proxy["queued_now"] + proxy["unacked"] + proxy["refused"] + proxy["inflight"] == count + 1
+            if durable:
+                assert proxy["refused"] == 0 and proxy["queued_now"] == count + 1 - proxy["unacked"]
+            else:
+                assert proxy["refused"] == count - proxy["unacked"] and proxy["inflight"] == 1
+                assert "not durable: cannot write to it: No space left" in r.log
+            go.touch()
+            assert await session.read_response(rseq, timeout=120) == sync_body
+        taken = count - proxy["refused"]
+        await wait_for(lambda: delivered.exists() and len(delivered.read_text().splitlines()) >= taken, timeout=120)
+        tags = delivered.read_text().splitlines()
+        assert len(tags) == len(set(tags)) == taken and set(tags) <= {"%06d" % n for n in range(count)}
+        proxy = status(r.config)["hub"]["proxies"]["1"]
+        assert (proxy["acked"], proxy["queued_now"], proxy["memory_bytes"]) == (taken, 0, 0)

@@ -388,7 +388,7 @@ async def test_drain_closes_each_quiet_connection_and_keeps_busy_ones(hub_with_w
     number = (await read_pdu(hub_side))[2]
     await wait_for(lambda: len(hub.router.sessions) == 2)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(functools.partial(drain, hub, timeout=30, grace=0.2))
+        nursery.start_soon(functools.partial(drain, hub, timeout=30, flush_timeout=1.0, grace=0.2))
         assert await closed_by_peer(quiet.sock)
         with socket.fromfd(busy.sock.fileno(), socket.AF_INET, socket.SOCK_STREAM) as peek:
             with pytest.raises(BlockingIOError):  # still open: its reply is owed

@@ -798,3 +798,164 @@ async def test_a_reload_that_renames_the_alert_raises_the_old_hubs_quit_under_th
     hub.kill()
     await wait_for(new_file.exists, timeout=15)
     assert new_file.read_text().split()[1] == r.config.hub.advertise
+
+
+async def test_a_removed_proxys_queued_sync_requests_are_answered_and_the_reload_says_so(run, nursery):
+    """Proxy 2's worker is down: its requests wait in the queue. A reload removes it: the sessions
+    waiting for a reply get DCO-0005 at once (not the end of their connection when the drain times
+    out), and the output says how many were answered and where the queue is kept."""
+    remote = f'[[proxy]]\nid = 2\naddress = "127.0.0.1:{free_port()}"\n'
+    r = run(ECHO + remote, supervisor="ready_timeout = 2.0\ndrain_timeout = 20.0")
+    await r.notification("READY=1")
+    from dcod.client import DcoError, Session
+
+    answers: list[BaseException] = []
+    async with Session(r.config.hub.advertise, audsid=9) as session:
+        for _ in range(3):
+            await session.send_request(2, oneway=True)
+        rseqs = [await session.send_request(2) for _ in range(2)]
+        await wait_for(lambda: status(r.config)["hub"].get("proxies", {}).get("2", {}).get("queued_now") == 5)
+        path = Path(r.config.source)
+        path.write_text(path.read_text().replace(remote, ""))
+        result = await dcod_async(r.config, "reload")
+        for rseq in rseqs:
+            with pytest.raises(DcoError) as answer:
+                await session.read_response(rseq, timeout=5)
+            answers.append(answer.value)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert all("DCO-0005" in str(e) and "proxy 2 removed" in str(e) for e in answers), answers
+    lines = result.stdout.splitlines()
+    assert any("proxy 2: removed; 2 sync requests queued for it answered with DCO-0005" in line for line in lines)
+    assert any("proxy 2: removed with 5 requests queued; kept in " in line for line in lines), result.stdout
+    assert any(re.search(r"hub: generation 1 \(pid \d+\) drained, exited with status 0", line) for line in lines)
+
+
+@pytest.fixture
+def never_finished(run, handler_module, handler_path, slow_init, tmp_path):
+    """never_finished(supervisor) -> (Run, reload): proxy 1 an echo, proxy 2 a handler that never
+    returns from the first request it gets (its event loop is fine: heartbeats go on), noting each
+    request's body in tmp_path/notes. ``await reload(then)`` reloads with proxy 1's handler made
+    slow to start: while the reload waits for 1#0's new generation, the hub that now serves
+    forwards a one-way request to 2#0, which never finishes it; 1#0 is then let start, and
+    ``then()`` runs while the reload goes on to 2#0. Returns the reload's CompletedProcess."""
+    stuck = tmp_path / "stuck-once"
+    handler_module(
+        "forever",
+        f"""\
+        import os
+        import trio
+
+        async def handle(req):
+            with open({str(tmp_path / "notes")!r}, "a") as notes:
+                notes.write(req.body.decode() + "\\n")
+            if not os.path.exists({str(stuck)!r}):
+                open({str(stuck)!r}, "w").close()
+                await trio.sleep_forever()
+            return req.body
+        """,
+    )
+    proxies = "".join(
+        f'[[proxy]]\nid = {n}\nhandler = "{handler}"\n{handler_path}'
+        for n, handler in enumerate(["echo", "forever:handle"], 1)
+    )
+
+    def start(supervisor: str):
+        r = run(proxies, supervisor=supervisor)
+
+        async def reload(then=None) -> subprocess.CompletedProcess:
+            path = Path(r.config.source)
+            path.write_text(path.read_text().replace('handler = "echo"', 'handler = "slowinit:handle"'))
+            from dcod.client import Session
+
+            reloads = []
+            async with trio.open_nursery() as nursery:
+
+                async def reload() -> None:
+                    reloads.append(await dcod_async(r.config, "reload"))
+
+                nursery.start_soon(reload)
+                await wait_for(lambda: re.search(r"worker 1#0 started: pid \d+, generation 2", r.log), timeout=30)
+                async with Session(r.config.hub.advertise, audsid=9) as session:  # the new hub: the old one is gone
+                    session.write(b"never done")
+                    await session.send_request(2, oneway=True)
+                await wait_for(lambda: stuck.exists(), timeout=10)
+                slow_init.touch()  # 1#0 gets ready; then 2#0 is held, and its request is never acknowledged
+                if then is not None:
+                    await then()
+            return reloads[0]
+
+        return r, reload
+
+    return start
+
+
+async def test_a_hold_ends_at_drain_timeout_when_the_worker_never_finishes(never_finished, tmp_path):
+    """The hold on 2#0 ends after drain_timeout, 2#0 is replaced (killed after stop_timeout), and
+    the request it never acknowledged goes to its next generation."""
+    r, reload = never_finished(FAST_PMON + "drain_timeout = 2.0\nstop_timeout = 1.0\n")
+    await r.notification("READY=1")
+    with trio.fail_after(100):  # before: the hold waited for the acknowledgement for ever
+        result = await reload()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "worker 2#0: generation 1 killed by SIGKILL; generation 2 serving" in result.stdout, result.stdout
+    await wait_for(lambda: status(r.config)["hub"]["proxies"]["2"]["acked"] == 1, timeout=10)
+    assert (tmp_path / "notes").read_text().splitlines() == ["never done", "never done"]
+    assert "worker 2#0: held, with 1 requests still not finished after drain_timeout (2s)" in r.log
+
+
+async def test_a_hub_that_stops_answering_during_a_hold_ends_the_reload_within_heartbeat_timeout(never_finished):
+    """The hub is SIGSTOPped while it holds 2#0 (drain_timeout is long): the pmon kills it after
+    heartbeat_timeout, the hold gets its exit for an answer, and the reload fails saying so; the hub
+    is restarted."""
+    r, reload = never_finished(FAST_PMON + "drain_timeout = 60.0\n")
+    await r.notification("READY=1")
+    stopped = []
+
+    async def stop_the_hub_once_it_holds() -> None:
+        await wait_for(lambda: status(r.config)["hub"]["proxies"]["2"]["instances"][0]["held"], timeout=30)
+        [hub] = r.children_with(" hub")
+        hub.send_signal(signal.SIGSTOP)
+        stopped.append(hub.pid)
+
+    result = await reload(stop_the_hub_once_it_holds)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"worker 2#0: the hub cannot hold it: hub {'killed by SIGKILL'}" in result.stderr, result.stderr
+    assert "still running the previous one: worker 2#0" in result.stderr
+    assert re.search(rf"hub \(pid {stopped[0]}\) sent no heartbeat for [\d.]+s \(hung\)", r.log), r.log
+    await wait_for(lambda: row(status(r.config), "hub")["state"] == "ready", timeout=20)
+
+
+async def test_a_draining_hub_exits_by_itself_when_a_session_does_not_read_its_last_answers(
+    run, handler_module, handler_path
+):
+    """A session that stopped reading (its replies fill its socket) while a request of its is still
+    in flight at drain_timeout: the hub answers it, gives the answer a bounded time to be written,
+    and exits on its own, not killed by the supervisor after stop_timeout."""
+    handler_module(
+        "slowbig",
+        """\
+        import trio
+
+        async def handle(req):
+            if req.body == b"slow":
+                await trio.sleep(60)
+            return req.body * 64
+        """,
+    )
+    r = run(
+        '[[proxy]]\nid = 1\nhandler = "slowbig:handle"\n' + handler_path,
+        supervisor="drain_timeout = 2.0\nstop_timeout = 4.0\n",
+    )
+    await r.notification("READY=1")
+    from peers import OracleSession
+
+    host, port = r.config.hub.advertise.rsplit(":", 1)
+    session = await OracleSession.connect((host, int(port)), audsid=9)
+    await session.send(1, 1, b"slow")
+    for rseq in range(2, 40):  # 38 replies of 4 MiB, never read: they fill its socket, and wait in the hub
+        await session.send(1, rseq, b"r" * 65536)
+    await wait_for(lambda: status(r.config)["hub"].get("proxies", {}).get("1", {}).get("replies") == 38, timeout=20)
+    result = await dcod_async(r.config, "reload")
+    session.close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"hub: generation 1 \(pid \d+\) drained, exited with status 0", result.stdout), result.stdout

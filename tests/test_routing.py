@@ -123,11 +123,17 @@ def routed(audsid: int, rseq: int, oneway: bool = False) -> bytes:
 
 
 def make_proxy(
-    proxy_id: int = 1, instances: int = 1, *, ordered: bool = False, handler: str = "echo", queue=None
+    proxy_id: int = 1,
+    instances: int = 1,
+    *,
+    ordered: bool = False,
+    handler: str = "echo",
+    queue=None,
+    memory_limit: int = 1 << 30,
 ) -> Proxy:
     config = ProxyConfig(id=proxy_id, handler=handler, instances=instances, ordered=ordered)
     addresses = [f"worker {proxy_id}#{i}" for i in range(instances)]
-    return Proxy(config, addresses, MemoryQueue() if queue is None else queue)
+    return Proxy(config, addresses, MemoryQueue() if queue is None else queue, memory_limit=memory_limit)
 
 
 class Hub:
@@ -725,6 +731,103 @@ def test_fail_answers_every_request_in_flight_with_the_code_given():
     assert hub.router.fail(hub.instance(), ErrorCode.DRAINING, "hub stopped") == 2
     assert [error_code(pdu) for pdu in oracle.take()] == [b"DCO-0005"] * 2
     assert hub.router.inflight == 0 and session.inflight == 0
+
+
+# ---------------------------------------------------------------- the memory bound of a proxy
+
+
+def done_with(hub: Hub, first: bytes) -> None:
+    """The worker answers (or acknowledges) the request it got whose body starts with ``first``."""
+    _, audsid, rseq, _ = next(pdu for pdu in hub.workers[1, 0].got if pdu[3][:1] == first)
+    hub.router.reply(hub.instance(), reply(audsid, rseq, b""))
+
+
+def test_requests_past_a_proxys_memory_limit_wait_in_the_queue_until_half_of_it_is_free():
+    """One-way requests count until acknowledged; past memory_limit the rest waits in the queue
+    (whatever the instance could take), sync ones too, in order."""
+    hub = Hub(make_proxy(memory_limit=1000))
+    proxy = hub.router.proxies[1]
+    worker = hub.up()
+    session, oracle = hub.session(2)
+    hub.router.requests(session, [request(1, n, b"%d" % n * 88, oneway=True) for n in range(1, 5)])  # 100 bytes each
+    hub.router.requests(session, [request(1, 5, b"5" * 688, oneway=True)])  # 700 bytes: past the bound, queued
+    hub.router.requests(session, [request(1, 6, b"6" * 88)])  # a sync one, queued behind it
+    assert [body[0] for _, _, _, body in worker.take()] == [*b"1234"]
+    assert (proxy.unacked_bytes, proxy.spool.records) == (400, 2)
+    assert hub.dispatch() is None and proxy.memory_waiting  # the pump waits for memory
+    hub.woken.clear()
+    done_with(hub, b"1")  # 300 left: half of it free
+    assert hub.woken == [1] and not proxy.memory_waiting
+    assert hub.dispatch() is hub.instance()  # 300 + 700 fit; the sync one (not counted) follows
+    assert [body[0] for _, _, _, body in worker.take()] == [*b"56"]
+    assert (proxy.unacked_bytes, proxy.spool.records) == (1000, 0)
+    done_with(hub, b"6")
+    assert proxy.unacked_bytes == 1000 and oracle.rseqs() == [6]
+    for tag in b"2345":
+        done_with(hub, bytes([tag]))
+    assert proxy.unacked_bytes == 0
+
+
+def test_a_wake_for_memory_comes_once_half_of_it_is_free_not_at_every_acknowledgement():
+    hub = Hub(make_proxy(memory_limit=1000))
+    proxy = hub.router.proxies[1]
+    hub.up()
+    session, _ = hub.session(2)
+    hub.router.requests(session, [request(1, n, b"%d" % (n % 10) * 88, oneway=True) for n in range(1, 12)])
+    assert (proxy.unacked_bytes, proxy.spool.records) == (1000, 1)
+    hub.dispatch()
+    hub.woken.clear()
+    for tag in b"1234":
+        done_with(hub, bytes([tag]))
+    assert hub.woken == [] and proxy.unacked_bytes == 600
+    done_with(hub, b"5")
+    assert hub.woken == [1]
+
+
+def test_a_lost_instance_gives_back_the_memory_of_its_unacknowledged_requests():
+    hub = Hub(make_proxy(memory_limit=1000))
+    proxy = hub.router.proxies[1]
+    worker = hub.up()
+    session, _ = hub.session(2)
+    hub.router.requests(session, [request(1, n, b"%d" % n * 88, oneway=True) for n in range(1, 4)])
+    sent = worker.sent[:]
+    assert proxy.unacked_bytes == 300
+    hub.router.requeue(hub.instance(), [bytearray(pdu) for pdu in sent[2:]])  # 3 never left
+    assert proxy.unacked_bytes == 0 and proxy.spool.records == 3  # all three queued again, in order
+
+
+def test_the_queue_keeps_in_memory_only_what_the_requests_in_flight_leave(tmp_path):
+    """Not durable (its directory cannot be made), the spool holds requests in memory: within the
+    proxy's memory_limit together with those in flight; past it they are refused, sync ones with
+    DCO-0004, and counted."""
+    (tmp_path / "file").write_text("")
+    spool = Spool(tmp_path / "file" / "proxy-1.spool", memory_limit=1000, size_limit=1 << 30, max_record=1 << 20)
+    assert not spool.durable
+    hub = Hub(make_proxy(queue=spool, memory_limit=1000))
+    proxy = hub.router.proxies[1]
+    hub.up()
+    session, oracle = hub.session(2)
+    hub.router.requests(session, [request(1, n, b"%d" % n * 88, oneway=True) for n in range(1, 8)])
+    assert (proxy.unacked_bytes, len(spool)) == (700, 0)
+    hub.router.hold(hub.instance())  # from now on, requests are queued
+    hub.router.requests(session, [request(1, n, b"%d" % (n % 10) * 88, oneway=True) for n in range(8, 11)])
+    hub.router.requests(session, [request(1, 11, b"x" * 88), request(1, 12, b"y" * 88, oneway=True)])
+    assert len(spool) == 3 and spool.memory_bytes == 300  # 8, 9, 10 (PDUs of 100 bytes)
+    [refused] = oracle.take()
+    assert refused[2] == 11 and error_code(refused) == b"DCO-0004"
+    assert proxy.counters.refused == 2 and proxy.unacked_bytes + spool.memory_bytes == 1000
+
+
+def test_fail_queued_answers_the_queued_sync_requests_which_are_then_never_forwarded():
+    hub = Hub()
+    session, oracle = hub.session(1)
+    hub.router.requests(session, [request(1, 1), request(1, 2, oneway=True), request(1, 3)])
+    assert hub.router.fail_queued(hub.router.proxies[1], ErrorCode.DRAINING, "proxy 1 removed") == 2
+    assert [(pdu[2], error_code(pdu)) for pdu in oracle.take()] == [(1, b"DCO-0005"), (3, b"DCO-0005")]
+    assert hub.router.inflight == 0 and session.inflight == 0
+    worker = hub.up()
+    hub.dispatch()
+    assert worker.tags() == [2] and hub.router.proxies[1].counters.expired == 2
 
 
 # ---------------------------------------------------------------- hold, quit

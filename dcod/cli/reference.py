@@ -31,8 +31,8 @@ ERROR_REPLIES = {
     ErrorCode.UNKNOWN_PROXY: "unknown proxy id",
     ErrorCode.REPLY_TIMEOUT: "no reply within hub.reply_timeout",
     ErrorCode.WORKER_LOST: "the worker instance went away before replying",
-    ErrorCode.QUEUE_FULL: "queue full (the proxy's spool_max reached)",
-    ErrorCode.DRAINING: "the hub stopped before the reply came (drain_timeout)",
+    ErrorCode.QUEUE_FULL: "queue full (the proxy's spool_max reached; or, its spool not durable, queue_memory)",
+    ErrorCode.DRAINING: "the hub stopped before the reply came (drain_timeout), or a reload removed the proxy",
     ErrorCode.HANDLER_FAILED: "the worker's handler failed (an exception: its type and text follow)",
     ErrorCode.OVERLOADED: "the session has hub.max_inflight_per_session sync requests unanswered already",
 }

@@ -8,7 +8,11 @@ tracked, with the session that sent it and its rseq, until its reply, error repl
 reply goes to that session's connection only, its rseq restored. Error replies go only to
 sessions that announced ``CAP_ERROR_REPLIES``; for the others they are withheld and counted.
 A request that cannot be forwarded at once is queued in the proxy's queue (the spool, durable)
-and forwarded in order when an instance is there.
+and forwarded in order when an instance is there. What the hub holds in memory for a proxy, the
+one-way requests it forwarded and that were not acknowledged yet and the queued ones its queue
+keeps in memory, is bounded by the proxy's ``memory_limit``: past it, one-way requests wait in
+the queue (on disk), and whatever is queued behind them, and go once memory frees. (A sync
+request is let go once written; ``max_inflight`` per session and the reply timeout bound those.)
 
 Poison requests: a one-way request that an instance took and did not acknowledge before its
 connection ended goes back to the queue with one more *attempt* (the count travels in its spool
@@ -36,6 +40,7 @@ import collections
 import dataclasses
 import logging
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -62,6 +67,10 @@ class Queue(Protocol):
 
     records: int  # how many are queued: an attribute, as len() would cost a Python call per request
     durable: bool  # False while what is queued is held in memory only (the disk refuses it)
+    # Bytes of records it may keep in memory; the router sets it to what its proxy's memory_limit
+    # leaves once the unacknowledged one-way requests are counted. Past it, records are on disk
+    # only, or, not durable, refused (SpoolFull).
+    memory_limit: int
 
     def append(self, pdu: bytes | bytearray, queued_at: float | None = None, attempts: int = 0) -> None:
         """Queue a PDU (``attempts``: its deliveries so far that its instance did not survive);
@@ -118,6 +127,7 @@ class Counters:
     duplicates: int = 0
     orphan_replies: int = 0
     withheld: int = 0  # error replies not sent: the session does not take them (CAP_ERROR_REPLIES)
+    drained: int = 0  # sync requests answered with DCO-0005 as the hub stopped (drain timeout, proxy removed)
     latency_sum: float = 0
     latency_max: float = 0
 
@@ -196,11 +206,18 @@ class Instance:
 class Proxy:
     """A proxy id: its instances, its queue, its counters."""
 
-    def __init__(self, config: ProxyConfig, addresses: list[str], spool: Queue) -> None:
+    def __init__(
+        self, config: ProxyConfig, addresses: list[str], spool: Queue, *, memory_limit: int = sys.maxsize
+    ) -> None:
         self.config = config
         self.available: list[Instance] = []  # the instances to dispatch to; kept by update_available()
         self.instances = [Instance(self, i, a) for i, a in enumerate(addresses)]
         self.spool = spool
+        # Bytes of requests the hub may hold in memory for this proxy (hub.queue_memory): one-way
+        # ones forwarded and not acknowledged (``unacked_bytes``), and those its queue keeps in memory.
+        self.memory_limit = memory_limit
+        self.unacked_bytes = 0  # bytes of the one-way requests its instances have not acknowledged
+        self.memory_waiting = False  # dispatch stopped at memory_limit: wake the pump once memory frees
         self.waiting: dict[Key, Pending] = {}  # queued sync requests
         self.attempts: dict[Key, int] = {}  # of the requests sent again and not acknowledged: see Router
         self.counters = Counters()
@@ -237,6 +254,10 @@ class Proxy:
                 best = instance
         self._last_read, self._last_pick = read, best
         return best
+
+    def memory_for_queue(self) -> None:
+        """Let the queue keep in memory only what the unacknowledged requests leave of memory_limit."""
+        self.spool.memory_limit = max(0, self.memory_limit - self.unacked_bytes)
 
 
 class Session:
@@ -375,7 +396,8 @@ class Router:
             self.timeouts.append(pending)
         else:
             counters.oneway += 1
-        if not proxy.spool.records:  # nothing queued ahead of it
+        # Nothing queued ahead of it, and (one-way) memory for it: else it waits in the queue, on disk.
+        if not proxy.spool.records and (length > 0 or proxy.unacked_bytes + len(pdu) <= proxy.memory_limit):
             instance = proxy.pick(audsid, read)
             if instance is not None:
                 self.forward(instance, pdu, key, pending)
@@ -408,17 +430,21 @@ class Router:
         return number
 
     def forward(self, instance: Instance, pdu: bytes | bytearray, key: Key, pending: Pending | None) -> None:
-        """Send a request to an instance that is up, and track it there."""
+        """Send a request to an instance that is up, and track it there: a one-way one, and its bytes,
+        until acknowledged (the hub holds the PDU until then); a sync one until answered (its PDU is
+        let go once written)."""
         if pending is not None:
             pending.instance = instance
             instance.inflight[key] = pending
         elif instance.acks:
             instance.unacked[key] = pdu
+            instance.proxy.unacked_bytes += len(pdu)
         instance.conn.send(pdu)  # type: ignore[union-attr]  # an instance that is up has one
 
     def enqueue(self, proxy: Proxy, pdu: bytes | bytearray, pending: Pending | None, attempts: int = 0) -> None:
         """Queue a request for the proxy's next available instance; refuse it if the queue is full."""
         spool = proxy.spool
+        proxy.memory_for_queue()
         try:
             spool.append(pdu, attempts=attempts)
         except SpoolFull as e:
@@ -437,16 +463,22 @@ class Router:
     def dispatch(self, proxy: Proxy, budget: int) -> Instance | None:
         """Forward queued requests, in order, while an instance is available, until the queue is
         empty or more than ``budget`` bytes went out. Returns the instance forwarded to last (the
-        caller lets its connection drain before it calls again), or None if none is available."""
+        caller lets its connection drain before it calls again), or None if none is available or
+        the proxy's memory_limit is reached (wake_pump says when memory frees)."""
         spool = proxy.spool
         instance = None
         sent = 0
         while spool.records:
+            proxy.memory_for_queue()  # what it reads back from disk, it keeps in memory
             record = spool.peek()
             if record is None:  # what was left turned out damaged when read back (counted by the spool)
                 break
             _, pdu, attempts = record
             length, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
+            if length < 0 and proxy.unacked_bytes and proxy.unacked_bytes + len(pdu) > proxy.memory_limit:
+                proxy.memory_waiting = True
+                instance = None
+                break
             instance = proxy.pick(audsid)
             if instance is None:
                 break
@@ -522,8 +554,10 @@ class Router:
         key = (audsid, rseq)
         pending = instance.inflight.pop(key, None)
         if pending is None:
-            if instance.unacked.pop(key, None) is not None:
+            done = instance.unacked.pop(key, None)
+            if done is not None:
                 counters.acked += 1  # the worker is done with a one-way request
+                self._release(instance.proxy, len(done))
                 if instance.proxy.attempts:  # it was sent again, and survived
                     instance.proxy.attempts.pop(key, None)
                     if instance._suspect == key:  # its instance takes others again
@@ -579,6 +613,7 @@ class Router:
         proxy = instance.proxy
         headers = [ROUTED_HEADER.unpack_from(pdu) for pdu in unsent]
         unacked, instance.unacked = instance.unacked, {}
+        self._release(proxy, sum(map(len, unacked.values())))
         for _, audsid, rseq in headers:
             unacked.pop((audsid, rseq), None)
         poisoned = 0
@@ -638,6 +673,14 @@ class Router:
             self._answer_error(pending, code, detail)
         return len(lost)
 
+    def fail_queued(self, proxy: Proxy, code: ErrorCode, detail: str) -> int:
+        """Answer the proxy's queued sync requests with errors; returns how many. Their records stay
+        in the queue: forwarded later, they are skipped as answered (counted ``expired``)."""
+        waiting, proxy.waiting = proxy.waiting, {}
+        for pending in waiting.values():
+            self._answer_error(pending, code, detail)
+        return len(waiting)
+
     # ------------------------------------------------------------ timeouts
 
     def expire(self, now: float) -> None:
@@ -675,6 +718,14 @@ class Router:
         session.inflight -= 1
         pending.session = None
         return None if session.closed else session
+
+    def _release(self, proxy: Proxy, size: int) -> None:
+        """Bytes of one-way requests the hub is done with; once half of memory_limit is free, the
+        queue that waited for memory may go on (by halves: batches, not a wake-up per reply)."""
+        proxy.unacked_bytes -= size
+        if proxy.memory_waiting and proxy.unacked_bytes <= proxy.memory_limit // 2:
+            proxy.memory_waiting = False
+            self._wake_pump(proxy)
 
     def _answer_error(self, pending: Pending, code: ErrorCode, detail: str) -> None:
         """Answer a sync request with an error reply."""

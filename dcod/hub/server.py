@@ -22,7 +22,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -73,7 +73,10 @@ class Hub:
         self.dead_letters = {p.id: DeadLetters(config.state_dir, p.id) for p in config.proxies}
         self.held_letters: dict[int, list[tuple[bytes, int]]] = {p.id: [] for p in config.proxies}  # (pdu, attempts)
         self.router = Router(
-            [Proxy(p, config.worker_addresses(p), self.spools.open(p.id)) for p in config.proxies],
+            [
+                Proxy(p, config.worker_addresses(p), self.spools.open(p.id), memory_limit=config.hub.queue_memory)
+                for p in config.proxies
+            ],
             reply_timeout=config.hub.reply_timeout,
             max_inflight=config.hub.max_inflight_per_session,
             clock=clock,
@@ -426,6 +429,7 @@ class Hub:
                 dead_letter_file=str(self.dead_letters[p.config.id].path),
                 inflight=sum(len(i.inflight) for i in p.instances),
                 unacked=sum(len(i.unacked) for i in p.instances),
+                memory_bytes=p.unacked_bytes + spool.memory_bytes,  # bounded by hub.queue_memory
                 instances=[
                     {
                         "index": i.index,
@@ -461,19 +465,37 @@ def _peer_name(family: int, addr) -> str:
 # ---------------------------------------------------------------- the hub process
 
 
-async def drain(hub: Hub, *, timeout: float, grace: float = 1.0, on_closed: Callable[[], None] | None = None) -> None:
+async def drain(
+    hub: Hub,
+    *,
+    timeout: float,
+    flush_timeout: float,
+    grace: float = 1.0,
+    removed: Iterable[int] = (),
+    on_closed: Callable[[], None] | None = None,
+) -> None:
     """Stop taking sessions and wait until every sync request is answered and sessions have gone.
 
     Sessions read their replies and reconnect elsewhere once the quit alert is raised; one
     that stays connected without a sync request in flight (or queued) is closed after ``grace``
     seconds of quiet: Noradle's PL/SQL counts its one-way requests among the replies it waits
-    for at the alert, so it would wait for us forever. Past ``timeout`` what is still in flight is
-    answered with error replies.
+    for at the alert, so it would wait for us forever. The sync requests queued for a proxy a
+    reload ``removed`` will never be forwarded: they are answered at once. Past ``timeout`` what
+    is still in flight or queued is answered with error replies, which get ``flush_timeout`` to
+    be written (a session that does not read them does not keep the hub).
     """
     hub.close_listeners()
+    router = hub.router
+    for proxy_id in removed:
+        proxy = router.proxies.get(proxy_id)
+        if proxy is not None and proxy.waiting:
+            answered = router.fail_queued(
+                proxy, ErrorCode.DRAINING, f"proxy {proxy_id} removed by a reload before the request was forwarded"
+            )
+            proxy.counters.drained += answered
+            log.warning("proxy %d removed: %d sync requests queued for it answered with errors", proxy_id, answered)
     if on_closed is not None:
         on_closed()
-    router = hub.router
     with trio.move_on_after(timeout):
         quiet_since: dict[Session, float] = {}
         while router.inflight or router.sessions:
@@ -485,13 +507,31 @@ async def drain(hub: Hub, *, timeout: float, grace: float = 1.0, on_closed: Call
                     session.conn.close()
             await trio.sleep(SWEEP_INTERVAL)
         return
-    left = sum(len(i.inflight) for proxy in router.proxies.values() for i in proxy.instances)
-    log.warning("drain timed out after %gs; answering %d requests still in flight with errors", timeout, left)
+    left = queued = 0
+    lost = "hub stopped before the reply came"
     for proxy in router.proxies.values():
-        for instance in proxy.instances:
-            router.fail(instance, ErrorCode.DRAINING, "hub stopped before the reply came")
-    for session in list(router.sessions):
-        await session.conn.flush()
+        in_flight = sum(router.fail(instance, ErrorCode.DRAINING, lost) for instance in proxy.instances)
+        # Their records stay in the spool: the next hub forwards those still in time, and their replies go nowhere.
+        waiting = router.fail_queued(
+            proxy, ErrorCode.DRAINING, "hub stopped before the request was forwarded (a later hub may still forward it)"
+        )
+        proxy.counters.drained += in_flight + waiting
+        left, queued = left + in_flight, queued + waiting
+    log.warning(
+        "drain timed out after %gs; answered %d sync requests in flight and %d queued with errors",
+        timeout,
+        left,
+        queued,
+    )
+    with trio.move_on_after(flush_timeout):
+        for session in list(router.sessions):
+            with contextlib.suppress(ConnectionClosed):
+                await session.conn.flush()
+    unread = [session for session in router.sessions if session.conn.pending_bytes]
+    if unread:
+        log.warning("%d sessions did not read their last answers within %gs; closing them", len(unread), flush_timeout)
+        for session in unread:
+            session.conn.close()
 
 
 async def serve(config: Config, listeners: list[socket.socket]) -> None:
@@ -514,6 +554,7 @@ async def serve(config: Config, listeners: list[socket.socket]) -> None:
                 ", ".join(_listener_name(s) for s in listeners),
             )
             stop = trio.Event()
+            drain_command: dict = {}  # the supervisor's drain command, once it came
             on_closed = None
             if channel is not None:
                 nursery.start_soon(channel.writer)
@@ -525,15 +566,22 @@ async def serve(config: Config, listeners: list[socket.socket]) -> None:
                     control.obey,
                     channel,
                     functools.partial(_stop, stop),
-                    functools.partial(_on_command, hub, channel, nursery),
+                    functools.partial(_on_command, hub, channel, nursery, drain_command),
                 )
-                on_closed = functools.partial(channel.send, control.event(control.Event.DRAINING))
+                on_closed = functools.partial(_say_draining, hub, channel)
             nursery.start_soon(_stop_on_signal, signals, stop)
             await stop.wait()
-            await drain(hub, timeout=config.supervisor.drain_timeout, on_closed=on_closed)
+            limits = config.supervisor
+            await drain(
+                hub,
+                timeout=limits.drain_timeout,
+                flush_timeout=limits.stop_timeout / 2,  # the supervisor kills us at drain_timeout + stop_timeout
+                removed=drain_command.get("removed", ()),
+                on_closed=on_closed,
+            )
             if channel is not None:
-                with contextlib.suppress(ConnectionClosed):  # the supervisor may be gone already
-                    await channel.conn.flush()
+                with contextlib.suppress(ConnectionClosed), trio.move_on_after(limits.stop_timeout / 2):
+                    await channel.conn.flush()  # the supervisor may be gone already, or not reading
             nursery.cancel_scope.cancel()
     log.info("hub stopped")
 
@@ -573,31 +621,58 @@ def _report(hub: Hub) -> tuple[control.StatusCounts, dict]:
     return counts, stats
 
 
-def _on_command(hub: Hub, channel: control.Channel, nursery: trio.Nursery, message: dict) -> None:
-    """Commands besides drain: hold/release an instance (answered once it is idle / connected again)."""
-    if control.command_of(message) in (control.Command.HOLD, control.Command.RELEASE):
+def _say_draining(hub: Hub, channel: control.Channel) -> None:
+    """The listener is closed: say so, after a heartbeat with what the drain answered at once
+    (the supervisor reads them in order: a reload reports the counts)."""
+    control.send_heartbeat(channel, functools.partial(_report, hub))
+    channel.send(control.event(control.Event.DRAINING))
+
+
+def _on_command(hub: Hub, channel: control.Channel, nursery: trio.Nursery, drain_command: dict, message: dict) -> None:
+    """hold/release an instance (answered once it is idle / connected again); drain: keep what it
+    asks besides stopping (the proxies a reload removed)."""
+    command = control.command_of(message)
+    if command in (control.Command.HOLD, control.Command.RELEASE):
         nursery.start_soon(_hold, hub, channel, message)
+    elif command == control.Command.DRAIN:
+        drain_command.update(message)
 
 
 async def _hold(hub: Hub, channel: control.Channel, message: dict) -> None:
+    """Held: wait until its replies and acks are in, at most drain_timeout (its process, told to
+    stop next, finishes what it can in stop_timeout; a one-way request it does not finish goes to
+    the queue again). Released: wait until we are connected to it again, at most ready_timeout,
+    and only then not held, so that `dcod status` never sees it down unless it is."""
     try:
         instance = hub.router.proxies[message["proxy"]].instances[message["instance"]]
     except (KeyError, IndexError, TypeError):
         channel.send(control.done(message.get("id"), f"no instance {message.get('proxy')}#{message.get('instance')}"))
         return
+    limits = hub.config.supervisor
     held = control.command_of(message) == control.Command.HOLD
+    error = None
     if held:
         hub.held_by_supervisor.add(instance)
         hub.router.hold(instance, True)
+        with trio.move_on_after(limits.drain_timeout):
+            while instance.inflight or instance.unacked:
+                await trio.sleep(SWEEP_INTERVAL)
+        if instance.inflight or instance.unacked:
+            log.warning(
+                "worker %s: held, with %d requests still not finished after drain_timeout (%gs)",
+                instance.name,
+                len(instance.inflight) + len(instance.unacked),
+                limits.drain_timeout,
+            )
     else:
         hub.held_by_supervisor.discard(instance)
-    # Held: wait until its replies and acks are in. Released: until we are connected to it again,
-    # and only then not held, so that `dcod status` never sees it down unless it is.
-    while instance.inflight or instance.unacked if held else instance.state != "up":
-        await trio.sleep(SWEEP_INTERVAL)
-    if not held:
+        with trio.move_on_after(limits.ready_timeout):
+            while instance.state != "up":
+                await trio.sleep(SWEEP_INTERVAL)
+        if instance.state != "up":  # not held all the same: it is used once we connect
+            error = f"not connected to it within ready_timeout ({limits.ready_timeout:g}s)"
         hub.router.hold(instance, False)
-    channel.send(control.done(message.get("id")))
+    channel.send(control.done(message.get("id"), error))
 
 
 def main(config: Config, listen: str | None = None) -> int:

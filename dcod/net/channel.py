@@ -43,7 +43,7 @@ class Event(StrEnum):
 class Command(StrEnum):
     """What the supervisor tells a child: ``{"command": ..., "id": n, ...}``."""
 
-    DRAIN = "drain"  # take no more work, finish what you have, exit
+    DRAIN = "drain"  # take no more work, finish what you have, exit; (hub) {"removed": proxy ids a reload removed}
     HOLD = "hold"  # (hub) send nothing more to {"proxy", "instance"}; done once it has answered everything
     RELEASE = "release"  # (hub) use that instance again; done once connected to it
 
@@ -190,7 +190,7 @@ async def heartbeat(channel: Channel, report: Callable[[], tuple[StatusCounts, d
 
 async def obey(channel: Channel, stop, other=None) -> None:
     """Call ``stop(reason)`` when the supervisor says drain or goes away (end of stream);
-    ``other(message)``, if given, for any other command."""
+    ``other(message)``, if given, for every command (for drain: before ``stop``, with what it asks besides)."""
     while True:
         try:
             message = await channel.receive()
@@ -200,7 +200,7 @@ async def obey(channel: Channel, stop, other=None) -> None:
         if message is None:
             stop("supervisor went away")
             return
+        if other is not None:
+            other(message)
         if command_of(message) == Command.DRAIN:
             stop("asked to drain")
-        elif other is not None:
-            other(message)

@@ -218,11 +218,12 @@ class Process:
 
 
 async def drain_hubs(
-    hubs: Iterable[Process], alert: Callable[[], Awaitable[None]], limits: SupervisorConfig
+    hubs: Iterable[Process], alert: Callable[[], Awaitable[None]], limits: SupervisorConfig, removed: Iterable[int] = ()
 ) -> dict[Process, int]:
     """End hub generations without losing a request; the exit status of each that was running.
 
-    Each is told to drain (one draining already goes on as it was) and gets stop_timeout to
+    Each is told to drain (one draining already goes on as it was), and which proxies a reload
+    ``removed`` (it answers the sync requests queued for them at once), and gets stop_timeout to
     close its listener and say so. Then ``alert()``, once for them all: the quit alert sends
     their sessions elsewhere, and a session that reconnects reaches only a hub that listens.
     Each then gets drain_timeout + stop_timeout to answer what it has and exit; past that, SIGKILL.
@@ -232,7 +233,7 @@ async def drain_hubs(
         return {}
     for hub in hubs:
         hub.alerted = True  # from now on: neither the pmon nor its exit raises the alert again
-        hub.channel.send(command(Command.DRAIN))
+        hub.channel.send(command(Command.DRAIN, removed=list(removed)))
     with trio.move_on_after(limits.stop_timeout):
         for hub in hubs:
             await hub.draining.wait()

@@ -152,7 +152,7 @@ class Rollout:
         previous = {key: sup.workers[key].process for key in todo.replaced}
         for key in todo.replaced:
             sup.workers[key].name, sup.workers[key].argv = new_slots[key]
-        await self._retire_hub(old, previous_config)
+        await self._retire_hub(old, previous_config, removed_proxies)
         if new.alert != previous_config.alert:
             await self._use_alert_settings(new)
         for key in todo.removed:
@@ -205,9 +205,11 @@ class Rollout:
             raise
         return new
 
-    async def _retire_hub(self, old: Process, served: Config) -> None:
+    async def _retire_hub(self, old: Process, served: Config, removed_proxies: list[int]) -> None:
         """The hub generation that served until now drains (the new one serves), and the alert is
-        raised as its sessions know it: with the settings and address it ``served`` with."""
+        raised as its sessions know it: with the settings and address it ``served`` with. It answers
+        the sync requests queued for the proxies the reload removes, and says how many in the
+        heartbeat it sends before it says it is draining."""
         sup, step = self.sup, self.step
         step(f"hub: generation {sup.hub.process.generation} ready; generation {old.generation} draining")
         old.retiring = True
@@ -216,7 +218,12 @@ class Rollout:
             await sup.alerter.signal(served.hub.advertise)
             step(f"quit alert {served.alert.name} raised for {served.hub.advertise}")
 
-        for hub, returncode in (await drain_hubs([old], alert_sessions, sup.config.supervisor)).items():
+        exits = await drain_hubs([old], alert_sessions, sup.config.supervisor, removed_proxies)
+        for proxy_id in removed_proxies:
+            answered = old.stats.get("proxies", {}).get(str(proxy_id), {}).get("drained", 0)
+            if answered:
+                step(f"proxy {proxy_id}: removed; {answered} sync requests queued for it answered with DCO-0005")
+        for hub, returncode in exits.items():
             step(f"hub: generation {hub.generation} (pid {hub.pid}) drained, {describe_exit(returncode)}")
 
     async def _use_alert_settings(self, config: Config) -> None:
