@@ -131,9 +131,9 @@ FAULTS = {
     "supervisor SIGKILL": 1.5,
     "supervisor SIGSTOP": 1,
     "supervisor SIGTERM": 1,
-    "handler block": 1,  # a sync request whose handler blocks its worker past heartbeat_timeout
-    "state full": 1,  # the state directory's filesystem full for 1-4 s (root only: a tmpfs)
-    "handler poison": 1,  # a one-way request whose handler kills its worker: set aside after POISON_AFTER
+    "handler block": 2,  # a sync request whose handler blocks its worker past heartbeat_timeout
+    "state full": 2,  # the state directory's filesystem full for 1-4 s (root only: a tmpfs)
+    "handler poison": 2,  # a one-way request whose handler kills its worker: set aside after POISON_AFTER
 }
 # Which faults can explain which abnormal outcome (STOP_UNDER_FROZEN_HUB kinds explain the
 # outcomes not in EXPLAINS_ALONE only when they hit while the hub was SIGSTOPped).
