@@ -169,8 +169,26 @@ def alert_counter(sb: sysd.Sandbox) -> int:
     return int(text.split()[0]) if text else 0
 
 
-def start_bench(sb: sysd.Sandbox, duration: float) -> subprocess.Popen:
-    """`dcod bench` against the service: 8 sessions, 2 requests outstanding each, for ``duration`` s."""
+def under_load(sb: sysd.Sandbox, duration: float, action):
+    """``action()`` 2 s into ``duration`` s of `dcod bench` against the service (8 sessions, 2 requests
+    outstanding each): (what it returned, the seconds it took, whether the load outlasted it, the
+    bench's figures, its stderr)."""
+    bench = _start_bench(sb, duration)
+    try:
+        time.sleep(2.0)
+        t0 = time.monotonic()
+        done = action()
+        took = time.monotonic() - t0
+        outlasted = bench.poll() is None
+        out, err = bench.communicate(timeout=90)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    return done, took, outlasted, json.loads(out), err
+
+
+def _start_bench(sb: sysd.Sandbox, duration: float) -> subprocess.Popen:
     return sb.popen(
         "dcod",
         "bench",
@@ -351,19 +369,8 @@ def test_reload_under_load(installed):
         pytest.skip("`dcod reload` does not exist yet")
     props = activate(sb)
     before = set(service_pids(sb)) - {int(props["MainPID"])}
-    bench = start_bench(sb, 6)
-    try:
-        time.sleep(2.0)
-        t0 = time.monotonic()
-        reload = sb.systemctl("reload", SERVICE, check=False, timeout=90)
-        took = time.monotonic() - t0
-        out, err = bench.communicate(timeout=60)
-    finally:
-        if bench.poll() is None:
-            bench.kill()
-            bench.wait()
+    reload, took, _, result, err = under_load(sb, 6, lambda: sb.systemctl("reload", SERVICE, check=False, timeout=90))
     assert reload.returncode == 0, f"{reload.stderr}\n{sb.journal(SERVICE)}"
-    result = json.loads(out)
     assert (result["lost"], result["errors"], result["mismatched"]) == (0, 0, 0), f"{result}\n{err}"
     assert result["requests"] > 0
     after = sb.show(SERVICE, "MainPID", "ActiveState", "NRestarts", "StatusText")
@@ -393,23 +400,14 @@ def test_upgrade_under_load_loses_nothing(installed, deb_next):
     assert before["supervisor"]["version"] == __version__
     alerts = alert_counter(sb)
     window = 15.0
-    bench = start_bench(sb, window)
-    try:
-        time.sleep(2.0)
-        t0 = time.monotonic()
-        upgrade = sb.run("dpkg", "-i", sb.put(deb_next), check=False, timeout=180)
-        took = time.monotonic() - t0
-        assert bench.poll() is None, f"the load ended before the upgrade did ({took:.1f}s)"
-        out, err = bench.communicate(timeout=90)
-    finally:
-        if bench.poll() is None:
-            bench.kill()
-            bench.wait()
+    upgrade, took, outlasted, result, err = under_load(
+        sb, window, lambda: sb.run("dpkg", "-i", sb.put(deb_next), check=False, timeout=180)
+    )
+    assert outlasted, f"the load ended before the upgrade did ({took:.1f}s)"
     assert upgrade.returncode == 0, f"{upgrade.stdout}\n{upgrade.stderr}\n{sb.journal(SERVICE)}"
     lines = [line for line in upgrade.stdout.splitlines() if line.startswith("reload: ")]
     assert lines and lines[-1].startswith("reload: done in"), f"{upgrade.stdout}\n{upgrade.stderr}"
     assert "restarting" not in upgrade.stderr, upgrade.stderr
-    result = json.loads(out)
     assert (result["lost"], result["errors"], result["mismatched"]) == (0, 0, 0), f"{result}\n{err}"
     assert result["requests"] > 0
     after = sb.show(SERVICE, "MainPID", "ActiveState", "NRestarts")
