@@ -764,6 +764,27 @@ def test_a_reply_forgets_a_sync_requests_deaths_and_only_the_one_that_dies_alone
     assert hub.router.proxies[1].poison.keys() == {fingerprint(b"2")}
 
 
+def test_a_sync_request_on_its_last_delivery_waits_for_an_instance_with_nothing_in_flight():
+    """Sent next to another request, it would be blamed for the other's death: it waits until one is idle."""
+    hub = Hub(make_proxy(instances=1), poison_after=2)
+    hub.up()
+    session, oracle = hub.session(1)
+    die_with(hub, b"9", session, 1)
+    hub.router.requests(session, [request(1, 2, b"5"), request(1, 3, b"9"), request(1, 4, b"6")])
+    assert hub.workers[1, 0].tags() == [5]  # the others wait: in order, behind it
+    hub.woken.clear()
+    hub.dispatch()
+    assert hub.workers[1, 0].take() == [] and hub.woken == []
+    hub.answer(5)
+    assert hub.woken == [1]  # idle now
+    hub.dispatch()
+    assert hub.workers[1, 0].tags() == [9]  # alone
+    hub.answer(9)
+    hub.dispatch()
+    assert hub.workers[1, 0].tags() == [6]
+    assert oracle.rseqs() == [1, 2, 3] and hub.dead == []
+
+
 def test_a_sync_suspect_that_times_out_gives_its_instance_back():
     hub = Hub(make_proxy(instances=1), poison_after=2)
     hub.up()

@@ -244,6 +244,7 @@ class Proxy:
         # those set aside as poison (with their deaths); FINGERPRINTS of each at most.
         self.deaths: dict[bytes, int] = {}
         self.poison: dict[bytes, int] = {}
+        self.idle_wanted = False  # such a request on its last delivery waits for an instance with nothing in flight
         self.counters = Counters()
         self._turn = 0  # where the round-robin among equally busy instances starts
         self._last_read = 0  # pick(): the session read it last picked for, and what
@@ -434,7 +435,7 @@ class Router:
             counters.oneway += 1
         # Nothing queued ahead of it, and (one-way) memory for it: else it waits in the queue, on disk.
         if not proxy.spool.records and (length > 0 or proxy.unacked_bytes + len(pdu) <= proxy.memory_limit):
-            instance = proxy.pick(audsid, read)
+            instance = self._pick(proxy, audsid, pending, read)
             if instance is not None:
                 self.forward(instance, pdu, key, pending)
                 return
@@ -472,14 +473,34 @@ class Router:
         if pending is not None:
             pending.instance = instance
             instance.inflight[key] = pending
-            deaths = instance.proxy.deaths
-            if deaths and pending.fingerprint in deaths and deaths[pending.fingerprint] >= self.poison_after - 1:
-                instance.suspect = key  # its last delivery before poison_after: alone on its instance
+            if instance.proxy.deaths and self._on_last_delivery(pending):
+                instance.suspect = key  # nothing else goes to its instance until it is answered
                 pending.pdu = bytes(pdu)
         elif instance.acks:
             instance.unacked[key] = pdu
             instance.proxy.unacked_bytes += len(pdu)
         instance.conn.send(pdu)  # type: ignore[union-attr]  # an instance that is up has one
+
+    def _on_last_delivery(self, pending: Pending) -> bool:
+        """A sync request with poison_after - 1 deaths: it goes alone (see the module's docstring)."""
+        deaths = pending.proxy.deaths
+        return pending.fingerprint in deaths and deaths[pending.fingerprint] >= self.poison_after - 1  # type: ignore[index]
+
+    def _pick(self, proxy: Proxy, audsid: int, pending: Pending | None, read: int = 0) -> Instance | None:
+        """The instance for a request: Proxy.pick(), or, for a sync request on its last delivery, an
+        instance with nothing in flight, so that no other request's death is blamed on it; if none is
+        idle, it waits in the queue (and what comes after it) until one is (``idle_wanted``)."""
+        if pending is None or not proxy.deaths or not self._on_last_delivery(pending):
+            return proxy.pick(audsid, read)
+        instance = next((i for i in proxy.available if not i.inflight and not i.unacked), None)
+        proxy.idle_wanted = instance is None
+        return instance
+
+    def _maybe_idle(self, instance: Instance) -> None:
+        """A request of the instance's is done: if it is idle now, the request waiting for one may go."""
+        if not instance.inflight and not instance.unacked:
+            instance.proxy.idle_wanted = False
+            self._wake_pump(instance.proxy)
 
     def enqueue(self, proxy: Proxy, pdu: bytes | bytearray, pending: Pending | None, attempts: int = 0) -> None:
         """Queue a request for the proxy's next available instance; refuse it if the queue is full."""
@@ -519,14 +540,16 @@ class Router:
                 proxy.memory_waiting = True
                 instance = None
                 break
-            instance = proxy.pick(audsid)
+            pending = proxy.waiting.get((audsid, rseq)) if length > 0 else None
+            instance = self._pick(proxy, audsid, pending)
             if instance is None:
                 break
             spool.pop()
             if self._adopted:
                 self._adopted.discard(rseq)
-            pending = proxy.waiting.pop((audsid, rseq), None) if length > 0 else None
-            if length > 0 and pending is None:
+            if pending is not None:
+                del proxy.waiting[pending.key]
+            elif length > 0:
                 proxy.counters.expired += 1  # already answered with a timeout error
                 continue
             if pending is not None and proxy.poison and pending.fingerprint in proxy.poison:
@@ -597,8 +620,12 @@ class Router:
         counters = instance.proxy.counters
         key = (audsid, rseq)
         pending = instance.inflight.pop(key, None)
+        if instance.proxy.idle_wanted:
+            self._maybe_idle(instance)
         if pending is None:
             done = instance.unacked.pop(key, None)
+            if instance.proxy.idle_wanted:
+                self._maybe_idle(instance)
             if done is not None:
                 counters.acked += 1  # the worker is done with a one-way request
                 self._release(instance.proxy, len(done))
@@ -796,6 +823,8 @@ class Router:
             proxy = pending.proxy
             if pending.instance is not None:
                 pending.instance.inflight.pop(pending.key, None)
+                if proxy.idle_wanted:
+                    self._maybe_idle(pending.instance)
                 if pending.instance._suspect == pending.key:  # no death, no answer: it blocks nothing more
                     pending.instance.suspect = None
                     self._wake_pump(proxy)
