@@ -298,8 +298,9 @@ async def test_a_sync_request_a_session_sends_again_and_again_is_set_aside_and_r
 ):
     """A session's retry loop sends the same call that kills its worker after each DCO-0003: after
     poison_after deaths it gets DCO-0008, then DCO-0008 at once with no delivery; other calls are
-    served meanwhile, and the instance is not left down (restart_max 5)."""
-    _, deliveries, _ = poison
+    served meanwhile, and the instance is not left down (restart_max 5). Once its dead letter is
+    dropped (the handler fixed), the same call is served."""
+    flag, deliveries, _ = poison
     r = run('[[proxy]]\nid = 1\nhandler = "poison:handle"\n' + handler_path, supervisor=FAST_PMON, poison_after=3)
     await r.notification("READY=1")
     store = DeadLetters(r.config.state_dir, 1)
@@ -342,8 +343,13 @@ async def test_a_sync_request_a_session_sends_again_and_again_is_set_aside_and_r
     retried = await dcod_async(r.config, "dead-letters", "retry", "1", "--all")
     assert retried.returncode == 1 and store.count() == 1
     assert "nothing retried: dead letters 1 are sync requests" in retried.stderr
+    flag.unlink()
     dropped = await dcod_async(r.config, "dead-letters", "drop", "1", "--all")
     assert dropped.returncode == 0 and store.count() == 0
+    await wait_for(lambda: "1 poison sync requests dropped from its dead letters: served again" in r.log, timeout=10)
+    async with Session(address, audsid=1) as session:
+        assert await session.call_sync(1, b"poison", timeout=15) == b"poison"
+    assert lines(deliveries) == ["poison"] * 4
 
 
 async def test_the_attempts_of_a_request_survive_a_fresh_dcod_run(run, poison, handler_path):

@@ -799,6 +799,22 @@ def test_a_sync_suspect_that_times_out_gives_its_instance_back():
     assert hub.workers[1, 0].tags() == [3]
 
 
+def test_a_poison_sync_request_forgotten_once_its_dead_letter_is_dropped_is_forwarded_again():
+    hub = Hub(make_proxy(instances=1), poison_after=2)
+    hub.up()
+    session, oracle = hub.session(1)
+    die_with(hub, b"7", session, 1)
+    die_with(hub, b"7", session, 2)
+    proxy = hub.router.proxies[1]
+    assert hub.router.forget_poison(proxy, {fingerprint(b"7")}) == 0  # its dead letter is kept: refused
+    hub.router.requests(session, [request(1, 3, b"7")])
+    assert hub.workers[1, 0].take() == []
+    assert hub.router.forget_poison(proxy, set()) == 1
+    hub.router.requests(session, [request(1, 4, b"7")])
+    assert hub.workers[1, 0].tags() == [7]
+    assert [error_code(pdu) for pdu in oracle.take()] == [b"DCO-0003", b"DCO-0008", b"DCO-0008"]
+
+
 def test_what_a_proxy_remembers_of_sync_requests_is_bounded(monkeypatch):
     monkeypatch.setattr(routing, "FINGERPRINTS", 2)
     hub = Hub(make_proxy(instances=1), poison_after=3)

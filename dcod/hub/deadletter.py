@@ -102,6 +102,13 @@ class DeadLetters:
         except FileNotFoundError:
             return []
 
+    def signature(self) -> tuple[int, int, int] | None:
+        """Changes whenever the file does (None: there is none)."""
+        try:
+            return _signature(os.stat(self.path))
+        except OSError:
+            return None
+
     def count(self) -> int:
         """How many are in the file now (read again only when the file changed)."""
         try:
