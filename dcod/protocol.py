@@ -97,6 +97,7 @@ class ErrorCode(enum.IntEnum):
     DRAINING = 5
     HANDLER_FAILED = 6
     OVERLOADED = 7
+    POISON = 8
 
     def text(self, detail: str) -> str:
         return f"DCO-{self.value:04d} {detail}"

@@ -293,6 +293,65 @@ async def test_a_request_that_kills_its_worker_is_set_aside_after_poison_after_d
     assert (await dcod_async(again.config, "dead-letters", "list")).stdout.strip() == "no dead letters"
 
 
+async def test_a_sync_request_a_session_sends_again_and_again_is_set_aside_and_refused(
+    run, poison, handler_path, nursery
+):
+    """A session's retry loop sends the same call that kills its worker after each DCO-0003: after
+    poison_after deaths it gets DCO-0008, then DCO-0008 at once with no delivery; other calls are
+    served meanwhile, and the instance is not left down (restart_max 5). Once its dead letter is
+    dropped (the handler fixed), the same call is served."""
+    flag, deliveries, _ = poison
+    r = run('[[proxy]]\nid = 1\nhandler = "poison:handle"\n' + handler_path, supervisor=FAST_PMON, poison_after=3)
+    await r.notification("READY=1")
+    store = DeadLetters(r.config.state_dir, 1)
+    address = r.config.hub.advertise
+    served = lost = 0
+    done = trio.Event()
+
+    async def others() -> None:
+        nonlocal served, lost
+        async with Session(address, audsid=2) as session:
+            while not done.is_set():
+                try:
+                    assert await session.call_sync(1, b"ping", timeout=15) == b"ping"
+                    served += 1
+                except DcoError as e:  # in flight on the instance the poison request killed
+                    assert e.code == 3, e
+                    lost += 1
+
+    nursery.start_soon(others)
+    codes = []
+    async with Session(address, audsid=1) as session:
+        while codes[-2:] != [8, 8] and len(codes) < 8:
+            with pytest.raises(DcoError) as answer:
+                await session.call_sync(1, b"poison", timeout=15)
+            codes.append(answer.value.code)
+        print(f"answers to the resent call: {codes}; {served} other calls served meanwhile, {lost} lost")
+        assert codes == [3, 3, 8, 8] and "set aside as poison" in answer.value.text
+        assert lines(deliveries) == ["poison"] * 3  # the last resend was not delivered
+        assert await session.call_sync(1, b"ping", timeout=15) == b"ping"
+        await wait_for(lambda: served > 0, timeout=15)
+        done.set()
+    [letter] = store.letters()
+    assert (letter.audsid, letter.oneway, letter.attempts, letter.pdu[12:]) == (1, False, 3, b"poison")
+    proxy = status(r.config)["hub"]["proxies"]["1"]
+    assert (proxy["poisoned"], proxy["poison_refused"], proxy["worker_lost"]) == (1, 1, 2 + lost)
+    worker = row(status(r.config), "worker 1#0")
+    assert (worker["state"], worker["restarts"]) == ("ready", 3)
+    assert r.log.count("set aside as poison: its worker instance went away") == 1
+    assert r.log.count("refused: the same request was set aside as poison") == 1
+    retried = await dcod_async(r.config, "dead-letters", "retry", "1", "--all")
+    assert retried.returncode == 1 and store.count() == 1
+    assert "nothing retried: dead letters 1 are sync requests" in retried.stderr
+    flag.unlink()
+    dropped = await dcod_async(r.config, "dead-letters", "drop", "1", "--all")
+    assert dropped.returncode == 0 and store.count() == 0
+    await wait_for(lambda: "1 poison sync requests dropped from its dead letters: served again" in r.log, timeout=10)
+    async with Session(address, audsid=1) as session:
+        assert await session.call_sync(1, b"poison", timeout=15) == b"poison"
+    assert lines(deliveries) == ["poison"] * 4
+
+
 async def test_the_attempts_of_a_request_survive_a_fresh_dcod_run(run, poison, handler_path):
     """Its one instance left down after it killed it once (restart_max 1), the request waits in the
     spool with its attempt; the next `dcod run` delivers it, it kills again: poison_after 2 reached."""

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from dcod.config import ProxyConfig
+from dcod.hub import routing
 from dcod.hub.routing import Proxy, Router, Session
 from dcod.hub.spool import Spool, SpoolFull
 from dcod.protocol import ErrorCode
@@ -406,6 +407,11 @@ def overloaded(hub: Hub, session: Session) -> None:
     hub.router.requests(session, [request(1, 1)])
 
 
+def poison(hub: Hub, session: Session) -> None:
+    hub.router.proxies[1].poison[fingerprint(b"1")] = 3
+    hub.router.requests(session, [request(1, 1)])
+
+
 @pytest.mark.parametrize(
     "code, make_error",
     [
@@ -416,6 +422,7 @@ def overloaded(hub: Hub, session: Session) -> None:
         (b"DCO-0005", draining),
         (b"DCO-0006", handler_failed),
         (b"DCO-0007", overloaded),
+        (b"DCO-0008", poison),
     ],
 )
 @pytest.mark.parametrize("capable", [True, False], ids=["capable", "plsql"])
@@ -681,6 +688,141 @@ def test_a_oneway_request_whose_instance_goes_away_poison_after_times_is_set_asi
     assert hub.router.inflight == 0 and not hub.router.proxies[1].attempts
     hub.router.requests(session, [request(1, 3)])  # the proxy serves on
     assert workers[innocent].tags() == [3]
+
+
+def fingerprint(body: bytes) -> int:
+    """How the router knows a sync request again when a session sends it again (in this process)."""
+    return hash(body)
+
+
+def die_with(hub: Hub, body: bytes, session: Session, rseq: int) -> None:
+    """The session sends a sync request; the instance gets it and dies; it comes back up."""
+    hub.router.requests(session, [request(1, rseq, body)])
+    assert hub.workers[1, 0].take()[-1][3] == body
+    hub.router.requeue(hub.instance(), [])
+    hub.up()
+
+
+def test_a_sync_request_sent_again_whose_instance_dies_poison_after_times_is_set_aside_and_refused():
+    """A session asks again after each DCO-0003; the delivery that reaches poison_after goes alone;
+    then the request is a dead letter, answered DCO-0008, and asking again costs no instance."""
+    hub = Hub(make_proxy(instances=1), poison_after=3)
+    hub.up()
+    session, oracle = hub.session(1)
+    other, other_oracle = hub.session(2)
+    for rseq in (1, 2):
+        die_with(hub, b"77", session, rseq)
+    assert [error_code(pdu) for pdu in oracle.take()] == [b"DCO-0003"] * 2
+    hub.router.requests(session, [request(1, 3, b"77")])  # its last delivery: alone
+    assert hub.workers[1, 0].take()[0][3] == b"77" and not hub.instance().available
+    hub.router.requests(other, [request(1, 1)])  # waits behind it
+    assert hub.workers[1, 0].take() == [] and hub.router.proxies[1].spool.records == 1
+    hub.router.requeue(hub.instance(), [])
+    [answer] = oracle.take()
+    assert answer[2] == 3 and error_code(answer) == b"DCO-0008" and b"3 times" in answer[3]
+    [(proxy_id, pdu, deaths)] = hub.dead
+    assert (proxy_id, pdu[12:], deaths) == (1, b"77", 3) and struct.unpack_from(">i", pdu)[0] == 14
+    counters = hub.router.proxies[1].counters
+    assert (counters.poisoned, counters.worker_lost, counters.poison_refused) == (1, 2, 0)
+    assert hub.warned == ["poison 1"]
+
+    hub.up()
+    hub.dispatch()
+    assert hub.workers[1, 0].tags() == [1]  # the proxy serves on
+    hub.answer(1)
+    assert other_oracle.rseqs() == [1]
+    hub.router.requests(session, [request(1, 4, b"77")])  # asked again: refused at once
+    [answer] = oracle.take()
+    assert answer[2] == 4 and error_code(answer) == b"DCO-0008"
+    assert hub.workers[1, 0].take() == [] and counters.poison_refused == 1 and session.inflight == 0
+    assert hub.router.inflight == 0 and len(hub.dead) == 1
+
+
+def test_a_reply_forgets_a_sync_requests_deaths_and_only_the_one_that_dies_alone_is_set_aside():
+    """Two requests die together twice: each goes alone next; the one that is answered is forgotten."""
+    hub = Hub(make_proxy(instances=1), poison_after=3)
+    hub.up()
+    session, oracle = hub.session(1)
+    for rseq in (1, 3):
+        hub.router.requests(session, [request(1, rseq, b"1"), request(1, rseq + 1, b"2")])
+        hub.router.requeue(hub.instance(), [])
+        hub.up()
+    assert hub.router.proxies[1].deaths == {fingerprint(b"1"): 2, fingerprint(b"2"): 2}
+    hub.router.requests(session, [request(1, 5, b"1"), request(1, 6, b"2")])
+    assert hub.workers[1, 0].tags() == [1]  # alone: the other waits
+    hub.answer(1)
+    assert hub.router.proxies[1].deaths == {fingerprint(b"2"): 2}
+    hub.dispatch()
+    assert hub.workers[1, 0].tags() == [2]
+    hub.router.requeue(hub.instance(), [])
+    assert [pdu[12:] for _, pdu, _ in hub.dead] == [b"2"]
+    assert [error_code(pdu) if pdu[0] < 0 else b"ok" for pdu in oracle.take()] == [b"DCO-0003"] * 4 + [
+        b"ok",
+        b"DCO-0008",
+    ]
+    assert hub.router.proxies[1].poison.keys() == {fingerprint(b"2")}
+
+
+def test_a_sync_request_on_its_last_delivery_waits_for_an_instance_with_nothing_in_flight():
+    """Sent next to another request, it would be blamed for the other's death: it waits until one is idle."""
+    hub = Hub(make_proxy(instances=1), poison_after=2)
+    hub.up()
+    session, oracle = hub.session(1)
+    die_with(hub, b"9", session, 1)
+    hub.router.requests(session, [request(1, 2, b"5"), request(1, 3, b"9"), request(1, 4, b"6")])
+    assert hub.workers[1, 0].tags() == [5]  # the others wait: in order, behind it
+    hub.woken.clear()
+    hub.dispatch()
+    assert hub.workers[1, 0].take() == [] and hub.woken == []
+    hub.answer(5)
+    assert hub.woken == [1]  # idle now
+    hub.dispatch()
+    assert hub.workers[1, 0].tags() == [9]  # alone
+    hub.answer(9)
+    hub.dispatch()
+    assert hub.workers[1, 0].tags() == [6]
+    assert oracle.rseqs() == [1, 2, 3] and hub.dead == []
+
+
+def test_a_sync_suspect_that_times_out_gives_its_instance_back():
+    hub = Hub(make_proxy(instances=1), poison_after=2)
+    hub.up()
+    session, oracle = hub.session(1)
+    die_with(hub, b"9", session, 1)
+    hub.router.requests(session, [request(1, 2, b"9")])
+    hub.clock.now += 1
+    hub.router.requests(session, [request(1, 3)])
+    assert hub.workers[1, 0].tags() == [9]
+    hub.router.expire(hub.clock.now + REPLY_TIMEOUT - 1)  # its deadline, not the other's
+    assert hub.instance().available and [error_code(pdu) for pdu in oracle.take()] == [b"DCO-0003", b"DCO-0002"]
+    hub.dispatch()
+    assert hub.workers[1, 0].tags() == [3]
+
+
+def test_a_poison_sync_request_forgotten_once_its_dead_letter_is_dropped_is_forwarded_again():
+    hub = Hub(make_proxy(instances=1), poison_after=2)
+    hub.up()
+    session, oracle = hub.session(1)
+    die_with(hub, b"7", session, 1)
+    die_with(hub, b"7", session, 2)
+    proxy = hub.router.proxies[1]
+    assert hub.router.forget_poison(proxy, {fingerprint(b"7")}) == 0  # its dead letter is kept: refused
+    hub.router.requests(session, [request(1, 3, b"7")])
+    assert hub.workers[1, 0].take() == []
+    assert hub.router.forget_poison(proxy, set()) == 1
+    hub.router.requests(session, [request(1, 4, b"7")])
+    assert hub.workers[1, 0].tags() == [7]
+    assert [error_code(pdu) for pdu in oracle.take()] == [b"DCO-0003", b"DCO-0008", b"DCO-0008"]
+
+
+def test_what_a_proxy_remembers_of_sync_requests_is_bounded(monkeypatch):
+    monkeypatch.setattr(routing, "FINGERPRINTS", 2)
+    hub = Hub(make_proxy(instances=1), poison_after=3)
+    hub.up()
+    session, _ = hub.session(1)
+    for rseq in (1, 2, 3):
+        die_with(hub, b"%d" % rseq, session, rseq)
+    assert hub.router.proxies[1].deaths == {fingerprint(b"2"): 1, fingerprint(b"3"): 1}
 
 
 def routed_body(hub: Hub, tag: int, index: int) -> bytes:

@@ -215,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         "hub's request number; `retry` queues them again for PROXY (a running hub takes them within a "
         "second; else the next one), their attempts reset; `drop` deletes them. Through the running "
         "supervisor, else on the files directly (then run it as the service's user). Exit status 1 if "
-        "an ID is not there.",
+        "an ID is not there. A sync request that killed its worker hub.poison_after times (sent again by "
+        "its session) is set aside too, and answered DCO-0008; it cannot be retried (its session is gone), "
+        "only dropped; the running hub refuses the same request until it is dropped.",
     )
     p.add_argument("action", choices=("list", "retry", "drop"), metavar="ACTION", help="list, retry or drop")
     p.add_argument("proxy", nargs="?", type=int, metavar="PROXY", help="the proxy id (retry and drop need it)")

@@ -35,6 +35,8 @@ ERROR_REPLIES = {
     ErrorCode.DRAINING: "the hub stopped before the reply came (drain_timeout), or a reload removed the proxy",
     ErrorCode.HANDLER_FAILED: "the worker's handler failed (an exception: its type and text follow)",
     ErrorCode.OVERLOADED: "the session has hub.max_inflight_per_session sync requests unanswered already",
+    ErrorCode.POISON: "the request was set aside as poison: its worker died on it hub.poison_after times "
+    "(asked again, the same request is answered so at once)",
 }
 
 SERVICE = """\

@@ -7,7 +7,8 @@ generation appends to the file (written and fsynced before the request is forgot
 dead-letters` lists, retries and drops, with or without a running service: whoever changes the
 file holds the lock of the directory (``.lock``, flock) meanwhile. A retry writes the requests to
 a spool file of its own, which a hub takes over as it takes over the spools of gone hubs
-(dcod.hub.spool.SpoolDir), with no attempts; then they leave this file.
+(dcod.hub.spool.SpoolDir), with no attempts; then they leave this file. A sync request cannot be
+retried (the session that waited for its reply is gone): only dropped.
 
 A line cut short by a crash is skipped when read (and logged); the next one starts on a line of
 its own.
@@ -35,6 +36,10 @@ from dcod.protocol import ROUTED_HEADER
 log = logging.getLogger("dcod.hub.deadletter")
 
 DIRECTORY = "dead-letters"  # in the state directory
+
+
+class NotRetryable(Exception):
+    """A retry asked for sync dead letters: no session waits for their replies."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +101,13 @@ class DeadLetters:
             return list(self._read())
         except FileNotFoundError:
             return []
+
+    def signature(self) -> tuple[int, int, int] | None:
+        """Changes whenever the file does (None: there is none)."""
+        try:
+            return _signature(os.stat(self.path))
+        except OSError:
+            return None
 
     def count(self) -> int:
         """How many are in the file now (read again only when the file changed)."""
@@ -181,8 +193,8 @@ def operate(config: Config, action: str, proxy_id: int | None = None, ids: list[
     store = DeadLetters(config.state_dir, proxy_id)
     try:
         taken = store.take(ids, then=functools.partial(_queue_again, config, proxy_id) if action == "retry" else None)
-    except (OSError, SpoolFull, SpoolBusy) as e:
-        return {"ok": False, "error": f"proxy {proxy_id}: nothing {action}ed: {e}"}
+    except (OSError, SpoolFull, SpoolBusy, NotRetryable) as e:
+        return {"ok": False, "error": f"proxy {proxy_id}: nothing {'retried' if action == 'retry' else 'dropped'}: {e}"}
     found = {letter.id for letter in taken}
     return {
         "ok": True,
@@ -205,7 +217,12 @@ def _proxies_with_letters(config: Config, proxy_id: int | None) -> list[int]:
 
 def _queue_again(config: Config, proxy_id: int, letters: list[DeadLetter]) -> None:
     """Write the letters to a spool file of ours, durably, with no attempts: the running hub takes it
-    over within a second (dcod.hub.server: ADOPT_INTERVAL), else the next one when it starts."""
+    over within a second (dcod.hub.server: ADOPT_INTERVAL), else the next one when it starts. Sync
+    ones are refused (NotRetryable): replayed, their replies would go nowhere."""
+    sync = [letter.id for letter in letters if not letter.oneway]
+    if sync:
+        ids = ", ".join(map(str, sync))
+        raise NotRetryable(f"dead letters {ids} are sync requests: their sessions are gone; drop them instead")
     spools = SpoolDir(
         config.state_dir / "spool",
         memory_limit=0,

@@ -23,6 +23,15 @@ as poison (``set_aside``, the proxy's dead-letter store in the hub) and never de
 unless the operator retries it. The deliveries before the last go as any (after a worker's
 death, its many unacknowledged requests go again at full speed).
 
+The hub never sends a sync request twice, but sessions do: Noradle's PL/SQL and retry loops ask
+again after DCO-0003. So a sync request is known by its *fingerprint* (a hash of its body, per
+proxy): each death of an instance with it in flight counts one for the fingerprint, a reply from
+a worker forgets it. With ``poison_after - 1`` deaths, the next such request goes alone (a
+suspect, as above); if its instance dies too, it is set aside and answered with DCO-0008, and
+every later request with that fingerprint is answered DCO-0008 at once, never forwarded, for as
+long as this hub remembers it (until its dead letter is dropped: forget_poison; both memories
+are bounded: FINGERPRINTS).
+
 The router does no I/O and never waits, in the manner of h11: the hub's shell
 (dcod.hub.server) reads the sockets, frames PDUs and calls the steps here (register,
 request, reply, dispatch, requeue, expire, hold...), passing the time where it matters
@@ -54,6 +63,7 @@ from dcod.protocol import CAP_ERROR_REPLIES, HUB_RSEQ_MAX, ROUTED_HEADER, RSEQ, 
 log = logging.getLogger("dcod.hub.routing")
 
 Key = tuple[int, int]  # (audsid, the hub's rseq): a request, as the worker's reply names it
+FINGERPRINTS = 1024  # sync requests' fingerprints a proxy remembers, of each kind (deaths, poison): the oldest go
 
 
 class Outbox(Protocol):
@@ -90,10 +100,17 @@ class Queue(Protocol):
 class Pending:
     """A sync request waiting for its reply."""
 
-    __slots__ = ("key", "proxy", "session", "rseq", "instance", "deadline", "started", "done")
+    __slots__ = ("key", "proxy", "session", "rseq", "instance", "deadline", "started", "done", "fingerprint", "pdu")
 
     def __init__(
-        self, key: Key, proxy: Proxy, deadline: float, started: float, session: Session | None = None, rseq: int = 0
+        self,
+        key: Key,
+        proxy: Proxy,
+        deadline: float,
+        started: float,
+        session: Session | None = None,
+        rseq: int = 0,
+        fingerprint: int | None = None,
     ) -> None:
         self.key = key
         self.proxy = proxy
@@ -103,6 +120,8 @@ class Pending:
         self.deadline = deadline
         self.started = started
         self.done = False  # answered: see Router._finish
+        self.fingerprint = fingerprint  # of its body (None if replayed from a spool): see Router
+        self.pdu: bytes | None = None  # kept only while sent alone as a suspect: set aside if its instance dies
 
 
 @dataclasses.dataclass(slots=True)
@@ -121,7 +140,8 @@ class Counters:
     queued: int = 0
     not_durable: int = 0  # queued while the spool could not write: held in memory only
     requeued: int = 0
-    poisoned: int = 0  # one-way requests set aside as poison (dead letters) by this hub
+    poisoned: int = 0  # requests set aside as poison (dead letters) by this hub
+    poison_refused: int = 0  # sync requests answered DCO-0008 at once: the same body was set aside as poison
     replayed: int = 0
     expired: int = 0
     duplicates: int = 0
@@ -220,6 +240,11 @@ class Proxy:
         self.memory_waiting = False  # dispatch stopped at memory_limit: wake the pump once memory frees
         self.waiting: dict[Key, Pending] = {}  # queued sync requests
         self.attempts: dict[Key, int] = {}  # of the requests sent again and not acknowledged: see Router
+        # Sync requests by fingerprint (see Router): deaths of instances they were in flight on, and
+        # those set aside as poison (with their deaths); FINGERPRINTS of each at most.
+        self.deaths: dict[int, int] = {}
+        self.poison: dict[int, int] = {}
+        self.idle_wanted = False  # such a request on its last delivery waits for an instance with nothing in flight
         self.counters = Counters()
         self._turn = 0  # where the round-robin among equally busy instances starts
         self._last_read = 0  # pick(): the session read it last picked for, and what
@@ -390,15 +415,27 @@ class Router:
                     f"{self.max_inflight} requests in flight for this session",
                 )
                 return
+            fingerprint = body_fingerprint(pdu)
+            if proxy.poison and fingerprint in proxy.poison:
+                proxy.counters.poison_refused += 1
+                self.warnings.warn(
+                    f"poison refused {proxy.config.id}",
+                    "proxy %d: request %d of audsid %d refused: the same request was set aside as poison",
+                    proxy.config.id,
+                    rseq,
+                    audsid,
+                )
+                self._send_error(session, counters, rseq, ErrorCode.POISON, self._poison_text(proxy, fingerprint))
+                return
             now = self.clock()
-            pending = Pending(key, proxy, now + self.reply_timeout, now, session, rseq)
+            pending = Pending(key, proxy, now + self.reply_timeout, now, session, rseq, fingerprint)
             session.inflight += 1
             self.timeouts.append(pending)
         else:
             counters.oneway += 1
         # Nothing queued ahead of it, and (one-way) memory for it: else it waits in the queue, on disk.
         if not proxy.spool.records and (length > 0 or proxy.unacked_bytes + len(pdu) <= proxy.memory_limit):
-            instance = proxy.pick(audsid, read)
+            instance = self._pick(proxy, audsid, pending, read)
             if instance is not None:
                 self.forward(instance, pdu, key, pending)
                 return
@@ -436,10 +473,34 @@ class Router:
         if pending is not None:
             pending.instance = instance
             instance.inflight[key] = pending
+            if instance.proxy.deaths and self._on_last_delivery(pending):
+                instance.suspect = key  # nothing else goes to its instance until it is answered
+                pending.pdu = bytes(pdu)
         elif instance.acks:
             instance.unacked[key] = pdu
             instance.proxy.unacked_bytes += len(pdu)
         instance.conn.send(pdu)  # type: ignore[union-attr]  # an instance that is up has one
+
+    def _on_last_delivery(self, pending: Pending) -> bool:
+        """A sync request with poison_after - 1 deaths: it goes alone (see the module's docstring)."""
+        deaths = pending.proxy.deaths
+        return pending.fingerprint in deaths and deaths[pending.fingerprint] >= self.poison_after - 1  # type: ignore[index]
+
+    def _pick(self, proxy: Proxy, audsid: int, pending: Pending | None, read: int = 0) -> Instance | None:
+        """The instance for a request: Proxy.pick(), or, for a sync request on its last delivery, an
+        instance with nothing in flight, so that no other request's death is blamed on it; if none is
+        idle, it waits in the queue (and what comes after it) until one is (``idle_wanted``)."""
+        if pending is None or not proxy.deaths or not self._on_last_delivery(pending):
+            return proxy.pick(audsid, read)
+        instance = next((i for i in proxy.available if not i.inflight and not i.unacked), None)
+        proxy.idle_wanted = instance is None
+        return instance
+
+    def _maybe_idle(self, instance: Instance) -> None:
+        """A request of the instance's is done: if it is idle now, the request waiting for one may go."""
+        if not instance.inflight and not instance.unacked:
+            instance.proxy.idle_wanted = False
+            self._wake_pump(instance.proxy)
 
     def enqueue(self, proxy: Proxy, pdu: bytes | bytearray, pending: Pending | None, attempts: int = 0) -> None:
         """Queue a request for the proxy's next available instance; refuse it if the queue is full."""
@@ -479,15 +540,21 @@ class Router:
                 proxy.memory_waiting = True
                 instance = None
                 break
-            instance = proxy.pick(audsid)
+            pending = proxy.waiting.get((audsid, rseq)) if length > 0 else None
+            instance = self._pick(proxy, audsid, pending)
             if instance is None:
                 break
             spool.pop()
             if self._adopted:
                 self._adopted.discard(rseq)
-            pending = proxy.waiting.pop((audsid, rseq), None) if length > 0 else None
-            if length > 0 and pending is None:
+            if pending is not None:
+                del proxy.waiting[pending.key]
+            elif length > 0:
                 proxy.counters.expired += 1  # already answered with a timeout error
+                continue
+            if pending is not None and proxy.poison and pending.fingerprint in proxy.poison:
+                proxy.counters.poison_refused += 1  # set aside while it was queued
+                self._answer_error(pending, ErrorCode.POISON, self._poison_text(proxy, pending.fingerprint))
                 continue
             self.forward(instance, pdu, (audsid, rseq), pending)
             if attempts and pending is None and instance.acks:
@@ -553,8 +620,12 @@ class Router:
         counters = instance.proxy.counters
         key = (audsid, rseq)
         pending = instance.inflight.pop(key, None)
+        if instance.proxy.idle_wanted:
+            self._maybe_idle(instance)
         if pending is None:
             done = instance.unacked.pop(key, None)
+            if instance.proxy.idle_wanted:
+                self._maybe_idle(instance)
             if done is not None:
                 counters.acked += 1  # the worker is done with a one-way request
                 self._release(instance.proxy, len(done))
@@ -566,6 +637,8 @@ class Router:
             else:
                 counters.orphan_replies += 1
             return False
+        if instance._suspect is not None or instance.proxy.deaths:
+            self._survived(instance, pending)
         session = self._finish(pending)
         latency = self.clock() - pending.started
         counters.latency_sum += latency
@@ -607,7 +680,7 @@ class Router:
         ``poison_after``; sync ones are answered with errors (the worker may have acted on
         them: only the session can tell whether to ask again).
         """
-        instance._suspect = None
+        suspect, instance._suspect = instance._suspect, None
         instance.state = "connecting"
         instance.conn = None
         proxy = instance.proxy
@@ -646,8 +719,72 @@ class Router:
                 instance.name,
                 len(instance.inflight),
             )
+        if instance.inflight:
+            self._count_deaths(instance, suspect)
         detail = f"worker {instance.name} of proxy {proxy.config.id} went away before replying"
         proxy.counters.worker_lost += self.fail(instance, ErrorCode.WORKER_LOST, detail)
+
+    def _count_deaths(self, instance: Instance, suspect: Key | None) -> None:
+        """The instance died with these sync requests in flight: one death for each fingerprint. The
+        suspect (sent alone) that reaches poison_after is set aside as poison and answered DCO-0008;
+        the others stay one short of it, so that their next delivery goes alone."""
+        proxy = instance.proxy
+        counted = set()
+        for key, pending in list(instance.inflight.items()):
+            fingerprint = pending.fingerprint
+            if fingerprint is None or fingerprint in counted:
+                continue
+            counted.add(fingerprint)
+            deaths = proxy.deaths.pop(fingerprint, 0) + 1
+            if key == suspect and deaths >= self.poison_after:
+                del instance.inflight[key]
+                self._poison_sync(pending, deaths)
+            else:
+                _remember(proxy.deaths, fingerprint, min(deaths, self.poison_after - 1))
+
+    def _survived(self, instance: Instance, pending: Pending) -> None:
+        """A worker answered a sync request: its fingerprint is not poison; a suspect's instance takes
+        others again."""
+        if pending.fingerprint is not None:
+            instance.proxy.deaths.pop(pending.fingerprint, None)
+        if instance._suspect == pending.key:
+            instance.suspect = None
+            self._wake_pump(instance.proxy)
+
+    def _poison_sync(self, pending: Pending, deaths: int) -> None:
+        """A sync request sent alone whose instance died on it, its ``deaths``-th: into the proxy's
+        dead-letter store, answered DCO-0008, and its fingerprint refused from now on."""
+        proxy, fingerprint, pdu = pending.proxy, pending.fingerprint, pending.pdu
+        assert fingerprint is not None and pdu is not None  # see _count_deaths
+        proxy.counters.poisoned += 1
+        _remember(proxy.poison, fingerprint, deaths)
+        _, audsid, rseq = ROUTED_HEADER.unpack_from(pdu)
+        self.warnings.warn(
+            f"poison {proxy.config.id}",
+            "proxy %d: sync request %d of audsid %d (%d bytes) set aside as poison: its worker instance went "
+            "away before answering it %d times",
+            proxy.config.id,
+            rseq,
+            audsid,
+            len(pdu),
+            deaths,
+        )
+        self._set_aside(proxy, pdu, deaths)
+        self._answer_error(pending, ErrorCode.POISON, self._poison_text(proxy, fingerprint))
+
+    def forget_poison(self, proxy: Proxy, kept: set[int]) -> int:
+        """The operator dropped dead letters: refuse only the fingerprints still ``kept`` (those of the
+        proxy's sync dead letters); returns how many are forgotten."""
+        gone = [fingerprint for fingerprint in proxy.poison if fingerprint not in kept]
+        for fingerprint in gone:
+            del proxy.poison[fingerprint]
+        return len(gone)
+
+    def _poison_text(self, proxy: Proxy, fingerprint: int) -> str:
+        return (
+            f"request set aside as poison in proxy {proxy.config.id}'s dead letters: "
+            f"its worker died on it {proxy.poison[fingerprint]} times"
+        )
 
     def _poison(self, proxy: Proxy, pdu: bytes | bytearray, attempts: int) -> None:
         """A one-way request whose instance went away before acknowledging it ``attempts`` times:
@@ -694,6 +831,11 @@ class Router:
             proxy = pending.proxy
             if pending.instance is not None:
                 pending.instance.inflight.pop(pending.key, None)
+                if proxy.idle_wanted:
+                    self._maybe_idle(pending.instance)
+                if pending.instance._suspect == pending.key:  # no death, no answer: it blocks nothing more
+                    pending.instance.suspect = None
+                    self._wake_pump(proxy)
             else:
                 proxy.waiting.pop(pending.key, None)
             proxy.counters.timeouts += 1
@@ -759,3 +901,18 @@ class Router:
             rseq,
             what,
         )
+
+
+def body_fingerprint(pdu: bytes | bytearray) -> int:
+    """A sync request's fingerprint: Python's hash of its body, SipHash with a key of this process's,
+    so that no session can make a body with another's fingerprint (and cheaper than hashlib's: half,
+    a quarter for 64 KiB)."""
+    return hash(bytes(memoryview(pdu)[12:]))
+
+
+def _remember(memory: dict[int, int], fingerprint: int, count: int) -> None:
+    """Keep ``fingerprint`` (as the newest) in a proxy's memory of them, dropping the oldest past FINGERPRINTS."""
+    memory.pop(fingerprint, None)
+    memory[fingerprint] = count
+    if len(memory) > FINGERPRINTS:
+        del memory[next(iter(memory))]

@@ -29,7 +29,7 @@ import trio
 from dcod import protocol
 from dcod.config import Config
 from dcod.hub.deadletter import DeadLetters
-from dcod.hub.routing import Instance, Proxy, Router, Session
+from dcod.hub.routing import Instance, Proxy, Router, Session, body_fingerprint
 from dcod.hub.spool import SpoolDir
 from dcod.log import Throttle
 from dcod.net import channel as control
@@ -72,6 +72,7 @@ class Hub:
         self._pump_wanted = {p.id: trio.Event() for p in config.proxies}
         self.dead_letters = {p.id: DeadLetters(config.state_dir, p.id) for p in config.proxies}
         self.held_letters: dict[int, list[tuple[bytes, int]]] = {p.id: [] for p in config.proxies}  # (pdu, attempts)
+        self._letters_seen: dict[int, tuple[int, int, int] | None] = {}  # each file's signature: see _forget_dropped
         self.router = Router(
             [
                 Proxy(p, config.worker_addresses(p), self.spools.open(p.id), memory_limit=config.hub.queue_memory)
@@ -263,6 +264,31 @@ class Hub:
         while True:
             await trio.sleep(ADOPT_INTERVAL)
             self._adopt_spools()
+            self._forget_dropped()
+
+    def _forget_dropped(self) -> None:
+        """Sync requests set aside as poison are refused (DCO-0008) while their dead letters are kept:
+        once the operator drops them (`dcod dead-letters drop`), the same requests go to workers again."""
+        for proxy in self.router.proxies.values():
+            if not proxy.poison:
+                continue
+            store = self.dead_letters[proxy.config.id]
+            signature = store.signature()
+            if self._letters_seen.get(proxy.config.id) == signature:
+                continue
+            self._letters_seen[proxy.config.id] = signature
+            kept = {body_fingerprint(pdu) for pdu, _ in self.held_letters[proxy.config.id]}
+            try:
+                kept.update(body_fingerprint(letter.pdu) for letter in store.letters() if not letter.oneway)
+            except OSError:
+                continue  # unreadable: refuse on (the error shows where it is written)
+            forgotten = self.router.forget_poison(proxy, kept)
+            if forgotten:
+                log.info(
+                    "proxy %d: %d poison sync requests dropped from its dead letters: served again",
+                    proxy.config.id,
+                    forgotten,
+                )
 
     async def _pump(self, proxy: Proxy) -> None:
         """Forward queued requests, in order, whenever an instance is available."""

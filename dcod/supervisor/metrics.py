@@ -140,7 +140,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "dcod_proxy_poisoned_requests_total": (
         COUNTER,
         ("proxy", "generation"),
-        "one-way requests set aside as poison by this hub generation",
+        "requests set aside as poison by this hub generation",
     ),
     "dcod_proxy_dead_letters": (GAUGE, ("proxy", "generation"), "requests in the proxy's dead-letter store (DEAD)"),
     "dcod_proxy_reply_latency_seconds": (
