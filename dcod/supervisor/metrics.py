@@ -142,6 +142,11 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("proxy", "generation"),
         "requests set aside as poison by this hub generation",
     ),
+    "dcod_proxy_poison_refused_requests_total": (
+        COUNTER,
+        ("proxy", "generation"),
+        "sync requests answered DCO-0008 at once: the same body was set aside as poison",
+    ),
     "dcod_proxy_dead_letters": (GAUGE, ("proxy", "generation"), "requests in the proxy's dead-letter store (DEAD)"),
     "dcod_proxy_reply_latency_seconds": (
         SUMMARY,
@@ -199,6 +204,7 @@ PROXY_FIGURES = {
     "duplicates": "dcod_proxy_possible_duplicates_total",
     "orphan_replies": "dcod_proxy_orphan_replies_total",
     "poisoned": "dcod_proxy_poisoned_requests_total",
+    "poison_refused": "dcod_proxy_poison_refused_requests_total",
     "dead_letters": "dcod_proxy_dead_letters",
     "latency_max": "dcod_proxy_reply_latency_max_seconds",
     "queued_now": "dcod_proxy_queued_requests",
