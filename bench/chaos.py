@@ -108,12 +108,12 @@ POISON_AUDSID = 840000  # + n: the session of the n-th poison request, its key i
 # handler calling blocking code would) for longer than heartbeat_timeout: the supervisor must kill it.
 BLOCK_SECONDS = HEARTBEAT_TIMEOUT + 3.0
 ECHO_MODULE = f'''\
-"""Echo worker for bench/chaos.py; b"block" blocks the event loop for {BLOCK_SECONDS:g} s."""
+"""Echo worker for bench/chaos.py; b"block..." blocks the event loop for {BLOCK_SECONDS:g} s."""
 import time
 
 
 async def handle(req):
-    if req.body == b"block":
+    if req.body.startswith(b"block"):
         time.sleep({BLOCK_SECONDS})
     return req.body
 '''
@@ -568,7 +568,8 @@ class Chaos:
         fault = self.rec.fault("handler block", 0)
         try:
             async with self.load.session(830000 + len(self.rec.faults)) as session:
-                session.write(b"block")
+                # each its own body: the hub would take the same one again for poison (DCO-0008)
+                session.write(b"block %d" % len(self.rec.faults))
                 rseq = await session.send_request(SYNC_PROXY)
                 await session.read_response(rseq, timeout=CLIENT_TIMEOUT)
             outcome = "ok"
