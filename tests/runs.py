@@ -18,6 +18,12 @@ ECHO = '[[proxy]]\nid = 1\nhandler = "echo"\ninstances = 2\n'
 DCOD = (sys.executable, "-m", "dcod")
 
 
+def dcod_worker_command(config_path, listen: str, proxy: int = 1) -> list[str]:
+    """`dcod worker` of ``proxy`` on the TCP address ``listen``, run by hand (no supervisor), as a
+    Noradle hub or a test peer connects to it."""
+    return [*DCOD, "worker", "--config", str(config_path), "--proxy", str(proxy), "--listen", listen]
+
+
 class Run:
     """A `dcod run` process with a private NOTIFY_SOCKET, so tests wait on its real sd_notify."""
 

@@ -24,7 +24,7 @@ import trio
 
 from conftest import free_port, wait_for
 from peers import OracleSession
-from runs import DCOD
+from runs import dcod_worker_command
 
 NODE = shutil.which("node")
 pytestmark = pytest.mark.skipif(NODE is None, reason="node (Node.js) not found on PATH: the Noradle peers need it")
@@ -274,16 +274,7 @@ async def test_dcod_worker_behind_noradle_hub(make_config, tmp_path):
     (handlers / "held_echo.py").write_text(HELD_ECHO)
     make_config(f'[[proxy]]\nid = 1\nhandler = "held_echo:handle"\nhandler_path = ["{handlers}"]\n')
     wport = free_port()
-    worker_argv = [
-        *DCOD,
-        "worker",
-        "--config",
-        str(tmp_path / "dcod.toml"),
-        "--proxy",
-        "1",
-        "--listen",
-        f"127.0.0.1:{wport}",
-    ]
+    worker_argv = dcod_worker_command(tmp_path / "dcod.toml", f"127.0.0.1:{wport}")
 
     async with spawn("ext_hub.js", [NODE, str(NORADLE / "ext_hub.js"), "0", f"1=127.0.0.1:{wport}"], tmp_path) as hub:
         async with spawn("dcod-worker", worker_argv, tmp_path) as worker:

@@ -24,7 +24,7 @@ import trio
 from conftest import free_port, wait_for
 from dcod.client import Session
 from kext_call import ExtHub, KExtCall, OracleError, exthub, oracle_floor, oracle_mod
-from runs import DCOD, ECHO
+from runs import ECHO, dcod_worker_command
 from test_rollout import dcod_async, handler_module, handler_path, slow_echo, status  # noqa: F401 (fixtures)
 
 NODE = shutil.which("node")
@@ -235,19 +235,7 @@ def noradle_hub(tmp_path: Path):
             stack.callback(child.kill)
             return child
 
-        start(
-            [
-                *DCOD,
-                "worker",
-                "--config",
-                str(tmp_path / "dcod.toml"),
-                "--proxy",
-                "1",
-                "--listen",
-                f"127.0.0.1:{port}",
-            ],
-            subprocess.DEVNULL,
-        )
+        start(dcod_worker_command(tmp_path / "dcod.toml", f"127.0.0.1:{port}"), subprocess.DEVNULL)
         hub = start([NODE, str(EXT_HUB), "0", f"1=127.0.0.1:{port}"], subprocess.PIPE)
         events = {}
         for line in hub.stdout:  # its events, one JSON object a line
