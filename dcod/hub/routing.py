@@ -620,12 +620,10 @@ class Router:
         counters = instance.proxy.counters
         key = (audsid, rseq)
         pending = instance.inflight.pop(key, None)
+        done = instance.unacked.pop(key, None) if pending is None else None
         if instance.proxy.idle_wanted:
             self._maybe_idle(instance)
         if pending is None:
-            done = instance.unacked.pop(key, None)
-            if instance.proxy.idle_wanted:
-                self._maybe_idle(instance)
             if done is not None:
                 counters.acked += 1  # the worker is done with a one-way request
                 self._release(instance.proxy, len(done))
