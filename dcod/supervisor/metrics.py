@@ -30,7 +30,6 @@ from dcod import __version__
 from dcod.cli.admin import problems
 from dcod.config import Config, ConfigError
 from dcod.net import sockets
-from dcod.supervisor import rundir
 
 log = logging.getLogger("dcod.supervisor")
 
@@ -367,19 +366,6 @@ def bind(config: Config) -> socket.socket | None:
         return sockets.bind(address, backlog=MAX_CONNECTIONS)
     except OSError as e:
         raise ConfigError(f"{config.source}: metrics.listen: cannot listen on {address}: {e.strerror}") from None
-
-
-def check(config: Config) -> None:
-    """For `dcod config --check`: ConfigError if ``metrics.listen`` cannot be listened on. In use by a
-    `dcod run` of these directories is fine: that one keeps its endpoint until it stops."""
-    try:
-        sock = bind(config)
-    except ConfigError:
-        if rundir.holder(config.runtime_dir) is None:
-            raise
-    else:
-        if sock is not None:
-            sock.close()
 
 
 class BadRequest(Exception):

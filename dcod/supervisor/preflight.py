@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dcod.config import SYSTEM_CONFIG, Config, ConfigError, ProxyConfig, dump
 from dcod.net import sockets
-from dcod.supervisor import alert, metrics, rundir
+from dcod.supervisor import alert, rundir
 from dcod.supervisor.process import dcod_command, describe_exit
 
 SERVICE = "dco-hub.service"
@@ -62,15 +62,12 @@ def check(
     problems: list[tuple[str, str | None]] = []  # (key, reason), None where all is well
     if host:
         problems += rundir.check(config)
-        problems.append(("hub.listen", _unbindable(config)))
+        problems.append(("hub.listen", _hub_unbindable(config)))
+        if config.metrics.listen:
+            problems.append(("metrics.listen", _unbindable(config, config.metrics.listen)))
     if unit is not None:
         problems.append(("supervisor.drain_timeout", _stop_too_long(config, unit)))
     errors = [_line(config, key, reason) for key, reason in problems if reason]
-    if host:
-        try:
-            metrics.check(config)
-        except ConfigError as e:
-            errors += e.errors
     try:
         alert.check(config)
     except ConfigError as e:
@@ -155,19 +152,25 @@ def _not_executable(program: str) -> str | None:
 # ---------------------------------------------------------------- the listen address
 
 
-def _unbindable(config: Config) -> str | None:
+def _hub_unbindable(config: Config) -> str | None:
     """Why `dcod run` could not listen on hub.listen; None if it could, or if it would not try:
     systemd passes the socket (to this process, or dco-hub.socket to the service whose
-    configuration this is), or the dcod run of this configuration is running and holds it."""
+    configuration this is)."""
     if sockets.passed_count() or (config.source == str(SYSTEM_CONFIG) and _unit_properties(SOCKET_UNIT, "LoadState")):
         return None
+    return _unbindable(config, config.hub.listen)
+
+
+def _unbindable(config: Config, address: str) -> str | None:
+    """Why `dcod run` could not listen on ``address``; None if it could, or if the dcod run of this
+    configuration is running and holds it."""
     try:
-        sockets.bind(config.hub.listen).close()  # as the supervisor binds it: SO_REUSEADDR
+        sockets.bind(address).close()  # as the supervisor binds it: SO_REUSEADDR
     except OSError as e:
         if e.errno == errno.EADDRINUSE and rundir.holder(config.runtime_dir):
             return None
         name = errno.errorcode.get(e.errno or 0, "")
-        return f"cannot listen on {config.hub.listen}: {e.strerror}" + (f" ({name})" if name else "")
+        return f"cannot listen on {address}: {e.strerror}" + (f" ({name})" if name else "")
     return None
 
 
