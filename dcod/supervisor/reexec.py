@@ -201,11 +201,7 @@ async def upgrade(sup: Supervisor, reply: Callable[[dict], None]) -> None:
             step(f"dcod {version} can take over; waiting until every process is settled")
             await _settle(sup, step)
             step(f"supervisor (pid {os.getpid()}) re-executing: dcod {__version__} -> {version}")
-            sup.notify(
-                "RELOADING=1",
-                f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
-                "WATCHDOG=1",
-            )
+            sup.notify_reloading("WATCHDOG=1")
             try:
                 await _flush(sup, client)
                 if sup.stopping or _unsettled(sup):  # while it flushed

@@ -144,6 +144,10 @@ class Supervisor:
     def notify(self, *lines: str) -> None:
         self.notifier.notify(*lines)
 
+    def notify_reloading(self, *lines: str) -> None:
+        """RELOADING=1, with the MONOTONIC_USEC systemd wants with it, and ``lines``; READY=1 ends it."""
+        self.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}", *lines)
+
     # ------------------------------------------------------------ life cycle
 
     async def run(self) -> None:
@@ -413,7 +417,7 @@ class Supervisor:
                 self.notify(f"STATUS=reload: {line}")
                 progress(line)
 
-            self.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+            self.notify_reloading()
             try:
                 with trio.CancelScope() as self._rollout:
                     await Rollout(self, step).run()
