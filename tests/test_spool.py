@@ -16,7 +16,7 @@ import pytest
 import trio
 
 import dcod
-from conftest import wait_for
+from conftest import let_others_reach, wait_for
 from dcod.hub.spool import FILE_HEADER, MAGIC, RECORD_HEADER, Spool, SpoolBusy, SpoolDir, SpoolFull
 from mounts import fill, remount, tmpfs
 from peers import OracleSession, WorkerPeer, forwarded_pdu, read_pdu, reply_pdu, send_all
@@ -536,6 +536,7 @@ def test_a_state_directory_the_hub_may_not_write(tmp_path):
     state.mkdir(mode=0o500)
     for reachable in (base, tmp_path, tmp_path.parent):  # for nobody to reach, not to write
         reachable.chmod(0o755)
+    let_others_reach(Path(dcod.__file__))  # a checkout in a private place (mktemp -d) too
     script = (
         "import sys; from pathlib import Path; from dcod.hub.spool import Spool\n"
         "s = Spool(Path(sys.argv[1]) / 'spool' / 's', memory_limit=100, size_limit=1000, max_record=100)\n"
@@ -544,7 +545,9 @@ def test_a_state_directory_the_hub_may_not_write(tmp_path):
     )
     done = subprocess.run(
         ["/usr/bin/python3", "-c", script, str(state)],
-        user=65534,
+        user=65534,  # nobody, and none of root's groups
+        group=65534,
+        extra_groups=[],
         capture_output=True,
         text=True,
         env={"PYTHONPATH": str(Path(dcod.__file__).parent.parent)},
