@@ -188,12 +188,14 @@ class Slot:
         self.restarts += 1
         if self.is_hub:
             await sup.alert_hub_gone(f"hub (pid {process.pid}) {how}", already=process.alerted)
+        else:
+            # Held in every hub until a process of it is ready: requests to it wait in the queue,
+            # not in the backlog of its socket (nobody may ever serve it: the service stopping).
+            self.hold()
         if sup.stopping:
             self.state = "stopped"
             log.warning("%s (pid %d) %s; the service is stopping: not restarted", self.name, process.pid, how)
             return
-        if not self.is_hub:
-            self.hold()
         # Only failures count: the generations reloads start are no reason to give up on it.
         now = time.monotonic()
         self.failures = recent = [*(t for t in self.failures if now - t <= limits.restart_window), now]
